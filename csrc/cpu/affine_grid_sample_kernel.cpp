@@ -1,0 +1,135 @@
+// Fused affine_grid + grid_sample on the CPU: each output position's sampling
+// point is computed from theta on the fly, so the grid is never stored. The
+// backward reduces the gradient to theta per thread, then across threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "../sampling_checks.h"
+#include "affine_coords.h"
+#include "sampler_core.h"
+
+namespace attnkernels {
+namespace cpu {
+namespace {
+
+void check_fused_args(const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef size, int64_t interpolation,
+                      int64_t padding) {
+  check_sampling_modes(interpolation, padding);
+  check_sampled_input(input);
+  check_affine_args(theta, size);
+  TORCH_CHECK(static_cast<int64_t>(size.size()) == input.dim(), "attnkernels: expected `size` of length ",
+              input.dim(), " to match `input`, got ", size);
+  TORCH_CHECK(size[0] == input.size(0) && size[1] == input.size(1),
+              "attnkernels: expected `size` to start with the batch and channels of `input` (", input.size(0), ", ",
+              input.size(1), "), got ", size);
+  TORCH_CHECK(theta.scalar_type() == input.scalar_type(), "attnkernels: expected `theta` to have the dtype of `input` (",
+              input.scalar_type(), "), got ", theta.scalar_type());
+  TORCH_CHECK(theta.device() == input.device(), "attnkernels: expected `theta` on the device of `input`");
+}
+
+SamplerShape fused_shape(const at::Tensor& input, at::IntArrayRef size, int64_t padding, bool align_corners) {
+  SamplerShape s;
+  read_shape(input, s);
+  const int64_t dims = input.dim() - 2;
+  for (int64_t a = 0; a < dims; ++a) s.out_size[a] = size[size.size() - 1 - a];
+  s.padding = static_cast<Padding>(padding);
+  s.align_corners = align_corners;
+  return s;
+}
+
+at::Tensor affine_grid_sample_cpu(const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef size,
+                                  int64_t interpolation, int64_t padding, bool align_corners) {
+  check_fused_args(input, theta, size, interpolation, padding);
+  at::Tensor out = at::empty(size, input.options());
+  if (out.numel() == 0) return out;
+  const SamplerShape s = fused_shape(input, size, padding, align_corners);
+  const int64_t dims = input.dim() - 2;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "affine_grid_sample_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor source = channels_last_source(input, acc_type);
+    const at::Tensor theta_acc = theta.to(acc_type).contiguous();
+    dispatch_mode(interpolation, [&](auto mode_tag) {
+      constexpr Interpolation mode = decltype(mode_tag)::value;
+      if (dims == 2) {
+        AffineCoords<acc_t, 2> coords(theta_acc.const_data_ptr<acc_t>(), s.batch, s.out_size, align_corners, 0);
+        sample_forward<scalar_t, acc_t, 2, mode, NanPolicy::Planar>(s, source.const_data_ptr<acc_t>(), coords,
+                                                                    out.mutable_data_ptr<scalar_t>());
+      } else {
+        AffineCoords<acc_t, 3> coords(theta_acc.const_data_ptr<acc_t>(), s.batch, s.out_size, align_corners, 0);
+        sample_forward<scalar_t, acc_t, 3, mode, NanPolicy::Volumetric>(s, source.const_data_ptr<acc_t>(), coords,
+                                                                        out.mutable_data_ptr<scalar_t>());
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Tensor& grad_output,
+                                                                   const at::Tensor& input, const at::Tensor& theta,
+                                                                   at::IntArrayRef size, int64_t interpolation,
+                                                                   int64_t padding, bool align_corners,
+                                                                   std::array<bool, 2> output_mask) {
+  check_fused_args(input, theta, size, interpolation, padding);
+  TORCH_CHECK(grad_output.sizes() == size, "attnkernels: `grad_output` has sizes ", grad_output.sizes(),
+              ", expected the output size ", size);
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
+              "attnkernels: expected `grad_output` to have the dtype of `input`");
+  const bool need_input = output_mask[0];
+  const bool need_theta = output_mask[1];
+  const int64_t dims = input.dim() - 2;
+  const SamplerShape s = fused_shape(input, size, padding, align_corners);
+  const int64_t total = s.batch * s.out_points();
+
+  at::Tensor grad_input;
+  at::Tensor grad_theta;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "affine_grid_sample_backward_cpu",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const int64_t in_elems = s.batch * s.in_points() * s.channels;
+    const int64_t copies = private_copies(total, in_elems * int64_t(sizeof(acc_t)), need_input);
+    std::vector<int64_t> private_shape = {copies, s.batch};
+    for (int64_t d = 2; d < input.dim(); ++d) private_shape.push_back(input.size(d));
+    private_shape.push_back(s.channels);
+    at::Tensor private_grads = need_input ? at::zeros(private_shape, input.options().dtype(acc_type)) : at::Tensor();
+    grad_theta = at::zeros(theta.sizes(), theta.options());
+    const at::Tensor source = channels_last_source(input, acc_type);
+    const at::Tensor theta_acc = theta.to(acc_type).contiguous();
+    const at::Tensor go = grad_output.contiguous();
+    acc_t* private_ptr = need_input ? private_grads.mutable_data_ptr<acc_t>() : nullptr;
+    if (total > 0 && s.channels > 0) {
+      dispatch_mode(interpolation, [&](auto mode_tag) {
+        constexpr Interpolation mode = decltype(mode_tag)::value;
+        auto run = [&](auto dims_tag) {
+          constexpr int D = decltype(dims_tag)::value;
+          constexpr NanPolicy policy = D == 2 ? NanPolicy::Planar : NanPolicy::Volumetric;
+          AffineCoords<acc_t, D> coords(theta_acc.const_data_ptr<acc_t>(), s.batch, s.out_size, align_corners,
+                                        copies);
+          sample_backward<scalar_t, acc_t, D, mode, policy>(s, source.const_data_ptr<acc_t>(), coords,
+                                                            go.const_data_ptr<scalar_t>(), private_ptr, need_theta,
+                                                            copies);
+          if (need_theta) coords.reduce_grad(copies, grad_theta.mutable_data_ptr<scalar_t>());
+        };
+        if (dims == 2) run(std::integral_constant<int, 2>{});
+        else run(std::integral_constant<int, 3>{});
+      });
+    }
+    if (need_input) grad_input = reduce_private_grads(private_grads, input);
+  });
+  if (!need_input) grad_input = at::empty({0}, input.options());
+  if (!need_theta) grad_theta = at::empty({0}, theta.options());
+  return {grad_input, grad_theta};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {
+  m.impl("affine_grid_sample", &affine_grid_sample_cpu);
+  m.impl("affine_grid_sample_backward", &affine_grid_sample_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace attnkernels

@@ -1,0 +1,137 @@
+// grid_sample on the CPU: forward and backward, 4-D and 5-D, every mode and
+// padding, fp16/bf16/fp32/fp64 (half types accumulate in fp32).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "../sampling_checks.h"
+#include "sampler_core.h"
+
+namespace attnkernels {
+namespace cpu {
+namespace {
+
+// Coordinates read from a stored grid (N, P, Dims), gradient written back to
+// a grid-shaped buffer of the same layout.
+template <typename acc_t, int Dims>
+struct StoredGrid {
+  const acc_t* grid;
+  acc_t* grad_grid;
+  int64_t points;
+
+  void load(int64_t n, int64_t p, acc_t* xyz) const {
+    const acc_t* g = grid + (n * points + p) * Dims;
+    for (int a = 0; a < Dims; ++a) xyz[a] = g[a];
+  }
+  void store_grad(int64_t /*slot*/, int64_t n, int64_t p, const acc_t* grad) {
+    acc_t* g = grad_grid + (n * points + p) * Dims;
+    for (int a = 0; a < Dims; ++a) g[a] = grad[a];
+  }
+};
+
+SamplerShape shape_of(const at::Tensor& input, const at::Tensor& grid, int64_t padding, bool align_corners) {
+  SamplerShape s;
+  read_shape(input, s);
+  const int64_t dims = input.dim() - 2;
+  for (int64_t a = 0; a < dims; ++a) s.out_size[a] = grid.size(grid.dim() - 2 - a);
+  s.padding = static_cast<Padding>(padding);
+  s.align_corners = align_corners;
+  return s;
+}
+
+at::Tensor grid_sample_forward_cpu(const at::Tensor& input, const at::Tensor& grid, int64_t interpolation,
+                                   int64_t padding, bool align_corners) {
+  check_grid_sample_args(input, grid, interpolation, padding);
+  const int64_t dims = input.dim() - 2;
+  std::vector<int64_t> out_shape = {input.size(0), input.size(1)};
+  for (int64_t d = 1; d <= dims; ++d) out_shape.push_back(grid.size(d));
+  at::Tensor out = at::empty(out_shape, input.options());
+  if (out.numel() == 0) return out;
+
+  const SamplerShape s = shape_of(input, grid, padding, align_corners);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor source = channels_last_source(input, acc_type);
+    const at::Tensor grid_acc = grid.to(acc_type).contiguous();
+    dispatch_mode(interpolation, [&](auto mode_tag) {
+      constexpr Interpolation mode = decltype(mode_tag)::value;
+      if (dims == 2) {
+        StoredGrid<acc_t, 2> coords{grid_acc.const_data_ptr<acc_t>(), nullptr, s.out_points()};
+        sample_forward<scalar_t, acc_t, 2, mode, NanPolicy::Planar>(s, source.const_data_ptr<acc_t>(), coords,
+                                                                    out.mutable_data_ptr<scalar_t>());
+      } else {
+        StoredGrid<acc_t, 3> coords{grid_acc.const_data_ptr<acc_t>(), nullptr, s.out_points()};
+        sample_forward<scalar_t, acc_t, 3, mode, NanPolicy::Volumetric>(s, source.const_data_ptr<acc_t>(), coords,
+                                                                        out.mutable_data_ptr<scalar_t>());
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                                            const at::Tensor& grid, int64_t interpolation,
+                                                            int64_t padding, bool align_corners,
+                                                            std::array<bool, 2> output_mask) {
+  check_grid_sample_args(input, grid, interpolation, padding);
+  check_grad_output(grad_output, input, grid);
+  const bool need_input = output_mask[0];
+  const bool need_grid = output_mask[1];
+  const int64_t dims = input.dim() - 2;
+  const SamplerShape s = shape_of(input, grid, padding, align_corners);
+  const int64_t total = s.batch * s.out_points();
+
+  at::Tensor grad_input;
+  at::Tensor grad_grid;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const int64_t in_elems = s.batch * s.in_points() * s.channels;
+    const int64_t copies = private_copies(total, in_elems * int64_t(sizeof(acc_t)), need_input);
+    std::vector<int64_t> private_shape = {copies, s.batch};
+    for (int64_t d = 2; d < input.dim(); ++d) private_shape.push_back(input.size(d));
+    private_shape.push_back(s.channels);
+    at::Tensor private_grads = need_input ? at::zeros(private_shape, input.options().dtype(acc_type)) : at::Tensor();
+    at::Tensor grad_grid_acc = need_grid ? at::zeros(grid.sizes(), grid.options().dtype(acc_type)) : at::Tensor();
+
+    if (total > 0 && s.channels > 0) {
+      const at::Tensor source = channels_last_source(input, acc_type);
+      const at::Tensor grid_acc = grid.to(acc_type).contiguous();
+      const at::Tensor go = grad_output.contiguous();
+      acc_t* private_ptr = need_input ? private_grads.mutable_data_ptr<acc_t>() : nullptr;
+      acc_t* grad_grid_ptr = need_grid ? grad_grid_acc.mutable_data_ptr<acc_t>() : nullptr;
+      dispatch_mode(interpolation, [&](auto mode_tag) {
+        constexpr Interpolation mode = decltype(mode_tag)::value;
+        if (dims == 2) {
+          StoredGrid<acc_t, 2> coords{grid_acc.const_data_ptr<acc_t>(), grad_grid_ptr, s.out_points()};
+          sample_backward<scalar_t, acc_t, 2, mode, NanPolicy::Planar>(
+              s, source.const_data_ptr<acc_t>(), coords, go.const_data_ptr<scalar_t>(), private_ptr, need_grid,
+              copies);
+        } else {
+          StoredGrid<acc_t, 3> coords{grid_acc.const_data_ptr<acc_t>(), grad_grid_ptr, s.out_points()};
+          sample_backward<scalar_t, acc_t, 3, mode, NanPolicy::Volumetric>(
+              s, source.const_data_ptr<acc_t>(), coords, go.const_data_ptr<scalar_t>(), private_ptr, need_grid,
+              copies);
+        }
+      });
+    }
+    if (need_input) grad_input = reduce_private_grads(private_grads, input);
+    if (need_grid) grad_grid = grad_grid_acc.to(grid.scalar_type());
+  });
+  // The op's schema always returns two tensors: an unrequested gradient is empty.
+  if (!need_input) grad_input = at::empty({0}, input.options());
+  if (!need_grid) grad_grid = at::empty({0}, grid.options());
+  return {grad_input, grad_grid};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {
+  m.impl("grid_sample", &grid_sample_forward_cpu);
+  m.impl("grid_sample_backward", &grid_sample_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace attnkernels

@@ -1,0 +1,33 @@
+// Every schema of the attnkernels operator library, in one place. Kernels are
+// registered per backend in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels
+// and autograd in attnkernels/_library/*.py.
+//
+// Integer enums follow torch: interpolation 0 bilinear, 1 nearest, 2 bicubic;
+// padding 0 zeros, 1 border, 2 reflection. Backward ops take an output mask
+// and return an empty tensor for a gradient that was not asked for.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(attnkernels, m) {
+  // Sampling. input (N, C, [D,] H, W), grid (N, [Do,] Ho, Wo, 2 or 3).
+  m.def("grid_sample(Tensor input, Tensor grid, int interpolation, int padding, bool align_corners) -> Tensor");
+  m.def(
+      "grid_sample_backward(Tensor grad_output, Tensor input, Tensor grid, int interpolation, int padding, "
+      "bool align_corners, bool[2] output_mask) -> (Tensor, Tensor)");
+  // theta (N, 2, 3) or (N, 3, 4); size (N, C, [D,] H, W) of the output.
+  m.def("affine_grid(Tensor theta, int[] size, bool align_corners) -> Tensor");
+  m.def("affine_grid_backward(Tensor grad_grid, int[] size, bool align_corners) -> Tensor");
+  m.def(
+      "affine_grid_sample(Tensor input, Tensor theta, int[] size, int interpolation, int padding, "
+      "bool align_corners) -> Tensor");
+  m.def(
+      "affine_grid_sample_backward(Tensor grad_output, Tensor input, Tensor theta, int[] size, int interpolation, "
+      "int padding, bool align_corners, bool[2] output_mask) -> (Tensor, Tensor)");
+}
+
+// `import attnkernels._C` loads this library, which runs the registrations
+// above; the module itself has no Python members.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
