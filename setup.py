@@ -29,7 +29,7 @@ def _extension():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-DPy_LIMITED_API=0x030a0000"]
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-DPy_LIMITED_API=0x030a0000"]
     if not _flag("ATTNKERNELS_PORTABLE"):
         cxx_flags.append("-march=native")
     import torch
@@ -41,7 +41,7 @@ def _extension():
         build_cuda, why = False, "there are no CUDA sources in csrc/cuda"
     elif _flag("FORCE_CUDA"):
         if cpp_extension.CUDA_HOME is None:
-            raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME (for example /usr/local/cuda)")
+            raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME (e.g. /usr/local/cuda)")
         build_cuda, why = True, "FORCE_CUDA=1 is set"
     elif cuda_usable:
         build_cuda, why = True, "a CUDA device and toolkit are available"
@@ -65,7 +65,7 @@ def _extension():
             if os.path.isdir(wheel_include):
                 include_dirs.append(wheel_include)
                 break
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        extra["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         return cpp_extension.CUDAExtension(
             "attnkernels._C", sources + cuda_sources, include_dirs=include_dirs, extra_compile_args=extra,
             extra_link_args=["-fopenmp"], py_limited_api=True,

@@ -41,16 +41,17 @@ struct SamplerShape {
   int64_t out_points() const { return out_size[0] * out_size[1] * out_size[2]; }
 };
 
-template <int N>
-constexpr int int_pow(int base) {
-  return N == 0 ? 1 : base * int_pow<N - 1>(base);
+constexpr int int_pow(int base, int exponent) {
+  int result = 1;
+  for (int i = 0; i < exponent; ++i) result *= base;
+  return result;
 }
 
 // All taps of one point: the tensor product of its axes' taps.
 template <typename acc_t, int Dims, Interpolation mode>
 struct PointTaps {
   static constexpr int K = sampling::TapsPerAxis<mode>::value;
-  static constexpr int kCount = int_pow<Dims>(K);
+  static constexpr int kCount = int_pow(K, Dims);
   int64_t offset[kCount];  // of the tap's channel run within one batch item
   acc_t weight[kCount];
   acc_t dweight[kCount][Dims];  // d weight / d normalised coordinate, per axis

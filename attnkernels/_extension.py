@@ -1,0 +1,61 @@
+"""Loads the compiled extension, attnkernels._C, if it was built.
+
+Importing it registers the torch.ops.attnkernels.* operators and their CPU
+(and CUDA) kernels. Without it the package still works, on the reference
+backend, and says so once.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401
+except ImportError as error:  # not built, or built against another torch
+    _C = None
+    LOAD_ERROR: str | None = str(error)
+    warnings.warn(
+        "attnkernels: the compiled extension attnkernels._C could not be loaded "
+        f"({error}); every op falls back to the slow 'reference' backend. "
+        "Build it with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+else:
+    LOAD_ERROR = None
+
+
+
+def _ops_with_kernel(dispatch_key: str) -> frozenset[str]:
+    if _C is None:
+        return frozenset()
+    names = (n for n in torch._C._dispatch_get_all_op_names() if n.startswith("attnkernels::"))
+    return frozenset(n.split("::", 1)[1] for n in names
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(n, dispatch_key))
+
+
+# Read once at import, so that backend selection is plain Python that
+# torch.compile traces without graph breaks.
+CPU_OPS = _ops_with_kernel("CPU")
+CUDA_OPS = _ops_with_kernel("CUDA")
+
+
+def has_extension() -> bool:
+    """Whether attnkernels._C is loaded (CPU kernels available)."""
+    return _C is not None
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether attnkernels::<op> has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
+    return op in (CUDA_OPS if dispatch_key == "CUDA" else CPU_OPS)
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the extension was built with CUDA kernels."""
+    return bool(CUDA_OPS)
+
+
+def why_no_extension() -> str:
+    return f"the compiled extension attnkernels._C is not loaded ({LOAD_ERROR})"

@@ -1,0 +1,6 @@
+"""Fake (meta) kernels and autograd for the C++ operators, registered through torch.library.
+
+Imported only when the extension is loaded: the schemas live in csrc/ops.cpp.
+"""
+
+from . import sampling  # noqa: F401

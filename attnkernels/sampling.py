@@ -1,0 +1,223 @@
+"""Spatial transformer sampling: grid_sample, affine_grid and the fused affine_grid_sample.
+
+Drop-in replacements for ``torch.nn.functional.grid_sample`` and
+``affine_grid`` (same arguments, shapes, dtypes and errors), plus the fused
+sampler. Each function validates its arguments once, picks a backend in one
+place (``_dispatch.select_backend``) and calls it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from . import reference
+from ._dispatch import preference, select_backend, triton_installed, why_not_device
+from ._modes import INTERPOLATIONS, PADDINGS
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Measured on an H100 (bench/RESULTS.md) before this order changes; until
+# then the hand-written CUDA kernels come first.
+_CUDA_ORDER = ("cuda", "triton")
+
+
+def _triton():
+    """attnkernels.triton, or None where Triton is not installed."""
+    if not triton_installed():
+        return None
+    try:
+        return importlib.import_module("attnkernels.triton")
+    except ImportError:
+        return None
+
+
+def _resolve_align_corners(align_corners: bool | None) -> bool:
+    if align_corners is None:
+        warnings.warn(
+            "Default grid_sample and affine_grid behavior has changed to align_corners=False since 1.3.0. "
+            "Please specify align_corners=True if the old behavior is desired.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return False
+    return bool(align_corners)
+
+
+def _resolve_modes(op: str, mode: str, padding_mode: str) -> tuple[int, int]:
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"attnkernels.{op}: expected `mode` to be 'bilinear', 'nearest' or 'bicubic', "
+                         f"got {mode!r}")
+    if padding_mode not in PADDINGS:
+        raise ValueError(f"attnkernels.{op}: expected `padding_mode` to be 'zeros', 'border' or 'reflection', "
+                         f"got {padding_mode!r}")
+    return INTERPOLATIONS[mode], PADDINGS[padding_mode]
+
+
+def _check_floating(op: str, name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"attnkernels.{op}: expected `{name}` to be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATING:
+        raise RuntimeError(f"attnkernels.{op}: expected `{name}` to be float16, bfloat16, float32 or float64, "
+                           f"got {t.dtype}")
+
+
+def _check_sampled_input(op: str, input: torch.Tensor) -> None:
+    _check_floating(op, "input", input)
+    if input.dim() not in (4, 5):
+        raise RuntimeError(f"attnkernels.{op}: expected `input` of shape (N, C, H, W) or (N, C, D, H, W), "
+                           f"got sizes {list(input.shape)}")
+    if any(s == 0 for s in input.shape[2:]):
+        raise RuntimeError(f"attnkernels.{op}: expected `input` to have non-empty spatial dimensions, "
+                           f"got sizes {list(input.shape)}")
+
+
+def _check_grid_sample(input: torch.Tensor, grid: torch.Tensor) -> None:
+    op = "grid_sample"
+    _check_sampled_input(op, input)
+    _check_floating(op, "grid", grid)
+    if grid.dim() != input.dim():
+        raise RuntimeError(f"attnkernels.{op}: expected `grid` to have {input.dim()} dimensions like `input`, "
+                           f"got sizes {list(grid.shape)}")
+    dims = input.dim() - 2
+    if grid.shape[-1] != dims:
+        raise RuntimeError(f"attnkernels.{op}: expected `grid` to have size {dims} in its last dimension, "
+                           f"got sizes {list(grid.shape)}")
+    if grid.shape[0] != input.shape[0]:
+        raise RuntimeError(f"attnkernels.{op}: expected `grid` and `input` to have the same batch size, "
+                           f"got {grid.shape[0]} and {input.shape[0]}")
+    if grid.dtype != input.dtype:
+        raise RuntimeError(f"attnkernels.{op}: expected `grid` to have the dtype of `input` ({input.dtype}), "
+                           f"got {grid.dtype}")
+    if grid.device != input.device:
+        raise RuntimeError(f"attnkernels.{op}: expected `grid` on the device of `input` ({input.device}), "
+                           f"got {grid.device}")
+
+
+def _compiled_why_not(op: str, tensor: torch.Tensor, backend: str, mode: str, dims: int) -> str | None:
+    return why_not_device(tensor, backend, op)
+
+
+def _triton_why_not(op: str, tensor: torch.Tensor, **details) -> str | None:
+    reason = why_not_device(tensor, "triton", op)
+    if reason is not None:
+        return reason
+    module = _triton()
+    if module is None:
+        return "the attnkernels.triton module could not be imported"
+    return module.why_not(op, tensor, **details)
+
+
+def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
+                align_corners: bool | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """Sample ``input`` at the normalised points of ``grid``, as ``torch.nn.functional.grid_sample``.
+
+    input: (N, C, H, W) or (N, C, D, H, W)
+    grid: (N, Ho, Wo, 2) or (N, Do, Ho, Wo, 3); last dimension x, y(, z) in [-1, 1]
+    returns: (N, C, Ho, Wo) or (N, C, Do, Ho, Wo)
+
+    ``mode``: bilinear (trilinear for 5-D), nearest, or bicubic (tricubic for
+    5-D, which torch lacks). ``backend``: None for the best available, or one
+    of ``available_backends()``.
+    """
+    interpolation, padding = _resolve_modes("grid_sample", mode, padding_mode)
+    align = _resolve_align_corners(align_corners)
+    _check_grid_sample(input, grid)
+    dims = input.dim() - 2
+    why_not = {
+        "cuda": lambda: _compiled_why_not("grid_sample", input, "cuda", mode, dims),
+        "triton": lambda: _triton_why_not("grid_sample", input, mode=mode, dims=dims),
+        "cpu": lambda: _compiled_why_not("grid_sample", input, "cpu", mode, dims),
+        "reference": lambda: None,
+    }
+    chosen = select_backend("grid_sample", backend, why_not, preference(input, _CUDA_ORDER))
+    if chosen == "reference":
+        return reference.grid_sample(input, grid, mode, padding_mode, align)
+    if chosen == "triton":
+        return _triton().grid_sample(input, grid, interpolation, padding, align)
+    return torch.ops.attnkernels.grid_sample(input, grid, interpolation, padding, align)
+
+
+def _check_affine(op: str, theta: torch.Tensor, size: Sequence[int]) -> list[int]:
+    _check_floating(op, "theta", theta)
+    size = [int(s) for s in size]
+    if len(size) not in (4, 5):
+        raise ValueError(f"attnkernels.{op}: expected `size` of length 4 (N, C, H, W) or 5 (N, C, D, H, W), "
+                         f"got {tuple(size)}")
+    dims = len(size) - 2
+    if theta.dim() != 3 or tuple(theta.shape[1:]) != (dims, dims + 1):
+        raise ValueError(f"attnkernels.{op}: expected `theta` of shape (N, {dims}, {dims + 1}) for size "
+                         f"{tuple(size)}, got {tuple(theta.shape)}")
+    if theta.shape[0] != size[0]:
+        raise ValueError(f"attnkernels.{op}: expected `theta` to have the batch size size[0] = {size[0]}, "
+                         f"got {theta.shape[0]}")
+    if min(size[2:]) <= 0:
+        raise ValueError(f"attnkernels.{op}: expected positive spatial sizes in `size`, got {tuple(size)}")
+    return size
+
+
+def affine_grid(theta: torch.Tensor, size: Sequence[int], align_corners: bool | None = None, *,
+                backend: str | None = None) -> torch.Tensor:
+    """Sampling grid of a batch of affine maps, as ``torch.nn.functional.affine_grid``.
+
+    theta: (N, 2, 3) with size (N, C, H, W), or (N, 3, 4) with size (N, C, D, H, W)
+    returns: (N, H, W, 2) or (N, D, H, W, 3)
+    """
+    align = _resolve_align_corners(align_corners)
+    size = _check_affine("affine_grid", theta, size)
+    why_not = {
+        "cuda": lambda: why_not_device(theta, "cuda", "affine_grid"),
+        "cpu": lambda: why_not_device(theta, "cpu", "affine_grid"),
+        "reference": lambda: None,
+    }
+    chosen = select_backend("affine_grid", backend, why_not, preference(theta, _CUDA_ORDER))
+    if chosen == "reference":
+        return reference.affine_grid(theta, size, align)
+    return torch.ops.attnkernels.affine_grid(theta, size, align)
+
+
+def affine_grid_sample(input: torch.Tensor, theta: torch.Tensor, size: Sequence[int] | None = None,
+                       mode: str = "bilinear", padding_mode: str = "zeros", align_corners: bool | None = None, *,
+                       backend: str | None = None) -> torch.Tensor:
+    """The fused spatial-transformer sampler: ``grid_sample(input, affine_grid(theta, size))``
+    without storing the grid, differentiable to ``input`` and ``theta``.
+
+    input: (N, C, H, W) or (N, C, D, H, W)
+    theta: (N, 2, 3) or (N, 3, 4)
+    size: the output size (N, C, [Do,] Ho, Wo); defaults to ``input.shape``
+    returns: a tensor of ``size``
+    """
+    op = "affine_grid_sample"
+    interpolation, padding = _resolve_modes(op, mode, padding_mode)
+    align = _resolve_align_corners(align_corners)
+    _check_sampled_input(op, input)
+    size = _check_affine(op, theta, input.shape if size is None else size)
+    if len(size) != input.dim() or size[0] != input.shape[0] or size[1] != input.shape[1]:
+        raise ValueError(f"attnkernels.{op}: expected `size` of length {input.dim()} starting with the batch and "
+                         f"channels of `input` {tuple(input.shape[:2])}, got {tuple(size)}")
+    if theta.dtype != input.dtype:
+        raise RuntimeError(f"attnkernels.{op}: expected `theta` to have the dtype of `input` ({input.dtype}), "
+                           f"got {theta.dtype}")
+    if theta.device != input.device:
+        raise RuntimeError(f"attnkernels.{op}: expected `theta` on the device of `input` ({input.device}), "
+                           f"got {theta.device}")
+    dims = input.dim() - 2
+    why_not = {
+        "cuda": lambda: _compiled_why_not(op, input, "cuda", mode, dims),
+        "triton": lambda: _triton_why_not(op, input, mode=mode, dims=dims),
+        "cpu": lambda: _compiled_why_not(op, input, "cpu", mode, dims),
+        "reference": lambda: None,
+    }
+    chosen = select_backend(op, backend, why_not, preference(input, _CUDA_ORDER))
+    if chosen == "reference":
+        return reference.affine_grid_sample(input, theta, size, mode, padding_mode, align)
+    if chosen == "triton":
+        return _triton().affine_grid_sample(input, theta, size, interpolation, padding, align)
+    return torch.ops.attnkernels.affine_grid_sample(input, theta, size, interpolation, padding, align)
+
+
+__all__ = ["affine_grid", "affine_grid_sample", "grid_sample"]
+
