@@ -31,7 +31,7 @@ def _extension():
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-DPy_LIMITED_API=0x030a0000"]
     if not _flag("ATTNKERNELS_PORTABLE"):
-        cxx_flags.append("-march=native")
+        cxx_flags += ["-march=native", "-mprefer-vector-width=512"]
     import torch
 
     cuda_usable = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and torch.cuda.is_available()

@@ -33,33 +33,48 @@ struct AffineCoords {
     grad_theta.assign(slots * batch * Dims * kCols, 0.0);
   }
 
-  void base_of(int64_t p, acc_t* b) const {
-    int64_t rest = p;
+  // Walks output positions in order, keeping per-axis counters instead of
+  // dividing the flattened index at every point.
+  struct Cursor {
+    AffineCoords* owner;
+    int64_t n;
+    int64_t index[3];
+
+    void load(acc_t* xyz) const {
+      const acc_t* t = owner->theta + n * Dims * kCols;
+      for (int r = 0; r < Dims; ++r) {
+        acc_t v = t[r * kCols + Dims];
+        for (int a = 0; a < Dims; ++a) v += t[r * kCols + a] * owner->base[a][index[a]];
+        xyz[r] = v;
+      }
+    }
+    void store_grad(int64_t slot, const acc_t* grad) {
+      double* g = owner->grad_theta.data() + (slot * owner->batch + n) * Dims * kCols;
+      for (int r = 0; r < Dims; ++r) {
+        for (int a = 0; a < Dims; ++a) g[r * kCols + a] += double(grad[r]) * double(owner->base[a][index[a]]);
+        g[r * kCols + Dims] += double(grad[r]);
+      }
+    }
+    void advance() {
+      for (int a = 0; a < Dims; ++a) {
+        if (++index[a] < owner->out_size[a]) return;
+        index[a] = 0;
+      }
+      ++n;
+    }
+  };
+
+  // At flattened (batch, position) index `flat`.
+  Cursor cursor(int64_t flat) {
+    Cursor c{this, 0, {0, 0, 0}};
+    const int64_t points = out_size[0] * out_size[1] * out_size[2];
+    c.n = flat / points;
+    int64_t rest = flat % points;
     for (int a = 0; a < Dims; ++a) {
-      b[a] = base[a][rest % out_size[a]];
+      c.index[a] = rest % out_size[a];
       rest /= out_size[a];
     }
-  }
-
-  void load(int64_t n, int64_t p, acc_t* xyz) const {
-    acc_t b[Dims];
-    base_of(p, b);
-    const acc_t* t = theta + n * Dims * kCols;
-    for (int r = 0; r < Dims; ++r) {
-      acc_t v = t[r * kCols + Dims];
-      for (int a = 0; a < Dims; ++a) v += t[r * kCols + a] * b[a];
-      xyz[r] = v;
-    }
-  }
-
-  void store_grad(int64_t slot, int64_t n, int64_t p, const acc_t* grad) {
-    acc_t b[Dims];
-    base_of(p, b);
-    double* g = grad_theta.data() + (slot * batch + n) * Dims * kCols;
-    for (int r = 0; r < Dims; ++r) {
-      for (int a = 0; a < Dims; ++a) g[r * kCols + a] += double(grad[r]) * double(b[a]);
-      g[r * kCols + Dims] += double(grad[r]);
-    }
+    return c;
   }
 
   // Sums the slots into `out` (N, Dims, Dims + 1).

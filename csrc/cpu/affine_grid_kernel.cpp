@@ -43,8 +43,9 @@ at::Tensor affine_grid_cpu(const at::Tensor& theta, at::IntArrayRef size, bool a
       AffineCoords<acc_t, D> coords(theta_acc.const_data_ptr<acc_t>(), size[0], out_size, align_corners, 0);
       at::parallel_for(0, size[0] * points, 2048, [&](int64_t begin, int64_t end) {
         acc_t xyz[D];
-        for (int64_t i = begin; i < end; ++i) {
-          coords.load(i / points, i % points, xyz);
+        auto cursor = coords.cursor(begin);
+        for (int64_t i = begin; i < end; ++i, cursor.advance()) {
+          cursor.load(xyz);
           for (int a = 0; a < D; ++a) out[i * D + a] = static_cast<scalar_t>(xyz[a]);
         }
       });
@@ -78,9 +79,11 @@ at::Tensor affine_grid_backward_cpu(const at::Tensor& grad_grid, at::IntArrayRef
       at::parallel_for(0, slots, 1, [&](int64_t first, int64_t last) {
         acc_t grad[D];
         for (int64_t s = first; s < last; ++s) {
-          for (int64_t i = total * s / slots; i < total * (s + 1) / slots; ++i) {
+          const int64_t begin = total * s / slots;
+          auto cursor = coords.cursor(begin);
+          for (int64_t i = begin; i < total * (s + 1) / slots; ++i, cursor.advance()) {
             for (int a = 0; a < D; ++a) grad[a] = static_cast<acc_t>(gp[i * D + a]);
-            coords.store_grad(s, i / points, i % points, grad);
+            cursor.store_grad(s, grad);
           }
         }
       });

@@ -96,7 +96,9 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
     private_shape.push_back(s.channels);
     at::Tensor private_grads = need_input ? at::zeros(private_shape, input.options().dtype(acc_type)) : at::Tensor();
     grad_theta = at::zeros(theta.sizes(), theta.options());
-    const at::Tensor source = channels_last_source(input, acc_type);
+    // The input values are only read for the coordinate gradient.
+    const at::Tensor source = need_theta && interpolation != 1 ? channels_last_source(input, acc_type) : at::Tensor();
+    const acc_t* source_ptr = source.defined() ? source.const_data_ptr<acc_t>() : nullptr;
     const at::Tensor theta_acc = theta.to(acc_type).contiguous();
     const at::Tensor go = grad_output.contiguous();
     acc_t* private_ptr = need_input ? private_grads.mutable_data_ptr<acc_t>() : nullptr;
@@ -108,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
           constexpr NanPolicy policy = D == 2 ? NanPolicy::Planar : NanPolicy::Volumetric;
           AffineCoords<acc_t, D> coords(theta_acc.const_data_ptr<acc_t>(), s.batch, s.out_size, align_corners,
                                         copies);
-          sample_backward<scalar_t, acc_t, D, mode, policy>(s, source.const_data_ptr<acc_t>(), coords,
+          sample_backward<scalar_t, acc_t, D, mode, policy>(s, source_ptr, coords,
                                                             go.const_data_ptr<scalar_t>(), private_ptr, need_theta,
                                                             copies);
           if (need_theta) coords.reduce_grad(copies, grad_theta.mutable_data_ptr<scalar_t>());
@@ -117,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
         else run(std::integral_constant<int, 3>{});
       });
     }
-    if (need_input) grad_input = reduce_private_grads(private_grads, input);
+    if (need_input) grad_input = reduce_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), copies, input, s);
   });
   if (!need_input) grad_input = at::empty({0}, input.options());
   if (!need_theta) grad_theta = at::empty({0}, theta.options());

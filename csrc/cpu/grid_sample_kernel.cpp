@@ -20,14 +20,19 @@ struct StoredGrid {
   acc_t* grad_grid;
   int64_t points;
 
-  void load(int64_t n, int64_t p, acc_t* xyz) const {
-    const acc_t* g = grid + (n * points + p) * Dims;
-    for (int a = 0; a < Dims; ++a) xyz[a] = g[a];
-  }
-  void store_grad(int64_t /*slot*/, int64_t n, int64_t p, const acc_t* grad) {
-    acc_t* g = grad_grid + (n * points + p) * Dims;
-    for (int a = 0; a < Dims; ++a) g[a] = grad[a];
-  }
+  struct Cursor {
+    const StoredGrid* owner;
+    int64_t offset;  // of the current point's coordinates
+    void load(acc_t* xyz) const {
+      for (int a = 0; a < Dims; ++a) xyz[a] = owner->grid[offset + a];
+    }
+    void store_grad(int64_t /*slot*/, const acc_t* g) {
+      for (int a = 0; a < Dims; ++a) owner->grad_grid[offset + a] = g[a];
+    }
+    void advance() { offset += Dims; }
+  };
+  // At flattened (batch, position) index `index`.
+  Cursor cursor(int64_t index) const { return {this, index * Dims}; }
 };
 
 SamplerShape shape_of(const at::Tensor& input, const at::Tensor& grid, int64_t padding, bool align_corners) {
@@ -97,7 +102,9 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& gr
     at::Tensor grad_grid_acc = need_grid ? at::zeros(grid.sizes(), grid.options().dtype(acc_type)) : at::Tensor();
 
     if (total > 0 && s.channels > 0) {
-      const at::Tensor source = channels_last_source(input, acc_type);
+      // The input values are only read for the coordinate gradient.
+      const at::Tensor source = need_grid && interpolation != 1 ? channels_last_source(input, acc_type) : at::Tensor();
+      const acc_t* source_ptr = source.defined() ? source.const_data_ptr<acc_t>() : nullptr;
       const at::Tensor grid_acc = grid.to(acc_type).contiguous();
       const at::Tensor go = grad_output.contiguous();
       acc_t* private_ptr = need_input ? private_grads.mutable_data_ptr<acc_t>() : nullptr;
@@ -107,17 +114,17 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& gr
         if (dims == 2) {
           StoredGrid<acc_t, 2> coords{grid_acc.const_data_ptr<acc_t>(), grad_grid_ptr, s.out_points()};
           sample_backward<scalar_t, acc_t, 2, mode, NanPolicy::Planar>(
-              s, source.const_data_ptr<acc_t>(), coords, go.const_data_ptr<scalar_t>(), private_ptr, need_grid,
+              s, source_ptr, coords, go.const_data_ptr<scalar_t>(), private_ptr, need_grid,
               copies);
         } else {
           StoredGrid<acc_t, 3> coords{grid_acc.const_data_ptr<acc_t>(), grad_grid_ptr, s.out_points()};
           sample_backward<scalar_t, acc_t, 3, mode, NanPolicy::Volumetric>(
-              s, source.const_data_ptr<acc_t>(), coords, go.const_data_ptr<scalar_t>(), private_ptr, need_grid,
+              s, source_ptr, coords, go.const_data_ptr<scalar_t>(), private_ptr, need_grid,
               copies);
         }
       });
     }
-    if (need_input) grad_input = reduce_private_grads(private_grads, input);
+    if (need_input) grad_input = reduce_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), copies, input, s);
     if (need_grid) grad_grid = grad_grid_acc.to(grid.scalar_type());
   });
   // The op's schema always returns two tensors: an unrequested gradient is empty.

@@ -26,7 +26,7 @@ using sampling::Interpolation;
 using sampling::NanPolicy;
 using sampling::Padding;
 
-constexpr int64_t kChannelBlock = 64;
+constexpr int64_t kChannelBlock = 16;  // one AVX-512 vector of fp32
 
 // Shapes of one sampling problem. Axis 0 is x (width), 1 is y, 2 is z.
 struct SamplerShape {
@@ -91,58 +91,141 @@ struct PointTaps {
   }
 };
 
+// Iterates the flattened (batch, output position) range without a division
+// per point.
+struct PointCounter {
+  int64_t n, p, points;
+  PointCounter(int64_t index, int64_t points_) : n(index / points_), p(index % points_), points(points_) {}
+  void advance() {
+    if (++p == points) {
+      p = 0;
+      ++n;
+    }
+  }
+};
+
+// Channels are processed in blocks of kChannelBlock whose width is known at
+// compile time, so that a block's accumulators live in vector registers; the
+// last partial block (width 0 below: known only at run time) and small
+// channel counts (1 to 4, specialised) follow the same code.
+
+// acc[c] = sum over taps of weight * src[tap + c0 + c], c < width.
+template <int W, typename acc_t, NanPolicy policy, typename Taps>
+inline void forward_block(const Taps& taps, const acc_t* src, int64_t c0, int64_t runtime_width, acc_t* acc) {
+  const int64_t width = W > 0 ? W : runtime_width;
+  for (int64_t c = 0; c < width; ++c) acc[c] = acc_t(0);
+  for (int t = 0; t < taps.kCount; ++t) {
+    const acc_t w = taps.weight[t];
+    if (taps.valid[t]) {
+      const acc_t* run = src + taps.offset[t] + c0;
+#pragma omp simd
+      for (int64_t c = 0; c < width; ++c) acc[c] += w * run[c];
+    } else if (policy == NanPolicy::Planar && !std::isfinite(w)) {
+      // torch's 4-D kernel multiplies the weight by a zero tap: NaN here.
+      for (int64_t c = 0; c < width; ++c) acc[c] += w * acc_t(0);
+    }
+  }
+}
+
 // out[n, c, p] = sum over taps of weight * source[n, tap, c], for the points
 // [begin, end) of the flattened (batch, output position) range.
-template <typename scalar_t, typename acc_t, int Dims, Interpolation mode, NanPolicy policy, typename Source>
-void sample_forward_range(const SamplerShape& s, const acc_t* source, const Source& coords,
+template <typename scalar_t, typename acc_t, int Dims, Interpolation mode, NanPolicy policy, int kFixedChannels,
+          typename Source>
+void sample_forward_range(const SamplerShape& s, const acc_t* source, Source& coords,
                           scalar_t* out, int64_t begin, int64_t end) {
   const int64_t P = s.out_points();
   const int64_t C = s.channels;
   const int64_t in_batch = s.in_points() * C;
   PointTaps<acc_t, Dims, mode> taps;
-  acc_t acc[kChannelBlock];
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t n = i / P;
-    const int64_t p = i - n * P;
+  auto cursor = coords.cursor(begin);
+  PointCounter at(begin, P);
+  for (int64_t i = begin; i < end; ++i, at.advance(), cursor.advance()) {
     acc_t xyz[Dims];
-    coords.load(n, p, xyz);
+    cursor.load(xyz);
     taps.template build<policy>(xyz, s);
-    const acc_t* src = source + n * in_batch;
-    scalar_t* dst = out + n * C * P + p;
-    for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
-      const int64_t cb = std::min(kChannelBlock, C - c0);
-      for (int64_t c = 0; c < cb; ++c) acc[c] = acc_t(0);
-      for (int t = 0; t < taps.kCount; ++t) {
-        const acc_t w = taps.weight[t];
-        if (taps.valid[t]) {
-          const acc_t* run = src + taps.offset[t] + c0;
-#pragma omp simd
-          for (int64_t c = 0; c < cb; ++c) acc[c] += w * run[c];
-        } else if (policy == NanPolicy::Planar && !std::isfinite(w)) {
-          // torch's 4-D kernel multiplies the weight by a zero tap: NaN here.
-          for (int64_t c = 0; c < cb; ++c) acc[c] += w * acc_t(0);
-        }
+    const acc_t* src = source + at.n * in_batch;
+    scalar_t* dst = out + at.n * C * P + at.p;
+    if constexpr (kFixedChannels > 0) {
+      acc_t acc[kFixedChannels];
+      forward_block<kFixedChannels, acc_t, policy>(taps, src, 0, 0, acc);
+      for (int64_t c = 0; c < kFixedChannels; ++c) dst[c * P] = static_cast<scalar_t>(acc[c]);
+    } else {
+      int64_t c0 = 0;
+      for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
+        acc_t acc[kChannelBlock];
+        forward_block<kChannelBlock, acc_t, policy>(taps, src, c0, 0, acc);
+        for (int64_t c = 0; c < kChannelBlock; ++c) dst[(c0 + c) * P] = static_cast<scalar_t>(acc[c]);
       }
-      for (int64_t c = 0; c < cb; ++c) dst[(c0 + c) * P] = static_cast<scalar_t>(acc[c]);
+      if (c0 < C) {
+        acc_t acc[kChannelBlock];
+        forward_block<0, acc_t, policy>(taps, src, c0, C - c0, acc);
+        for (int64_t c = 0; c < C - c0; ++c) dst[(c0 + c) * P] = static_cast<scalar_t>(acc[c]);
+      }
     }
   }
 }
 
+// Calls body(std::integral_constant<int, K>) with K the channel count when it
+// is 1 to 4 and `specialise` holds, else 0 (run-time count). Only the bilinear
+// loops are specialised, to bound the number of instantiations.
+template <bool specialise, typename Body>
+void dispatch_channels(int64_t channels, Body&& body) {
+  if (!specialise) {
+    body(std::integral_constant<int, 0>{});
+    return;
+  }
+  switch (channels) {
+    case 1: body(std::integral_constant<int, 1>{}); break;
+    case 2: body(std::integral_constant<int, 2>{}); break;
+    case 3: body(std::integral_constant<int, 3>{}); break;
+    case 4: body(std::integral_constant<int, 4>{}); break;
+    default: body(std::integral_constant<int, 0>{}); break;
+  }
+}
+
 template <typename scalar_t, typename acc_t, int Dims, Interpolation mode, NanPolicy policy, typename Source>
-void sample_forward(const SamplerShape& s, const acc_t* source, const Source& coords, scalar_t* out) {
+void sample_forward(const SamplerShape& s, const acc_t* source, Source& coords, scalar_t* out) {
   const int64_t total = s.batch * s.out_points();
   constexpr int taps = PointTaps<acc_t, Dims, mode>::kCount;
   const int64_t grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(1, taps * s.channels));
-  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
-    sample_forward_range<scalar_t, acc_t, Dims, mode, policy>(s, source, coords, out, begin, end);
+  dispatch_channels<mode == Interpolation::Bilinear>(s.channels, [&](auto channels_tag) {
+    constexpr int kFixed = decltype(channels_tag)::value;
+    at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+      sample_forward_range<scalar_t, acc_t, Dims, mode, policy, kFixed>(s, source, coords, out, begin, end);
+    });
   });
+}
+
+// One channel block of the backward: scatter weight * g into grad_src (when
+// given) and add each tap's d weight / d coordinate * <src, g> to grad_xyz.
+template <int W, typename acc_t, int Dims, bool has_coord_grad, typename Taps>
+inline void backward_block(const Taps& taps, const acc_t* src, acc_t* grad_src, const acc_t* g, int64_t c0,
+                           int64_t runtime_width, bool need_coords, acc_t* grad_xyz) {
+  const int64_t width = W > 0 ? W : runtime_width;
+  for (int t = 0; t < taps.kCount; ++t) {
+    if (!taps.valid[t]) continue;
+    if (grad_src != nullptr) {
+      acc_t* run = grad_src + taps.offset[t] + c0;
+      const acc_t w = taps.weight[t];
+#pragma omp simd
+      for (int64_t c = 0; c < width; ++c) run[c] += w * g[c];
+    }
+    if (has_coord_grad && need_coords) {
+      const acc_t* run = src + taps.offset[t] + c0;
+      acc_t dot = acc_t(0);
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < width; ++c) dot += run[c] * g[c];
+      for (int a = 0; a < Dims; ++a) grad_xyz[a] += taps.dweight[t][a] * dot;
+    }
+  }
 }
 
 // Backward over points [begin, end): scatter weight * grad_output into
 // `grad_source` (channels-last, private to this range) and hand the gradient
-// of each point's coordinates to `coords.store_grad`, with `slot` naming the
+// of each point's coordinates to the coordinate cursor, with `slot` naming the
 // range so that sources which reduce (theta) keep per-range sums.
-template <typename scalar_t, typename acc_t, int Dims, Interpolation mode, NanPolicy policy, typename Source>
+template <typename scalar_t, typename acc_t, int Dims, Interpolation mode, NanPolicy policy, int kFixedChannels,
+          typename Source>
 void sample_backward_range(const SamplerShape& s, const acc_t* source, Source& coords,
                            const scalar_t* grad_out, acc_t* grad_source, bool need_coords,
                            int64_t slot, int64_t begin, int64_t end) {
@@ -151,37 +234,35 @@ void sample_backward_range(const SamplerShape& s, const acc_t* source, Source& c
   const int64_t in_batch = s.in_points() * C;
   constexpr bool has_coord_grad = mode != Interpolation::Nearest;
   PointTaps<acc_t, Dims, mode> taps;
-  acc_t g[kChannelBlock];
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t n = i / P;
-    const int64_t p = i - n * P;
+  auto cursor = coords.cursor(begin);
+  PointCounter at(begin, P);
+  for (int64_t i = begin; i < end; ++i, at.advance(), cursor.advance()) {
     acc_t xyz[Dims];
-    coords.load(n, p, xyz);
+    cursor.load(xyz);
     taps.template build<policy>(xyz, s);
-    const acc_t* src = source + n * in_batch;
-    const scalar_t* go = grad_out + n * C * P + p;
+    const acc_t* src = source == nullptr ? nullptr : source + at.n * in_batch;
+    acc_t* grad_src = grad_source == nullptr ? nullptr : grad_source + at.n * in_batch;
+    const scalar_t* go = grad_out + at.n * C * P + at.p;
     acc_t grad_xyz[Dims] = {};
-    for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
-      const int64_t cb = std::min(kChannelBlock, C - c0);
-      for (int64_t c = 0; c < cb; ++c) g[c] = static_cast<acc_t>(go[(c0 + c) * P]);
-      for (int t = 0; t < taps.kCount; ++t) {
-        if (!taps.valid[t]) continue;
-        if (grad_source != nullptr) {
-          acc_t* run = grad_source + n * in_batch + taps.offset[t] + c0;
-          const acc_t w = taps.weight[t];
-#pragma omp simd
-          for (int64_t c = 0; c < cb; ++c) run[c] += w * g[c];
-        }
-        if (has_coord_grad && need_coords) {
-          const acc_t* run = src + taps.offset[t] + c0;
-          acc_t dot = acc_t(0);
-#pragma omp simd reduction(+ : dot)
-          for (int64_t c = 0; c < cb; ++c) dot += run[c] * g[c];
-          for (int a = 0; a < Dims; ++a) grad_xyz[a] += taps.dweight[t][a] * dot;
-        }
+    if constexpr (kFixedChannels > 0) {
+      acc_t g[kFixedChannels];
+      for (int64_t c = 0; c < kFixedChannels; ++c) g[c] = static_cast<acc_t>(go[c * P]);
+      backward_block<kFixedChannels, acc_t, Dims, has_coord_grad>(taps, src, grad_src, g, 0, 0, need_coords,
+                                                                  grad_xyz);
+    } else {
+      int64_t c0 = 0;
+      acc_t g[kChannelBlock];
+      for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
+        for (int64_t c = 0; c < kChannelBlock; ++c) g[c] = static_cast<acc_t>(go[(c0 + c) * P]);
+        backward_block<kChannelBlock, acc_t, Dims, has_coord_grad>(taps, src, grad_src, g, c0, 0, need_coords,
+                                                                   grad_xyz);
+      }
+      if (c0 < C) {
+        for (int64_t c = 0; c < C - c0; ++c) g[c] = static_cast<acc_t>(go[(c0 + c) * P]);
+        backward_block<0, acc_t, Dims, has_coord_grad>(taps, src, grad_src, g, c0, C - c0, need_coords, grad_xyz);
       }
     }
-    if (need_coords) coords.store_grad(slot, n, p, grad_xyz);
+    if (need_coords) cursor.store_grad(slot, grad_xyz);
   }
 }
 
@@ -204,14 +285,17 @@ void sample_backward(const SamplerShape& s, const acc_t* source, Source& coords,
                      acc_t* private_grads, bool need_coords, int64_t copies) {
   const int64_t total = s.batch * s.out_points();
   const int64_t per_copy = s.batch * s.in_points() * s.channels;
-  at::parallel_for(0, copies, 1, [&](int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r) {
-      const int64_t begin = total * r / copies;
-      const int64_t end = total * (r + 1) / copies;
-      acc_t* grads = private_grads == nullptr ? nullptr : private_grads + r * per_copy;
-      sample_backward_range<scalar_t, acc_t, Dims, mode, policy>(s, source, coords, grad_out, grads,
-                                                                 need_coords, r, begin, end);
-    }
+  dispatch_channels<mode == Interpolation::Bilinear>(s.channels, [&](auto channels_tag) {
+    constexpr int kFixed = decltype(channels_tag)::value;
+    at::parallel_for(0, copies, 1, [&](int64_t first, int64_t last) {
+      for (int64_t r = first; r < last; ++r) {
+        const int64_t begin = total * r / copies;
+        const int64_t end = total * (r + 1) / copies;
+        acc_t* grads = private_grads == nullptr ? nullptr : private_grads + r * per_copy;
+        sample_backward_range<scalar_t, acc_t, Dims, mode, policy, kFixed>(s, source, coords, grad_out, grads,
+                                                                           need_coords, r, begin, end);
+      }
+    });
   });
 }
 
@@ -242,13 +326,39 @@ inline at::Tensor channels_last_source(const at::Tensor& input, at::ScalarType a
   return input.to(acc_type).permute(order).contiguous();
 }
 
-// Sums the private copies (copies, N, [D,] H, W, C) and returns the input
-// gradient in the input's dtype and memory format, as torch does.
-inline at::Tensor reduce_private_grads(const at::Tensor& private_grads, const at::Tensor& input) {
-  at::Tensor summed = private_grads.size(0) == 1 ? private_grads.select(0, 0) : private_grads.sum(0);
-  std::vector<int64_t> order = {0, input.dim() - 1};
-  for (int64_t d = 1; d < input.dim() - 1; ++d) order.push_back(d);
-  return summed.permute(order).to(input.scalar_type()).contiguous(input.suggest_memory_format());
+// Whether the input gradient is returned channels-last: for a channels-last
+// input that is not also contiguous (mirrored by the fake kernels).
+inline bool gradient_channels_last(const at::Tensor& input) {
+  const auto format = input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  return !input.is_contiguous() && input.is_contiguous(format);
+}
+
+// Sums the private copies (copies, N, [D,] H, W, C) into the input gradient,
+// in the input's dtype and in one pass that also transposes to (N, C, ...)
+// unless the gradient is channels-last.
+template <typename scalar_t, typename acc_t>
+at::Tensor reduce_private_grads(const acc_t* copies_ptr, int64_t copies, const at::Tensor& input,
+                                const SamplerShape& s) {
+  const bool channels_last = gradient_channels_last(input);
+  at::Tensor grad = at::empty(input.sizes(), input.options());
+  if (channels_last) {
+    grad = grad.contiguous(input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
+  }
+  scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+  const int64_t S = s.in_points();
+  const int64_t C = s.channels;
+  const int64_t per_copy = s.batch * S * C;
+  at::parallel_for(0, s.batch * S, 2048, [&](int64_t begin, int64_t end) {
+    PointCounter at(begin, S);
+    for (int64_t i = begin; i < end; ++i, at.advance()) {
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t v = copies_ptr[i * C + c];
+        for (int64_t r = 1; r < copies; ++r) v += copies_ptr[r * per_copy + i * C + c];
+        out[channels_last ? i * C + c : (at.n * C + c) * S + at.p] = static_cast<scalar_t>(v);
+      }
+    }
+  });
+  return grad;
 }
 
 inline void read_shape(const at::Tensor& input, SamplerShape& s) {

@@ -1,0 +1,488 @@
+// Fused attention on the CPU, FlashAttention-2 style.
+//
+// Forward: each task takes one block of queries of one (batch, head) and runs
+// over blocks of keys with an online softmax, so the L x S score matrix is
+// never built; it saves the output and the per-row log-sum-exp (lse). The
+// tile products QK^T and PV go to the BLAS that torch ships (sgemm/dgemm).
+//
+// Backward: recomputes each score tile from q, k and the saved lse. A task owns
+// a set of key blocks of one (batch, kv head): it accumulates their dK, dV over
+// every query block of every query head that shares the kv head (GQA), and adds
+// its share of dQ into a per-task-group buffer, so that one (batch, head) can
+// still use every core.
+//
+// Shapes: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), Hq % Hkv == 0;
+// mask (B, Hq, L, S) with any strides (broadcast dims have stride 0), bool
+// (true = attend) or the accumulation dtype (added to the scores).
+// out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) in the accumulation dtype
+// (float32, or float64 for float64 inputs).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "attention_math.h"
+
+namespace attnkernels {
+namespace cpu {
+namespace {
+
+// Tile sizes (rows of queries x rows of keys), chosen by bench/bench_attention.py
+// on a 2-core AVX-512 machine: large enough for BLAS efficiency, small enough
+// that a tile and its operands stay in L2.
+constexpr int64_t kForwardQueryBlock = 64;
+constexpr int64_t kForwardKeyBlock = 512;
+constexpr int64_t kBackwardQueryBlock = 64;
+constexpr int64_t kBackwardKeyBlock = 128;
+
+struct Shape {
+  int64_t batch, q_heads, kv_heads, group, L, S, E, Ev;
+};
+
+Shape shape_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "attnkernels::attention: expected query, key and value of rank 4 (batch, heads, length, dim), got ",
+              q.sizes(), ", ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0),
+              "attnkernels::attention: expected query, key and value to have the same batch size, got ", q.sizes(),
+              ", ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(v.size(1) == k.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "attnkernels::attention: expected key and value to have the same number of heads, dividing the "
+              "query's, got ", q.size(1), ", ", k.size(1), " and ", v.size(1));
+  TORCH_CHECK(k.size(3) == q.size(3), "attnkernels::attention: expected key's head dim (", k.size(3),
+              ") to equal query's (", q.size(3), ")");
+  TORCH_CHECK(v.size(2) == k.size(2), "attnkernels::attention: expected value's length (", v.size(2),
+              ") to equal key's (", k.size(2), ")");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "attnkernels::attention: expected query, key and value of one dtype, got ", q.scalar_type(), ", ",
+              k.scalar_type(), " and ", v.scalar_type());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()),
+              "attnkernels::attention: expected floating-point query, key and value, got ", q.scalar_type());
+  return Shape{q.size(0), q.size(1), k.size(1), q.size(1) / k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+}
+
+// Read access to the (B, Hq, L, S) mask through its strides.
+template <typename acc_t>
+struct MaskView {
+  const bool* bools = nullptr;
+  const acc_t* values = nullptr;
+  int64_t heads = 1, stride_b = 0, stride_h = 0, stride_l = 0, stride_s = 0;
+
+  MaskView(const std::optional<at::Tensor>& mask, const Shape& shape) {
+    if (!mask.has_value()) return;
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == shape.batch && m.size(1) == shape.q_heads && m.size(2) == shape.L &&
+                    m.size(3) == shape.S,
+                "attnkernels::attention: expected attn_mask of shape (", shape.batch, ", ", shape.q_heads, ", ",
+                shape.L, ", ", shape.S, ") (broadcast views allowed), got ", m.sizes());
+    if (m.scalar_type() == at::kBool) {
+      bools = m.const_data_ptr<bool>();
+    } else {
+      TORCH_CHECK(m.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
+                  "attnkernels::attention: expected a bool attn_mask or one of dtype ",
+                  c10::CppTypeToScalarType<acc_t>::value, " (the accumulation dtype), got ", m.scalar_type());
+      values = m.const_data_ptr<acc_t>();
+    }
+    heads = shape.q_heads;
+    stride_b = m.stride(0);
+    stride_h = m.stride(1);
+    stride_l = m.stride(2);
+    stride_s = m.stride(3);
+  }
+
+  bool present() const { return bools != nullptr || values != nullptr; }
+  bool is_float() const { return values != nullptr; }
+
+  int64_t offset(int64_t bh, int64_t row, int64_t col) const {
+    return (bh / heads) * stride_b + (bh % heads) * stride_h + row * stride_l + col * stride_s;
+  }
+
+  // Whether any entry of the tile lets attention through (else the tile is skipped).
+  bool any_allowed(int64_t bh, int64_t row0, int64_t rows, int64_t col0, int64_t cols) const {
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t base = offset(bh, row0 + r, col0);
+      for (int64_t c = 0; c < cols; ++c) {
+        if (bools != nullptr ? bools[base + c * stride_s] : !(values[base + c * stride_s] == neg_inf)) return true;
+      }
+    }
+    return false;
+  }
+
+  void apply(int64_t bh, int64_t row0, int64_t rows, int64_t col0, int64_t cols, acc_t* scores, int64_t ld) const {
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t base = offset(bh, row0 + r, col0);
+      acc_t* row = scores + r * ld;
+      if (bools != nullptr) {
+        const bool* m = bools + base;
+        for (int64_t c = 0; c < cols; ++c) row[c] = m[c * stride_s] ? row[c] : neg_inf;
+      } else {
+        const acc_t* m = values + base;
+        if (stride_s == 1) {
+#pragma omp simd
+          for (int64_t c = 0; c < cols; ++c) row[c] += m[c];
+        } else {
+          for (int64_t c = 0; c < cols; ++c) row[c] += m[c * stride_s];
+        }
+      }
+    }
+  }
+};
+
+// Top-left causal: query row i attends to keys j <= i.
+template <typename acc_t>
+void apply_causal(int64_t row0, int64_t rows, int64_t col0, int64_t cols, acc_t* scores, int64_t ld) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t first_hidden = std::max<int64_t>(0, row0 + r + 1 - col0);
+    for (int64_t c = first_hidden; c < cols; ++c) scores[r * ld + c] = neg_inf;
+  }
+}
+
+// Rows [row0, row0 + rows) of a row-major (.., width) matrix as acc_t: the
+// tensor's own memory when no conversion is needed, else converted into `buffer`.
+template <typename scalar_t, typename acc_t>
+const acc_t* rows_as_acc(const scalar_t* base, int64_t row0, int64_t rows, int64_t width, acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return base + row0 * width;
+  } else {
+    const scalar_t* src = base + row0 * width;
+    for (int64_t i = 0; i < rows * width; ++i) buffer[i] = static_cast<acc_t>(src[i]);
+    return buffer;
+  }
+}
+
+// Dropout of a (rows x cols) tile of probabilities: keep with probability 1 - p,
+// scaled by 1 / (1 - p). `first` is the flat (B, Hq, L, S) index of the tile's corner.
+template <typename acc_t>
+void apply_dropout(const DropoutMask& dropout, acc_t keep_scale, uint64_t first, int64_t S, int64_t rows,
+                   int64_t cols, acc_t* tile, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint64_t row_first = first + static_cast<uint64_t>(r * S);
+    acc_t* row = tile + r * ld;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) row[c] = dropout.keep(row_first + c) ? row[c] * keep_scale : acc_t(0);
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ----------------------------------------------------------------------------- forward
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& mask_tensor, const Shape& shape, double scale_d, bool is_causal,
+                  double dropout_p, int64_t seed, at::Tensor& out, at::Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+  const MaskView<acc_t> mask(mask_tensor, shape);
+  const DropoutMask dropout(seed, dropout_p);
+  const bool use_dropout = dropout_p > 0;
+  const acc_t keep_scale = use_dropout ? acc_t(1.0 / (1.0 - dropout_p)) : acc_t(1);
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const auto [batch, q_heads, kv_heads, group, L, S, E, Ev] = shape;
+  const int64_t Bq = kForwardQueryBlock, Bk = kForwardKeyBlock;
+  const int64_t query_blocks = ceil_div(L, Bq);
+
+  const scalar_t* q_data = q.const_data_ptr<scalar_t>();
+  const scalar_t* k_data = k.const_data_ptr<scalar_t>();
+  const scalar_t* v_data = v.const_data_ptr<scalar_t>();
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+  acc_t* lse_data = lse.mutable_data_ptr<acc_t>();
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+
+  at::parallel_for(0, batch * q_heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scores(Bq * Bk), accum(Bq * Ev), row_max(Bq), row_sum(Bq);
+    std::vector<acc_t> q_buffer(convert ? Bq * E : 0), k_buffer(convert ? Bk * E : 0), v_buffer(convert ? Bk * Ev : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / query_blocks;
+      const int64_t row0 = (task % query_blocks) * Bq;
+      const int64_t rows = std::min(Bq, L - row0);
+      const int64_t kv = (bh / q_heads) * kv_heads + (bh % q_heads) / group;
+      const acc_t* q_tile = rows_as_acc(q_data + bh * L * E, row0, rows, E, q_buffer.data());
+      std::fill(row_max.begin(), row_max.end(), neg_inf);
+      std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+      std::fill(accum.begin(), accum.end(), acc_t(0));
+      // Causal: keys beyond the block's last row are hidden from every row.
+      const int64_t key_end = is_causal ? std::min(S, row0 + rows) : S;
+      for (int64_t col0 = 0; col0 < key_end; col0 += Bk) {
+        const int64_t cols = std::min(Bk, key_end - col0);
+        if (mask.present() && !mask.any_allowed(bh, row0, rows, col0, cols)) continue;
+        const acc_t* k_tile = rows_as_acc(k_data + kv * S * E, col0, cols, E, k_buffer.data());
+        const acc_t* v_tile = rows_as_acc(v_data + kv * S * Ev, col0, cols, Ev, v_buffer.data());
+        gemm<acc_t>(false, true, rows, cols, E, scale, q_tile, E, k_tile, E, acc_t(0), scores.data(), Bk);
+        if (mask.present()) mask.apply(bh, row0, rows, col0, cols, scores.data(), Bk);
+        if (is_causal && col0 + cols - 1 > row0) apply_causal(row0, rows, col0, cols, scores.data(), Bk);
+        // Online softmax: rescale what was accumulated under the old row maximum.
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* row = scores.data() + r * Bk;
+          acc_t tile_max = neg_inf;
+          for (int64_t c = 0; c < cols; ++c) tile_max = std::max(tile_max, row[c]);
+          const acc_t new_max = std::max(row_max[r], tile_max);
+          if (new_max == neg_inf) {  // every key so far is masked for this row
+            std::fill(row, row + cols, acc_t(0));
+            continue;
+          }
+          const acc_t correction = exp_nonpositive(row_max[r] - new_max);
+          acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t c = 0; c < cols; ++c) {
+            const acc_t p = exp_nonpositive(row[c] - new_max);
+            row[c] = p;
+            sum += p;
+          }
+          row_sum[r] = row_sum[r] * correction + sum;
+          row_max[r] = new_max;
+          if (correction != acc_t(1)) {
+            acc_t* acc_row = accum.data() + r * Ev;
+#pragma omp simd
+            for (int64_t e = 0; e < Ev; ++e) acc_row[e] *= correction;
+          }
+        }
+        if (use_dropout) {
+          const uint64_t first = static_cast<uint64_t>((bh * L + row0) * S + col0);
+          apply_dropout(dropout, keep_scale, first, S, rows, cols, scores.data(), Bk);
+        }
+        gemm<acc_t>(false, false, rows, Ev, cols, acc_t(1), scores.data(), Bk, v_tile, Ev, acc_t(1), accum.data(),
+                    Ev);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t sum = row_sum[r];
+        // A row that attends to nothing gives 0 and lse -inf (torch gives 0, not NaN).
+        const acc_t inverse = sum > acc_t(0) ? acc_t(1) / sum : acc_t(0);
+        scalar_t* out_row = out_data + (bh * L + row0 + r) * Ev;
+        const acc_t* acc_row = accum.data() + r * Ev;
+        for (int64_t e = 0; e < Ev; ++e) out_row[e] = static_cast<scalar_t>(acc_row[e] * inverse);
+        lse_data[bh * L + row0 + r] = sum > acc_t(0) ? row_max[r] + std::log(sum) : neg_inf;
+      }
+    }
+  });
+}
+
+int64_t seed_of(const std::optional<at::Tensor>& dropout_seed, double dropout_p) {
+  if (dropout_p <= 0) return 0;
+  TORCH_CHECK(dropout_seed.has_value() && dropout_seed->numel() == 1 && dropout_seed->scalar_type() == at::kLong,
+              "attnkernels::attention: dropout_p > 0 needs a one-element int64 dropout_seed tensor");
+  return dropout_seed->item<int64_t>();
+}
+
+void check_dropout(double dropout_p) {
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "attnkernels::attention: expected dropout_p in [0, 1), got ",
+              dropout_p);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                 const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
+                                                 double dropout_p, bool is_causal, double scale,
+                                                 const std::optional<at::Tensor>& dropout_seed) {
+  const Shape shape = shape_of(query, key, value);
+  check_dropout(dropout_p);
+  TORCH_CHECK(!(is_causal && attn_mask.has_value()),
+              "attnkernels::attention: attn_mask and is_causal=True cannot be used together");
+  const int64_t seed = seed_of(dropout_seed, dropout_p);
+  const at::ScalarType acc_type = at::toOpMathType(query.scalar_type());
+  at::Tensor out = at::empty({shape.batch, shape.q_heads, shape.L, shape.Ev}, query.options());
+  at::Tensor lse = at::empty({shape.batch, shape.q_heads, shape.L}, query.options().dtype(acc_type));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "attention_cpu", [&] {
+    forward_impl<scalar_t>(q, k, v, attn_mask, shape, scale, is_causal, dropout_p, seed, out, lse);
+  });
+  return {out, lse};
+}
+
+// ----------------------------------------------------------------------------- backward
+
+template <typename scalar_t>
+void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+                   const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask_tensor,
+                   const at::Tensor& out, const at::Tensor& lse, const Shape& shape, double scale_d, bool is_causal,
+                   double dropout_p, int64_t seed, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v,
+                   at::Tensor& grad_mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+  const MaskView<acc_t> mask(mask_tensor, shape);
+  const DropoutMask dropout(seed, dropout_p);
+  const bool use_dropout = dropout_p > 0;
+  const acc_t keep_scale = use_dropout ? acc_t(1.0 / (1.0 - dropout_p)) : acc_t(1);
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const auto [batch, q_heads, kv_heads, group, L, S, E, Ev] = shape;
+  const int64_t Bq = kBackwardQueryBlock, Bk = kBackwardKeyBlock;
+  const int64_t query_blocks = ceil_div(L, Bq), key_blocks = ceil_div(S, Bk);
+  const int64_t rows_total = batch * q_heads * L;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+
+  const scalar_t* grad_out_data = grad_out.const_data_ptr<scalar_t>();
+  const scalar_t* q_data = q.const_data_ptr<scalar_t>();
+  const scalar_t* k_data = k.const_data_ptr<scalar_t>();
+  const scalar_t* v_data = v.const_data_ptr<scalar_t>();
+  const scalar_t* out_data = out.const_data_ptr<scalar_t>();
+  const acc_t* lse_data = lse.const_data_ptr<acc_t>();
+
+  // delta[row] = sum_e dO * O - dlse: the row term of the softmax gradient,
+  // dS = P * (dP - delta) (a gradient reaching lse adds P * dlse).
+  std::vector<acc_t> delta(rows_total);
+  const acc_t* grad_lse_data = grad_lse.has_value() ? grad_lse->const_data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, rows_total, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t sum = 0;
+      for (int64_t e = 0; e < Ev; ++e) {
+        sum += static_cast<acc_t>(grad_out_data[row * Ev + e]) * static_cast<acc_t>(out_data[row * Ev + e]);
+      }
+      delta[row] = sum - (grad_lse_data != nullptr ? grad_lse_data[row] : acc_t(0));
+    }
+  });
+
+  // Work is split over (batch, kv head, share of the key blocks). With few
+  // (batch, kv head) pairs the key blocks are shared out so that every core
+  // works; each share then adds into its own dQ buffer, summed at the end.
+  const int64_t pairs = batch * kv_heads;
+  const int64_t threads = at::get_num_threads();
+  const int64_t shares = std::max<int64_t>(1, std::min(key_blocks, ceil_div(2 * threads, pairs)));
+  const bool dq_in_place = shares == 1 && !convert;
+  at::Tensor dq_accum = dq_in_place ? grad_q
+                                    : at::zeros({shares, batch, q_heads, L, E}, q.options().dtype(
+                                                                                     c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* dq_data = dq_accum.mutable_data_ptr<acc_t>();
+  scalar_t* grad_k_data = grad_k.mutable_data_ptr<scalar_t>();
+  scalar_t* grad_v_data = grad_v.mutable_data_ptr<scalar_t>();
+  acc_t* grad_mask_data = grad_mask.defined() ? grad_mask.mutable_data_ptr<acc_t>() : nullptr;
+
+  at::parallel_for(0, pairs * shares, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> probs(Bq * Bk), grad_probs(Bq * Bk), dk(Bk * E), dv(Bk * Ev);
+    std::vector<acc_t> q_buffer(convert ? Bq * E : 0), do_buffer(convert ? Bq * Ev : 0);
+    std::vector<acc_t> k_buffer(convert ? Bk * E : 0), v_buffer(convert ? Bk * Ev : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t kv = task / shares;  // b * kv_heads + hkv
+      const int64_t share = task % shares;
+      const int64_t b = kv / kv_heads, hkv = kv % kv_heads;
+      acc_t* dq_share = dq_data + share * batch * q_heads * L * E;
+      // Key blocks share, share + shares, ...: interleaved, so that causal work is balanced.
+      for (int64_t key_block = share; key_block < key_blocks; key_block += shares) {
+        const int64_t col0 = key_block * Bk;
+        const int64_t cols = std::min(Bk, S - col0);
+        const acc_t* k_tile = rows_as_acc(k_data + kv * S * E, col0, cols, E, k_buffer.data());
+        const acc_t* v_tile = rows_as_acc(v_data + kv * S * Ev, col0, cols, Ev, v_buffer.data());
+        std::fill(dk.begin(), dk.end(), acc_t(0));
+        std::fill(dv.begin(), dv.end(), acc_t(0));
+        for (int64_t hq = hkv * group; hq < (hkv + 1) * group; ++hq) {
+          const int64_t bh = b * q_heads + hq;
+          // Causal: rows before col0 see none of these keys.
+          const int64_t first_block = is_causal ? std::min(query_blocks, col0 / Bq) : 0;
+          for (int64_t query_block = first_block; query_block < query_blocks; ++query_block) {
+            const int64_t row0 = query_block * Bq;
+            const int64_t rows = std::min(Bq, L - row0);
+            if (is_causal && row0 + rows - 1 < col0) continue;
+            if (mask.present() && !mask.any_allowed(bh, row0, rows, col0, cols)) continue;
+            const acc_t* q_tile = rows_as_acc(q_data + bh * L * E, row0, rows, E, q_buffer.data());
+            const acc_t* do_tile = rows_as_acc(grad_out_data + bh * L * Ev, row0, rows, Ev, do_buffer.data());
+            // P = exp(scale * Q K^T + mask - lse)
+            gemm<acc_t>(false, true, rows, cols, E, scale, q_tile, E, k_tile, E, acc_t(0), probs.data(), Bk);
+            if (mask.present()) mask.apply(bh, row0, rows, col0, cols, probs.data(), Bk);
+            if (is_causal && col0 + cols - 1 > row0) apply_causal(row0, rows, col0, cols, probs.data(), Bk);
+            for (int64_t r = 0; r < rows; ++r) {
+              acc_t* row = probs.data() + r * Bk;
+              const acc_t row_lse = lse_data[bh * L + row0 + r];
+              if (row_lse == neg_inf) {  // a fully masked row has no gradient
+                std::fill(row, row + cols, acc_t(0));
+                continue;
+              }
+#pragma omp simd
+              for (int64_t c = 0; c < cols; ++c) row[c] = exp_nonpositive(row[c] - row_lse);
+            }
+            // dP = dO V^T, through the dropout mask when there is one.
+            gemm<acc_t>(false, true, rows, cols, Ev, acc_t(1), do_tile, Ev, v_tile, Ev, acc_t(0),
+                        grad_probs.data(), Bk);
+            const uint64_t first = static_cast<uint64_t>((bh * L + row0) * S + col0);
+            if (use_dropout) apply_dropout(dropout, keep_scale, first, S, rows, cols, grad_probs.data(), Bk);
+            // dS = P * (dP - delta), computed in place over grad_probs.
+            for (int64_t r = 0; r < rows; ++r) {
+              const acc_t row_delta = delta[bh * L + row0 + r];
+              const acc_t* p = probs.data() + r * Bk;
+              acc_t* g = grad_probs.data() + r * Bk;
+#pragma omp simd
+              for (int64_t c = 0; c < cols; ++c) g[c] = p[c] * (g[c] - row_delta);
+            }
+            // dV += (P after dropout)^T dO
+            if (use_dropout) apply_dropout(dropout, keep_scale, first, S, rows, cols, probs.data(), Bk);
+            gemm<acc_t>(true, false, cols, Ev, rows, acc_t(1), probs.data(), Bk, do_tile, Ev, acc_t(1), dv.data(),
+                        Ev);
+            if (grad_mask_data != nullptr) {
+              for (int64_t r = 0; r < rows; ++r) {
+                std::copy(grad_probs.data() + r * Bk, grad_probs.data() + r * Bk + cols,
+                          grad_mask_data + (bh * L + row0 + r) * S + col0);
+              }
+            }
+            gemm<acc_t>(true, false, cols, E, rows, scale, grad_probs.data(), Bk, q_tile, E, acc_t(1), dk.data(), E);
+            gemm<acc_t>(false, false, rows, E, cols, scale, grad_probs.data(), Bk, k_tile, E, acc_t(1),
+                        dq_share + (bh * L + row0) * E, E);
+          }
+        }
+        scalar_t* dk_out = grad_k_data + (kv * S + col0) * E;
+        scalar_t* dv_out = grad_v_data + (kv * S + col0) * Ev;
+        for (int64_t i = 0; i < cols * E; ++i) dk_out[i] = static_cast<scalar_t>(dk[i]);
+        for (int64_t i = 0; i < cols * Ev; ++i) dv_out[i] = static_cast<scalar_t>(dv[i]);
+      }
+    }
+  });
+  if (!dq_in_place) grad_q.copy_(dq_accum.sum(0));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& query,
+    const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& attn_mask, const at::Tensor& out,
+    const at::Tensor& lse, double dropout_p, bool is_causal, double scale,
+    const std::optional<at::Tensor>& dropout_seed, std::array<bool, 4> output_mask) {
+  const Shape shape = shape_of(query, key, value);
+  check_dropout(dropout_p);
+  const int64_t seed = seed_of(dropout_seed, dropout_p);
+  const at::ScalarType acc_type = at::toOpMathType(query.scalar_type());
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({shape.batch, shape.q_heads, shape.L,
+                                                                                  shape.Ev}),
+              "attnkernels::attention_backward: expected grad_out and out of shape (B, Hq, L, Ev), got ",
+              grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({shape.batch, shape.q_heads, shape.L}) && lse.scalar_type() == acc_type,
+              "attnkernels::attention_backward: expected lse of shape (B, Hq, L) and dtype ", acc_type, ", got ",
+              lse.sizes(), " ", lse.scalar_type());
+  TORCH_CHECK(!grad_lse.has_value() || (grad_lse->sizes() == lse.sizes() && grad_lse->scalar_type() == acc_type),
+              "attnkernels::attention_backward: expected grad_lse like lse");
+  const bool want_mask_grad = output_mask[3] && attn_mask.has_value();
+  TORCH_CHECK(!want_mask_grad || attn_mask->scalar_type() != at::kBool,
+              "attnkernels::attention_backward: a bool attn_mask has no gradient");
+  // Every gradient is computed (dQ needs the same tiles as dK, dV); unrequested ones return empty.
+  at::Tensor grad_q = at::zeros(query.sizes(), query.options());
+  at::Tensor grad_k = at::zeros(key.sizes(), key.options());
+  at::Tensor grad_v = at::zeros(value.sizes(), value.options());
+  at::Tensor grad_mask = want_mask_grad
+                             ? at::zeros({shape.batch, shape.q_heads, shape.L, shape.S}, query.options().dtype(acc_type))
+                             : at::Tensor();
+  if (shape.batch * shape.q_heads * shape.L > 0 && shape.S > 0) {
+    const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+    const at::Tensor go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
+    std::optional<at::Tensor> gl;
+    if (grad_lse.has_value()) gl = grad_lse->contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "attention_backward_cpu", [&] {
+      backward_impl<scalar_t>(go, gl, q, k, v, attn_mask, o, l, shape, scale, is_causal, dropout_p, seed, grad_q,
+                              grad_k, grad_v, grad_mask);
+    });
+  }
+  auto empty = [&](bool wanted, const at::Tensor& t) { return wanted ? t : t.new_empty({0}); };
+  return {empty(output_mask[0], grad_q), empty(output_mask[1], grad_k), empty(output_mask[2], grad_v),
+          want_mask_grad ? grad_mask : query.new_empty({0}, query.options().dtype(acc_type))};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {
+  m.impl("attention", &attention_cpu);
+  m.impl("attention_backward", &attention_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace attnkernels

@@ -1,0 +1,123 @@
+// Building blocks of the CPU flash-attention kernels: row-major GEMM on tiles
+// (the BLAS that torch ships, with a plain-loop fallback), an exp that the
+// compiler vectorises, and the counter-based dropout generator.
+#pragma once
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+// The Fortran BLAS entry points that libtorch_cpu exports (MKL on x86 wheels).
+// Declared weak so that a torch built without a BLAS still loads this library;
+// the kernels then use the loop fallback below.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace attnkernels {
+namespace cpu {
+
+// Plain loops, only for a torch without BLAS symbols.
+template <typename T>
+void gemm_loops(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    T* c_row = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) c_row[j] = beta == T(0) ? T(0) : beta * c_row[j];
+    for (int64_t p = 0; p < k; ++p) {
+      const T a_ip = alpha * (trans_a ? a[p * lda + i] : a[i * lda + p]);
+      if (trans_b) {
+        for (int64_t j = 0; j < n; ++j) c_row[j] += a_ip * b[j * ldb + p];
+      } else {
+        const T* b_row = b + p * ldb;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) c_row[j] += a_ip * b_row[j];
+      }
+    }
+  }
+}
+
+// Row-major C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C, where
+// op(X) is X or X^T as trans_* says. Row-major C is column-major C^T = op(B)^T op(A)^T,
+// so the column-major BLAS is called with the operands swapped.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // BLAS rejects leading dimensions of 0; the product is empty
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    return;
+  }
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int ldai = static_cast<int>(lda), ldbi = static_cast<int>(ldb), ldci = static_cast<int>(ldc);
+  const char* op_a = trans_a ? "T" : "N";
+  const char* op_b = trans_b ? "T" : "N";
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr) {
+      sgemm_(op_b, op_a, &ni, &mi, &ki, &alpha, b, &ldbi, a, &ldai, &beta, c, &ldci);
+      return;
+    }
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (dgemm_ != nullptr) {
+      dgemm_(op_b, op_a, &ni, &mi, &ki, &alpha, b, &ldbi, a, &ldai, &beta, c, &ldci);
+      return;
+    }
+  }
+  gemm_loops(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// exp for x <= 0 (a score minus its row maximum or log-sum-exp), written so that
+// `#pragma omp simd` loops vectorise it: exp(x) = 2^n * exp(r), |r| <= ln2 / 2,
+// with a degree-7 Taylor polynomial (relative error about 1e-7). Below -87 the
+// result is 0, which also covers -inf.
+inline float exp_nonpositive(float x) {
+  const float clamped = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
+  const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float two_to_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return x < -87.0f ? 0.0f : p * two_to_n;
+}
+
+// Double precision keeps the library exp: float64 results are checked to 1e-8.
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+// Dropout keep decisions from a counter-based hash (splitmix64's finaliser) of
+// (seed, element index): the backward pass regenerates exactly the forward's
+// mask without storing it, in any order and on any thread.
+struct DropoutMask {
+  uint64_t key = 0;
+  uint64_t threshold = 0;  // drop when the 24-bit uniform is below this
+
+  DropoutMask(int64_t seed, double p) {
+    key = mix(static_cast<uint64_t>(seed) ^ 0x6A09E667F3BCC909ull);
+    threshold = static_cast<uint64_t>(std::llround(p * 16777216.0));
+  }
+
+  static inline uint64_t mix(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+
+  // element: the flat index in the (batch, query heads, L, S) attention matrix.
+  inline bool keep(uint64_t element) const { return (mix(key + element * 0x9E3779B97F4A7C15ull) >> 40) >= threshold; }
+};
+
+}  // namespace cpu
+}  // namespace attnkernels
