@@ -1,0 +1,180 @@
+"""The command line of ``python -m attnkernels.bench`` (also ``attnkernels-bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+import attnkernels
+
+from . import report, timing
+from .cases import OPS, PASSES, available_ops, build_cases, default_dtypes
+from .runner import measure_limits, run_cases
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
+          "fp64": torch.float64, "double": torch.float64}
+
+EXIT_WRONG = 1  # some kernel gave a wrong result or crashed
+EXIT_USAGE = 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr and exit code 2 (argparse prints the usage too)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    ops = ", ".join(OPS)
+    parser = _OneLineParser(
+        prog="attnkernels-bench",
+        description="Benchmark every attnkernels op on every available backend against torch's own op. "
+                    "Each result is checked against torch before it is timed.",
+    )
+    parser.add_argument("--op", default=None,
+                        help=f"comma-separated ops, or a prefix naming several (grid_sample, attention); from: {ops}")
+    parser.add_argument("--backend", default=None,
+                        help="comma-separated attnkernels backends (default: every available one); torch always runs")
+    parser.add_argument("--dtype", default=None,
+                        help="comma-separated dtypes: float32, float16, bfloat16, float64 (default: per device)")
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated sizes: the side of the image or volume for sampling, the sequence "
+                             "length for attention (default: per device)")
+    parser.add_argument("--pass", dest="passes", default=",".join(PASSES),
+                        help="fwd, fwd+bwd, or both comma-separated (default: both)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when a GPU is visible, else cpu")
+    parser.add_argument("--quick", action="store_true", help="one small size per op and short timing")
+    parser.add_argument("--out", type=Path, default=None, help="write results.json, results.csv and PNG plots here")
+    parser.add_argument("--results-md", type=Path, default=None,
+                        help="write a Markdown report (machine, versions, date, table), e.g. bench/RESULTS.md")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def _select_ops(parser: argparse.ArgumentParser, text: str | None) -> list[str]:
+    available = available_ops()
+    if text is None:
+        return available
+    chosen: list[str] = []
+    for name in _comma_list(text):
+        matches = [op for op in OPS if op == name or op.startswith(name + "_")]
+        if not matches:
+            parser.error(f"unknown op {name!r}; choose from {', '.join(OPS)}")
+        missing = [op for op in matches if op not in available]
+        if missing:
+            parser.error(f"op {missing[0]!r} needs attnkernels.{OPS[missing[0]].public_function}, "
+                         "which this installation does not have")
+        chosen += [op for op in matches if op not in chosen]
+    if not chosen:
+        parser.error("--op selects no op")
+    return chosen
+
+
+def _select_backends(parser: argparse.ArgumentParser, text: str | None, device: torch.device) -> list[str]:
+    available = attnkernels.available_backends()
+    # The cuda backend takes CUDA tensors only, the cpu backend CPU tensors only.
+    available = [b for b in available if b != ("cuda" if device.type == "cpu" else "cpu")]
+    if text is None:
+        # On CPU tensors Triton runs only under its interpreter (TRITON_INTERPRET=1), a test vehicle
+        # far slower than anything else: measured only when asked for by name.
+        return [b for b in available if not (device.type == "cpu" and b == "triton")]
+    chosen = []
+    for name in _comma_list(text):
+        if name == "torch":
+            continue  # always measured
+        if name not in available:
+            parser.error(f"backend {name!r} is not available on {device.type} here "
+                         f"(available: {', '.join(['torch', *available])})")
+        if name not in chosen:
+            chosen.append(name)
+    return chosen
+
+
+def _select_dtypes(parser: argparse.ArgumentParser, text: str | None, device: torch.device) -> list[torch.dtype]:
+    if text is None:
+        return list(default_dtypes(device.type))
+    chosen = []
+    for name in _comma_list(text):
+        if name not in DTYPES:
+            parser.error(f"unknown dtype {name!r}; choose from float32, float16, bfloat16, float64")
+        dtype = DTYPES[name]
+        if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            parser.error(f"dtype {name!r} is not supported by {torch.cuda.get_device_name(device)}")
+        if dtype not in chosen:
+            chosen.append(dtype)
+    return chosen
+
+
+def _select_sizes(parser: argparse.ArgumentParser, text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        sizes = [int(part) for part in _comma_list(text)]
+    except ValueError:
+        parser.error(f"--sizes must be comma-separated positive integers, got {text!r}")
+    if not sizes or min(sizes) <= 0:
+        parser.error(f"--sizes must be comma-separated positive integers, got {text!r}")
+    return sizes
+
+
+def _select_passes(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    passes = _comma_list(text)
+    for name in passes:
+        if name not in PASSES:
+            parser.error(f"unknown pass {name!r}; choose from {', '.join(PASSES)}")
+    return passes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; returns 0, or 1 when some kernel was wrong or crashed (2: bad arguments)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ops = _select_ops(parser, args.op)
+    backends = _select_backends(parser, args.backend, device)
+    dtypes = _select_dtypes(parser, args.dtype, device)
+    sizes = _select_sizes(parser, args.sizes)
+    passes = _select_passes(parser, args.passes)
+
+    skipped = [op for op in OPS if op not in ops and args.op is None]
+    for op in skipped:
+        print(f"skipping {op}: attnkernels.{OPS[op].public_function} does not exist in this installation",
+              file=sys.stderr)
+
+    cases = build_cases(ops, device, dtypes, sizes, quick=args.quick, passes=passes)
+    budget = timing.QUICK if args.quick else timing.FULL
+    info = report.machine_info(device)
+    print("measuring the machine's limits (copy bandwidth, matmul throughput)...", file=sys.stderr)
+    limits = measure_limits(device, cases, budget)
+    records = run_cases(cases, backends, budget, limits, show_progress=not args.no_progress)
+
+    print(f"attnkernels benchmark on {info['gpu'] or info['cpu']} ({device.type}), torch {info['torch']}, "
+          f"{info['date']}")
+    print(report.format_limits(limits, device))
+    print(report.format_table(records))
+    if args.out is not None:
+        for path in report.write_outputs(args.out, info, limits, records):
+            print(f"wrote {path}")
+    if args.results_md is not None:
+        args.results_md.parent.mkdir(parents=True, exist_ok=True)
+        args.results_md.write_text(report.results_markdown(info, limits, records))
+        print(f"wrote {args.results_md}")
+    failed = [r for r in records if r.status in ("WRONG", "error")]
+    if failed:
+        print(f"{len(failed)} measurement(s) failed: a kernel was wrong or crashed (see the status column)",
+              file=sys.stderr)
+        return EXIT_WRONG
+    return 0

@@ -1,0 +1,177 @@
+"""Runs the cases: check each backend against torch, then time it; one Record per measurement."""
+
+from __future__ import annotations
+
+import gc
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import timing
+from .cases import Case, PreparedCase, Unsupported, first_line
+
+
+@dataclass
+class Record:
+    """One measurement (or the reason there is none)."""
+
+    op: str
+    direction: str
+    size: int
+    shape: str
+    dtype: str
+    device: str
+    backend: str
+    status: str  # ok | WRONG | unsupported | oom | error
+    detail: str
+    time_s: float | None = None
+    repetitions: int | None = None
+    method: str | None = None
+    speedup: float | None = None  # torch's time / this time
+    work: float = 0.0  # bytes moved or FLOPs of one call
+    work_unit: str = ""
+    rate: float | None = None  # work per second
+    limit: float | None = None  # the machine's measured limit in the same unit
+    fraction_of_limit: float | None = None
+    max_error: float | None = None
+    allowed_error: float | None = None
+    input_copies: int | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MachineLimits:
+    copy_bytes_per_s: float
+    matmul_flop_per_s: dict[str, float]  # per dtype name
+
+    def for_case(self, case: Case) -> float | None:
+        if case.spec.work_unit == "B":
+            return self.copy_bytes_per_s
+        return self.matmul_flop_per_s.get(case.dtype_name)
+
+
+def measure_limits(device: torch.device, cases: Sequence[Case], budget: timing.TimingBudget) -> MachineLimits:
+    """Copy bandwidth, and matrix throughput in each dtype that a FLOP-counted case uses."""
+    dtypes = sorted({case.dtype for case in cases if case.spec.work_unit == "FLOP"}, key=str)
+    return MachineLimits(
+        copy_bytes_per_s=timing.copy_bandwidth(device, budget),
+        matmul_flop_per_s={str(d).removeprefix("torch."): timing.matmul_throughput(device, d, budget) for d in dtypes},
+    )
+
+
+class Progress:
+    """tqdm on stderr where installed, else a plain bar."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self._bar = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True, leave=False)
+
+    def step(self, description: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_description_str(description, refresh=False)
+            self._bar.update(1)
+            return
+        width = 30
+        filled = width * self.done // max(self.total, 1)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {description[:60]:<60}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled:
+            sys.stderr.write("\n")
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _measure(prepared: PreparedCase, backend: str, record: Record, budget: timing.TimingBudget) -> None:
+    """Fill ``record``: check the backend against torch, and time it only if it is right."""
+    if backend != "torch":
+        check = prepared.check(backend)
+        record.max_error, record.allowed_error = check.max_error, check.allowed
+        record.detail = check.detail
+        if not check.ok:
+            record.status = "WRONG"
+            return
+    else:
+        expected = prepared.expected()
+        record.max_error = max(expected.torch_error, default=0.0)
+        record.detail = "baseline"
+    result = timing.time_callable(prepared.timed_callable(backend), prepared.case.device, budget)
+    record.time_s, record.repetitions, record.method = result.median_s, result.repetitions, result.method
+    record.status = "ok"
+
+
+def run_case(case: Case, backends: Sequence[str], budget: timing.TimingBudget, limits: MachineLimits | None,
+             progress: Progress | None = None) -> list[Record]:
+    """torch and every backend on one case; speed-ups relative to torch's time in this run."""
+    records = [Record(case.op, case.direction, case.size, case.label, case.dtype_name, case.device.type, backend,
+                      status="error", detail="", work=case.work, work_unit=case.spec.work_unit)
+               for backend in ("torch", *backends)]
+    prepared = None
+    try:
+        prepared = PreparedCase(case, copies=1)
+        prepared.extend_to(timing.input_copies(prepared.input_bytes(), case.device))
+    except torch.OutOfMemoryError as error:
+        for record in records:
+            record.status, record.detail = "oom", f"making the inputs: {first_line(error)}"
+    if prepared is not None:
+        for record in records:
+            record.input_copies = prepared.copies
+            try:
+                _measure(prepared, record.backend, record, budget)
+            except Unsupported as reason:
+                record.status, record.detail = "unsupported", str(reason)
+            except torch.OutOfMemoryError as error:
+                record.status, record.detail = "oom", first_line(error)
+                _free(case.device)
+            except Exception as error:  # a crashing kernel is reported, and the run goes on
+                record.status, record.detail = "error", first_line(error)
+            if progress is not None:
+                progress.step(f"{case.op} {case.direction} {case.size} {case.dtype_name} {record.backend}")
+    elif progress is not None:
+        for record in records:
+            progress.step(f"{case.op} {case.direction} {case.size} {case.dtype_name} {record.backend}")
+    del prepared
+    _free(case.device)
+
+    torch_time = records[0].time_s
+    limit = limits.for_case(case) if limits is not None else None
+    for record in records:
+        if record.time_s is None:
+            continue
+        record.rate = record.work / record.time_s
+        if torch_time is not None:
+            record.speedup = torch_time / record.time_s
+        if limit:
+            record.limit = limit
+            record.fraction_of_limit = record.rate / limit
+    return records
+
+
+def run_cases(cases: Sequence[Case], backends: Sequence[str], budget: timing.TimingBudget,
+              limits: MachineLimits | None, show_progress: bool = True) -> list[Record]:
+    progress = Progress(len(cases) * (1 + len(backends)), enabled=show_progress)
+    try:
+        return [record for case in cases for record in run_case(case, backends, budget, limits, progress)]
+    finally:
+        progress.close()

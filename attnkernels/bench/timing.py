@@ -1,0 +1,152 @@
+"""Timing and the machine's own limits (copy bandwidth, matrix throughput).
+
+GPU: ``triton.testing.do_bench`` where Triton is installed (it synchronises,
+flushes the L2 cache between repetitions and returns the median), else CUDA
+events around each call. CPU: ``time.perf_counter`` around each call. Always a
+warm-up first and the median of many repetitions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class TimingBudget:
+    """How long to spend on one measurement."""
+
+    warmup_s: float
+    measure_s: float
+    min_repetitions: int
+    max_repetitions: int
+
+
+FULL = TimingBudget(warmup_s=0.05, measure_s=0.4, min_repetitions=5, max_repetitions=500)
+QUICK = TimingBudget(warmup_s=0.0, measure_s=0.02, min_repetitions=3, max_repetitions=20)
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float
+    repetitions: int | None  # None where do_bench chose the count
+    method: str
+
+
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def time_callable(fn: Callable[[], object], device: torch.device, budget: TimingBudget = FULL) -> Timing:
+    """The median time of one call of ``fn`` on ``device``."""
+    if device.type == "cuda":
+        if _has_triton():
+            import triton.testing
+
+            milliseconds = triton.testing.do_bench(fn, warmup=max(1, int(budget.warmup_s * 1000)),
+                                                   rep=max(1, int(budget.measure_s * 1000)), return_mode="median")
+            return Timing(milliseconds / 1000.0, None, "triton.testing.do_bench")
+        return _time_cuda_events(fn, budget)
+    return _time_wall_clock(fn, budget)
+
+
+def _time_wall_clock(fn: Callable[[], object], budget: TimingBudget) -> Timing:
+    fn()  # at least one warm-up call (allocator, lazy initialisation)
+    start = time.perf_counter()
+    while time.perf_counter() - start < budget.warmup_s:
+        fn()
+    samples: list[float] = []
+    total = 0.0
+    while len(samples) < budget.max_repetitions and (len(samples) < budget.min_repetitions or total < budget.measure_s):
+        begin = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - begin)
+        total += samples[-1]
+    return Timing(statistics.median(samples), len(samples), "time.perf_counter")
+
+
+def _time_cuda_events(fn: Callable[[], object], budget: TimingBudget) -> Timing:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    while time.perf_counter() - start < budget.warmup_s:
+        fn()
+    torch.cuda.synchronize()
+    samples: list[float] = []
+    total = 0.0
+    while len(samples) < budget.max_repetitions and (len(samples) < budget.min_repetitions or total < budget.measure_s):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(begin.elapsed_time(end) / 1000.0)
+        total += samples[-1]
+    return Timing(statistics.median(samples), len(samples), "torch.cuda.Event")
+
+
+# ----------------------------------------------------------------------------- caches and input copies
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    """The GPU's L2, or the CPU's largest cache (32 MiB when the system does not say)."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        try:
+            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        except ValueError:
+            continue
+    return max(sizes, default=32 << 20)
+
+
+def input_copies(input_bytes: int, device: torch.device, memory_budget_bytes: int | None = None) -> int:
+    """How many copies of a case's inputs to rotate through: enough that together they are
+    three times the last-level cache (so a timed call finds its inputs cold), 2 to 8 copies,
+    within the memory budget."""
+    if memory_budget_bytes is None:
+        if device.type == "cuda":
+            memory_budget_bytes = torch.cuda.get_device_properties(device).total_memory // 5
+        else:
+            memory_budget_bytes = 2 << 30
+    wanted = math.ceil(3 * last_level_cache_bytes(device) / max(input_bytes, 1))
+    return max(1, min(8, max(2, wanted), memory_budget_bytes // max(input_bytes, 1)))
+
+
+# ----------------------------------------------------------------------------- machine limits
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, budget: TimingBudget = FULL) -> float:
+    """Bytes per second of a large tensor copy, counting the read and the write."""
+    megabytes = 1024 if device.type == "cuda" else 256
+    source = torch.ones(megabytes << 18, dtype=torch.float32, device=device)  # 4 bytes per element
+    target = torch.empty_like(source)
+    timing = time_callable(lambda: target.copy_(source), device, budget)
+    return 2 * source.numel() * source.element_size() / timing.median_s
+
+
+def matmul_throughput(device: torch.device, dtype: torch.dtype, budget: TimingBudget = FULL) -> float:
+    """FLOP per second of a large square matrix product in ``dtype``."""
+    if device.type == "cuda":
+        n = 8192
+    else:
+        n = 2048 if dtype in (torch.float32, torch.float64) else 1024  # CPU half precision is slow
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    timing = time_callable(lambda: torch.mm(a, b), device, budget)
+    return 2.0 * n**3 / timing.median_s

@@ -1,0 +1,225 @@
+"""The benchmark command (python -m attnkernels.bench): outputs, wrong kernels, bad arguments.
+
+Runs in seconds: tiny sizes and the --quick timing budget. Speed is never asserted here.
+"""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attnkernels.bench import cases, main
+
+TINY = ["--quick", "--sizes", "6", "--no-progress"]
+
+
+def _records(directory):
+    return json.loads((directory / "results.json").read_text())["records"]
+
+
+def test_quick_run_writes_json_csv_and_plots(tmp_path, capsys):
+    out = tmp_path / "out"
+    markdown = tmp_path / "RESULTS.md"
+    assert main([*TINY, "--op", "grid_sample_2d,affine_grid_sample_3d", "--out", str(out),
+                 "--results-md", str(markdown)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[2].split()[:5] == ["op", "pass", "shape", "dtype", "backend"]
+
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["machine"]["torch"] == torch.__version__ and payload["machine"]["date"]
+    assert payload["limits"]["copy_bytes_per_s"] > 0
+    records = payload["records"]
+    # torch and every CPU backend, on both ops, both passes.
+    assert {(r["op"], r["direction"]) for r in records} == {
+        (op, direction) for op in ("grid_sample_2d", "affine_grid_sample_3d") for direction in cases.PASSES}
+    assert {"torch", "reference"} <= {r["backend"] for r in records}
+    for record in records:
+        assert record["status"] == "ok", record
+        assert record["time_s"] > 0 and record["speedup"] > 0 and record["rate"] > 0
+        assert record["work_unit"] == "B" and record["fraction_of_limit"] > 0
+    torch_rows = [r for r in records if r["backend"] == "torch"]
+    assert all(r["speedup"] == pytest.approx(1.0) for r in torch_rows)
+
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(records) and rows[0]["op"] == records[0]["op"]
+
+    for op in ("grid_sample_2d", "affine_grid_sample_3d"):
+        png = out / f"speedup_{op}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    text = markdown.read_text()
+    assert torch.__version__ in text and "| op |" in text and payload["machine"]["date"] in text
+
+
+def test_byte_count_of_sampling():
+    # forward: input read once + grid read + output written; fwd+bwd: 3 input + 3 grid + 2 output.
+    case = cases.Case("grid_sample_2d", "fwd", 8, torch.float32, torch.device("cpu"))
+    n, c = case.shape["N"], case.shape["C"]
+    image, grid = n * c * 64 * 4, n * 64 * 2 * 4
+    assert case.work == 2 * image + grid
+    assert cases.Case("grid_sample_2d", "fwd+bwd", 8, torch.float32, torch.device("cpu")).work == 5 * image + 3 * grid
+    fused = cases.Case("affine_grid_sample_2d", "fwd", 8, torch.float32, torch.device("cpu"))
+    assert fused.work == 2 * image + n * 6 * 4
+
+
+def test_attention_flop_count():
+    spec = cases.OPS["attention"]
+    shape = {"B": 2, "H": 3, "L": 5, "S": 7, "E": 11}
+    assert spec.work(shape, torch.float32, False) == 4 * 2 * 3 * 5 * 7 * 11
+    assert spec.work(shape, torch.float32, True) == 3.5 * 4 * 2 * 3 * 5 * 7 * 11
+    assert cases.OPS["attention_causal"].work(shape, torch.float32, False) == 2 * 2 * 3 * 5 * 7 * 11
+
+
+@pytest.mark.parametrize("direction", cases.PASSES)
+def test_wrong_kernel_is_reported_and_not_timed(tmp_path, capsys, monkeypatch, direction):
+    calls = []
+
+    def off_by_a_little(inputs, backend):
+        calls.append(backend)
+        right = cases.OPS["grid_sample_2d"].torch_impl(inputs)
+        return right * 1.01  # 1% off: far outside the tolerance, close enough to look plausible
+
+    monkeypatch.setitem(cases.OPS, "grid_sample_2d", cases.with_implementation("grid_sample_2d", off_by_a_little))
+    out = tmp_path / "out"
+    code = main([*TINY, "--op", "grid_sample_2d", "--backend", "cpu", "--pass", direction, "--out", str(out)])
+    assert code == 1
+    printed = capsys.readouterr()
+    assert "WRONG" in printed.out and "failed" in printed.err
+    records = {r["backend"]: r for r in _records(out)}
+    assert records["torch"]["status"] == "ok" and records["torch"]["time_s"] > 0
+    wrong = records["cpu"]
+    assert wrong["status"] == "WRONG" and wrong["detail"].startswith("output")
+    assert wrong["time_s"] is None and wrong["speedup"] is None and wrong["rate"] is None
+    assert wrong["max_error"] > wrong["allowed_error"]
+    assert calls == ["cpu"]  # called once, for the check; never timed
+    assert (out / "speedup_grid_sample_2d.png").exists()  # a plot even with nothing correct to draw
+
+
+def test_nan_result_is_wrong(monkeypatch):
+    def nan_kernel(inputs, backend):
+        return torch.full_like(cases.OPS["grid_sample_2d"].torch_impl(inputs), float("nan"))
+
+    monkeypatch.setitem(cases.OPS, "grid_sample_2d", cases.with_implementation("grid_sample_2d", nan_kernel))
+    prepared = cases.PreparedCase(cases.Case("grid_sample_2d", "fwd", 6, torch.float32, torch.device("cpu")))
+    assert not prepared.check("cpu").ok
+
+
+def test_wrong_gradient_is_reported(monkeypatch):
+    class WrongGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return 2 * grad
+
+    def kernel(inputs, backend):
+        return WrongGradient.apply(cases.OPS["grid_sample_2d"].torch_impl(inputs))
+
+    monkeypatch.setitem(cases.OPS, "grid_sample_2d", cases.with_implementation("grid_sample_2d", kernel))
+    prepared = cases.PreparedCase(cases.Case("grid_sample_2d", "fwd+bwd", 6, torch.float32, torch.device("cpu")))
+    check = prepared.check("cpu")
+    assert not check.ok and check.detail.startswith("grad_input")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_every_cpu_backend_passes_the_check(dtype):
+    # The check must not flag correct kernels: its tolerance is the FlashAttention rule.
+    for op in ("grid_sample_3d", "affine_grid_sample_2d"):
+        for direction in cases.PASSES:
+            prepared = cases.PreparedCase(cases.Case(op, direction, 5, dtype, torch.device("cpu")))
+            for backend in ("cpu", "reference"):
+                check = prepared.check(backend)
+                assert check.ok, (op, direction, backend, check.detail)
+
+
+def test_unsupported_backend_is_reported_not_failed(monkeypatch, tmp_path):
+    def refuses(inputs, backend):
+        raise RuntimeError("attnkernels.grid_sample: the 'cpu' backend cannot serve these inputs: test")
+
+    monkeypatch.setitem(cases.OPS, "grid_sample_2d", cases.with_implementation("grid_sample_2d", refuses))
+    assert main([*TINY, "--op", "grid_sample_2d", "--backend", "cpu", "--pass", "fwd", "--out", str(tmp_path)]) == 0
+    record = {r["backend"]: r for r in _records(tmp_path)}["cpu"]
+    assert record["status"] == "unsupported" and "cannot serve" in record["detail"]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--op", "no_such_op"], "unknown op 'no_such_op'"),
+    (["--backend", "cuda"], "backend 'cuda' is not available"),
+    (["--backend", "nonsense"], "backend 'nonsense' is not available"),
+    (["--dtype", "float8"], "unknown dtype 'float8'"),
+    (["--sizes", "0"], "--sizes must be"),
+    (["--sizes", "eight"], "--sizes must be"),
+    (["--pass", "bwd"], "unknown pass 'bwd'"),
+    (["--frobnicate"], "unrecognized arguments"),
+])
+def test_bad_arguments_exit_2_with_one_line(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], captured.err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a machine without a GPU")
+def test_cuda_device_without_gpu_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cuda"])
+    assert exit_info.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_dtype_the_gpu_lacks_exits_2(monkeypatch, capsys):
+    # A GPU without bfloat16 (before Ampere), simulated: the check happens before any CUDA work.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args, **kwargs: "an old GPU")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cuda", "--backend", "reference", "--dtype", "bfloat16"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "'bfloat16' is not supported by an old GPU" in lines[0]
+
+
+def test_attention_cases_run_with_flop_rates(monkeypatch, tmp_path):
+    # Whatever attnkernels' attention is, the command times it in FLOP/s against torch's SDPA.
+    import attnkernels
+
+    if not hasattr(attnkernels, "scaled_dot_product_attention"):
+        def stand_in(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                     enable_gqa=False, *, backend=None):
+            return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=is_causal)
+        monkeypatch.setattr(attnkernels, "scaled_dot_product_attention", stand_in, raising=False)
+    assert main([*TINY, "--op", "attention", "--backend", "reference", "--out", str(tmp_path)]) == 0
+    records = _records(tmp_path)
+    assert {r["op"] for r in records} == {"attention", "attention_causal"}
+    for record in records:
+        assert record["status"] == "ok" and record["work_unit"] == "FLOP" and record["rate"] > 0, record
+        assert record["fraction_of_limit"] > 0
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["limits"]["matmul_flop_per_s"]["float32"] > 0
+    assert (tmp_path / "speedup_attention_causal.png").exists()
+
+
+def test_module_entry_point_exits_2_with_one_line():
+    result = subprocess.run([sys.executable, "-m", "attnkernels.bench", "--op", "no_such_op"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and "unknown op" in result.stderr
+
+
+def test_missing_public_function_is_skipped_or_refused(monkeypatch, capsys):
+    import attnkernels
+
+    monkeypatch.delattr(attnkernels, "affine_grid_sample")
+    assert "affine_grid_sample_2d" not in cases.available_ops()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--op", "affine_grid_sample_2d"])
+    assert exit_info.value.code == 2 and "needs attnkernels.affine_grid_sample" in capsys.readouterr().err
