@@ -13,9 +13,12 @@ from . import _extension
 if _extension.has_extension():
     from . import _library  # noqa: F401  (fake kernels and autograd of the C++ ops)
 
+from . import nn  # modules: SpatialTransformer, MultiheadSelfAttention, SpatialSoftAttention
 from ._dispatch import available_backends
+from .patching import patch_torch, patched, unpatch_torch
 from .sampling import affine_grid, affine_grid_sample, grid_sample
 
 __version__ = "0.1.0"
 
 __all__ = ["affine_grid", "affine_grid_sample", "available_backends", "grid_sample"]
+__all__ += ["nn", "patch_torch", "patched", "unpatch_torch"]
