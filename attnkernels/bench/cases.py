@@ -221,6 +221,20 @@ def _attention_ops() -> list[OpSpec]:
 OPS: dict[str, OpSpec] = {op.name: op for op in (*_sampling_ops(), *_attention_ops())}
 
 
+def usable_backends(device: torch.device) -> list[str]:
+    """The attnkernels backends that can run on ``device``'s tensors in this process."""
+    # The cuda backend takes CUDA tensors only, the cpu backend CPU tensors only.
+    other = "cuda" if device.type == "cpu" else "cpu"
+    return [b for b in attnkernels.available_backends() if b != other]
+
+
+def default_backends(device: torch.device) -> list[str]:
+    """The backends measured unless asked otherwise (torch is always measured besides)."""
+    # On CPU tensors Triton runs only under its interpreter (TRITON_INTERPRET=1), a test vehicle
+    # far slower than anything else: measured only when asked for by name.
+    return [b for b in usable_backends(device) if not (device.type == "cpu" and b == "triton")]
+
+
 def default_dtypes(device_type: str) -> tuple[torch.dtype, ...]:
     if device_type == "cuda":
         return (torch.bfloat16, torch.float32)

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import torch
 
-import attnkernels
-
 from . import report, timing
-from .cases import OPS, PASSES, available_ops, build_cases, default_dtypes
+from .cases import OPS, PASSES, available_ops, build_cases, default_backends, default_dtypes, usable_backends
 from .runner import measure_limits, run_cases
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -82,13 +80,9 @@ def _select_ops(parser: argparse.ArgumentParser, text: str | None) -> list[str]:
 
 
 def _select_backends(parser: argparse.ArgumentParser, text: str | None, device: torch.device) -> list[str]:
-    available = attnkernels.available_backends()
-    # The cuda backend takes CUDA tensors only, the cpu backend CPU tensors only.
-    available = [b for b in available if b != ("cuda" if device.type == "cpu" else "cpu")]
+    available = usable_backends(device)
     if text is None:
-        # On CPU tensors Triton runs only under its interpreter (TRITON_INTERPRET=1), a test vehicle
-        # far slower than anything else: measured only when asked for by name.
-        return [b for b in available if not (device.type == "cpu" and b == "triton")]
+        return default_backends(device)
     chosen = []
     for name in _comma_list(text):
         if name == "torch":
@@ -158,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = timing.QUICK if args.quick else timing.FULL
     info = report.machine_info(device)
     print("measuring the machine's limits (copy bandwidth, matmul throughput)...", file=sys.stderr)
-    limits = measure_limits(device, cases, budget)
+    limits = measure_limits(device, cases, budget, small=args.quick)
     records = run_cases(cases, backends, budget, limits, show_progress=not args.no_progress)
 
     print(f"attnkernels benchmark on {info['gpu'] or info['cpu']} ({device.type}), torch {info['torch']}, "

@@ -54,12 +54,14 @@ class MachineLimits:
         return self.matmul_flop_per_s.get(case.dtype_name)
 
 
-def measure_limits(device: torch.device, cases: Sequence[Case], budget: timing.TimingBudget) -> MachineLimits:
+def measure_limits(device: torch.device, cases: Sequence[Case], budget: timing.TimingBudget,
+                   small: bool = False) -> MachineLimits:
     """Copy bandwidth, and matrix throughput in each dtype that a FLOP-counted case uses."""
     dtypes = sorted({case.dtype for case in cases if case.spec.work_unit == "FLOP"}, key=str)
     return MachineLimits(
-        copy_bytes_per_s=timing.copy_bandwidth(device, budget),
-        matmul_flop_per_s={str(d).removeprefix("torch."): timing.matmul_throughput(device, d, budget) for d in dtypes},
+        copy_bytes_per_s=timing.copy_bandwidth(device, budget, small),
+        matmul_flop_per_s={str(d).removeprefix("torch."): timing.matmul_throughput(device, d, budget, small)
+                           for d in dtypes},
     )
 
 

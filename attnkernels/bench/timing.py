@@ -131,21 +131,24 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def copy_bandwidth(device: torch.device, budget: TimingBudget = FULL) -> float:
-    """Bytes per second of a large tensor copy, counting the read and the write."""
-    megabytes = 1024 if device.type == "cuda" else 256
+def copy_bandwidth(device: torch.device, budget: TimingBudget = FULL, small: bool = False) -> float:
+    """Bytes per second of a large tensor copy, counting the read and the write (``small``: a
+    quicker, rougher probe that still overflows the caches)."""
+    megabytes = (256 if small else 1024) if device.type == "cuda" else (64 if small else 256)
     source = torch.ones(megabytes << 18, dtype=torch.float32, device=device)  # 4 bytes per element
     target = torch.empty_like(source)
     timing = time_callable(lambda: target.copy_(source), device, budget)
     return 2 * source.numel() * source.element_size() / timing.median_s
 
 
-def matmul_throughput(device: torch.device, dtype: torch.dtype, budget: TimingBudget = FULL) -> float:
-    """FLOP per second of a large square matrix product in ``dtype``."""
+def matmul_throughput(device: torch.device, dtype: torch.dtype, budget: TimingBudget = FULL,
+                      small: bool = False) -> float:
+    """FLOP per second of a large square matrix product in ``dtype`` (``small``: a quicker probe)."""
     if device.type == "cuda":
-        n = 8192
+        n = 4096 if small else 8192
     else:
         n = 2048 if dtype in (torch.float32, torch.float64) else 1024  # CPU half precision is slow
+        n = n // 4 if small else n
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     timing = time_callable(lambda: torch.mm(a, b), device, budget)
