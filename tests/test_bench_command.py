@@ -223,3 +223,28 @@ def test_missing_public_function_is_skipped_or_refused(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--op", "affine_grid_sample_2d"])
     assert exit_info.value.code == 2 and "needs attnkernels.affine_grid_sample" in capsys.readouterr().err
+
+
+def test_reference_out_of_memory_falls_back_to_the_first_batch_element(monkeypatch):
+    # On a GPU the float64 reference of a large case may not fit: the first batch element is
+    # compared with it, and the whole result with torch's, so a wrong last element is still caught.
+    full_wider_call = cases.PreparedCase._wider_call
+
+    def wider_call(self, batch=None):
+        if batch is None:
+            raise torch.OutOfMemoryError("simulated: the wider reference does not fit")
+        return full_wider_call(self, batch)
+
+    monkeypatch.setattr(cases.PreparedCase, "_wider_call", wider_call)
+    prepared = cases.PreparedCase(cases.Case("grid_sample_2d", "fwd+bwd", 6, torch.float32, torch.device("cpu")))
+    assert prepared.check("cpu").ok
+    assert prepared.expected().first_batch_only
+
+    def wrong_in_last_element(inputs, backend):
+        output = cases.OPS["grid_sample_2d"].torch_impl(inputs)
+        return output + torch.cat([torch.zeros_like(output[:-1]), torch.full_like(output[-1:], 0.01)])
+
+    monkeypatch.setitem(cases.OPS, "grid_sample_2d",
+                        cases.with_implementation("grid_sample_2d", wrong_in_last_element))
+    check = prepared.check("cpu")
+    assert not check.ok and "difference from torch" in check.detail

@@ -145,9 +145,10 @@ def run_case(case: Case, backends: Sequence[str], budget: timing.TimingBudget, l
                 record.status, record.detail = "unsupported", str(reason)
             except torch.OutOfMemoryError as error:
                 record.status, record.detail = "oom", first_line(error)
-                _free(case.device)
             except Exception as error:  # a crashing kernel is reported, and the run goes on
                 record.status, record.detail = "error", first_line(error)
+            if record.status == "oom":
+                _free(case.device)  # outside the handler, whose traceback holds the failed call's tensors
             if progress is not None:
                 progress.step(f"{case.op} {case.direction} {case.size} {case.dtype_name} {record.backend}")
     elif progress is not None:
