@@ -248,3 +248,21 @@ def test_reference_out_of_memory_falls_back_to_the_first_batch_element(monkeypat
                         cases.with_implementation("grid_sample_2d", wrong_in_last_element))
     check = prepared.check("cpu")
     assert not check.ok and "difference from torch" in check.detail
+
+
+def test_kernel_crashing_while_timed_is_reported_alone(monkeypatch, tmp_path):
+    calls = []
+
+    def fails_after_the_check(inputs, backend):
+        calls.append(backend)
+        if len(calls) > 1:
+            raise RuntimeError("simulated crash in a timed call")
+        return cases.OPS["grid_sample_2d"].torch_impl(inputs)
+
+    monkeypatch.setitem(cases.OPS, "grid_sample_2d",
+                        cases.with_implementation("grid_sample_2d", fails_after_the_check))
+    code = main([*TINY, "--op", "grid_sample_2d", "--backend", "cpu", "--pass", "fwd", "--out", str(tmp_path)])
+    assert code == 1
+    records = {r["backend"]: r for r in _records(tmp_path)}
+    assert records["cpu"]["status"] == "error" and "simulated crash" in records["cpu"]["detail"]
+    assert records["torch"]["status"] == "ok" and records["torch"]["time_s"] > 0

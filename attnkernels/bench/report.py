@@ -204,7 +204,8 @@ def results_markdown(info: dict, limits: MachineLimits | None, records: Sequence
         f"Triton {info['triton']}, Python {info['python']}",
     ]
     if limits is not None:
-        lines.append(f"- {format_limits(limits, device).capitalize()}")
+        text = format_limits(limits, device)
+        lines.append(f"- {text[0].upper()}{text[1:]}")
     lines += [
         "",
         "Time is the median of many repetitions after a warm-up, inputs rotated among several copies; torch is",

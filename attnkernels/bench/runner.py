@@ -105,27 +105,51 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _measure(prepared: PreparedCase, backend: str, record: Record, budget: timing.TimingBudget) -> None:
-    """Fill ``record``: check the backend against torch, and time it only if it is right."""
-    if backend != "torch":
-        check = prepared.check(backend)
-        record.max_error, record.allowed_error = check.max_error, check.allowed
-        record.detail = check.detail
-        if not check.ok:
-            record.status = "WRONG"
-            return
-    else:
+def _check(prepared: PreparedCase, record: Record) -> bool:
+    """Check ``record.backend`` against torch (torch: compute the reference); whether to time it."""
+    if record.backend == "torch":
         expected = prepared.expected()
         record.max_error = max(expected.torch_error, default=0.0)
         record.detail = "baseline"
-    result = timing.time_callable(prepared.timed_callable(backend), prepared.case.device, budget)
+        return True
+    check = prepared.check(record.backend)
+    record.max_error, record.allowed_error, record.detail = check.max_error, check.allowed, check.detail
+    if not check.ok:
+        record.status = "WRONG"  # reported, never timed
+    return check.ok
+
+
+def _guarded(record: Record, device: torch.device, step, *args) -> bool:
+    """Run ``step(*args)``, turning its failure into the record's status; whether it succeeded."""
+    try:
+        return bool(step(*args))
+    except Unsupported as reason:
+        record.status, record.detail = "unsupported", str(reason)
+    except torch.OutOfMemoryError as error:
+        record.status, record.detail = "oom", first_line(error)
+    except Exception as error:  # a crashing kernel is reported, and the run goes on
+        record.status, record.detail = "error", first_line(error)
+    if record.status == "oom":
+        _free(device)  # outside the handler, whose traceback holds the failed call's tensors
+    return False
+
+
+def _store(record: Record, result: timing.Timing) -> bool:
     record.time_s, record.repetitions, record.method = result.median_s, result.repetitions, result.method
     record.status = "ok"
+    return True
+
+
+def _time_alone(prepared: PreparedCase, record: Record, budget: timing.TimingBudget) -> bool:
+    return _store(record, timing.time_callable(prepared.timed_callable(record.backend), prepared.case.device, budget))
 
 
 def run_case(case: Case, backends: Sequence[str], budget: timing.TimingBudget, limits: MachineLimits | None,
              progress: Progress | None = None) -> list[Record]:
-    """torch and every backend on one case; speed-ups relative to torch's time in this run."""
+    """torch and every backend on one case: check each against torch, then time the correct ones.
+
+    On the CPU the backends are timed interleaved (a round of one call each, repeated), so that
+    load from other processes falls on all of them alike; on the GPU one after the other."""
     records = [Record(case.op, case.direction, case.size, case.label, case.dtype_name, case.device.type, backend,
                       status="error", detail="", work=case.work, work_unit=case.spec.work_unit)
                for backend in ("torch", *backends)]
@@ -137,21 +161,23 @@ def run_case(case: Case, backends: Sequence[str], budget: timing.TimingBudget, l
         for record in records:
             record.status, record.detail = "oom", f"making the inputs: {first_line(error)}"
     if prepared is not None:
+        to_time = []
         for record in records:
             record.input_copies = prepared.copies
+            if _guarded(record, case.device, _check, prepared, record):
+                to_time.append(record)
+        if case.device.type == "cpu" and len(to_time) > 1:
             try:
-                _measure(prepared, record.backend, record, budget)
-            except Unsupported as reason:
-                record.status, record.detail = "unsupported", str(reason)
-            except torch.OutOfMemoryError as error:
-                record.status, record.detail = "oom", first_line(error)
-            except Exception as error:  # a crashing kernel is reported, and the run goes on
-                record.status, record.detail = "error", first_line(error)
-            if record.status == "oom":
-                _free(case.device)  # outside the handler, whose traceback holds the failed call's tensors
-            if progress is not None:
-                progress.step(f"{case.op} {case.direction} {case.size} {case.dtype_name} {record.backend}")
-    elif progress is not None:
+                results = timing.time_interleaved({r.backend: prepared.timed_callable(r.backend) for r in to_time},
+                                                  budget)
+                for record in to_time:
+                    _store(record, results[record.backend])
+                to_time = []
+            except Exception:  # some backend failed mid-run: time them one by one to say which
+                pass
+        for record in to_time:
+            _guarded(record, case.device, _time_alone, prepared, record, budget)
+    if progress is not None:
         for record in records:
             progress.step(f"{case.op} {case.direction} {case.size} {case.dtype_name} {record.backend}")
     del prepared

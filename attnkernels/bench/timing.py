@@ -12,7 +12,7 @@ import importlib.util
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +70,25 @@ def _time_wall_clock(fn: Callable[[], object], budget: TimingBudget) -> Timing:
         samples.append(time.perf_counter() - begin)
         total += samples[-1]
     return Timing(statistics.median(samples), len(samples), "time.perf_counter")
+
+
+def time_interleaved(functions: Mapping[str, Callable[[], object]], budget: TimingBudget = FULL) -> dict[str, Timing]:
+    """CPU: the median time of each function, timed in rounds of one call each (so that a burst of
+    load from other processes slows all of them alike, not whichever ran at that moment)."""
+    for fn in functions.values():
+        fn()  # warm-up
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    rounds, spent = 0, 0.0
+    while rounds < budget.max_repetitions and (rounds < budget.min_repetitions
+                                               or spent < budget.measure_s * len(functions)):
+        for name, fn in functions.items():
+            begin = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - begin)
+            spent += samples[name][-1]
+        rounds += 1
+    return {name: Timing(statistics.median(values), rounds, "time.perf_counter, interleaved")
+            for name, values in samples.items()}
 
 
 def _time_cuda_events(fn: Callable[[], object], budget: TimingBudget) -> Timing:
