@@ -167,7 +167,7 @@ def matmul_throughput(device: torch.device, dtype: torch.dtype, budget: TimingBu
         n = 4096 if small else 8192
     else:
         n = 2048 if dtype in (torch.float32, torch.float64) else 1024  # CPU half precision is slow
-        n = n // 4 if small else n
+        n = n // 2 if small else n
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     timing = time_callable(lambda: torch.mm(a, b), device, budget)
