@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="attnkernels-bench",
         description="Benchmark every attnkernels op on every available backend against torch's own op. "
                     "Each result is checked against torch before it is timed.",
+        epilog="exit status: 0 all correct; 1 some kernel was WRONG or crashed (reported, not timed); "
+               "2 bad arguments",
     )
     parser.add_argument("--op", default=None,
                         help=f"comma-separated ops, or a prefix naming several (grid_sample, attention); from: {ops}")
