@@ -1,0 +1,142 @@
+// Fused affine_grid + grid_sample on CUDA: each point's sampling coordinates
+// are computed from theta on the fly, so the grid is never stored. The
+// gradient to theta is reduced per block (in double) to one partial sum per
+// tile and the partials are summed in a fixed order: no atomics. Same outputs,
+// layouts and empty-tensor conventions as csrc/cpu/affine_grid_sample_kernel.cpp.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../sampling_checks.h"
+#include "sampler_launch.cuh"
+
+namespace attnkernels {
+namespace cuda {
+namespace {
+
+void check_fused_args(const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef size, int64_t interpolation,
+                      int64_t padding) {
+  check_sampling_modes(interpolation, padding);
+  check_sampled_input(input);
+  check_affine_args(theta, size);
+  TORCH_CHECK(static_cast<int64_t>(size.size()) == input.dim(), "attnkernels: expected `size` of length ",
+              input.dim(), " to match `input`, got ", size);
+  TORCH_CHECK(size[0] == input.size(0) && size[1] == input.size(1),
+              "attnkernels: expected `size` to start with the batch and channels of `input` (", input.size(0), ", ",
+              input.size(1), "), got ", size);
+  TORCH_CHECK(theta.scalar_type() == input.scalar_type(), "attnkernels: expected `theta` to have the dtype of `input` (",
+              input.scalar_type(), "), got ", theta.scalar_type());
+  TORCH_CHECK(theta.device() == input.device(), "attnkernels: expected `theta` on the device of `input` (",
+              input.device(), "), got ", theta.device());
+}
+
+SamplerGeometry fused_geometry(const at::Tensor& input, at::IntArrayRef size, int64_t padding, bool align_corners) {
+  const int64_t dims = input.dim() - 2;
+  int64_t out_size[3] = {1, 1, 1};
+  for (int64_t a = 0; a < dims; ++a) out_size[a] = size[size.size() - 1 - a];
+  return make_geometry(input, out_size, padding, align_corners);
+}
+
+template <typename acc_t, int Dims>
+AffineSource<acc_t, Dims> affine_source(const at::Tensor& theta_acc, const SamplerGeometry& g, double* partials) {
+  AffineSource<acc_t, Dims> source{};
+  source.theta = theta_acc.const_data_ptr<acc_t>();
+  for (int a = 0; a < 3; ++a) source.out_size[a] = g.out_size[a];
+  source.align_corners = g.align_corners;
+  source.partials = partials;
+  return source;
+}
+
+at::Tensor affine_grid_sample_cuda(const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef size,
+                                   int64_t interpolation, int64_t padding, bool align_corners) {
+  check_fused_args(input, theta, size, interpolation, padding);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  at::Tensor out = at::empty(size, input.options());
+  if (out.numel() == 0) return out;
+  const SamplerGeometry g = fused_geometry(input, size, padding, align_corners);
+  const int64_t dims = input.dim() - 2;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "affine_grid_sample_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor theta_acc = theta.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    dispatch_mode(interpolation, [&](auto mode_tag) {
+      constexpr Interpolation mode = decltype(mode_tag)::value;
+      dispatch_dims(dims, [&](auto dims_tag) {
+        constexpr int D = decltype(dims_tag)::value;
+        launch_forward<scalar_t, acc_t, D, mode>(g, input, affine_source<acc_t, D>(theta_acc, g, nullptr), out);
+      });
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cuda(const at::Tensor& grad_output,
+                                                                    const at::Tensor& input, const at::Tensor& theta,
+                                                                    at::IntArrayRef size, int64_t interpolation,
+                                                                    int64_t padding, bool align_corners,
+                                                                    std::array<bool, 2> output_mask) {
+  check_fused_args(input, theta, size, interpolation, padding);
+  TORCH_CHECK(grad_output.sizes() == size, "attnkernels: `grad_output` has sizes ", grad_output.sizes(),
+              ", expected the output size ", size);
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
+              "attnkernels: expected `grad_output` to have the dtype of `input`");
+  TORCH_CHECK(grad_output.device() == input.device(), "attnkernels: expected `grad_output` on the device of `input` (",
+              input.device(), "), got ", grad_output.device());
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const bool need_input = output_mask[0];
+  const bool need_theta = output_mask[1];
+  const int64_t dims = input.dim() - 2;
+  const SamplerGeometry g = fused_geometry(input, size, padding, align_corners);
+  const bool has_work = g.batch * g.out_points > 0 && g.channels > 0;
+
+  at::Tensor grad_input;
+  at::Tensor grad_theta;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "affine_grid_sample_backward_cuda",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    at::Tensor buffer = need_input ? input_grad_buffer(input, acc_type) : at::Tensor();
+    grad_theta = at::zeros(theta.sizes(), theta.options());
+    if (has_work && (need_input || need_theta)) {
+      const at::Tensor theta_acc = theta.to(acc_type).contiguous();
+      const at::Tensor go = grad_output.contiguous();
+      const bool deterministic = need_input && deterministic_requested();
+      const int64_t tiles_per_item = sampler_tiles_per_item(g);
+      const int64_t entries = dims * (dims + 1);
+      at::Tensor partials = need_theta ? at::empty({g.batch * tiles_per_item, entries}, theta.options().dtype(at::kDouble))
+                                       : at::Tensor();
+      dispatch_mode(interpolation, [&](auto mode_tag) {
+        constexpr Interpolation mode = decltype(mode_tag)::value;
+        dispatch_dims(dims, [&](auto dims_tag) {
+          constexpr int D = decltype(dims_tag)::value;
+          const AffineSource<acc_t, D> source =
+              affine_source<acc_t, D>(theta_acc, g, need_theta ? partials.mutable_data_ptr<double>() : nullptr);
+          acc_t* atomic_buffer = need_input && !deterministic ? buffer.mutable_data_ptr<acc_t>() : nullptr;
+          if (need_theta || atomic_buffer != nullptr) {
+            launch_backward<scalar_t, acc_t, D, mode>(g, input, source, go, atomic_buffer, need_theta);
+          }
+          if (deterministic) deterministic_input_grad<scalar_t, acc_t, D, mode>(g, source, go, buffer);
+        });
+      });
+      if (need_theta) {
+        grad_theta = partials.view({g.batch, tiles_per_item, dims, dims + 1}).sum(1).to(theta.scalar_type());
+      }
+    }
+    if (need_input) grad_input = input_grad_from_buffer(buffer, input);
+  });
+  if (!need_input) grad_input = at::empty({0}, input.options());
+  if (!need_theta) grad_theta = at::empty({0}, theta.options());
+  return {grad_input, grad_theta};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnkernels, CUDA, m) {
+  m.impl("affine_grid_sample", &affine_grid_sample_cuda);
+  m.impl("affine_grid_sample_backward", &affine_grid_sample_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace attnkernels

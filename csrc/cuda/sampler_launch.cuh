@@ -1,0 +1,233 @@
+// Host-side launchers of the CUDA sampling kernels (sampler_device.cuh), shared
+// by grid_sample and the fused affine_grid_sample: kernel and index-type
+// choice, launch shapes, the deterministic input-gradient path, and the
+// conversion of the channels-last gradient buffer to the input's layout.
+#pragma once
+
+#include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "sampler_device.cuh"
+
+namespace attnkernels {
+namespace cuda {
+
+inline bool fits_int32(int64_t extent) { return extent <= std::numeric_limits<int32_t>::max(); }
+
+// One past the largest element offset within one batch item of `t`.
+inline int64_t item_extent(const at::Tensor& t) {
+  int64_t extent = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+  return extent;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks for a grid-stride loop over `tiles` (the kernels loop when capped).
+inline unsigned int blocks_for(int64_t tiles) {
+  return static_cast<unsigned int>(std::min<int64_t>(tiles, int64_t(1) << 30));
+}
+
+// log2 of the lane-group width: the smallest power of two >= channels, at most 32.
+inline int group_log2_for(int64_t channels) {
+  int log2 = 0;
+  while ((int64_t(1) << log2) < channels && log2 < 5) ++log2;
+  return log2;
+}
+
+inline int64_t sampler_tiles_per_item(const SamplerGeometry& g) {
+  return ceil_div(g.out_points, kPointsPerSamplerTile);
+}
+
+// `out_size` in axis order x, y, z.
+inline SamplerGeometry make_geometry(const at::Tensor& input, const int64_t* out_size, int64_t padding,
+                                     bool align_corners) {
+  SamplerGeometry g{};
+  const int64_t dims = input.dim() - 2;
+  g.batch = input.size(0);
+  g.channels = input.size(1);
+  g.in_points = 1;
+  g.out_points = 1;
+  for (int64_t a = 0; a < 3; ++a) {
+    g.in_size[a] = a < dims ? input.size(input.dim() - 1 - a) : 1;
+    g.out_size[a] = a < dims ? out_size[a] : 1;
+    g.in_points *= g.in_size[a];
+    g.out_points *= g.out_size[a];
+  }
+  g.padding = static_cast<Padding>(padding);
+  g.align_corners = align_corners;
+  return g;
+}
+
+// Whether every per-item offset of the sampling kernels fits in int32.
+inline bool item_offsets_fit_int32(const SamplerGeometry& g, const at::Tensor& input) {
+  return fits_int32(item_extent(input)) && fits_int32(g.channels * g.out_points) &&
+         fits_int32(g.channels * g.in_points) && fits_int32(g.out_points + kPointsPerSamplerTile);
+}
+
+template <typename scalar_t, typename index_t>
+InputView<scalar_t, index_t> input_view(const at::Tensor& input) {
+  InputView<scalar_t, index_t> view{};
+  view.data = input.const_data_ptr<scalar_t>();
+  view.stride_batch = input.stride(0);
+  view.stride_channel = static_cast<index_t>(input.stride(1));
+  const int64_t dims = input.dim() - 2;
+  for (int64_t a = 0; a < 3; ++a) view.stride[a] = a < dims ? static_cast<index_t>(input.stride(input.dim() - 1 - a)) : 0;
+  return view;
+}
+
+// Calls `body` with the interpolation mode as a compile-time constant.
+template <typename Body>
+void dispatch_mode(int64_t mode, Body&& body) {
+  switch (static_cast<Interpolation>(mode)) {
+    case Interpolation::Bilinear:
+      body(std::integral_constant<Interpolation, Interpolation::Bilinear>{});
+      break;
+    case Interpolation::Nearest:
+      body(std::integral_constant<Interpolation, Interpolation::Nearest>{});
+      break;
+    case Interpolation::Bicubic:
+      body(std::integral_constant<Interpolation, Interpolation::Bicubic>{});
+      break;
+    default:
+      TORCH_CHECK(false, "attnkernels: interpolation must be 0 (bilinear), 1 (nearest) or 2 (bicubic), got ", mode);
+  }
+}
+
+// Calls `body` with the number of spatial dimensions (2 or 3) as a compile-time constant.
+template <typename Body>
+void dispatch_dims(int64_t dims, Body&& body) {
+  if (dims == 2) {
+    body(std::integral_constant<int, 2>{});
+  } else {
+    TORCH_CHECK(dims == 3, "attnkernels: expected 2 or 3 spatial dimensions, got ", dims);
+    body(std::integral_constant<int, 3>{});
+  }
+}
+
+// 4-D input follows torch's planar CPU kernel for non-finite coordinates,
+// 5-D input its volumetric one, exactly as the attnkernels CPU backend.
+template <int Dims>
+constexpr NanPolicy nan_policy_for() {
+  return Dims == 2 ? NanPolicy::Planar : NanPolicy::Volumetric;
+}
+
+// out (N, C, P) contiguous, not empty.
+template <typename scalar_t, typename acc_t, int Dims, Interpolation mode, typename Source>
+void launch_forward(const SamplerGeometry& g, const at::Tensor& input, const Source& source, at::Tensor& out) {
+  constexpr NanPolicy policy = nan_policy_for<Dims>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+  const bool small = item_offsets_fit_int32(g, input);
+  const bool channels_last = g.channels >= 4 && input.stride(1) == 1;
+  if (small && channels_last) {
+    const int64_t tiles_per_item = sampler_tiles_per_item(g);
+    const int64_t tiles = g.batch * tiles_per_item;
+    sample_forward_channels_last<scalar_t, acc_t, int32_t, Dims, mode, policy>
+        <<<blocks_for(tiles), kSamplerThreads, 0, stream>>>(g, input_view<scalar_t, int32_t>(input), source, out_ptr,
+                                                            group_log2_for(g.channels), tiles_per_item, tiles);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const int64_t tiles_per_item = ceil_div(g.out_points, kPointwiseThreads);
+  const int64_t tiles = g.batch * tiles_per_item;
+  if (small) {
+    sample_forward_pointwise<scalar_t, acc_t, int32_t, Dims, mode, policy>
+        <<<blocks_for(tiles), kPointwiseThreads, 0, stream>>>(g, input_view<scalar_t, int32_t>(input), source,
+                                                              out_ptr, tiles_per_item, tiles);
+  } else {
+    sample_forward_pointwise<scalar_t, acc_t, int64_t, Dims, mode, policy>
+        <<<blocks_for(tiles), kPointwiseThreads, 0, stream>>>(g, input_view<scalar_t, int64_t>(input), source,
+                                                              out_ptr, tiles_per_item, tiles);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The atomic backward (sample_backward_kernel). grad_out (N, C, P) contiguous;
+// grad_buffer (N, in_points, C) zeroed, or null for no input gradient.
+template <typename scalar_t, typename acc_t, int Dims, Interpolation mode, typename Source>
+void launch_backward(const SamplerGeometry& g, const at::Tensor& input, const Source& source,
+                     const at::Tensor& grad_out, acc_t* grad_buffer, bool need_coords) {
+  constexpr NanPolicy policy = nan_policy_for<Dims>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t tiles_per_item = sampler_tiles_per_item(g);
+  const int64_t tiles = g.batch * tiles_per_item;
+  const int group_log2 = group_log2_for(g.channels);
+  const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
+  if (item_offsets_fit_int32(g, input)) {
+    sample_backward_kernel<scalar_t, acc_t, int32_t, Dims, mode, policy>
+        <<<blocks_for(tiles), kSamplerThreads, 0, stream>>>(g, input_view<scalar_t, int32_t>(input), source, go,
+                                                            grad_buffer, need_coords, group_log2, tiles_per_item,
+                                                            tiles);
+  } else {
+    sample_backward_kernel<scalar_t, acc_t, int64_t, Dims, mode, policy>
+        <<<blocks_for(tiles), kSamplerThreads, 0, stream>>>(g, input_view<scalar_t, int64_t>(input), source, go,
+                                                            grad_buffer, need_coords, group_log2, tiles_per_item,
+                                                            tiles);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The bitwise-reproducible input gradient (see sampler_device.cuh): keys,
+// a stable sort, and one writer per (input position, channel).
+template <typename scalar_t, typename acc_t, int Dims, Interpolation mode, typename Source>
+void deterministic_input_grad(const SamplerGeometry& g, const Source& source, const at::Tensor& grad_out,
+                              at::Tensor& grad_buffer) {
+  constexpr NanPolicy policy = nan_policy_for<Dims>();
+  constexpr int kTaps = PointTaps<acc_t, Dims, mode, policy>::kCount;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t pairs = g.batch * g.out_points * kTaps;
+  const int64_t chunks = ceil_div(g.channels, kWarpSize);
+  TORCH_CHECK(chunks <= 65535, "attnkernels: the deterministic grid_sample backward supports at most ",
+              65535 * kWarpSize, " channels, got ", g.channels);
+  at::Tensor keys = at::empty({pairs}, grad_buffer.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({pairs}, grad_buffer.options());
+  const int64_t tiles_per_item = ceil_div(g.out_points, kPointwiseThreads);
+  const int64_t tiles = g.batch * tiles_per_item;
+  tap_keys_kernel<acc_t, Dims, mode, policy><<<blocks_for(tiles), kPointwiseThreads, 0, stream>>>(
+      g, source, keys.mutable_data_ptr<int64_t>(), weights.mutable_data_ptr<acc_t>(), tiles_per_item, tiles);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor& sorted_keys = std::get<0>(sorted);
+  const at::Tensor& order = std::get<1>(sorted);
+  constexpr int kRows = kPointwiseThreads / kWarpSize;
+  const dim3 block(kWarpSize, kRows);
+  const dim3 grid(blocks_for(ceil_div(pairs, kRows)), static_cast<unsigned int>(chunks));
+  sum_sorted_taps_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
+      sorted_keys.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), weights.const_data_ptr<acc_t>(),
+      grad_out.const_data_ptr<scalar_t>(), grad_buffer.mutable_data_ptr<acc_t>(), pairs, kTaps, g.channels,
+      g.out_points);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether the input gradient must be bitwise reproducible.
+inline bool deterministic_requested() { return at::globalContext().deterministicAlgorithms(); }
+
+// A zeroed channels-last accumulation buffer (N, [D,] H, W, C) for the input gradient.
+inline at::Tensor input_grad_buffer(const at::Tensor& input, at::ScalarType acc_type) {
+  std::vector<int64_t> shape = {input.size(0)};
+  for (int64_t d = 2; d < input.dim(); ++d) shape.push_back(input.size(d));
+  shape.push_back(input.size(1));
+  return at::zeros(shape, input.options().dtype(acc_type));
+}
+
+// The buffer as the input gradient, in the input's dtype and memory format
+// (as the CPU kernels return it).
+inline at::Tensor input_grad_from_buffer(const at::Tensor& buffer, const at::Tensor& input) {
+  std::vector<int64_t> order = {0, input.dim() - 1};
+  for (int64_t d = 1; d < input.dim() - 1; ++d) order.push_back(d);
+  return buffer.permute(order).to(input.scalar_type()).contiguous(input.suggest_memory_format());
+}
+
+}  // namespace cuda
+}  // namespace attnkernels
