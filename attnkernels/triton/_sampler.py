@@ -264,5 +264,29 @@ def input_geometry(input: torch.Tensor) -> tuple[tuple[int, int, int], tuple[int
     return tuple(input.shape[2:]), tuple(input.stride())
 
 
+def gradient_memory_format(t: torch.Tensor) -> torch.memory_format:
+    """The layout of an input's gradient: channels-last for a channels-last input, as torch's kernels."""
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def input_gradient(grad_source: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """The channels-last accumulation buffer (N, [D,] H, W, C) as the gradient of ``input``."""
+    fmt = gradient_memory_format(input)
+    return grad_source.movedim(-1, 1).to(input.dtype).contiguous(memory_format=fmt)
+
+
+def empty_gradient_like(t: torch.Tensor, needed: bool) -> torch.Tensor:
+    """A fake kernel's stand-in for ``input_gradient``: same shape and layout, or empty."""
+    if not needed:
+        return t.new_empty((0,))
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).contiguous(memory_format=gradient_memory_format(t))
+
+
 def output_geometry(spatial: list[int]) -> tuple[int, int, int]:
     return (1, *spatial) if len(spatial) == 2 else tuple(spatial)

@@ -17,7 +17,9 @@ from .._modes import INTERPOLATIONS, PADDINGS
 from ._sampler import (
     accumulation_dtype,
     block_sizes,
+    empty_gradient_like,
     input_geometry,
+    input_gradient,
     output_geometry,
     sample_backward_kernel,
     sample_forward_kernel,
@@ -76,10 +78,7 @@ def _affine_grid_sample_backward_op(grad_output: torch.Tensor, input: torch.Tens
             MODE=interpolation, PADDING=padding, ALIGN_CORNERS=align_corners, DIMS=dims, AFFINE=True,
             ACC=tl_dtype(acc), NEED_INPUT=need_input, NEED_COORDS=need_theta,
             BLOCK_P=block_p, BLOCK_C=block_c)
-    if need_input:
-        grad_input = grad_source.movedim(-1, 1).to(input.dtype).contiguous()
-    else:
-        grad_input = input.new_empty((0,))
+    grad_input = input_gradient(grad_source, input) if need_input else input.new_empty((0,))
     if need_theta:
         grad_theta = partial_theta.sum(1).view(batch, dims, dims + 1).to(theta.dtype)
     else:
@@ -133,7 +132,7 @@ def _affine_grid_sample_fake(input, theta, size, interpolation, padding, align_c
 @_affine_grid_sample_backward_op.register_fake
 def _affine_grid_sample_backward_fake(grad_output, input, theta, size, interpolation, padding, align_corners,
                                       output_mask):
-    grad_input = input.new_empty(input.shape if output_mask[0] else (0,))
+    grad_input = empty_gradient_like(input, output_mask[0])
     grad_theta = theta.new_empty(theta.shape if output_mask[1] else (0,))
     return grad_input, grad_theta
 

@@ -17,7 +17,9 @@ from .._modes import INTERPOLATIONS, PADDINGS
 from ._sampler import (
     accumulation_dtype,
     block_sizes,
+    empty_gradient_like,
     input_geometry,
+    input_gradient,
     output_geometry,
     sample_backward_kernel,
     sample_forward_kernel,
@@ -83,10 +85,7 @@ def _grid_sample_backward_op(grad_output: torch.Tensor, input: torch.Tensor, gri
             MODE=interpolation, PADDING=padding, ALIGN_CORNERS=align_corners, DIMS=dims, AFFINE=False,
             ACC=tl_dtype(acc), NEED_INPUT=need_input, NEED_COORDS=need_grid,
             BLOCK_P=block_p, BLOCK_C=block_c)
-    if need_input:
-        grad_input = grad_source.movedim(-1, 1).to(input.dtype).contiguous()
-    else:
-        grad_input = input.new_empty((0,))
+    grad_input = input_gradient(grad_source, input) if need_input else input.new_empty((0,))
     return grad_input, grad_grid
 
 
@@ -152,7 +151,7 @@ def _grid_sample_fake(input, grid, interpolation, padding, align_corners):
 
 @_grid_sample_backward_op.register_fake
 def _grid_sample_backward_fake(grad_output, input, grid, interpolation, padding, align_corners, output_mask):
-    grad_input = input.new_empty(input.shape if output_mask[0] else (0,))
+    grad_input = empty_gradient_like(input, output_mask[0])
     grad_grid = grid.new_empty(grid.shape if output_mask[1] else (0,))
     return grad_input, grad_grid
 
