@@ -23,6 +23,23 @@ TORCH_LIBRARY(attnkernels, m) {
   m.def(
       "affine_grid_sample_backward(Tensor grad_output, Tensor input, Tensor theta, int[] size, int interpolation, "
       "int padding, bool align_corners, bool[2] output_mask) -> (Tensor, Tensor)");
+
+  // ---------------------------------------------------------------- attention
+  // query (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev), Hq % Hkv == 0
+  // (GQA: query head h reads kv head h / (Hq / Hkv)); attn_mask None or
+  // (B, Hq, L, S) (broadcast views allowed), bool (true = attend) or of the
+  // accumulation dtype (float32; float64 for float64 inputs), added to the
+  // scaled scores. dropout_seed: one int64, drawn from torch's generator, from
+  // which the kernel derives the dropout mask (backward regenerates it).
+  // Returns out (B, Hq, L, Ev) and lse (B, Hq, L) in the accumulation dtype.
+  m.def(
+      "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, bool is_causal, "
+      "float scale, Tensor? dropout_seed) -> (Tensor, Tensor)");
+  // Gradients to query, key, value and a float attn_mask; grad_lse optional.
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor query, Tensor key, Tensor value, "
+      "Tensor? attn_mask, Tensor out, Tensor lse, float dropout_p, bool is_causal, float scale, "
+      "Tensor? dropout_seed, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // `import attnkernels._C` loads this library, which runs the registrations

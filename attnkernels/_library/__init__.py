@@ -3,4 +3,4 @@
 Imported only when the extension is loaded: the schemas live in csrc/ops.cpp.
 """
 
-from . import sampling  # noqa: F401
+from . import attention, sampling  # noqa: F401

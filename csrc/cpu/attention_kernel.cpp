@@ -22,7 +22,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <optional>
 #include <vector>
 
@@ -35,10 +37,28 @@ namespace {
 // Tile sizes (rows of queries x rows of keys), chosen by bench/bench_attention.py
 // on a 2-core AVX-512 machine: large enough for BLAS efficiency, small enough
 // that a tile and its operands stay in L2.
-constexpr int64_t kForwardQueryBlock = 64;
-constexpr int64_t kForwardKeyBlock = 512;
-constexpr int64_t kBackwardQueryBlock = 64;
-constexpr int64_t kBackwardKeyBlock = 128;
+// TUNING-ONLY: ATTN_BLOCKS="fq,fk,bq,bk" overrides (removed after tuning).
+int64_t block_size(int index, int64_t fallback) {
+  static std::vector<int64_t> sizes = [] {
+    std::vector<int64_t> result;
+    if (const char* text = std::getenv("ATTN_BLOCKS")) {
+      std::string s(text);
+      size_t start = 0;
+      while (start <= s.size()) {
+        size_t comma = s.find(',', start);
+        if (comma == std::string::npos) comma = s.size();
+        result.push_back(std::stoll(s.substr(start, comma - start)));
+        start = comma + 1;
+      }
+    }
+    return result;
+  }();
+  return index < static_cast<int>(sizes.size()) ? sizes[index] : fallback;
+}
+#define kForwardQueryBlock block_size(0, 64)
+#define kForwardKeyBlock block_size(1, 512)
+#define kBackwardQueryBlock block_size(2, 64)
+#define kBackwardKeyBlock block_size(3, 128)
 
 struct Shape {
   int64_t batch, q_heads, kv_heads, group, L, S, E, Ev;
@@ -173,6 +193,33 @@ void apply_dropout(const DropoutMask& dropout, acc_t keep_scale, uint64_t first,
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The maximum, or NaN if any value is NaN (a NaN input must show in the output,
+// not be taken for a fully masked row).
+template <typename acc_t>
+acc_t max_of(const acc_t* values, int64_t n) {
+  acc_t result = -std::numeric_limits<acc_t>::infinity();
+  int nan_seen = 0;
+#pragma omp simd reduction(max : result) reduction(| : nan_seen)
+  for (int64_t i = 0; i < n; ++i) {
+    result = std::max(result, values[i]);
+    nan_seen |= values[i] != values[i];
+  }
+  return nan_seen ? std::numeric_limits<acc_t>::quiet_NaN() : result;
+}
+
+// values[i] = exp(values[i] - shift) for values <= shift; returns their sum.
+template <typename acc_t>
+acc_t exp_shifted_sum(acc_t* __restrict__ values, int64_t n, acc_t shift) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t p = exp_nonpositive(values[i] - shift);
+    values[i] = p;
+    sum += p;
+  }
+  return sum;
+}
+
 // ----------------------------------------------------------------------------- forward
 
 template <typename scalar_t>
@@ -222,22 +269,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         // Online softmax: rescale what was accumulated under the old row maximum.
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* row = scores.data() + r * Bk;
-          acc_t tile_max = neg_inf;
-          for (int64_t c = 0; c < cols; ++c) tile_max = std::max(tile_max, row[c]);
-          const acc_t new_max = std::max(row_max[r], tile_max);
+          const acc_t tile_max = max_of(row, cols);
+          const acc_t new_max = std::isnan(tile_max) ? tile_max : std::max(row_max[r], tile_max);
           if (new_max == neg_inf) {  // every key so far is masked for this row
             std::fill(row, row + cols, acc_t(0));
             continue;
           }
           const acc_t correction = exp_nonpositive(row_max[r] - new_max);
-          acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t c = 0; c < cols; ++c) {
-            const acc_t p = exp_nonpositive(row[c] - new_max);
-            row[c] = p;
-            sum += p;
-          }
-          row_sum[r] = row_sum[r] * correction + sum;
+          row_sum[r] = row_sum[r] * correction + exp_shifted_sum(row, cols, new_max);
           row_max[r] = new_max;
           if (correction != acc_t(1)) {
             acc_t* acc_row = accum.data() + r * Ev;
@@ -393,8 +432,7 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
                 std::fill(row, row + cols, acc_t(0));
                 continue;
               }
-#pragma omp simd
-              for (int64_t c = 0; c < cols; ++c) row[c] = exp_nonpositive(row[c] - row_lse);
+              exp_shifted_sum(row, cols, row_lse);
             }
             // dP = dO V^T, through the dropout mask when there is one.
             gemm<acc_t>(false, true, rows, cols, Ev, acc_t(1), do_tile, Ev, v_tile, Ev, acc_t(0),

@@ -1,0 +1,232 @@
+"""Fused attention: softmax(Q Kᵀ · scale + mask) V without building the score matrix.
+
+``scaled_dot_product_attention`` is a drop-in replacement for torch's (same
+arguments, shapes, dtypes and errors); ``attention_with_lse`` also returns the
+log-sum-exp of every row, and ``merge_attention`` combines attention computed
+over disjoint sets of keys (split-KV decoding, ring attention). Arguments are
+validated once here, and the backend is chosen in one place
+(``_dispatch.select_backend``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Sequence
+
+import torch
+
+from . import reference
+from ._dispatch import preference, select_backend, triton_installed, why_not_device
+from .reference.attention import accumulation_dtype, default_scale
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# The compiled kernels' operator; its presence per device decides the cuda and cpu backends.
+_OP = "attention"
+
+# Measured on an H100 (bench/RESULTS.md) before this order changes.
+_CUDA_ORDER = ("cuda", "triton")
+
+
+def _triton():
+    """attnkernels.triton, or None where Triton (or that module) is not available."""
+    if not triton_installed():
+        return None
+    try:
+        return importlib.import_module("attnkernels.triton")
+    except ImportError:
+        return None
+
+
+def _triton_why_not(tensor: torch.Tensor, **details) -> str | None:
+    reason = why_not_device(tensor, "triton", _OP)
+    if reason is not None:
+        return reason
+    module = _triton()
+    if module is None or not hasattr(module, "attention"):
+        return "the attnkernels.triton module has no attention kernel"
+    return module.why_not(_OP, tensor, **details)
+
+
+def _check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"attnkernels.{op}: expected `{name}` to be a torch.Tensor, got {type(t).__name__}")
+
+
+def _validate(op: str, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(op, name, t)
+    if query.dtype not in _FLOATING:
+        raise RuntimeError(f"attnkernels.{op}: expected `query` to be float16, bfloat16, float32 or float64, "
+                           f"got {query.dtype}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise RuntimeError(f"attnkernels.{op}: expected `{name}` to have the dtype of `query` ({query.dtype}), "
+                               f"got {t.dtype}")
+        if t.device != query.device:
+            raise RuntimeError(f"attnkernels.{op}: expected `{name}` on the device of `query` ({query.device}), "
+                               f"got {t.device}")
+    if query.dim() < 3:
+        raise RuntimeError(f"attnkernels.{op}: expected `query` of shape (..., heads, L, E) with at least 3 "
+                           f"dimensions, got sizes {list(query.shape)}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dim() != query.dim():
+            raise RuntimeError(f"attnkernels.{op}: expected `{name}` to have {query.dim()} dimensions like `query`, "
+                               f"got sizes {list(t.shape)}")
+        if t.shape[:-3] != query.shape[:-3]:
+            raise RuntimeError(f"attnkernels.{op}: expected `{name}` to have the batch dimensions of `query` "
+                               f"{list(query.shape[:-3])}, got sizes {list(t.shape)}")
+    if key.shape[-1] != query.shape[-1]:
+        raise RuntimeError(f"attnkernels.{op}: expected `key` to have the head dim of `query` ({query.shape[-1]}), "
+                           f"got sizes {list(key.shape)}")
+    if value.shape[-2] != key.shape[-2]:
+        raise RuntimeError(f"attnkernels.{op}: expected `value` to have the length of `key` ({key.shape[-2]}), "
+                           f"got sizes {list(value.shape)}")
+    q_heads, k_heads, v_heads = query.shape[-3], key.shape[-3], value.shape[-3]
+    if k_heads != v_heads:
+        raise RuntimeError(f"attnkernels.{op}: expected `key` and `value` to have the same number of heads, "
+                           f"got {k_heads} and {v_heads}")
+    if q_heads != k_heads:
+        if not enable_gqa:
+            raise RuntimeError(f"attnkernels.{op}: expected `query`, `key` and `value` to have the same number of "
+                               f"heads, got {q_heads}, {k_heads} and {v_heads} (pass enable_gqa=True for grouped "
+                               "query attention)")
+        if k_heads == 0 or q_heads % k_heads != 0:
+            raise RuntimeError(f"attnkernels.{op}: with enable_gqa=True the number of `key`/`value` heads "
+                               f"({k_heads}) must divide the number of `query` heads ({q_heads})")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attnkernels.{op}: expected `dropout_p` to be a number in [0, 1), got {dropout_p!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"attnkernels.{op}: expected `scale` to be a number or None, got {type(scale).__name__}")
+    if attn_mask is not None:
+        _check_tensor(op, "attn_mask", attn_mask)
+        if is_causal:
+            raise RuntimeError(f"attnkernels.{op}: `attn_mask` and `is_causal=True` cannot be used together "
+                               "(fold the causal mask into attn_mask)")
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` to be bool, float32 or of the dtype of "
+                               f"`query` ({query.dtype}), got {attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` on the device of `query` ({query.device}), "
+                               f"got {attn_mask.device}")
+        target = (*query.shape[:-1], key.shape[-2])
+        try:
+            fits = attn_mask.dim() <= len(target) and torch.broadcast_shapes(attn_mask.shape, target) == target
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` to broadcast to (..., heads, L, S) = "
+                               f"{list(target)}, got sizes {list(attn_mask.shape)}")
+
+
+def _compiled(query, key, value, attn_mask, dropout_p, is_causal, scale):
+    """Runs attnkernels::attention (the C++/CUDA kernels) on inputs of any batch rank."""
+    batch_shape = query.shape[:-3]
+    batch = math.prod(batch_shape)
+    q_heads, L, E = query.shape[-3:]
+    kv_heads, S = key.shape[-3], key.shape[-2]
+    q = query.reshape(batch, q_heads, L, E)
+    k = key.reshape(batch, kv_heads, S, E)
+    v = value.reshape(batch, kv_heads, S, value.shape[-1])
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask
+        if mask.is_floating_point() and mask.dtype != accumulation_dtype(query.dtype):
+            mask = mask.to(accumulation_dtype(query.dtype))  # the kernels add masks in the accumulation dtype
+        # A broadcast view: the kernels read it through its strides, nothing L x S is copied
+        # unless the batch dimensions cannot be merged without a copy.
+        mask = mask.expand(*query.shape[:-1], S).reshape(batch, q_heads, L, S)
+    seed = None
+    if dropout_p > 0:  # drawn from torch's generator, so torch.manual_seed reproduces the mask
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    out, lse = torch.ops.attnkernels.attention(q, k, v, mask, float(dropout_p), bool(is_causal), float(scale), seed)
+    return out.reshape(*batch_shape, q_heads, L, value.shape[-1]), lse.reshape(*batch_shape, q_heads, L)
+
+
+def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                       scale: float | None = None, enable_gqa: bool = False, *,
+                       backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and the log-sum-exp of each row of the (scaled, masked) scores.
+
+    query: (..., Hq, L, E); key: (..., Hkv, S, E); value: (..., Hkv, S, Ev)
+    returns: out (..., Hq, L, Ev) in query's dtype; lse (..., Hq, L) in float32 (float64 for
+        float64 inputs, so that merged float64 results stay exact); -inf for rows that attend to
+        nothing, whose output is 0
+
+    Arguments as ``scaled_dot_product_attention``. Differentiable to query, key, value,
+    a float attn_mask and through lse.
+    """
+    op = "attention_with_lse"
+    _validate(op, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    scale = default_scale(query.shape[-1]) if scale is None else float(scale)
+    details = {"dtype": query.dtype, "head_dim": query.shape[-1], "value_dim": value.shape[-1],
+               "has_mask": attn_mask is not None, "dropout": dropout_p > 0}
+    why_not = {
+        "cuda": lambda: why_not_device(query, "cuda", _OP),
+        "triton": lambda: _triton_why_not(query, **details),
+        "cpu": lambda: why_not_device(query, "cpu", _OP),
+        "reference": lambda: None,
+    }
+    chosen = select_backend(op, backend, why_not, preference(query, _CUDA_ORDER))
+    if chosen == "reference":
+        return reference.attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if chosen == "triton":
+        return _triton().attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return _compiled(query, key, value, attn_mask, dropout_p, is_causal, scale)
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
+                                 backend: str | None = None) -> torch.Tensor:
+    """softmax(query keyᵀ · scale + attn_mask) value, as ``torch.nn.functional.scaled_dot_product_attention``.
+
+    query: (N, ..., Hq, L, E); key: (N, ..., Hkv, S, E); value: (N, ..., Hkv, S, Ev)
+    returns: (N, ..., Hq, L, Ev)
+
+    attn_mask: bool (True = attend) or float (added to the scores), broadcast to (..., Hq, L, S);
+    is_causal: top-left causal mask (query i sees keys j <= i), not together with attn_mask;
+    dropout_p: always applied when > 0, kept weights scaled by 1 / (1 - dropout_p);
+    scale: default 1 / sqrt(E); enable_gqa: Hkv may divide Hq (query head h reads kv head
+    h // (Hq / Hkv)). A row that attends to nothing gives 0. ``backend``: None for the best
+    available, or one of ``available_backends()``.
+    """
+    return attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                              backend=backend)[0]
+
+
+def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention computed over disjoint sets of keys into attention over all of them.
+
+    outs: sequence of (..., L, Ev), each from ``attention_with_lse`` over one set of keys
+    lses: the matching sequence of (..., L)
+    returns: (out (..., L, Ev), lse (..., L)), which can be merged again
+
+    Exact (up to rounding) for attention without dropout: the union's lse is logsumexp of the
+    parts', and each part's output is weighted by exp(lse_part - lse_union).
+    """
+    op = "merge_attention"
+    if isinstance(outs, torch.Tensor) or isinstance(lses, torch.Tensor):
+        raise TypeError(f"attnkernels.{op}: expected `outs` and `lses` to be sequences of tensors")
+    outs, lses = list(outs), list(lses)
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"attnkernels.{op}: expected as many `lses` as `outs` (at least one), "
+                         f"got {len(outs)} and {len(lses)}")
+    for i, (out, lse) in enumerate(zip(outs, lses, strict=True)):
+        _check_tensor(op, f"outs[{i}]", out)
+        _check_tensor(op, f"lses[{i}]", lse)
+        if not out.is_floating_point() or not lse.is_floating_point():
+            raise RuntimeError(f"attnkernels.{op}: expected floating-point `outs[{i}]` and `lses[{i}]`")
+        if out.dim() < 1 or out.shape != outs[0].shape or lse.shape != out.shape[:-1]:
+            raise RuntimeError(f"attnkernels.{op}: expected every `outs[i]` of the shape of `outs[0]` "
+                               f"{list(outs[0].shape)} and `lses[i]` of that shape without the last dimension, "
+                               f"got {list(out.shape)} and {list(lse.shape)} at index {i}")
+        if out.device != outs[0].device or lse.device != outs[0].device:
+            raise RuntimeError(f"attnkernels.{op}: expected every tensor on {outs[0].device}, "
+                               f"got {out.device} and {lse.device} at index {i}")
+    return reference.merge_attention(outs, lses)
+
+
+__all__ = ["attention_with_lse", "merge_attention", "scaled_dot_product_attention"]

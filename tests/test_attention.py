@@ -1,0 +1,468 @@
+"""attnkernels.scaled_dot_product_attention / attention_with_lse / merge_attention against torch's
+math backend and the plain-PyTorch reference, on every backend that runs on CPU tensors here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import cpu_backends
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import attnkernels
+from attnkernels import reference
+from attnkernels.reference.attention import kernel_dropout_mask
+
+BACKENDS = cpu_backends()
+HAS_CPU_KERNEL = "cpu" in BACKENDS
+needs_cpu_kernel = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="the compiled extension is not built")
+
+
+def run(backend, fn, *args, **kwargs):
+    """fn(*args, backend=backend, **kwargs); skips when the backend says it cannot serve the inputs."""
+    try:
+        return fn(*args, backend=backend, **kwargs)
+    except RuntimeError as error:
+        marker = "cannot serve these inputs:"
+        if marker in str(error):
+            reason = str(error).split(marker, 1)[1].strip()
+            assert reason, "a backend that declines must say why"
+            pytest.skip(f"{backend}: {reason}")
+        raise
+
+
+def torch_math(q, k, v, **kwargs):
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def make_inputs(batch, q_heads, kv_heads, L, S, E, Ev, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(*batch, q_heads, L, E, dtype=dtype, generator=generator)
+    k = torch.randn(*batch, kv_heads, S, E, dtype=dtype, generator=generator)
+    v = torch.randn(*batch, kv_heads, S, Ev, dtype=dtype, generator=generator)
+    return q, k, v
+
+
+def make_mask(kind, batch, heads, L, S, dtype=torch.float64, seed=1):
+    """Masks of every kind and broadcast; each leaves at least one fully masked row where it can."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind is None:
+        return None
+    if kind == "bool":
+        mask = torch.rand(L, S, generator=generator) > 0.3
+        mask[L // 2] = False  # a fully masked row
+        return mask
+    if kind == "bool_heads":
+        return torch.rand(*batch, heads, 1, S, generator=generator) > 0.5
+    if kind == "float":
+        mask = torch.randn(L, S, dtype=dtype, generator=generator)
+        mask[torch.rand(L, S, generator=generator) > 0.7] = -math.inf
+        mask[-1] = -math.inf
+        return mask
+    if kind == "float_full":
+        return torch.randn(*batch, heads, L, S, dtype=dtype, generator=generator)
+    if kind == "float_row":
+        return torch.randn(S, dtype=dtype, generator=generator)
+    raise ValueError(kind)
+
+
+def gradients(out, inputs, seed=3):
+    grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
+    live = [t for t in inputs if t is not None and t.requires_grad]
+    return torch.autograd.grad(out, live, grad_out.to(out.dtype))
+
+
+# batch dims, Hq, Hkv, L, S, E, Ev, mask kind, causal
+CASES = {
+    "basic": ((2,), 3, 3, 17, 23, 16, 16, None, False),
+    "rank3": ((), 2, 2, 9, 11, 8, 8, None, False),
+    "rank5": ((2, 2), 2, 2, 5, 6, 4, 4, None, False),
+    "causal_L<S": ((1,), 2, 2, 7, 113, 8, 8, None, True),
+    "causal_L>S": ((1,), 2, 2, 113, 7, 8, 8, None, True),
+    "causal_long": ((1,), 1, 1, 257, 257, 16, 16, None, True),
+    "value_dim": ((2,), 2, 2, 13, 19, 12, 5, None, False),
+    "head_dim_1": ((1,), 2, 2, 7, 7, 1, 1, None, False),
+    "head_dim_7": ((1,), 2, 2, 7, 9, 7, 7, None, False),
+    "head_dim_257": ((1,), 1, 1, 7, 9, 257, 257, None, False),
+    "length_1": ((2,), 2, 2, 1, 1, 8, 8, None, False),
+    "blocks": ((1,), 1, 1, 130, 600, 8, 8, None, False),
+    "gqa": ((2,), 6, 2, 11, 13, 8, 8, None, False),
+    "gqa_causal": ((1,), 4, 1, 70, 140, 8, 8, None, True),
+    "bool_mask": ((2,), 2, 2, 9, 13, 8, 8, "bool", False),
+    "bool_mask_heads": ((2,), 3, 3, 9, 13, 8, 8, "bool_heads", False),
+    "float_mask": ((2,), 2, 2, 9, 13, 8, 8, "float", False),
+    "float_mask_full": ((2,), 2, 2, 70, 140, 8, 8, "float_full", False),
+    "float_mask_row": ((2,), 2, 2, 9, 13, 8, 8, "float_row", False),
+    "gqa_mask": ((1,), 4, 2, 9, 13, 8, 8, "float_full", False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_outputs_and_gradients(backend, case):
+    batch, q_heads, kv_heads, L, S, E, Ev, mask_kind, causal = CASES[case]
+    q, k, v = (t.requires_grad_() for t in make_inputs(batch, q_heads, kv_heads, L, S, E, Ev))
+    mask = make_mask(mask_kind, batch, q_heads, L, S)
+    if mask is not None and mask.is_floating_point():
+        mask.requires_grad_()
+    gqa = q_heads != kv_heads
+    ours = run(backend, attnkernels.scaled_dot_product_attention, q, k, v, mask, is_causal=causal, enable_gqa=gqa)
+    expected = torch_math(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    oracle = reference.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=gqa)
+    assert ours.shape == expected.shape and ours.dtype == torch.float64
+    assert not ours.isnan().any()
+    if mask is not None and mask.dtype == torch.bool and not mask.any(-1).all():
+        assert (ours[..., L // 2, :] == 0).all(), "a fully masked row must give 0"
+    torch.testing.assert_close(ours, expected, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(ours, oracle, atol=1e-8, rtol=1e-8)
+    inputs = (q, k, v, mask)
+    ours_grads = gradients(ours, inputs)
+    oracle_grads = gradients(oracle, inputs)
+    for name, mine, theirs in zip("qkvm", ours_grads, oracle_grads, strict=False):
+        assert not mine.isnan().any(), f"NaN in the gradient of {name}"
+        torch.testing.assert_close(mine, theirs, atol=1e-8, rtol=1e-8, msg=f"gradient of {name}")
+    if mask is None or not mask.is_floating_point() or not torch.isinf(mask).any():
+        # torch's math backend gives NaN gradients for rows masked with -inf; compare where it is defined
+        torch_grads = gradients(expected, inputs)
+        for name, mine, theirs in zip("qkvm", ours_grads, torch_grads, strict=False):
+            torch.testing.assert_close(mine, theirs, atol=1e-8, rtol=1e-8, msg=f"gradient of {name} vs torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_matches_logsumexp_of_scores(backend):
+    q, k, v = make_inputs((2,), 2, 2, 9, 13, 8, 8)
+    mask = make_mask("float", (2,), 2, 9, 13)
+    out, lse = run(backend, attnkernels.attention_with_lse, q, k, v, mask, scale=0.3)
+    scores = q @ k.transpose(-2, -1) * 0.3 + mask
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-10, rtol=1e-10)
+    assert lse.dtype == torch.float64 and torch.isneginf(lse[..., -1]).all()
+    out32, lse32 = run(backend, attnkernels.attention_with_lse, q.float(), k.float(), v.float())
+    assert lse32.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", ["basic", "causal_long", "gqa", "float_mask_full", "bool_mask"])
+def test_low_precision_flash_attention_rule(backend, dtype, case):
+    """Our error against float64 is at most 2x torch's own in the same dtype (3x for gradients)."""
+    batch, q_heads, kv_heads, L, S, E, Ev, mask_kind, causal = CASES[case]
+    q64, k64, v64 = make_inputs(batch, q_heads, kv_heads, L, S, E, Ev)
+    mask64 = make_mask(mask_kind, batch, q_heads, L, S)
+    gqa = q_heads != kv_heads
+
+    def run_in(dtype, fn):
+        q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64))
+        mask = None
+        if mask64 is not None:
+            mask = mask64 if mask64.dtype == torch.bool else mask64.to(dtype).requires_grad_()
+        out = fn(q, k, v, mask)
+        return [out, *gradients(out, (q, k, v, mask))]
+
+    ours = run_in(dtype, lambda q, k, v, m: run(backend, attnkernels.scaled_dot_product_attention, q, k, v, m,
+                                                 is_causal=causal, enable_gqa=gqa))
+    theirs = run_in(dtype, lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, is_causal=causal,
+                                                                             enable_gqa=gqa))
+    exact = run_in(torch.float64, lambda q, k, v, m: torch_math(q, k, v, attn_mask=m, is_causal=causal,
+                                                                enable_gqa=gqa))
+    for index, (mine, torchs, truth) in enumerate(zip(ours, theirs, exact, strict=True)):
+        assert mine.dtype == dtype
+        our_error = (mine.double() - truth).abs().max().item()
+        torch_error = (torchs.double() - truth).abs().nan_to_num(0).max().item()
+        factor = 2 if index == 0 else 3
+        floor = 1e-6 if dtype == torch.float32 else 1e-3
+        assert our_error <= factor * torch_error + floor, (index, our_error, torch_error)
+
+
+@needs_cpu_kernel
+def test_gradcheck_and_gradgradcheck_float64():
+    q, k, v = (t.requires_grad_() for t in make_inputs((1,), 2, 1, 5, 7, 3, 4))
+    mask = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+
+    def masked(q, k, v, mask):
+        return attnkernels.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True, backend="cpu")
+
+    def causal_lse(q, k, v):
+        out, lse = attnkernels.attention_with_lse(q, k, v, is_causal=True, enable_gqa=True, backend="cpu")
+        return out, lse
+
+    assert torch.autograd.gradcheck(masked, (q, k, v, mask))
+    assert torch.autograd.gradcheck(causal_lse, (q, k, v))
+    assert torch.autograd.gradgradcheck(masked, (q, k, v, mask))
+
+
+@needs_cpu_kernel
+def test_gradgradcheck_with_dropout():
+    q, k, v = (t.requires_grad_() for t in make_inputs((1,), 1, 1, 4, 5, 3, 3))
+
+    def dropped(q, k, v):
+        torch.manual_seed(7)  # the same dropout mask at every evaluation
+        return attnkernels.scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend="cpu")
+
+    assert torch.autograd.gradcheck(dropped, (q, k, v))
+    assert torch.autograd.gradgradcheck(dropped, (q, k, v))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_rows_give_zero_output_and_gradient(backend):
+    q, k, v = (t.requires_grad_() for t in make_inputs((1,), 2, 2, 6, 5, 4, 4))
+    mask = torch.full((6, 5), -math.inf, dtype=torch.float64)
+    mask[::2] = 0.0
+    mask.requires_grad_()
+    out = run(backend, attnkernels.scaled_dot_product_attention, q, k, v, mask)
+    assert (out[..., 1::2, :] == 0).all() and not out.isnan().any()
+    grad_q, grad_k, grad_v, grad_mask = gradients(out, (q, k, v, mask))
+    for grad in (grad_q, grad_k, grad_v, grad_mask):
+        assert not grad.isnan().any()
+    assert (grad_q[..., 1::2, :] == 0).all() and (grad_mask[1::2] == 0).all()
+    everything_masked = torch.zeros(6, 5, dtype=torch.bool)
+    out = run(backend, attnkernels.scaled_dot_product_attention, q, k, v, everything_masked)
+    assert (out == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs(backend):
+    q, k, v = make_inputs((2,), 2, 2, 3, 4, 5, 6)
+    assert run(backend, attnkernels.scaled_dot_product_attention, q[:, :, :0], k, v).shape == (2, 2, 0, 6)
+    no_keys = run(backend, attnkernels.scaled_dot_product_attention, q, k[:, :, :0], v[:, :, :0])
+    assert no_keys.shape == (2, 2, 3, 6) and (no_keys == 0).all()
+    assert run(backend, attnkernels.scaled_dot_product_attention, q[:0], k[:0], v[:0]).shape == (0, 2, 3, 6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    q, k, v = make_inputs((2,), 3, 3, 9, 11, 8, 8)
+    # (batch, length, heads, dim) memory, as projections produce it
+    q_t, k_t, v_t = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not q_t.is_contiguous()
+    mask = make_mask("float_full", (2,), 3, 9, 11).transpose(-1, -2).contiguous().transpose(-1, -2)
+    ours = run(backend, attnkernels.scaled_dot_product_attention, q_t, k_t, v_t, mask)
+    torch.testing.assert_close(ours, torch_math(q, k, v, attn_mask=mask), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_inf_stay_in_their_rows(backend):
+    q, k, v = make_inputs((1,), 1, 1, 4, 5, 4, 4)
+    q[0, 0, 1, 0] = math.nan
+    out = run(backend, attnkernels.scaled_dot_product_attention, q, k, v)
+    assert out[0, 0, 1].isnan().all()  # like torch's math backend
+    keep = [0, 2, 3]
+    torch.testing.assert_close(out[..., keep, :], torch_math(q[..., keep, :], k, v), atol=1e-10, rtol=1e-10)
+    mask = torch.zeros(4, 5, dtype=torch.float64)
+    mask[:, 2] = math.inf  # +inf scores: NaN, as in torch
+    assert run(backend, attnkernels.scaled_dot_product_attention, q, k, v, mask)[0, 0, 0].isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_of_halves_equals_whole(backend):
+    q, k, v = (t.requires_grad_() for t in make_inputs((2,), 2, 2, 9, 20, 8, 6))
+    mask = make_mask("float", (2,), 2, 9, 20)
+    whole, whole_lse = run(backend, attnkernels.attention_with_lse, q, k, v, mask)
+    parts = [run(backend, attnkernels.attention_with_lse, q, k[..., s, :], v[..., s, :], mask[..., s])
+             for s in (slice(0, 7), slice(7, 20))]
+    merged, merged_lse = attnkernels.merge_attention([p[0] for p in parts], [p[1] for p in parts])
+    torch.testing.assert_close(merged, whole, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(merged_lse, whole_lse, atol=1e-10, rtol=1e-10)
+    # Gradients flow through the parts' lse (the kernels' grad_lse path).
+    for mine, theirs in zip(gradients(merged, (q, k, v)), gradients(whole, (q, k, v)), strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-10, rtol=1e-10)
+
+
+def test_merge_attention_rejects_mismatched_parts():
+    out = torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match="lses"):
+        attnkernels.merge_attention([out, out], [torch.zeros(2, 3)])
+    with pytest.raises(RuntimeError, match="outs"):
+        attnkernels.merge_attention([out, torch.zeros(2, 3, 5)], [torch.zeros(2, 3), torch.zeros(2, 3)])
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+def dropped_weights(backend, p, seed, L=40, S=50, heads=4):
+    """The attention weights after dropout: with value = identity, out = dropout(P) / (1 - p)."""
+    q, k, _ = make_inputs((1,), heads, heads, L, S, 8, 8)
+    identity = torch.eye(S, dtype=torch.float64).expand(1, heads, S, S)
+    torch.manual_seed(seed)
+    weights = run(backend, attnkernels.scaled_dot_product_attention, q, k, identity, dropout_p=p)
+    probs = reference.scaled_dot_product_attention(q, k, identity)
+    return weights, probs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.2, 0.6])
+def test_dropout_statistics(backend, p):
+    weights, probs = dropped_weights(backend, p, seed=11)
+    kept = weights != 0
+    # Kept weights are P / (1 - p) exactly; the ratio W / P has mean 1 and variance p / (1 - p).
+    torch.testing.assert_close(weights[kept], probs[kept] / (1 - p), atol=1e-12, rtol=1e-12)
+    n = weights.numel()
+    keep_rate = kept.double().mean().item()
+    assert abs(keep_rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    ratio = weights / probs
+    assert abs(ratio.mean().item() - 1) < 5 * math.sqrt(p / (1 - p) / n)
+    assert abs(ratio.var().item() / (p / (1 - p)) - 1) < 0.05
+    # Decisions are not correlated between neighbouring keys or queries.
+    flat = kept.double() - (1 - p)
+    for dim in (-1, -2):
+        neighbours = (flat * flat.roll(1, dims=dim)).mean().item() / (p * (1 - p))
+        assert abs(neighbours) < 0.05
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_same_seed_same_result(backend):
+    a, _ = dropped_weights(backend, 0.5, seed=5)
+    b, _ = dropped_weights(backend, 0.5, seed=5)
+    c, _ = dropped_weights(backend, 0.5, seed=6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_backward_uses_the_forward_mask(backend):
+    p, seed, L, S = 0.3, 21, 40, 50
+    weights, _ = dropped_weights(backend, p, seed, L, S, heads=2)
+    keep = weights != 0
+    q, k, v = (t.requires_grad_() for t in make_inputs((1,), 2, 2, L, S, 8, 8))
+    torch.manual_seed(seed)
+    ours = run(backend, attnkernels.scaled_dot_product_attention, q, k, v, dropout_p=p)
+    expected = reference.scaled_dot_product_attention(q, k, v, dropout_p=p, dropout_mask=keep)
+    torch.testing.assert_close(ours, expected, atol=1e-10, rtol=1e-10)
+    for mine, theirs in zip(gradients(ours, (q, k, v)), gradients(expected, (q, k, v)), strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-10, rtol=1e-10)
+
+
+@needs_cpu_kernel
+def test_kernel_dropout_mask_mirror_matches_the_kernel():
+    p, seed, L, S = 0.4, 3, 40, 50
+    weights, _ = dropped_weights("cpu", p, seed, L, S, heads=2)
+    torch.manual_seed(seed)
+    drawn = int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
+    assert torch.equal(kernel_dropout_mask(drawn, (1, 2, L, S), p), weights != 0)
+
+
+# ----------------------------------------------------------------------------- torch integration
+
+
+@needs_cpu_kernel
+def test_opcheck():
+    q, k, v = make_inputs((2,), 4, 2, 9, 13, 8, 6, dtype=torch.float32)
+    mask = torch.randn(2, 4, 9, 13)
+    bool_mask = (torch.rand(9, 13) > 0.3).expand(2, 4, 9, 13)
+    seed = torch.tensor([12345], dtype=torch.int64)
+    op = torch.ops.attnkernels.attention
+    for args in [
+        (q, k, v, None, 0.0, False, 0.35, None),
+        (q, k, v, None, 0.0, True, 0.35, None),
+        (q, k, v, mask.requires_grad_(), 0.0, False, 0.35, None),
+        (q, k, v, bool_mask, 0.0, False, 0.35, None),
+        (q, k, v, None, 0.25, False, 0.35, seed),
+        (q.double(), k.double(), v.double(), None, 0.0, True, 0.35, None),
+    ]:
+        args = tuple(a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+                     for a in args)
+        torch.library.opcheck(op, args)
+    out, lse = op(q, k, v, mask.detach(), 0.0, False, 0.35, None)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    torch.library.opcheck(torch.ops.attnkernels.attention_backward,
+                          (grad_out, grad_lse, q, k, v, mask.detach(), out, lse, 0.0, False, 0.35, None,
+                           [True, True, True, True]))
+
+
+@needs_cpu_kernel
+def test_torch_compile_fullgraph():
+    q, k, v = (t.float().requires_grad_() for t in make_inputs((2,), 4, 2, 9, 13, 8, 8))
+    mask = torch.randn(9, 13, requires_grad=True)
+
+    def attention(q, k, v, mask):
+        out, lse = attnkernels.attention_with_lse(q, k, v, mask, enable_gqa=True, backend="cpu")
+        return out * 2 + lse.unsqueeze(-1)
+
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    expected = attention(q, k, v, mask)
+    got = compiled(q, k, v, mask)
+    torch.testing.assert_close(got, expected)
+    for mine, theirs in zip(gradients(got, (q, k, v, mask)), gradients(expected, (q, k, v, mask)), strict=True):
+        torch.testing.assert_close(mine, theirs)
+
+
+@needs_cpu_kernel
+def test_torch_compile_inductor_with_dropout():
+    q, k, v = (t.float() for t in make_inputs((1,), 2, 2, 9, 13, 8, 8))
+    compiled = torch.compile(lambda q, k, v: attnkernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5,
+                                                                                      is_causal=True),
+                             fullgraph=True)
+    torch.manual_seed(0)
+    a = compiled(q, k, v)
+    torch.manual_seed(0)
+    b = compiled(q, k, v)
+    assert torch.equal(a, b) and (a == 0).any()
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+_Q, _K, _V = make_inputs((2,), 4, 2, 5, 6, 8, 8, dtype=torch.float32)
+BAD_INPUTS = {
+    "query rank 2": ((_Q[0, 0], _K[0, 0], _V[0, 0]), {}, RuntimeError, "query"),
+    "unequal ranks": ((_Q, _K[0], _V[0]), {}, RuntimeError, "key"),
+    "head dims differ": ((_Q, _K[..., :7], _V), {}, RuntimeError, "head dim"),
+    "value length": ((_Q, _K, _V[..., :5, :]), {}, RuntimeError, "value"),
+    "batch differs": ((_Q, _K[:1], _V[:1]), {}, RuntimeError, "batch"),
+    "dtype mismatch": ((_Q, _K.double(), _V), {}, RuntimeError, "key"),
+    "integer query": ((_Q.int(), _K.int(), _V.int()), {}, RuntimeError, "query"),
+    "heads without gqa": ((_Q, _K, _V), {}, RuntimeError, "enable_gqa"),
+    "heads do not divide": ((_Q[:, :3], _K, _V), {"enable_gqa": True}, RuntimeError, "divide"),
+    "key value heads": ((_Q, _K, _V[:, :1]), {"enable_gqa": True}, RuntimeError, "value"),
+    "mask with causal": ((_Q, _K, _V, torch.zeros(5, 6)), {"is_causal": True, "enable_gqa": True}, RuntimeError,
+                         "is_causal"),
+    "mask does not broadcast": ((_Q, _K, _V, torch.zeros(4, 6)), {"enable_gqa": True}, RuntimeError, "attn_mask"),
+    "mask rank too high": ((_Q, _K, _V, torch.zeros(1, 2, 4, 5, 6)), {"enable_gqa": True}, RuntimeError,
+                           "attn_mask"),
+    "mask dtype": ((_Q, _K, _V, torch.zeros(5, 6, dtype=torch.int64)), {"enable_gqa": True}, RuntimeError,
+                   "attn_mask"),
+    "float64 mask on float32": ((_Q, _K, _V, torch.zeros(5, 6, dtype=torch.float64)), {"enable_gqa": True},
+                                RuntimeError, "attn_mask"),
+    "dropout 1": ((_Q, _K, _V), {"dropout_p": 1.0, "enable_gqa": True}, ValueError, "dropout_p"),
+    "dropout negative": ((_Q, _K, _V), {"dropout_p": -0.1, "enable_gqa": True}, ValueError, "dropout_p"),
+    "unknown backend": ((_Q, _K, _V), {"enable_gqa": True, "backend": "gpu"}, ValueError, "backend"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_raise_naming_the_argument(case):
+    args, kwargs, error, words = BAD_INPUTS[case]
+    with pytest.raises(error, match=words):
+        attnkernels.scaled_dot_product_attention(*args, **kwargs)
+
+
+@needs_cpu_kernel
+def test_the_op_checks_its_arguments_too():
+    with pytest.raises(RuntimeError, match="is_causal"):
+        torch.ops.attnkernels.attention(_Q, _K, _V, torch.zeros(2, 4, 5, 6), 0.0, True, 1.0, None)
+    with pytest.raises(RuntimeError, match="dropout_p"):
+        torch.ops.attnkernels.attention(_Q, _K, _V, None, 1.5, False, 1.0, None)
+    with pytest.raises(RuntimeError, match="head dim"):
+        torch.ops.attnkernels.attention(_Q, _K[..., :3], _V, None, 0.0, False, 1.0, None)
+
+
+# ----------------------------------------------------------------------------- random shapes
+
+
+@needs_cpu_kernel
+@settings(max_examples=12, deadline=None)
+@given(L=st.integers(1, 80), S=st.integers(1, 140), E=st.integers(1, 20), Ev=st.integers(1, 20),
+       group=st.sampled_from([1, 2, 3]), causal=st.booleans(), mask_kind=st.sampled_from([None, "bool", "float"]))
+def test_random_shapes_match_the_reference(L, S, E, Ev, group, causal, mask_kind):
+    if causal:
+        mask_kind = None
+    q, k, v = (t.requires_grad_() for t in make_inputs((2,), 2 * group, 2, L, S, E, Ev))
+    mask = make_mask(mask_kind, (2,), 2 * group, L, S)
+    ours = attnkernels.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=group > 1,
+                                                    backend="cpu")
+    expected = reference.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=group > 1)
+    torch.testing.assert_close(ours, expected, atol=1e-9, rtol=1e-9)
+    for mine, theirs in zip(gradients(ours, (q, k, v)), gradients(expected, (q, k, v)), strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-9, rtol=1e-9)
