@@ -157,8 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     limits = measure_limits(device, cases, budget, small=args.quick)
     records = run_cases(cases, backends, budget, limits, show_progress=not args.no_progress)
 
+    load = info["load_average_at_start"]
     print(f"attnkernels benchmark on {info['gpu'] or info['cpu']} ({device.type}), torch {info['torch']}, "
-          f"{info['date']}")
+          f"{info['date']}" + (f", load average at start {load[0]}" if load else ""))
     print(report.format_limits(limits, device))
     print(report.format_table(records))
     if args.out is not None:

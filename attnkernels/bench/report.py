@@ -51,7 +51,16 @@ def machine_info(device: torch.device) -> dict:
         "triton": version("triton"),
         "attnkernels": version("attnkernels"),
         "command": " ".join(["python -m attnkernels.bench", *sys.argv[1:]]),
+        # Other processes' load skews CPU timings: say how busy the machine was.
+        "load_average_at_start": _load_average(),
     }
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -203,6 +212,10 @@ def results_markdown(info: dict, limits: MachineLimits | None, records: Sequence
         f"- Versions: attnkernels {info['attnkernels']}, torch {info['torch']} (CUDA {info['cuda']}), "
         f"Triton {info['triton']}, Python {info['python']}",
     ]
+    if info.get("load_average_at_start") is not None:
+        load = ", ".join(str(v) for v in info["load_average_at_start"])
+        lines.append(f"- Load average when the run started (1, 5, 15 min): {load} "
+                     "(CPU timings from a busy machine vary several-fold)")
     if limits is not None:
         text = format_limits(limits, device)
         lines.append(f"- {text[0].upper()}{text[1:]}")

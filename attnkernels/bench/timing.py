@@ -27,10 +27,22 @@ class TimingBudget:
     measure_s: float
     min_repetitions: int
     max_repetitions: int
+    # Past this many seconds, slow calls (the reference backend) stop at 3 repetitions.
+    patience_s: float = 4.0
+
+    def more(self, repetitions: int, spent_s: float, wanted_s: float) -> bool:
+        """Whether to time another repetition after ``repetitions`` taking ``spent_s`` in all."""
+        if repetitions >= self.max_repetitions:
+            return False
+        if repetitions < min(3, self.min_repetitions):
+            return True
+        if repetitions < self.min_repetitions and spent_s < self.patience_s:
+            return True
+        return spent_s < wanted_s
 
 
 FULL = TimingBudget(warmup_s=0.05, measure_s=0.4, min_repetitions=5, max_repetitions=500)
-QUICK = TimingBudget(warmup_s=0.0, measure_s=0.02, min_repetitions=3, max_repetitions=20)
+QUICK = TimingBudget(warmup_s=0.0, measure_s=0.02, min_repetitions=3, max_repetitions=20, patience_s=0.5)
 
 
 @dataclass(frozen=True)
@@ -64,7 +76,7 @@ def _time_wall_clock(fn: Callable[[], object], budget: TimingBudget) -> Timing:
         fn()
     samples: list[float] = []
     total = 0.0
-    while len(samples) < budget.max_repetitions and (len(samples) < budget.min_repetitions or total < budget.measure_s):
+    while budget.more(len(samples), total, budget.measure_s):
         begin = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - begin)
@@ -79,8 +91,7 @@ def time_interleaved(functions: Mapping[str, Callable[[], object]], budget: Timi
         fn()  # warm-up
     samples: dict[str, list[float]] = {name: [] for name in functions}
     rounds, spent = 0, 0.0
-    while rounds < budget.max_repetitions and (rounds < budget.min_repetitions
-                                               or spent < budget.measure_s * len(functions)):
+    while budget.more(rounds, spent, budget.measure_s * len(functions)):
         for name, fn in functions.items():
             begin = time.perf_counter()
             fn()
@@ -100,7 +111,7 @@ def _time_cuda_events(fn: Callable[[], object], budget: TimingBudget) -> Timing:
     torch.cuda.synchronize()
     samples: list[float] = []
     total = 0.0
-    while len(samples) < budget.max_repetitions and (len(samples) < budget.min_repetitions or total < budget.measure_s):
+    while budget.more(len(samples), total, budget.measure_s):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         fn()
