@@ -96,6 +96,25 @@ def _uniform(x):
 
 
 @triton.jit
+def _operand(x, DOT_FP32: tl.constexpr):
+    """A loaded tile as a tl.dot operand. The interpreter's tl.dot has no bfloat16 (it holds bf16 as
+    raw uint16), so there bf16 tiles are carried exactly in float32."""
+    if DOT_FP32:
+        return x.to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _rounded(x, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
+    """x rounded to the inputs' dtype for the next tl.dot, as on a GPU (kept in float32 by the interpreter)."""
+    if DOT_FP32:
+        return x.to(DTYPE).to(tl.float32)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def _scores(q, k_t, mask_ptr, rows, cols, L, S, m_l, m_s, params_ptr,
             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
             ACC: tl.constexpr):
@@ -125,7 +144,7 @@ def _forward_kernel(
     q_b, q_h, q_l, q_e, k_b, k_h, k_s, k_e, v_b, v_h, v_s, v_e, m_b, m_h, m_l, m_s,
     Hq, L, S, E, EV, GROUP, dropout_p,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Out: (B, Hq, L, EV) contiguous; Lse: (B, Hq, L) natural log, -inf for fully masked rows."""
@@ -139,6 +158,7 @@ def _forward_kernel(
     ev = tl.arange(0, BLOCK_EV)
     q = tl.load(Q + b.to(tl.int64) * q_b + h * q_h + rows[:, None] * q_l + e[None, :] * q_e,
                 mask=(rows[:, None] < L) & (e[None, :] < E), other=0)
+    q = _operand(q, DOT_FP32)
     k_base = K + b.to(tl.int64) * k_b + kv_h * k_h
     v_base = V + b.to(tl.int64) * v_b + kv_h * v_h
     mask_base = Mask + b.to(tl.int64) * m_b + h * m_h
@@ -154,6 +174,7 @@ def _forward_kernel(
         cols = start_n + tl.arange(0, BLOCK_N)
         k_t = tl.load(k_base + cols[None, :] * k_s + e[:, None] * k_e,
                       mask=(cols[None, :] < S) & (e[:, None] < E), other=0)
+        k_t = _operand(k_t, DOT_FP32)
         s = _scores(q, k_t, mask_base, rows, cols, L, S, m_l, m_s, Params,
                     HAS_MASK, MASK_BOOL, IS_CAUSAL, PRECISION, ACC)
         new_max = tl.maximum(row_max, tl.max(s, 1))
@@ -166,7 +187,9 @@ def _forward_kernel(
             p = tl.where(_keep(seed, bh, rows, cols, dropout_p), p, 0.0)
         v = tl.load(v_base + cols[:, None] * v_s + ev[None, :] * v_e,
                     mask=(cols[:, None] < S) & (ev[None, :] < EV), other=0)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
+        v = _operand(v, DOT_FP32)
+        weights = _rounded(p, Q.dtype.element_ty, DOT_FP32)
+        acc = acc * rescale[:, None] + tl.dot(weights, v, input_precision=PRECISION, out_dtype=ACC)
         row_max = new_max
     empty = row_sum == 0  # every column masked: output 0, log-sum-exp -inf
     inverse = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, row_sum))
@@ -195,7 +218,7 @@ def _backward_kv_kernel(
     q_b, q_h, q_l, q_e, k_b, k_h, k_s, k_e, v_b, v_h, v_s, v_e, m_b, m_h, m_l, m_s, o_b, o_h, o_l, o_e,
     Hq, Hkv, L, S, E, EV, GROUP, dropout_p,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK (B, Hkv, S, E) and dV (B, Hkv, S, EV), contiguous in ACC; program (KV block, batch × KV head),
@@ -209,8 +232,10 @@ def _backward_kv_kernel(
     ev = tl.arange(0, BLOCK_EV)
     k = tl.load(K + b.to(tl.int64) * k_b + kv_h * k_h + cols[:, None] * k_s + e[None, :] * k_e,
                 mask=(cols[:, None] < S) & (e[None, :] < E), other=0)
+    k = _operand(k, DOT_FP32)
     v = tl.load(V + b.to(tl.int64) * v_b + kv_h * v_h + cols[:, None] * v_s + ev[None, :] * v_e,
                 mask=(cols[:, None] < S) & (ev[None, :] < EV), other=0)
+    v = _operand(v, DOT_FP32)
     k_t = tl.trans(k)
     v_t = tl.trans(v)
     grad_k = tl.zeros((BLOCK_N, BLOCK_E), ACC)
@@ -232,8 +257,10 @@ def _backward_kv_kernel(
             in_rows = rows < L
             q = tl.load(q_base + rows[:, None] * q_l + e[None, :] * q_e, mask=in_rows[:, None] & (e[None, :] < E),
                         other=0)
+            q = _operand(q, DOT_FP32)
             grad_out = tl.load(o_base + rows[:, None] * o_l + ev[None, :] * o_e,
                                mask=in_rows[:, None] & (ev[None, :] < EV), other=0)
+            grad_out = _operand(grad_out, DOT_FP32)
             lse = tl.load(Lse + bh.to(tl.int64) * L + rows, mask=in_rows, other=float("inf"))
             delta = tl.load(Delta + bh.to(tl.int64) * L + rows, mask=in_rows, other=0)
             s = _scores(q, k_t, mask_base, rows, cols, L, S, m_l, m_s, Params,
@@ -246,10 +273,11 @@ def _backward_kv_kernel(
                 grad_p = tl.where(keep, grad_p * keep_scale, 0.0)
             else:
                 p_dropped = p
-            grad_v += tl.dot(tl.trans(p_dropped.to(grad_out.dtype)), grad_out, input_precision=PRECISION,
-                             out_dtype=ACC)
+            weights = _rounded(p_dropped, Q.dtype.element_ty, DOT_FP32)
+            grad_v += tl.dot(tl.trans(weights), grad_out, input_precision=PRECISION, out_dtype=ACC)
             grad_s = p * (grad_p - delta[:, None])
-            grad_k += tl.dot(tl.trans(grad_s.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC)
+            grad_scores = _rounded(grad_s, Q.dtype.element_ty, DOT_FP32)
+            grad_k += tl.dot(tl.trans(grad_scores), q, input_precision=PRECISION, out_dtype=ACC)
     grad_k = grad_k * tl.load(Params + _SCALE)
     out_rows = bkv.to(tl.int64) * S + cols
     tl.store(GradK + out_rows[:, None] * E + e[None, :], grad_k, mask=(cols[:, None] < S) & (e[None, :] < E))
@@ -263,7 +291,7 @@ def _backward_q_kernel(
     q_b, q_h, q_l, q_e, k_b, k_h, k_s, k_e, v_b, v_h, v_s, v_e, m_b, m_h, m_l, m_s, o_b, o_h, o_l, o_e,
     Hq, L, S, E, EV, GROUP, dropout_p,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr,
+    MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ (B, Hq, L, E) contiguous in ACC, and with MASK_GRAD the score gradient (B, Hq, L, S)."""
@@ -278,8 +306,10 @@ def _backward_q_kernel(
     ev = tl.arange(0, BLOCK_EV)
     q = tl.load(Q + b.to(tl.int64) * q_b + h * q_h + rows[:, None] * q_l + e[None, :] * q_e,
                 mask=in_rows[:, None] & (e[None, :] < E), other=0)
+    q = _operand(q, DOT_FP32)
     grad_out = tl.load(GradOut + b.to(tl.int64) * o_b + h * o_h + rows[:, None] * o_l + ev[None, :] * o_e,
                        mask=in_rows[:, None] & (ev[None, :] < EV), other=0)
+    grad_out = _operand(grad_out, DOT_FP32)
     lse = tl.load(Lse + bh.to(tl.int64) * L + rows, mask=in_rows, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse * tl.load(Params + _LOG2E))
     delta = tl.load(Delta + bh.to(tl.int64) * L + rows, mask=in_rows, other=0)
@@ -297,8 +327,10 @@ def _backward_q_kernel(
         cols = start_n + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + cols[:, None] * k_s + e[None, :] * k_e, mask=(cols[:, None] < S) & (e[None, :] < E),
                     other=0)
+        k = _operand(k, DOT_FP32)
         v_t = tl.load(v_base + cols[None, :] * v_s + ev[:, None] * v_e,
                       mask=(cols[None, :] < S) & (ev[:, None] < EV), other=0)
+        v_t = _operand(v_t, DOT_FP32)
         s = _scores(q, tl.trans(k), mask_base, rows, cols, L, S, m_l, m_s, Params,
                     HAS_MASK, MASK_BOOL, IS_CAUSAL, PRECISION, ACC)
         p = _probabilities(s, lse)
@@ -307,7 +339,8 @@ def _backward_q_kernel(
             keep = _keep(seed, bh, rows, cols, dropout_p)
             grad_p = tl.where(keep, grad_p * keep_scale, 0.0)
         grad_s = p * (grad_p - delta[:, None])
-        grad_q += tl.dot(grad_s.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
+        grad_scores = _rounded(grad_s, Q.dtype.element_ty, DOT_FP32)
+        grad_q += tl.dot(grad_scores, k, input_precision=PRECISION, out_dtype=ACC)
         if MASK_GRAD:
             tl.store(GradMask + (bh.to(tl.int64) * L + rows[:, None]) * S + cols[None, :], grad_s,
                      mask=in_rows[:, None] & (cols[None, :] < S))
@@ -322,6 +355,11 @@ def _backward_q_kernel(
 def _padded(dim: int) -> int:
     """Head dims are padded to a power of two, at least 16 (tl.dot's smallest tile)."""
     return max(16, triton.next_power_of_2(max(dim, 1)))
+
+
+def _dot_in_float32(dtype: torch.dtype) -> bool:
+    """Under the interpreter bfloat16 tiles go through tl.dot as float32 (see ``_operand``)."""
+    return INTERPRETER and dtype == torch.bfloat16
 
 
 def _accumulation(dtype: torch.dtype) -> tuple[torch.dtype, object, str]:
@@ -371,8 +409,8 @@ def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
         *query.stride(), *key.stride(), *value.stride(), *_mask_strides(attn_mask),
         Hq, L, S, E, EV, Hq // Hkv, float(dropout_p),
         HAS_MASK=attn_mask is not None, MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
-        IS_CAUSAL=is_causal, HAS_DROPOUT=has_dropout, PRECISION=precision, ACC=tl_acc,
-        BLOCK_E=_padded(E), BLOCK_EV=_padded(EV))
+        IS_CAUSAL=is_causal, HAS_DROPOUT=has_dropout, PRECISION=precision, DOT_FP32=_dot_in_float32(query.dtype),
+        ACC=tl_acc, BLOCK_E=_padded(E), BLOCK_EV=_padded(EV))
     return out, lse
 
 
@@ -404,7 +442,8 @@ def _attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor | None
         seed_arg = seed if has_dropout else params
         common = dict(HAS_MASK=attn_mask is not None,
                       MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
-                      IS_CAUSAL=is_causal, HAS_DROPOUT=has_dropout, PRECISION=precision, ACC=tl_acc,
+                      IS_CAUSAL=is_causal, HAS_DROPOUT=has_dropout, PRECISION=precision,
+                      DOT_FP32=_dot_in_float32(query.dtype), ACC=tl_acc,
                       BLOCK_E=_padded(E), BLOCK_EV=_padded(EV))
         strides = (*query.stride(), *key.stride(), *value.stride(), *_mask_strides(attn_mask), *grad_out.stride())
 
