@@ -61,24 +61,36 @@ ATTN_HOST_DEVICE T clip_coordinate(T x, int64_t size, T* grad) {
 
 // Reflect about [low, high] = [twice_low / 2, twice_high / 2] as many times as
 // needed. The gradient sign flips with each reflection. NaN stays NaN.
-template <typename T>
+// The two policies are the same map, evaluated as torch's 4-D kernel (by the
+// remainder of a division by twice the span) and 5-D kernel (by fmod and the
+// parity of the number of flips): they differ only for huge coordinates,
+// where rounding decides.
+template <NanPolicy policy, typename T>
 ATTN_HOST_DEVICE T reflect_coordinate(T x, int64_t twice_low, int64_t twice_high, T* grad) {
   if (twice_low == twice_high) {
     *grad = T(0);
     return T(0);
   }
   const T low = T(twice_low) / T(2);
-  const T span = T(twice_high - twice_low) / T(2);
-  T sign = T(1);
-  x = x - low;
-  if (x < T(0)) {
-    sign = T(-1);
-    x = -x;
+  T shifted = x - low;
+  const T sign = shifted < T(0) ? T(-1) : T(1);
+  shifted = std::fabs(shifted);
+  if (policy == NanPolicy::Planar) {
+    const T twice_span = T(twice_high - twice_low);
+    const T extra = shifted - std::trunc(shifted / twice_span) * twice_span;
+    const T reflected = twice_span - extra;
+    if (extra > reflected) {
+      *grad = -sign;
+      return reflected + low;
+    }
+    *grad = sign;
+    return extra + low;
   }
-  const T extra = std::fmod(x, span);
+  const T span = T(twice_high - twice_low) / T(2);
+  const T extra = std::fmod(shifted, span);
   // Parity of the number of flips, computed in floating point: casting a huge
   // or NaN count to an integer would be undefined.
-  const T flips = std::floor(x / span);
+  const T flips = std::floor(shifted / span);
   const bool odd = std::fmod(flips, T(2)) == T(1);
   if (!odd) {
     *grad = sign;
@@ -99,9 +111,9 @@ ATTN_HOST_DEVICE T pad_coordinate(T x, int64_t size, Padding padding, bool align
   if (padding == Padding::Reflection) {
     T reflect_grad, clip_grad;
     if (align_corners) {
-      x = reflect_coordinate(x, 0, 2 * (size - 1), &reflect_grad);
+      x = reflect_coordinate<policy>(x, 0, 2 * (size - 1), &reflect_grad);
     } else {
-      x = reflect_coordinate(x, -1, 2 * size - 1, &reflect_grad);
+      x = reflect_coordinate<policy>(x, -1, 2 * size - 1, &reflect_grad);
     }
     x = clip_coordinate<policy>(x, size, &clip_grad);
     *grad = reflect_grad * clip_grad;

@@ -1,9 +1,22 @@
-"""Shared test configuration: the `cuda` marker skips without a GPU."""
+"""Shared test configuration.
 
-import pytest
+- The `cuda` marker skips without a GPU.
+- Without a GPU, the Triton kernels run on CPU tensors through the Triton
+  interpreter (TRITON_INTERPRET=1, set here before anything imports Triton), so
+  that one `python -m pytest` covers every backend; set TRITON_INTERPRET=0 to
+  leave them out.
+"""
+
+import os
+
 import torch
 
-from attnkernels import available_backends
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from attnkernels import available_backends  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 

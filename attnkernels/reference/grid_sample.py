@@ -116,9 +116,11 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     spatial = input.shape[2:]  # (D,) H, W
     dims = len(spatial)
     out_spatial = grid.shape[1:-1]
-    flat_input = input.reshape(n, c, -1)
-    flat_grid = grid.reshape(n, -1, dims)
-    points = flat_grid.shape[1]
+    points = 1
+    for s in out_spatial:
+        points *= s
+    flat_input = input.reshape(n, c, -1) if n and c else input.new_zeros((n, c, spatial.numel()))
+    flat_grid = grid.reshape(n, points, dims)
     # Axis a of the grid (x, y, z) samples input dimension -1 - a.
     sizes = [spatial[dims - 1 - a] for a in range(dims)]
     axis_strides = [1]

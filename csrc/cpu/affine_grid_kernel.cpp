@@ -1,5 +1,10 @@
 // affine_grid on the CPU: grid (N, [D,] H, W, Dims) = base grid @ theta^T, and
 // its gradient to theta.
+// No FMA contraction in the sampling kernels: coordinates must round exactly
+// as torch's do (a fused multiply-add moves huge coordinates by an ulp, and a
+// reflected coordinate by a whole pixel).
+#pragma GCC optimize("fp-contract=off")
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

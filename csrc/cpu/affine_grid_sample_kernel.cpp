@@ -1,6 +1,11 @@
 // Fused affine_grid + grid_sample on the CPU: each output position's sampling
 // point is computed from theta on the fly, so the grid is never stored. The
 // backward reduces the gradient to theta per thread, then across threads.
+// No FMA contraction in the sampling kernels: coordinates must round exactly
+// as torch's do (a fused multiply-add moves huge coordinates by an ulp, and a
+// reflected coordinate by a whole pixel).
+#pragma GCC optimize("fp-contract=off")
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

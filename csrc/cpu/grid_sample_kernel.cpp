@@ -1,5 +1,10 @@
 // grid_sample on the CPU: forward and backward, 4-D and 5-D, every mode and
 // padding, fp16/bf16/fp32/fp64 (half types accumulate in fp32).
+// No FMA contraction in the sampling kernels: coordinates must round exactly
+// as torch's do (a fused multiply-add moves huge coordinates by an ulp, and a
+// reflected coordinate by a whole pixel).
+#pragma GCC optimize("fp-contract=off")
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -1,0 +1,57 @@
+"""Shared inputs and the low-precision error rule for the sampling tests."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+MODES = ("bilinear", "nearest", "bicubic")
+PADDINGS = ("zeros", "border", "reflection")
+LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def make_input(dims: int, dtype=torch.float64, batch=2, channels=3, spatial=None, seed=0) -> torch.Tensor:
+    """A (batch, channels, [D,] H, W) input with odd, unequal sizes."""
+    gen = torch.Generator().manual_seed(seed)
+    spatial = spatial or ((5, 6, 7) if dims == 3 else (6, 7))
+    return torch.randn((batch, channels, *spatial), generator=gen, dtype=torch.float64).to(dtype)
+
+
+def make_grid(dims: int, dtype=torch.float64, batch=2, out=None, spread=1.25, seed=1) -> torch.Tensor:
+    """Grid points in [-spread, spread]: some fall outside [-1, 1] to exercise the padding."""
+    gen = torch.Generator().manual_seed(seed)
+    out = out or ((3, 4, 5) if dims == 3 else (4, 5))
+    g = (torch.rand((batch, *out, dims), generator=gen, dtype=torch.float64) * 2 - 1) * spread
+    return g.to(dtype)
+
+
+def torch_supports(dims: int, mode: str) -> bool:
+    """torch has no 5-D bicubic (tricubic)."""
+    return not (dims == 3 and mode == "bicubic")
+
+
+def all_cases():
+    """(dims, mode, padding, align_corners) for every combination."""
+    return list(itertools.product((2, 3), MODES, PADDINGS, (False, True)))
+
+
+def case_id(case) -> str:
+    dims, mode, padding, align = case
+    return f"{dims}d-{mode}-{padding}-{'align' if align else 'noalign'}"
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_torch_error(ours: torch.Tensor, theirs: torch.Tensor, truth: torch.Tensor, factor: float,
+                              what: str) -> None:
+    """The FlashAttention rule: our error against float64 is at most `factor` times torch's own
+    error in the same dtype (plus one unit in the last place of the dtype at the output's scale,
+    so that an exactly rounded torch result does not demand a zero error)."""
+    ours_err = max_error(ours, truth)
+    torch_err = max_error(theirs, truth)
+    ulp = torch.finfo(ours.dtype).eps * max(1.0, truth.abs().max().item())
+    assert ours_err <= factor * torch_err + ulp, (
+        f"{what}: error {ours_err:.3g} against float64, torch's own {torch_err:.3g} (allowed {factor}x + {ulp:.3g})")

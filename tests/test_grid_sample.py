@@ -1,0 +1,254 @@
+"""grid_sample against torch and against the reference, on every CPU backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import cpu_backends
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sampling_cases import (
+    LOW_PRECISION,
+    MODES,
+    PADDINGS,
+    all_cases,
+    assert_within_torch_error,
+    case_id,
+    make_grid,
+    make_input,
+    torch_supports,
+)
+
+import attnkernels
+from attnkernels import reference
+
+BACKENDS = cpu_backends()
+CASES = all_cases()
+
+
+def run(backend, input, grid, mode, padding, align):
+    """grid_sample through attnkernels, or None (with the reason checked) when the backend can't serve."""
+    try:
+        return attnkernels.grid_sample(input, grid, mode, padding, align, backend=backend)
+    except RuntimeError as error:
+        if "cannot serve these inputs" in str(error) and backend == "triton":
+            pytest.skip(f"triton backend: {error}")
+        raise
+
+
+def forward_and_grads(fn, input, grid, seed=3):
+    input = input.detach().requires_grad_(True)
+    grid = grid.detach().requires_grad_(True)
+    out = fn(input, grid)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grad_out = grad_out.to(out.dtype)
+    grad_input, grad_grid = torch.autograd.grad(out, (input, grid), grad_out)
+    return out, grad_input, grad_grid
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_float64_matches_torch_and_reference(backend, case):
+    dims, mode, padding, align = case
+    x, g = make_input(dims), make_grid(dims)
+    ours = forward_and_grads(lambda a, b: run(backend, a, b, mode, padding, align), x, g)
+    oracle = forward_and_grads(lambda a, b: reference.grid_sample(a, b, mode, padding, align), x, g)
+    for name, a, b in zip(("output", "grad_input", "grad_grid"), ours, oracle, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m, n=name: f"{n} vs reference: {m}")
+    if torch_supports(dims, mode):
+        theirs = forward_and_grads(lambda a, b: F.grid_sample(a, b, mode, padding, align), x, g)
+        for name, a, b in zip(("output", "grad_input", "grad_grid"), ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m, n=name: f"{n} vs torch: {m}")
+
+
+def test_reference_matches_torch_float64():
+    """The oracle itself agrees with torch wherever torch has the mode."""
+    for dims, mode, padding, align in CASES:
+        if not torch_supports(dims, mode):
+            continue
+        x, g = make_input(dims), make_grid(dims)
+        options = (mode, padding, align)
+        ours = forward_and_grads(lambda a, b, o=options: reference.grid_sample(a, b, *o), x, g)
+        theirs = forward_and_grads(lambda a, b, o=options: F.grid_sample(a, b, *o), x, g)
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("case", [c for c in CASES if c[3] is False], ids=case_id)
+def test_low_precision_error_within_twice_torch(backend, dtype, case):
+    dims, mode, padding, _ = case
+    if not torch_supports(dims, mode):
+        pytest.skip("torch has no 5-D bicubic to compare the error with")
+    x64 = make_input(dims, channels=4, spatial=(6, 9, 10) if dims == 3 else (12, 13)) * 4
+    g64 = make_grid(dims, out=(4, 6, 7) if dims == 3 else (9, 11))
+    # Truth: float64 on the inputs rounded to the low-precision dtype.
+    x64, g64 = x64.to(dtype).double(), g64.to(dtype).double()
+    truth = forward_and_grads(lambda a, b: F.grid_sample(a, b, mode, padding, False), x64, g64)
+    x, g = x64.to(dtype), g64.to(dtype)
+    ours = forward_and_grads(lambda a, b: run(backend, a, b, mode, padding, False), x, g)
+    theirs = forward_and_grads(lambda a, b: F.grid_sample(a, b, mode, padding, False), x, g)
+    for name, factor, a, b, t in zip(("output", "grad_input", "grad_grid"), (2, 3, 3), ours, theirs, truth,
+                                     strict=True):
+        assert a.dtype == dtype
+        assert_within_torch_error(a, b, t, factor, f"{name} {dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dims", (2, 3))
+def test_non_contiguous_and_channels_last(backend, dims):
+    x = make_input(dims, channels=5)
+    g = make_grid(dims)
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    variants = {
+        "channels_last": x.contiguous(memory_format=fmt),
+        "transposed": x.transpose(-1, -2).contiguous().transpose(-1, -2),
+        "strided view": torch.stack([x, x], 2)[:, :, 0],
+    }
+    grid_strided = g.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    expected = F.grid_sample(x, g, "bilinear", "border", False)
+    for name, xv in variants.items():
+        xv = xv.detach().requires_grad_(True)
+        out = run(backend, xv, grid_strided, "bilinear", "border", False)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+        (grad,) = torch.autograd.grad(out.sum(), xv)
+        xt = xv.detach().requires_grad_(True)
+        (expected_grad,) = torch.autograd.grad(F.grid_sample(xt, g, "bilinear", "border", False).sum(), xt)
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+    # A channels-last input gets a channels-last gradient (as torch's fp32 CPU kernel gives), a
+    # contiguous one a contiguous gradient.
+    if backend != "reference":
+        for xv, channels_last in ((variants["channels_last"], True), (x, False)):
+            xv = xv.detach().float().contiguous(memory_format=fmt if channels_last else torch.contiguous_format)
+            xv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(run(backend, xv, g.float(), "bilinear", "zeros", False).sum(), xv)
+            assert grad.is_contiguous(memory_format=fmt) == channels_last
+            assert grad.is_contiguous() == (not channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dims", (2, 3))
+@pytest.mark.parametrize("empty", ("batch", "channels", "points"))
+def test_empty_tensors(backend, dims, empty):
+    batch = 0 if empty == "batch" else 2
+    channels = 0 if empty == "channels" else 3
+    out_size = ((0, 2, 3) if dims == 3 else (0, 3)) if empty == "points" else None
+    x = make_input(dims, batch=batch, channels=channels).requires_grad_(True)
+    g = make_grid(dims, batch=batch, out=out_size).requires_grad_(True)
+    out = run(backend, x, g, "bilinear", "zeros", False)
+    expected = F.grid_sample(x, g, "bilinear", "zeros", False)
+    assert out.shape == expected.shape
+    grad_input, grad_grid = torch.autograd.grad(out.sum(), (x, g), allow_unused=True)
+    for grad, like in ((grad_input, x), (grad_grid, g)):
+        assert grad is None or (grad.shape == like.shape and not grad.abs().sum().item())
+
+
+NON_FINITE = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 1.0, -1.0, 0.3]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("dims", (2, 3))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_nan_and_inf_in_grid_match_torch(backend, dtype, dims, mode, padding):
+    """Non-finite grid values give exactly torch's CPU output (torch treats 4-D and 5-D differently)."""
+    if not torch_supports(dims, mode):
+        pytest.skip("torch has no 5-D bicubic")
+    x = make_input(dims, dtype=dtype, batch=1, channels=2)
+    values = torch.tensor(NON_FINITE, dtype=dtype)
+    # Each value in each coordinate, with the other coordinates at ordinary points.
+    pts = []
+    for axis in range(dims):
+        for v in values:
+            p = torch.full((dims,), 0.25, dtype=dtype)
+            p[axis] = v
+            pts.append(p)
+    g = torch.stack(pts).reshape(1, *([1] * (dims - 1)), len(pts), dims)
+    for align in (False, True):
+        expected = F.grid_sample(x, g, mode, padding, align)
+        out = run(backend, x, g, mode, padding, align)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("dims", (2, 3))
+def test_backward_with_non_finite_grid_does_not_crash(backend, dims):
+    """torch's own backward can crash on NaN grids; ours returns, and bilinear input gradients stay finite."""
+    x = make_input(dims).requires_grad_(True)
+    g = make_grid(dims).clone()
+    g.view(-1)[::3] = float("nan")
+    g.view(-1)[1::5] = float("inf")
+    for padding in PADDINGS:
+        g_leaf = g.clone().requires_grad_(True)
+        out = run(backend, x, g_leaf, "bilinear", padding, False)
+        grad_input, _ = torch.autograd.grad(out.nansum(), (x, g_leaf))
+        assert torch.isfinite(grad_input).all(), padding
+
+
+def test_nearest_rounds_half_to_even():
+    x = torch.arange(5, dtype=torch.float64).reshape(1, 1, 1, 5)
+    # With align_corners=True, x = -1 + 2 k / 4 lands exactly on pixel k; halfway points 0.5, 1.5, 2.5.
+    pixels = torch.tensor([0.5, 1.5, 2.5, 3.5], dtype=torch.float64)
+    g = torch.stack([pixels / 2 - 1, torch.zeros_like(pixels)], -1).reshape(1, 1, 4, 2)
+    for backend in BACKENDS:
+        out = run(backend, x, g, "nearest", "zeros", True)
+        assert out.flatten().tolist() == [0.0, 2.0, 2.0, 4.0], backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tricubic_reproduces_a_cubic_polynomial(backend):
+    """Keys' kernel reproduces quadratics exactly in the interior: a check of 5-D bicubic that needs no torch."""
+    d, h, w = 8, 9, 10
+    zz, yy, xx = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in (d, h, w)), indexing="ij")
+    field = (0.5 * xx**2 - 0.25 * yy * xx + 0.1 * zz**2 + yy).reshape(1, 1, d, h, w)
+    gen = torch.Generator().manual_seed(0)
+    pix = torch.stack([torch.rand(50, generator=gen, dtype=torch.float64) * (n - 5) + 2 for n in (w, h, d)], -1)
+    g = (pix * 2 / torch.tensor([w - 1, h - 1, d - 1], dtype=torch.float64) - 1).reshape(1, 1, 1, 50, 3)
+    out = run(backend, field, g, "bicubic", "border", True).flatten()
+    px, py, pz = pix.unbind(-1)
+    expected = 0.5 * px**2 - 0.25 * py * px + 0.1 * pz**2 + py
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    dims=st.sampled_from((2, 3)),
+    batch=st.integers(1, 3),
+    channels=st.integers(1, 20),
+    in_size=st.lists(st.integers(1, 7), min_size=3, max_size=3),
+    out_size=st.lists(st.integers(1, 6), min_size=3, max_size=3),
+    mode=st.sampled_from(MODES),
+    padding=st.sampled_from(PADDINGS),
+    align=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_match_torch(dims, batch, channels, in_size, out_size, mode, padding, align, seed):
+    if not torch_supports(dims, mode):
+        mode = "bilinear"
+    x = make_input(dims, batch=batch, channels=channels, spatial=tuple(in_size[:dims]), seed=seed)
+    g = make_grid(dims, batch=batch, out=tuple(out_size[:dims]), seed=seed + 1)
+    theirs = forward_and_grads(lambda a, b: F.grid_sample(a, b, mode, padding, align), x, g)
+    for backend in BACKENDS:
+        if backend == "triton" and mode == "bicubic":
+            continue
+        ours = forward_and_grads(lambda a, b, be=backend: run(be, a, b, mode, padding, align), x, g)
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+
+
+def test_default_backend_for_cpu_tensors_is_cpu():
+    x, g = make_input(2, dtype=torch.float32), make_grid(2, dtype=torch.float32)
+    expected = "cpu" if "cpu" in attnkernels.available_backends() else "reference"
+    # The chosen backend gives bitwise the same result as asking for it explicitly.
+    torch.testing.assert_close(attnkernels.grid_sample(x, g, align_corners=False),
+                               attnkernels.grid_sample(x, g, align_corners=False, backend=expected), rtol=0, atol=0)
+
+
+def test_align_corners_none_means_false_with_torch_warning():
+    x, g = make_input(2), make_grid(2)
+    with pytest.warns(UserWarning, match="align_corners"):
+        out = attnkernels.grid_sample(x, g)
+    torch.testing.assert_close(out, F.grid_sample(x, g, align_corners=False), rtol=0, atol=1e-12)
