@@ -45,19 +45,33 @@ def clip_coordinate(x, size, VOLUMETRIC: tl.constexpr):
 
 
 @triton.jit
-def reflect_coordinate(x, twice_low, twice_high):
-    """Reflect about [twice_low / 2, twice_high / 2] repeatedly; the gradient sign flips per reflection."""
+def reflect_coordinate(x, twice_low, twice_high, VOLUMETRIC: tl.constexpr):
+    """Reflect about [twice_low / 2, twice_high / 2] repeatedly; the gradient sign flips per reflection.
+
+    Evaluated as csrc/grid_sample_math.h does for each policy (they differ only for huge coordinates):
+    planar (4-D) by the remainder of a division by twice the span, volumetric (5-D) by fmod and the
+    parity of the number of flips.
+    """
     low = twice_low / 2
-    span = (twice_high - twice_low) / 2
     shifted = x - low
     sign = tl.where(shifted < 0, -1.0, 1.0)
     distance = tl.abs(shifted)
-    extra = distance % span  # fmod: float remainder follows C's fmod, also under the interpreter
-    # Parity of the flips in floating point (a huge or NaN count has no integer value).
-    flips = tl.floor(distance / span)
-    odd = (flips % 2) == 1
-    reflected = tl.where(odd, span - extra + low, extra + low)
-    grad = tl.where(odd, -sign, sign)
+    if VOLUMETRIC:
+        span = (twice_high - twice_low) / 2
+        extra = distance % span  # fmod: float remainder follows C's fmod, also under the interpreter
+        # Parity of the flips in floating point (a huge or NaN count has no integer value).
+        flips = tl.floor(distance / span)
+        odd = (flips % 2) == 1
+        reflected = tl.where(odd, span - extra + low, extra + low)
+        grad = tl.where(odd, -sign, sign)
+    else:
+        twice_span = (twice_high - twice_low) * 1.0
+        quotient = distance / twice_span
+        extra = distance - tl.where(quotient < 0, tl.ceil(quotient), tl.floor(quotient)) * twice_span
+        mirrored = twice_span - extra
+        flip = extra > mirrored
+        reflected = tl.where(flip, mirrored + low, extra + low)
+        grad = tl.where(flip, -sign, sign)
     degenerate = twice_low == twice_high  # a size-1 axis (align_corners): always 0
     return tl.where(degenerate, 0.0, reflected).to(x.dtype), tl.where(degenerate, 0.0, grad).to(x.dtype)
 
@@ -69,9 +83,9 @@ def pad_coordinate(x, size, PADDING: tl.constexpr, ALIGN_CORNERS: tl.constexpr, 
         return clip_coordinate(x, size, VOLUMETRIC)
     elif PADDING == 2:
         if ALIGN_CORNERS:
-            reflected, reflect_grad = reflect_coordinate(x, 0, 2 * (size - 1))
+            reflected, reflect_grad = reflect_coordinate(x, 0, 2 * (size - 1), VOLUMETRIC)
         else:
-            reflected, reflect_grad = reflect_coordinate(x, -1, 2 * size - 1)
+            reflected, reflect_grad = reflect_coordinate(x, -1, 2 * size - 1, VOLUMETRIC)
         clipped, clip_grad = clip_coordinate(reflected, size, VOLUMETRIC)
         return clipped, reflect_grad * clip_grad
     else:
