@@ -42,7 +42,7 @@ _SCALE_LOG2, _SCALE, _KEEP_SCALE, _LOG2E, _LN2 = range(5)
 def _configs(kind: str) -> list[triton.Config]:
     """Tile configs: one small config under the interpreter (every op is a numpy call there)."""
     if INTERPRETER:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
     sizes = [(128, 128), (128, 64), (64, 64), (64, 32), (32, 32)] if kind == "forward" else \
         [(64, 128), (128, 64), (64, 64), (32, 64), (32, 32), (16, 32)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
