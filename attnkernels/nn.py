@@ -16,43 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import sampling
+from .attention import scaled_dot_product_attention
 
 TRANSFORMS = ("affine", "translation_scale")
-
-
-def _attention_op():
-    """attnkernels.scaled_dot_product_attention, or None while the attention op is not in the package."""
-    try:
-        from . import attention
-    except ImportError:
-        return None
-    return getattr(attention, "scaled_dot_product_attention", None)
-
-
-def _plain_attention(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
-    """softmax(QKᵀ/√E + mask)V in plain PyTorch: used only where the package has no attention op.
-
-    query: (N, Hq, L, E); key: (N, Hkv, S, E); value: (N, Hkv, S, Ev); attn_mask: bool (True = attend) or
-    float, broadcastable to (N, Hq, L, S). Returns (N, Hq, L, Ev).
-    """
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        group = query.shape[-3] // key.shape[-3]
-        key = key.repeat_interleave(group, dim=-3)
-        value = value.repeat_interleave(group, dim=-3)
-    scores = (query @ key.transpose(-2, -1)) / math.sqrt(query.shape[-1])
-    allowed = None
-    if is_causal:
-        allowed = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        allowed = attn_mask if allowed is None else allowed & attn_mask
-    elif attn_mask is not None:
-        scores = scores + attn_mask
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully masked row attends to nothing: 0
-    if dropout_p > 0:
-        weights = F.dropout(weights, dropout_p)
-    return weights @ value
 
 
 # ----------------------------------------------------------------------------- spatial transformer
@@ -229,9 +195,9 @@ class MultiheadSelfAttention(nn.Module):
         broadcastable to (N, num_heads, L, L)."""
         masks = []
         if attn_mask is not None:
-            if attn_mask.dim() == 2:
+            if tuple(attn_mask.shape) == (length, length):
                 attn_mask = attn_mask.view(1, 1, length, length)
-            elif attn_mask.dim() == 3 and attn_mask.shape[0] == batch * self.num_heads:
+            elif tuple(attn_mask.shape) == (batch * self.num_heads, length, length):
                 attn_mask = attn_mask.view(batch, self.num_heads, length, length)
             else:
                 raise ValueError(f"MultiheadSelfAttention: expected `attn_mask` of shape ({length}, {length}) or "
@@ -289,11 +255,7 @@ class MultiheadSelfAttention(nn.Module):
             mask = mask & causal if mask.dtype == torch.bool else torch.where(causal, mask, float("-inf"))
         dropout_p = self.dropout if self.training else 0.0
         gqa = self.num_kv_heads != self.num_heads
-        attention = _attention_op()
-        if attention is None:
-            out = _plain_attention(q, k, v, mask, dropout_p, causal_only, gqa)
-        else:
-            out = attention(q, k, v, mask, dropout_p, causal_only, enable_gqa=gqa, backend=self.backend)
+        out = scaled_dot_product_attention(q, k, v, mask, dropout_p, causal_only, enable_gqa=gqa, backend=self.backend)
         out = self.out_proj(out.transpose(1, 2).flatten(2))
         if unbatched:
             return out.squeeze(0)

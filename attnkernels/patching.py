@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from . import attention as _attention
 from . import sampling as _sampling
 
 PATCHED_NAMES = ("grid_sample", "affine_grid", "scaled_dot_product_attention")
@@ -107,15 +108,6 @@ def _cast(t, dtype: torch.dtype):
     return t
 
 
-def _attention_module():
-    """attnkernels.attention, or None while the attention op is not part of the package."""
-    try:
-        from . import attention
-    except ImportError:
-        return None
-    return attention if hasattr(attention, "scaled_dot_product_attention") else None
-
-
 # ----------------------------------------------------------------------------- the wrappers
 
 
@@ -154,10 +146,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                  is_causal: bool = False, scale: float | None = None,
                                  enable_gqa: bool = False) -> torch.Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` run by ``attnkernels.scaled_dot_product_attention``."""
-    attention = _attention_module()
     reason = _why_not_ours((query, key, value, attn_mask))
-    if reason is None and attention is None:
-        reason = "this build of attnkernels has no attention op"
     if reason is not None:
         _warn_fallback("scaled_dot_product_attention", reason)
         return _original("scaled_dot_product_attention")(query, key, value, attn_mask, dropout_p, is_causal,
@@ -167,11 +156,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         # torch's autocast policy runs SDPA in the autocast dtype (a float mask included).
         low = torch.get_autocast_dtype(autocast)
         with torch.autocast(autocast, enabled=False):
-            return attention.scaled_dot_product_attention(
+            return _attention.scaled_dot_product_attention(
                 _cast(query, low), _cast(key, low), _cast(value, low), _cast(attn_mask, low), dropout_p,
                 is_causal, scale=scale, enable_gqa=enable_gqa)
-    return attention.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
-                                                  enable_gqa=enable_gqa)
+    return _attention.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                                   enable_gqa=enable_gqa)
 
 
 _WRAPPERS = {

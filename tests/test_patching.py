@@ -14,8 +14,6 @@ import attnkernels
 from attnkernels import patching
 
 NAMES = patching.PATCHED_NAMES
-HAS_ATTENTION = patching._attention_module() is not None
-needs_attention = pytest.mark.skipif(not HAS_ATTENTION, reason="attnkernels.scaled_dot_product_attention not built")
 
 
 @pytest.fixture(autouse=True)
@@ -49,9 +47,7 @@ def sampling_spies(monkeypatch):
 
 @pytest.fixture
 def attention_spy(monkeypatch):
-    if not HAS_ATTENTION:
-        pytest.skip("attnkernels.scaled_dot_product_attention not built")
-    return Spy(monkeypatch, patching._attention_module(), "scaled_dot_product_attention")
+    return Spy(monkeypatch, attnkernels.attention, "scaled_dot_product_attention")
 
 
 # ----------------------------------------------------------------------------- swap and restore
@@ -168,7 +164,6 @@ def _encoder_layer(dropout: float) -> nn.TransformerEncoderLayer:
     return nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=dropout, batch_first=True)
 
 
-@needs_attention
 def test_patched_transformer_encoder_layer_matches_in_eval_mode(attention_spy):
     layer = _encoder_layer(0.1).eval()
     x = torch.randn(3, 10, 32)
@@ -185,7 +180,6 @@ def test_patched_transformer_encoder_layer_matches_in_eval_mode(attention_spy):
     torch.testing.assert_close(got_causal, expected_causal, rtol=1e-5, atol=1e-5)
 
 
-@needs_attention
 def test_patched_multihead_attention_routes_through_ours_without_weights(attention_spy):
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(16, 4, dtype=torch.float64)
@@ -198,7 +192,6 @@ def test_patched_multihead_attention_routes_through_ours_without_weights(attenti
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
-@needs_attention
 def test_patched_transformer_encoder_layer_trains(attention_spy):
     layer = _encoder_layer(0.1).train()
     head = nn.Linear(32, 1)
@@ -261,7 +254,6 @@ def test_tensor_subclasses_fall_back_to_torch():
     torch.testing.assert_close(out.as_subclass(torch.Tensor), expected)
 
 
-@needs_attention
 def test_nested_tensors_fall_back_for_attention():
     q = torch.nested.nested_tensor([torch.randn(2, 3, 8), torch.randn(2, 5, 8)], layout=torch.jagged)
     q = q.transpose(1, 2)  # (N, H, j, E), what torch's SDPA takes for nested inputs
@@ -287,7 +279,6 @@ def test_autocast_gives_torch_dtypes_for_sampling():
     torch.testing.assert_close(got, expected)
 
 
-@needs_attention
 def test_autocast_gives_torch_dtype_for_attention():
     q = torch.randn(2, 2, 5, 8)
     mask = torch.randn(5, 5)
