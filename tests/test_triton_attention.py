@@ -7,6 +7,7 @@ marker. Shapes stay small: every tile operation is a numpy call under the interp
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -290,6 +291,32 @@ def test_why_not():
     if DEVICE == "cuda":
         reason = triton_backend.why_not("attention", q.cuda(), dtype=q.dtype, head_dim=1000, value_dim=8)
         assert "head_dim up to 512" in reason
+
+
+@pytest.mark.parametrize("kind", ("forward", "kv", "q"))
+def test_gpu_autotune_configs_are_pruned_to_what_fits(kind):
+    """The GPU config list (checked here without a GPU): every head dim up to the limit keeps at
+    least one config, every kept config fits, and short sequences drop tiles far longer than them."""
+    module = importlib.import_module("attnkernels.triton.attention")  # the package's `attention` is the function
+
+    configs = module._configs("forward" if kind == "forward" else "backward", interpreter=False)
+    prune = module._pruner(kind)
+    for elem, dtype in ((2, torch.float16), (4, torch.float32), (8, torch.float64)):
+        for head_dim in (16, 64, 128, 256, module.MAX_HEAD_DIM):
+            args = {"Q": torch.empty(0, dtype=dtype), "BLOCK_E": head_dim, "BLOCK_EV": head_dim,
+                    "L_BUCKET": 4096, "S_BUCKET": 4096}
+            kept = prune(configs, args)
+            assert kept, (elem, head_dim)
+            fitting = [c for c in kept if module._fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                                       c.num_stages, head_dim, head_dim, elem)]
+            assert fitting == kept or len(kept) == 1
+        short = prune(configs, {"Q": torch.empty(0, dtype=dtype), "BLOCK_E": 64, "BLOCK_EV": 64,
+                                "L_BUCKET": 16, "S_BUCKET": 16})
+        assert all(c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_N"] <= 32 for c in short)
+    if kind == "forward":  # the Triton tutorial's choice for head dim 128 in 16-bit survives
+        kept = prune(configs, {"Q": torch.empty(0, dtype=torch.float16), "BLOCK_E": 128, "BLOCK_EV": 128,
+                               "L_BUCKET": 4096, "S_BUCKET": 4096})
+        assert any((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == (128, 64, 8) for c in kept)
 
 
 def test_torch_compile_fullgraph():

@@ -39,39 +39,57 @@ _SCALE_LOG2, _SCALE, _KEEP_SCALE, _LOG2E, _LN2 = range(5)
 # ----------------------------------------------------------------------------- autotuning
 
 
-def _configs(kind: str) -> list[triton.Config]:
-    """Tile configs: one small config under the interpreter (every op is a numpy call there)."""
-    if INTERPRETER:
+def _configs(kind: str, interpreter: bool = INTERPRETER) -> list[triton.Config]:
+    """Tile configs (BLOCK_M query rows x BLOCK_N key columns, warps, pipeline stages).
+
+    Under the interpreter a single config, since every tile op is a numpy call there. On a GPU a
+    short list in the FlashAttention-2 / Triton-tutorial range, so that autotuning (and compiling
+    every config for each head dim and flag combination) stays within seconds.
+    """
+    if interpreter:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
-    sizes = [(128, 128), (128, 64), (64, 64), (64, 32), (32, 32)] if kind == "forward" else \
-        [(64, 128), (128, 64), (64, 64), (32, 64), (32, 32), (16, 32)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n in sizes for w in (4, 8) for s in (2, 3, 4)]
+    if kind == "forward":
+        shapes = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+                  (64, 64, 4, 2), (64, 32, 4, 4), (32, 32, 4, 2), (16, 32, 4, 2)]
+    else:
+        shapes = [(64, 128, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2),
+                  (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+            for m, n, w, st in shapes]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Keep the configs whose tiles fit: shared memory for the pipelined K/V (or Q/dO) tiles and
-    registers for the accumulators. Always keeps the smallest config."""
-    args = {**named_args, **kwargs}
-    block_e, block_ev = args["BLOCK_E"], args["BLOCK_EV"]
-    elem = args["Q"].element_size()
-    lengths = (args["L"], args["S"])
-    kept = []
-    for config in configs:
-        m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-        shared = (m * block_e + config.num_stages * n * (block_e + block_ev)) * elem
-        accumulator = max(m, n) * max(block_e, block_ev) * 4 / (32 * config.num_warps)  # floats per thread
-        too_long = m > 2 * triton.next_power_of_2(max(lengths[0], 16)) or n > 2 * triton.next_power_of_2(
-            max(lengths[1], 16))
-        if shared <= 160 * 1024 and accumulator <= 128 and not too_long:
-            kept.append(config)
-    if not kept:
-        smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
-        kept = [smallest]
-    return kept
+def _fits(kind: str, m: int, n: int, warps: int, stages: int, block_e: int, block_ev: int, elem: int) -> bool:
+    """Whether a config's tiles fit: 32-bit registers per thread for the live tiles (accumulators and
+    scores in fp32, operands in the input dtype) and shared memory for the pipelined loads."""
+    words = elem / 4
+    if kind == "forward":  # acc (M, Ev), scores (M, N), q (M, E); streamed k, v
+        live = m * block_ev + m * n + m * block_e * words
+        shared = stages * n * (block_e + block_ev) * elem
+    elif kind == "kv":  # dk (N, E), dv (N, Ev), k, v held; scores and dP (M, N); streamed q, dO
+        live = n * (block_e + block_ev) * (1 + words) + 2 * m * n
+        shared = stages * m * (block_e + block_ev) * elem
+    else:  # dq (M, E), q, dO held; scores and dP (M, N); streamed k, v
+        live = m * block_e + m * (block_e + block_ev) * words + 2 * m * n
+        shared = stages * n * (block_e + block_ev) * elem
+    return live / (32 * warps) <= 256 and shared <= 200 * 1024
 
 
-_KEY = ["L", "S", "BLOCK_E", "BLOCK_EV", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT"]
+def _pruner(kind: str):
+    def prune(configs, named_args, **kwargs):
+        """The configs that fit, and none whose tiles exceed the lengths twice over; at least the smallest."""
+        args = {**named_args, **kwargs}
+        elem = args["Q"].element_size()
+        kept = [c for c in configs
+                if _fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+                         args["BLOCK_E"], args["BLOCK_EV"], elem)
+                and c.kwargs["BLOCK_M"] <= max(16, 2 * args["L_BUCKET"])
+                and c.kwargs["BLOCK_N"] <= max(16, 2 * args["S_BUCKET"])]
+        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+    return prune
+
+
+# Tuned once per power-of-two bucket of the lengths, not per exact length.
+_KEY = ["L_BUCKET", "S_BUCKET", "BLOCK_E", "BLOCK_EV", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT"]
 
 
 # ----------------------------------------------------------------------------- shared tile helpers
@@ -137,12 +155,12 @@ def _scores(q, k_t, mask_ptr, rows, cols, L, S, m_l, m_s, params_ptr,
 # ----------------------------------------------------------------------------- forward
 
 
-@triton.autotune(configs=_configs("forward"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs("forward"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("forward")})
 @triton.jit
 def _forward_kernel(
     Q, K, V, Mask, Seed, Params, Out, Lse,
     q_b, q_h, q_l, q_e, k_b, k_h, k_s, k_e, v_b, v_h, v_s, v_e, m_b, m_h, m_l, m_s,
-    Hq, L, S, E, EV, GROUP, dropout_p,
+    Hq, L, S, E, EV, GROUP, dropout_p, L_BUCKET, S_BUCKET,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -211,12 +229,12 @@ def _probabilities(s, lse_log2):
     return tl.exp2(s - lse_log2[:, None])
 
 
-@triton.autotune(configs=_configs("backward"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs("backward"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("kv")})
 @triton.jit
 def _backward_kv_kernel(
     Q, K, V, Mask, Seed, Params, GradOut, Lse, Delta, GradK, GradV,
     q_b, q_h, q_l, q_e, k_b, k_h, k_s, k_e, v_b, v_h, v_s, v_e, m_b, m_h, m_l, m_s, o_b, o_h, o_l, o_e,
-    Hq, Hkv, L, S, E, EV, GROUP, dropout_p,
+    Hq, Hkv, L, S, E, EV, GROUP, dropout_p, L_BUCKET, S_BUCKET,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -284,12 +302,12 @@ def _backward_kv_kernel(
     tl.store(GradV + out_rows[:, None] * EV + ev[None, :], grad_v, mask=(cols[:, None] < S) & (ev[None, :] < EV))
 
 
-@triton.autotune(configs=_configs("backward"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs("backward"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("q")})
 @triton.jit
 def _backward_q_kernel(
     Q, K, V, Mask, Seed, Params, GradOut, Lse, Delta, GradQ, GradMask,
     q_b, q_h, q_l, q_e, k_b, k_h, k_s, k_e, v_b, v_h, v_s, v_e, m_b, m_h, m_l, m_s, o_b, o_h, o_l, o_e,
-    Hq, L, S, E, EV, GROUP, dropout_p,
+    Hq, L, S, E, EV, GROUP, dropout_p, L_BUCKET, S_BUCKET,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -352,6 +370,11 @@ def _backward_q_kernel(
 # ----------------------------------------------------------------------------- launch
 
 
+def _buckets(L: int, S: int) -> tuple[int, int]:
+    """The autotuning key's lengths: the next powers of two."""
+    return triton.next_power_of_2(L), triton.next_power_of_2(S)
+
+
 def _padded(dim: int) -> int:
     """Head dims are padded to a power of two, at least 16 (tl.dot's smallest tile)."""
     return max(16, triton.next_power_of_2(max(dim, 1)))
@@ -407,7 +430,7 @@ def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
         query, key, value, attn_mask if attn_mask is not None else query, seed if has_dropout else params,
         params, out, lse,
         *query.stride(), *key.stride(), *value.stride(), *_mask_strides(attn_mask),
-        Hq, L, S, E, EV, Hq // Hkv, float(dropout_p),
+        Hq, L, S, E, EV, Hq // Hkv, float(dropout_p), *_buckets(L, S),
         HAS_MASK=attn_mask is not None, MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
         IS_CAUSAL=is_causal, HAS_DROPOUT=has_dropout, PRECISION=precision, DOT_FP32=_dot_in_float32(query.dtype),
         ACC=tl_acc, BLOCK_E=_padded(E), BLOCK_EV=_padded(EV))
@@ -455,10 +478,10 @@ def _attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor | None
 
         wrap_triton(_backward_kv_kernel)[kv_grid](
             query, key, value, mask_arg, seed_arg, params, grad_out, lse, delta, grad_k, grad_v, *strides,
-            Hq, Hkv, L, S, E, EV, Hq // Hkv, float(dropout_p), **common)
+            Hq, Hkv, L, S, E, EV, Hq // Hkv, float(dropout_p), *_buckets(L, S), **common)
         wrap_triton(_backward_q_kernel)[q_grid](
             query, key, value, mask_arg, seed_arg, params, grad_out, lse, delta, grad_q, grad_mask, *strides,
-            Hq, L, S, E, EV, Hq // Hkv, float(dropout_p), MASK_GRAD=mask_grad, **common)
+            Hq, L, S, E, EV, Hq // Hkv, float(dropout_p), *_buckets(L, S), MASK_GRAD=mask_grad, **common)
     mask_dtype = attn_mask.dtype if mask_grad and attn_mask is not None else acc
     return (grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), grad_mask.to(mask_dtype))
 
