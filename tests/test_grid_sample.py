@@ -199,17 +199,32 @@ def test_nearest_rounds_half_to_even():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tricubic_reproduces_a_cubic_polynomial(backend):
-    """Keys' kernel reproduces quadratics exactly in the interior: a check of 5-D bicubic that needs no torch."""
-    d, h, w = 8, 9, 10
-    zz, yy, xx = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in (d, h, w)), indexing="ij")
-    field = (0.5 * xx**2 - 0.25 * yy * xx + 0.1 * zz**2 + yy).reshape(1, 1, d, h, w)
-    gen = torch.Generator().manual_seed(0)
-    pix = torch.stack([torch.rand(50, generator=gen, dtype=torch.float64) * (n - 5) + 2 for n in (w, h, d)], -1)
-    g = (pix * 2 / torch.tensor([w - 1, h - 1, d - 1], dtype=torch.float64) - 1).reshape(1, 1, 1, 50, 3)
-    out = run(backend, field, g, "bicubic", "border", True).flatten()
-    px, py, pz = pix.unbind(-1)
-    expected = 0.5 * px**2 - 0.25 * py * px + 0.1 * pz**2 + py
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_tricubic_of_a_volume_constant_along_x_equals_torch_bicubic(backend, padding):
+    """The z and y axes of tricubic: a volume constant along x is torch's bicubic over (z, y)."""
+    image = make_input(2, batch=1, channels=2, spatial=(6, 7))  # (N, C, D, H)
+    volume = image.unsqueeze(-1).expand(-1, -1, -1, -1, 8).contiguous()  # (N, C, D, H, W=8)
+    g2 = make_grid(2, batch=1, out=(3, 5))  # x -> H, y -> D
+    gen = torch.Generator().manual_seed(6)
+    inner = (torch.rand((1, 3, 5, 1), generator=gen, dtype=torch.float64) * 2 - 1) * 0.2
+    g3 = torch.cat([inner, g2], -1).unsqueeze(1)  # (N, 1, Ho, Wo, 3) = (x inside, y, z)
+    out = run(backend, volume, g3, "bicubic", padding, False)[:, :, 0]
+    torch.testing.assert_close(out, F.grid_sample(image, g2, "bicubic", padding, False), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("align", (False, True))
+def test_tricubic_of_a_volume_constant_along_z_equals_torch_bicubic(backend, padding, align):
+    """With every depth slice equal, tricubic sampling is torch's bicubic sampling of one slice."""
+    image = make_input(2, batch=2, channels=3, spatial=(6, 7))
+    volume = image.unsqueeze(2).expand(-1, -1, 8, -1, -1).contiguous()
+    g2 = make_grid(2, out=(4, 5))
+    gen = torch.Generator().manual_seed(4)
+    depth = (torch.rand((2, 1, 4, 5, 1), generator=gen, dtype=torch.float64) * 2 - 1) * 0.2
+    g3 = torch.cat([g2.unsqueeze(1), depth], -1)  # (N, 1, Ho, Wo, 3); all 4 z taps inside the volume
+    out = run(backend, volume, g3, "bicubic", padding, align)[:, :, 0]
+    expected = F.grid_sample(image, g2, "bicubic", padding, align)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
 
 
