@@ -49,7 +49,7 @@ class Config:
     model_dim: int = 64
     heads: int = 4
     dropout: float = 0.0
-    steps: int = 500
+    steps: int = 300
     batch_size: int = 32      # global batch, split over the ranks
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -172,7 +172,8 @@ class VideoClassifier(nn.Module):
         self.norm1 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         self.norm2 = nn.LayerNorm(d)
-        self.classifier = nn.Linear(d, len(MOTIONS))
+        # The classifier reads every frame's token in order (not their mean): a motion is a change across frames.
+        self.classifier = nn.Linear(config.frames * d, len(MOTIONS))
 
     def forward(self, video: torch.Tensor):
         n, _, t = video.shape[:3]
@@ -184,7 +185,7 @@ class VideoClassifier(nn.Module):
         tokens = self.embed(torch.cat([attended, states], -1)) + self.frame_position[:t]
         tokens = self.norm1(tokens + self.self_attention(tokens))
         tokens = self.norm2(tokens + self.mlp(tokens))
-        return self.classifier(tokens.mean(1)), theta, attention_maps
+        return self.classifier(tokens.flatten(1)), theta, attention_maps
 
 
 # ----------------------------------------------------------------------------- training
