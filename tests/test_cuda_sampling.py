@@ -113,10 +113,11 @@ def test_tricubic_low_precision(dtype):
     x64, g64 = x64.to(dtype).double(), g64.to(dtype).double()
     truth = forward_and_grads(lambda a, b: ours(a, b, "bicubic", "reflection", False), x64, g64)
     mine = forward_and_grads(lambda a, b: ours(a, b, "bicubic", "reflection", False), x64.to(dtype), g64.to(dtype))
-    eps = torch.finfo(dtype).eps
+    # Rounding to the dtype (a few eps) plus fp32 accumulation over 8 channels x 64 taps.
+    allowed = 10 * torch.finfo(dtype).eps + 1e-5
     for name, a, t in zip(("output", "grad_input", "grad_grid"), mine, truth, strict=True):
         scale = max(1.0, t.abs().max().item())
-        assert max_error(a, t) <= 8 * eps * scale, name
+        assert max_error(a, t) <= allowed * scale, name
 
 
 @pytest.mark.parametrize("channels", (1, 2, 3, 5, 16, 32, 33, 70))
@@ -206,9 +207,14 @@ NON_FINITE = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 1.0, -1.0,
 def test_nan_and_inf_in_grid_match_torch_cpu(dtype, dims, mode, padding):
     """Non-finite grid values give torch's CPU output, as the attnkernels CPU backend does."""
     x = make_input(dims, dtype=dtype, batch=1, channels=2)
+    values = NON_FINITE
+    if dims == 2 and padding == "reflection":
+        # 4-D reflection of a huge coordinate is decided by rounding (csrc/grid_sample_math.h), and nvcc
+        # contracts its multiply-subtract into an FMA: the reflected point is arbitrary on every backend.
+        values = [v for v in NON_FINITE if abs(v) != 1e30]
     pts = []
     for axis in range(dims):
-        for v in torch.tensor(NON_FINITE, dtype=dtype):
+        for v in torch.tensor(values, dtype=dtype):
             p = torch.full((dims,), 0.25, dtype=dtype)
             p[axis] = v
             pts.append(p)
@@ -403,7 +409,7 @@ def test_affine_grid_matches_torch(dims, align):
     for dtype in LOW_PRECISION:
         t = theta.to(dtype)
         torch.testing.assert_close(attnkernels.affine_grid(t, size, align, backend="cuda").double(),
-                                   F.affine_grid(theta, size, align), rtol=0, atol=4 * torch.finfo(dtype).eps)
+                                   F.affine_grid(t.double(), size, align), rtol=0, atol=4 * torch.finfo(dtype).eps)
     assert torch.autograd.gradcheck(lambda t: attnkernels.affine_grid(t, size, align, backend="cuda"),
                                     (theta.requires_grad_(True),))
     torch.library.opcheck(torch.ops.attnkernels.affine_grid.default, (theta, list(size), align))
@@ -448,8 +454,12 @@ def test_affine_grid_sample_float64(case):
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("dims", (2, 3))
-@pytest.mark.parametrize("mode", ("bilinear", "nearest"))
+@pytest.mark.parametrize("mode", ("bilinear", "bicubic"))
 def test_affine_grid_sample_low_precision(dtype, dims, mode):
+    # Not nearest: the fused kernel computes coordinates in fp32 from theta, torch rounds its grid to the
+    # dtype, so a point near a pixel boundary may round to different pixels (both correct).
+    if not torch_supports(dims, mode):
+        pytest.skip("torch has no 5-D bicubic")
     x64 = cuda(make_input(dims, channels=20, spatial=(7, 8, 9) if dims == 3 else (15, 16))) * 4
     size = (2, 20, 6, 7, 8) if dims == 3 else (2, 20, 13, 14)
     theta64 = cuda(random_theta(dims, 2))
@@ -458,12 +468,9 @@ def test_affine_grid_sample_low_precision(dtype, dims, mode):
     x, theta = x64.to(dtype), theta64.to(dtype)
     mine = forward_and_grads(lambda a, t: fused(a, t, size, mode, "zeros", False), x, theta)
     theirs = forward_and_grads(lambda a, t: torch_affine_sample(a, t, size, mode, "zeros", False), x, theta)
-    for name, factor, a, b, t in zip(("output", "grad_input"), (2, 3), mine, theirs, truth, strict=False):
+    for name, factor, a, b, t in zip(("output", "grad_input", "grad_theta"), (2, 3, 3), mine, theirs, truth,
+                                     strict=True):
         assert_within_torch_error(a, b, t, factor, f"{name} {dtype}")
-    if mode == "bilinear":
-        # torch rounds the grid to the low-precision dtype; the fused kernel never does, so its theta gradient is
-        # at least as close to float64 as torch's.
-        assert_within_torch_error(mine[2], theirs[2], truth[2], 3, f"grad_theta {dtype}")
 
 
 @pytest.mark.parametrize("dims", (2, 3))

@@ -27,7 +27,8 @@ void check_fused_args(const at::Tensor& input, const at::Tensor& theta, at::IntA
   TORCH_CHECK(size[0] == input.size(0) && size[1] == input.size(1),
               "attnkernels: expected `size` to start with the batch and channels of `input` (", input.size(0), ", ",
               input.size(1), "), got ", size);
-  TORCH_CHECK(theta.scalar_type() == input.scalar_type(), "attnkernels: expected `theta` to have the dtype of `input` (",
+  TORCH_CHECK(theta.scalar_type() == input.scalar_type(),
+              "attnkernels: expected `theta` to have the dtype of `input` (",
               input.scalar_type(), "), got ", theta.scalar_type());
   TORCH_CHECK(theta.device() == input.device(), "attnkernels: expected `theta` on the device of `input` (",
               input.device(), "), got ", theta.device());
@@ -99,28 +100,31 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cuda(const at::Te
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     at::Tensor buffer = need_input ? input_grad_buffer(input, acc_type) : at::Tensor();
     grad_theta = at::zeros(theta.sizes(), theta.options());
-    if (has_work && (need_input || need_theta)) {
+    // Nearest sampling has a zero theta gradient: nothing to compute.
+    const bool compute_theta_grad = need_theta && interpolation != 1;
+    if (has_work && (need_input || compute_theta_grad)) {
       const at::Tensor theta_acc = theta.to(acc_type).contiguous();
       const at::Tensor go = grad_output.contiguous();
       const bool deterministic = need_input && deterministic_requested();
       const int64_t tiles_per_item = sampler_tiles_per_item(g);
       const int64_t entries = dims * (dims + 1);
-      at::Tensor partials = need_theta ? at::empty({g.batch * tiles_per_item, entries}, theta.options().dtype(at::kDouble))
-                                       : at::Tensor();
+      at::Tensor partials = compute_theta_grad
+                                ? at::empty({g.batch * tiles_per_item, entries}, theta.options().dtype(at::kDouble))
+                                : at::Tensor();
       dispatch_mode(interpolation, [&](auto mode_tag) {
         constexpr Interpolation mode = decltype(mode_tag)::value;
         dispatch_dims(dims, [&](auto dims_tag) {
           constexpr int D = decltype(dims_tag)::value;
-          const AffineSource<acc_t, D> source =
-              affine_source<acc_t, D>(theta_acc, g, need_theta ? partials.mutable_data_ptr<double>() : nullptr);
+          const AffineSource<acc_t, D> source = affine_source<acc_t, D>(
+              theta_acc, g, compute_theta_grad ? partials.mutable_data_ptr<double>() : nullptr);
           acc_t* atomic_buffer = need_input && !deterministic ? buffer.mutable_data_ptr<acc_t>() : nullptr;
-          if (need_theta || atomic_buffer != nullptr) {
-            launch_backward<scalar_t, acc_t, D, mode>(g, input, source, go, atomic_buffer, need_theta);
+          if (compute_theta_grad || atomic_buffer != nullptr) {
+            launch_backward<scalar_t, acc_t, D, mode>(g, input, source, go, atomic_buffer, compute_theta_grad);
           }
           if (deterministic) deterministic_input_grad<scalar_t, acc_t, D, mode>(g, source, go, buffer);
         });
       });
-      if (need_theta) {
+      if (compute_theta_grad) {
         grad_theta = partials.view({g.batch, tiles_per_item, dims, dims + 1}).sum(1).to(theta.scalar_type());
       }
     }

@@ -69,8 +69,13 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cuda(const at::Tensor& g
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     at::Tensor buffer = need_input ? input_grad_buffer(input, acc_type) : at::Tensor();
-    if (need_grid) grad_grid = has_work ? at::empty(grid.sizes(), grid.options()) : at::zeros(grid.sizes(), grid.options());
-    if (has_work && (need_input || need_grid)) {
+    // Nearest sampling has a zero grid gradient: nothing to compute.
+    const bool compute_grid_grad = need_grid && has_work && interpolation != 1;
+    if (need_grid) {
+      grad_grid = compute_grid_grad ? at::empty(grid.sizes(), grid.options())
+                                    : at::zeros(grid.sizes(), grid.options());
+    }
+    if (has_work && (need_input || compute_grid_grad)) {
       const at::Tensor grid_c = grid.contiguous();
       const at::Tensor go = grad_output.contiguous();
       const bool deterministic = need_input && deterministic_requested();
@@ -78,12 +83,12 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cuda(const at::Tensor& g
         constexpr Interpolation mode = decltype(mode_tag)::value;
         dispatch_dims(dims, [&](auto dims_tag) {
           constexpr int D = decltype(dims_tag)::value;
-          const GridSource<scalar_t, acc_t, D> source{grid_c.const_data_ptr<scalar_t>(),
-                                                      need_grid ? grad_grid.mutable_data_ptr<scalar_t>() : nullptr,
-                                                      g.out_points};
+          const GridSource<scalar_t, acc_t, D> source{
+              grid_c.const_data_ptr<scalar_t>(), compute_grid_grad ? grad_grid.mutable_data_ptr<scalar_t>() : nullptr,
+              g.out_points};
           acc_t* atomic_buffer = need_input && !deterministic ? buffer.mutable_data_ptr<acc_t>() : nullptr;
-          if (need_grid || atomic_buffer != nullptr) {
-            launch_backward<scalar_t, acc_t, D, mode>(g, input, source, go, atomic_buffer, need_grid);
+          if (compute_grid_grad || atomic_buffer != nullptr) {
+            launch_backward<scalar_t, acc_t, D, mode>(g, input, source, go, atomic_buffer, compute_grid_grad);
           }
           if (deterministic) deterministic_input_grad<scalar_t, acc_t, D, mode>(g, source, go, buffer);
         });

@@ -357,6 +357,9 @@ __global__ void __launch_bounds__(kSamplerThreads)
   constexpr bool kAggregate = Taps::K <= 2;
   constexpr int kSlots = kAggregate ? Taps::kCount : 1;
   __shared__ acc_t coord_grad[kSamplerWarps][kPointsPerWarp][Dims];
+  // This chunk's grad_output for the warp's 32 points, [channel][point]: read
+  // from the (N, C, P) layout 32 consecutive points at a time.
+  __shared__ acc_t grad_tile[kSamplerWarps][kWarpSize][kPointsPerWarp + 1];
 
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
@@ -387,6 +390,14 @@ __global__ void __launch_bounds__(kSamplerThreads)
     for (index_t c0 = 0; c0 < C; c0 += group_width) {
       const index_t c = c0 + member;
       const bool active = c < C;
+      {
+        const index_t p = warp_first + lane;
+        for (int r = 0; r < group_width; ++r) {
+          const bool ok = c0 + r < C && p < P;
+          grad_tile[warp][r][lane] = ok ? static_cast<acc_t>(go[(c0 + r) * P + p]) : acc_t(0);
+        }
+        __syncwarp();
+      }
       index_t pending_position[kSlots];
       acc_t pending_value[kSlots];
 #pragma unroll
@@ -403,7 +414,7 @@ __global__ void __launch_bounds__(kSamplerThreads)
         for (int a = 0; a < Dims; ++a) xyz[a] = acc_t(0);
         if (point_ok) source.load(start.n, p, xyz);
         taps.build(xyz, g);
-        const acc_t grad = (point_ok && active) ? static_cast<acc_t>(go[c * P + p]) : acc_t(0);
+        const acc_t grad = grad_tile[warp][member][group * group_width + j];  // 0 unless point_ok && active
         acc_t coord_partial[Dims];
 #pragma unroll
         for (int a = 0; a < Dims; ++a) coord_partial[a] = acc_t(0);
@@ -447,6 +458,7 @@ __global__ void __launch_bounds__(kSamplerThreads)
           }
         }
       }
+      __syncwarp();  // grad_tile is restaged for the next chunk
     }
     if (need_coords) {
       __syncwarp();

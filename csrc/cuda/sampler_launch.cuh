@@ -82,7 +82,9 @@ InputView<scalar_t, index_t> input_view(const at::Tensor& input) {
   view.stride_batch = input.stride(0);
   view.stride_channel = static_cast<index_t>(input.stride(1));
   const int64_t dims = input.dim() - 2;
-  for (int64_t a = 0; a < 3; ++a) view.stride[a] = a < dims ? static_cast<index_t>(input.stride(input.dim() - 1 - a)) : 0;
+  for (int64_t a = 0; a < 3; ++a) {
+    view.stride[a] = a < dims ? static_cast<index_t>(input.stride(input.dim() - 1 - a)) : 0;
+  }
   return view;
 }
 
@@ -221,12 +223,17 @@ inline at::Tensor input_grad_buffer(const at::Tensor& input, at::ScalarType acc_
   return at::zeros(shape, input.options().dtype(acc_type));
 }
 
-// The buffer as the input gradient, in the input's dtype and memory format
-// (as the CPU kernels return it).
+// The buffer as the input gradient, in the input's dtype: channels-last for
+// a channels-last input that is not also contiguous, else contiguous, as the
+// CPU kernels and the fake kernels (attnkernels/_library/sampling.py) give it.
 inline at::Tensor input_grad_from_buffer(const at::Tensor& buffer, const at::Tensor& input) {
   std::vector<int64_t> order = {0, input.dim() - 1};
   for (int64_t d = 1; d < input.dim() - 1; ++d) order.push_back(d);
-  return buffer.permute(order).to(input.scalar_type()).contiguous(input.suggest_memory_format());
+  const auto channels_last_format =
+      input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  const bool channels_last = !input.is_contiguous() && input.is_contiguous(channels_last_format);
+  return buffer.permute(order).to(input.scalar_type()).contiguous(channels_last ? channels_last_format
+                                                                                : at::MemoryFormat::Contiguous);
 }
 
 }  // namespace cuda
