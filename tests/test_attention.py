@@ -68,6 +68,10 @@ def make_mask(kind, batch, heads, L, S, dtype=torch.float64, seed=1):
         return torch.randn(*batch, heads, L, S, dtype=dtype, generator=generator)
     if kind == "float_row":
         return torch.randn(S, dtype=dtype, generator=generator)
+    if kind == "band":  # query i sees keys [2i, 2i + 40): whole tiles are masked out and skipped
+        rows = torch.arange(L).unsqueeze(-1)
+        cols = torch.arange(S)
+        return (cols >= 2 * rows) & (cols < 2 * rows + 40)
     raise ValueError(kind)
 
 
@@ -90,7 +94,8 @@ CASES = {
     "head_dim_7": ((1,), 2, 2, 7, 9, 7, 7, None, False),
     "head_dim_257": ((1,), 1, 1, 7, 9, 257, 257, None, False),
     "length_1": ((2,), 2, 2, 1, 1, 8, 8, None, False),
-    "blocks": ((1,), 1, 1, 130, 600, 8, 8, None, False),
+    "blocks": ((1,), 1, 1, 300, 600, 8, 8, None, False),
+    "band_mask": ((1,), 2, 2, 300, 600, 8, 8, "band", False),
     "gqa": ((2,), 6, 2, 11, 13, 8, 8, None, False),
     "gqa_causal": ((1,), 4, 1, 70, 140, 8, 8, None, True),
     "bool_mask": ((2,), 2, 2, 9, 13, 8, 8, "bool", False),

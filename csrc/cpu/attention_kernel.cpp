@@ -22,9 +22,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
+#include <atomic>
 #include <limits>
-#include <string>
 #include <optional>
 #include <vector>
 
@@ -37,28 +36,10 @@ namespace {
 // Tile sizes (rows of queries x rows of keys), chosen by bench/bench_attention.py
 // on a 2-core AVX-512 machine: large enough for BLAS efficiency, small enough
 // that a tile and its operands stay in L2.
-// TUNING-ONLY: ATTN_BLOCKS="fq,fk,bq,bk" overrides (removed after tuning).
-int64_t block_size(int index, int64_t fallback) {
-  static std::vector<int64_t> sizes = [] {
-    std::vector<int64_t> result;
-    if (const char* text = std::getenv("ATTN_BLOCKS")) {
-      std::string s(text);
-      size_t start = 0;
-      while (start <= s.size()) {
-        size_t comma = s.find(',', start);
-        if (comma == std::string::npos) comma = s.size();
-        result.push_back(std::stoll(s.substr(start, comma - start)));
-        start = comma + 1;
-      }
-    }
-    return result;
-  }();
-  return index < static_cast<int>(sizes.size()) ? sizes[index] : fallback;
-}
-#define kForwardQueryBlock block_size(0, 64)
-#define kForwardKeyBlock block_size(1, 512)
-#define kBackwardQueryBlock block_size(2, 64)
-#define kBackwardKeyBlock block_size(3, 128)
+constexpr int64_t kForwardQueryBlock = 256;
+constexpr int64_t kForwardKeyBlock = 512;
+constexpr int64_t kBackwardQueryBlock = 128;
+constexpr int64_t kBackwardKeyBlock = 256;
 
 struct Shape {
   int64_t batch, q_heads, kv_heads, group, L, S, E, Ev;
@@ -193,31 +174,18 @@ void apply_dropout(const DropoutMask& dropout, acc_t keep_scale, uint64_t first,
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The maximum, or NaN if any value is NaN (a NaN input must show in the output,
-// not be taken for a fully masked row).
-template <typename acc_t>
-acc_t max_of(const acc_t* values, int64_t n) {
-  acc_t result = -std::numeric_limits<acc_t>::infinity();
-  int nan_seen = 0;
-#pragma omp simd reduction(max : result) reduction(| : nan_seen)
-  for (int64_t i = 0; i < n; ++i) {
-    result = std::max(result, values[i]);
-    nan_seen |= values[i] != values[i];
-  }
-  return nan_seen ? std::numeric_limits<acc_t>::quiet_NaN() : result;
-}
-
-// values[i] = exp(values[i] - shift) for values <= shift; returns their sum.
-template <typename acc_t>
-acc_t exp_shifted_sum(acc_t* __restrict__ values, int64_t n, acc_t shift) {
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t p = exp_nonpositive(values[i] - shift);
-    values[i] = p;
-    sum += p;
-  }
-  return sum;
+// Runs run(task) for task in [0, tasks) on torch's intra-op threads, handing
+// tasks out one at a time: causal tiles differ in cost, and on a shared machine
+// a core may be slowed by other work, so a static split would leave one idle.
+// make_state() builds each thread's scratch buffers once.
+template <typename MakeState, typename Run>
+void parallel_tasks(int64_t tasks, MakeState make_state, Run run) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t task = next.fetch_add(1); task < tasks; task = next.fetch_add(1)) run(task, state);
+  });
 }
 
 // ----------------------------------------------------------------------------- forward
@@ -244,10 +212,17 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   acc_t* lse_data = lse.mutable_data_ptr<acc_t>();
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
-  at::parallel_for(0, batch * q_heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scores(Bq * Bk), accum(Bq * Ev), row_max(Bq), row_sum(Bq);
-    std::vector<acc_t> q_buffer(convert ? Bq * E : 0), k_buffer(convert ? Bk * E : 0), v_buffer(convert ? Bk * Ev : 0);
-    for (int64_t task = begin; task < end; ++task) {
+  struct Scratch {
+    std::vector<acc_t> scores, accum, row_max, row_sum, q_buffer, k_buffer, v_buffer;
+  };
+  auto make_scratch = [&] {
+    return Scratch{std::vector<acc_t>(Bq * Bk), std::vector<acc_t>(Bq * Ev), std::vector<acc_t>(Bq),
+                   std::vector<acc_t>(Bq), std::vector<acc_t>(convert ? Bq * E : 0),
+                   std::vector<acc_t>(convert ? Bk * E : 0), std::vector<acc_t>(convert ? Bk * Ev : 0)};
+  };
+  parallel_tasks(batch * q_heads * query_blocks, make_scratch, [&](int64_t task, Scratch& scratch) {
+    auto& [scores, accum, row_max, row_sum, q_buffer, k_buffer, v_buffer] = scratch;
+    {
       const int64_t bh = task / query_blocks;
       const int64_t row0 = (task % query_blocks) * Bq;
       const int64_t rows = std::min(Bq, L - row0);
@@ -393,11 +368,18 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   scalar_t* grad_v_data = grad_v.mutable_data_ptr<scalar_t>();
   acc_t* grad_mask_data = grad_mask.defined() ? grad_mask.mutable_data_ptr<acc_t>() : nullptr;
 
-  at::parallel_for(0, pairs * shares, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> probs(Bq * Bk), grad_probs(Bq * Bk), dk(Bk * E), dv(Bk * Ev);
-    std::vector<acc_t> q_buffer(convert ? Bq * E : 0), do_buffer(convert ? Bq * Ev : 0);
-    std::vector<acc_t> k_buffer(convert ? Bk * E : 0), v_buffer(convert ? Bk * Ev : 0);
-    for (int64_t task = begin; task < end; ++task) {
+  struct Scratch {
+    std::vector<acc_t> probs, grad_probs, dk, dv, q_buffer, do_buffer, k_buffer, v_buffer;
+  };
+  auto make_scratch = [&] {
+    return Scratch{std::vector<acc_t>(Bq * Bk), std::vector<acc_t>(Bq * Bk), std::vector<acc_t>(Bk * E),
+                   std::vector<acc_t>(Bk * Ev), std::vector<acc_t>(convert ? Bq * E : 0),
+                   std::vector<acc_t>(convert ? Bq * Ev : 0), std::vector<acc_t>(convert ? Bk * E : 0),
+                   std::vector<acc_t>(convert ? Bk * Ev : 0)};
+  };
+  parallel_tasks(pairs * shares, make_scratch, [&](int64_t task, Scratch& scratch) {
+    auto& [probs, grad_probs, dk, dv, q_buffer, do_buffer, k_buffer, v_buffer] = scratch;
+    {
       const int64_t kv = task / shares;  // b * kv_heads + hkv
       const int64_t share = task % shares;
       const int64_t b = kv / kv_heads, hkv = kv % kv_heads;

@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <limits>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 // The Fortran BLAS entry points that libtorch_cpu exports (MKL on x86 wheels).
 // Declared weak so that a torch built without a BLAS still loads this library;
 // the kernels then use the loop fallback below.
@@ -96,6 +100,99 @@ inline float exp_nonpositive(float x) {
 
 // Double precision keeps the library exp: float64 results are checked to 1e-8.
 inline double exp_nonpositive(double x) { return std::exp(x); }
+
+// Row reductions of the softmax, vectorised. The generic versions are plain
+// loops; with AVX-512 the float ones use intrinsics (GCC does not vectorise the
+// bit tricks of exp_nonpositive reliably).
+
+// The maximum, or NaN if any value is NaN (a NaN input must show in the output,
+// not be taken for a fully masked row).
+template <typename T>
+T max_of(const T* values, int64_t n) {
+  T result = -std::numeric_limits<T>::infinity();
+  bool nan_seen = false;
+  for (int64_t i = 0; i < n; ++i) {
+    result = std::max(result, values[i]);
+    nan_seen |= values[i] != values[i];
+  }
+  return nan_seen ? std::numeric_limits<T>::quiet_NaN() : result;
+}
+
+// values[i] = exp(values[i] - shift) for values <= shift; returns their sum.
+template <typename T>
+T exp_shifted_sum(T* values, int64_t n, T shift) {
+  T sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T p = exp_nonpositive(values[i] - shift);
+    values[i] = p;
+    sum += p;
+  }
+  return sum;
+}
+
+#if defined(__AVX512F__)
+// exp_nonpositive on 16 lanes; NaN stays NaN.
+inline __m512 exp_nonpositive16(__m512 x) {
+  const __m512 lowest = _mm512_set1_ps(-87.0f);
+  // max/min return their second operand when one is NaN: the NaN survives the clamp.
+  const __m512 clamped = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(lowest, x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), clamped);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512 result = _mm512_scalef_ps(p, n);  // p * 2^n
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lowest, _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(underflow, result, _mm512_setzero_ps());
+}
+
+inline __mmask16 tail_mask(int64_t remaining) { return static_cast<__mmask16>((1u << remaining) - 1u); }
+
+template <>
+inline float max_of<float>(const float* values, int64_t n) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 result = neg_inf;
+  __mmask16 nan_seen = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(values + i);
+    nan_seen |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    result = _mm512_max_ps(result, x);
+  }
+  if (i < n) {
+    const __m512 x = _mm512_mask_loadu_ps(neg_inf, tail_mask(n - i), values + i);
+    nan_seen |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    result = _mm512_max_ps(result, x);
+  }
+  return nan_seen ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(result);
+}
+
+template <>
+inline float exp_shifted_sum<float>(float* values, int64_t n, float shift) {
+  const __m512 shift16 = _mm512_set1_ps(shift);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 p = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(values + i), shift16));
+    _mm512_storeu_ps(values + i, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  if (i < n) {
+    const __mmask16 mask = tail_mask(n - i);
+    const __m512 p = exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, values + i), shift16));
+    _mm512_mask_storeu_ps(values + i, mask, p);
+    sum = _mm512_mask_add_ps(sum, mask, sum, p);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+#endif
 
 // Dropout keep decisions from a counter-based hash (splitmix64's finaliser) of
 // (seed, element index): the backward pass regenerates exactly the forward's
