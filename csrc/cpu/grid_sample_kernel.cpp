@@ -63,7 +63,7 @@ at::Tensor grid_sample_forward_cpu(const at::Tensor& input, const at::Tensor& gr
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor source = channels_last_source(input, acc_type);
+    const at::Tensor source = channels_last_source<scalar_t, acc_t>(input);
     const at::Tensor grid_acc = grid.to(acc_type).contiguous();
     dispatch_mode(interpolation, [&](auto mode_tag) {
       constexpr Interpolation mode = decltype(mode_tag)::value;
@@ -108,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& gr
 
     if (total > 0 && s.channels > 0) {
       // The input values are only read for the coordinate gradient.
-      const at::Tensor source = need_grid && interpolation != 1 ? channels_last_source(input, acc_type) : at::Tensor();
+      const at::Tensor source = need_grid && interpolation != 1 ? channels_last_source<scalar_t, acc_t>(input) : at::Tensor();
       const acc_t* source_ptr = source.defined() ? source.const_data_ptr<acc_t>() : nullptr;
       const at::Tensor grid_acc = grid.to(acc_type).contiguous();
       const at::Tensor go = grad_output.contiguous();
