@@ -197,11 +197,21 @@ void sample_forward(const SamplerShape& s, const acc_t* source, Source& coords, 
 }
 
 // One channel block of the backward: scatter weight * g into grad_src (when
-// given) and add each tap's d weight / d coordinate * <src, g> to grad_xyz.
+// given) and add sum over taps of d weight / d coordinate * <src[tap], g> to
+// grad_xyz. The taps are summed per axis as vectors first, so that each axis
+// needs one horizontal reduction per point rather than one per tap.
 template <int W, typename acc_t, int Dims, bool has_coord_grad, typename Taps>
 inline void backward_block(const Taps& taps, const acc_t* src, acc_t* grad_src, const acc_t* g, int64_t c0,
                            int64_t runtime_width, bool need_coords, acc_t* grad_xyz) {
+  constexpr int64_t kWidth = W > 0 ? W : kChannelBlock;
   const int64_t width = W > 0 ? W : runtime_width;
+  const bool coords = has_coord_grad && need_coords;
+  acc_t direction[Dims][kWidth];
+  if (coords) {
+    for (int a = 0; a < Dims; ++a) {
+      for (int64_t c = 0; c < width; ++c) direction[a][c] = acc_t(0);
+    }
+  }
   for (int t = 0; t < taps.kCount; ++t) {
     if (!taps.valid[t]) continue;
     if (grad_src != nullptr) {
@@ -210,12 +220,21 @@ inline void backward_block(const Taps& taps, const acc_t* src, acc_t* grad_src, 
 #pragma omp simd
       for (int64_t c = 0; c < width; ++c) run[c] += w * g[c];
     }
-    if (has_coord_grad && need_coords) {
+    if (coords) {
       const acc_t* run = src + taps.offset[t] + c0;
+      for (int a = 0; a < Dims; ++a) {
+        const acc_t dw = taps.dweight[t][a];
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) direction[a][c] += dw * run[c];
+      }
+    }
+  }
+  if (coords) {
+    for (int a = 0; a < Dims; ++a) {
       acc_t dot = acc_t(0);
 #pragma omp simd reduction(+ : dot)
-      for (int64_t c = 0; c < width; ++c) dot += run[c] * g[c];
-      for (int a = 0; a < Dims; ++a) grad_xyz[a] += taps.dweight[t][a] * dot;
+      for (int64_t c = 0; c < width; ++c) dot += direction[a][c] * g[c];
+      grad_xyz[a] += dot;
     }
   }
 }
