@@ -49,12 +49,20 @@ def why_not(op: str, tensor: torch.Tensor, **details) -> str | None:
         mode = details.get("mode", "bilinear")
         if mode not in ("bilinear", "nearest", "bicubic"):
             return f"the triton sampler has no {mode!r} mode"
-        if details.get("dims", 2) not in (2, 3):
+        dims = details.get("dims", 2)
+        if dims not in (2, 3):
             return "the triton sampler takes 4-D or 5-D inputs"
+        if mode == "bicubic" and dims == 3 and tensor.device.type == "cuda":
+            # 64 unrolled taps: several minutes of Triton compilation for one kernel.
+            return "the triton sampler serves tricubic (5-D bicubic) only under the interpreter; use cuda or cpu"
         return None
     dtype = details.get("dtype", tensor.dtype)
     if dtype not in _ATTENTION_DTYPES:
         return f"the triton attention takes float16, bfloat16, float32 or float64, not {dtype}"
+    if dtype == torch.float64 and tensor.device.type == "cuda":
+        # Triton 3.x lowers some float64 tl.dot shapes to an MMA path that aborts the process
+        # ("fp64 don't support largeK MMA"): float64 runs only under the interpreter.
+        return "the triton attention runs float64 only under the Triton interpreter; on CUDA use float32 or lower"
     for name in ("head_dim", "value_dim"):
         value = details.get(name)
         if value is not None and value > MAX_HEAD_DIM and tensor.device.type == "cuda":

@@ -33,7 +33,11 @@ from ._sampler import INTERPRETER
 MAX_HEAD_DIM = 512
 
 # Entries of the per-call parameter vector (in the accumulation dtype, so float64 stays exact).
-_SCALE_LOG2, _SCALE, _KEEP_SCALE, _LOG2E, _LN2 = range(5)
+_SCALE_LOG2 = tl.constexpr(0)
+_SCALE = tl.constexpr(1)
+_KEEP_SCALE = tl.constexpr(2)
+_LOG2E = tl.constexpr(3)
+_LN2 = tl.constexpr(4)
 
 
 # ----------------------------------------------------------------------------- autotuning
