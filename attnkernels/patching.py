@@ -42,6 +42,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import attention as _attention
 from . import sampling as _sampling
@@ -55,6 +57,7 @@ _original_fastpath: bool | None = None
 _warned_reasons: set[tuple[str, str]] = set()
 
 _OUR_DEVICES = ("cpu", "cuda")
+_TRACING_TENSORS = (FakeTensor, FunctionalTensor)
 # Floating dtypes autocast casts (float64 is never cast).
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -85,7 +88,9 @@ def _why_not_ours(tensors: tuple) -> str | None:
     for t in present:  # before the subclass check: jagged nested tensors are a subclass too
         if t.layout != torch.strided or t.is_nested:
             return f"a tensor argument has layout {'nested' if t.is_nested else t.layout}, not strided"
-    if torch.overrides.has_torch_function(present):
+    # torch.compile traces with fake and functional tensors, which our ops support (register_fake).
+    others = tuple(t for t in present if not isinstance(t, _TRACING_TENSORS))
+    if torch.overrides.has_torch_function(others):
         return "a tensor argument is a subclass overriding __torch_function__"
     for t in present:
         if t.device.type not in _OUR_DEVICES:

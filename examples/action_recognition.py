@@ -52,6 +52,7 @@ class Config:
     steps: int = 300
     batch_size: int = 32      # global batch, split over the ranks
     lr: float = 3e-3
+    stn_lr_scale: float = 0.1  # the localisation net learns slower: at full rate the crop can collapse to a point
     weight_decay: float = 1e-4
     test_size: int = 1024
     seed: int = 0
@@ -209,9 +210,12 @@ def train(config: Config, device: torch.device | None = None, log=print) -> nn.M
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps,
-                                                   pct_start=0.1)
+    stn = [p for name, p in trained.named_parameters() if name.startswith("stn.")]
+    rest = [p for name, p in trained.named_parameters() if not name.startswith("stn.")]
+    rates = [config.lr * config.stn_lr_scale, config.lr]
+    optimizer = torch.optim.AdamW([{"params": stn, "lr": rates[0]}, {"params": rest, "lr": rates[1]}],
+                                  weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=rates, total_steps=config.steps, pct_start=0.1)
     local = config.batch_size // world
     start = time.perf_counter()
     running_loss = running_correct = 0.0

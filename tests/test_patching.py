@@ -288,3 +288,37 @@ def test_autocast_gives_torch_dtype_for_attention():
             got = F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
     assert got.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def test_compiled_models_run_our_ops_while_patched():
+    """torch.compile(fullgraph=True) of code written against F puts attnkernels ops in the graph."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    def model(x, theta, q):
+        grid = F.affine_grid(theta, [2, 3, 6, 6], align_corners=False)
+        sampled = F.grid_sample(x, grid, align_corners=False)
+        return sampled.square().sum() + F.scaled_dot_product_attention(q, q, q, is_causal=True).square().sum()
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    theta = (torch.eye(2, 3, dtype=torch.float64) + 0.1 * torch.randn(2, 2, 3, dtype=torch.float64)).requires_grad_()
+    q = torch.randn(2, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    expected = model(x, theta, q)
+    expected_grads = torch.autograd.grad(expected, [x, theta, q])
+    torch._dynamo.reset()
+    recorder = AotEagerAndRecordGraphs()
+    with attnkernels.patched(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback inside the traced graph
+        warnings.filterwarnings("ignore", message=".*boxed arguments.*")  # the recording backend's own notice
+        got = torch.compile(model, fullgraph=True, backend=recorder)(x, theta, q)
+        got_grads = torch.autograd.grad(got, [x, theta, q])
+    torch._dynamo.reset()
+    graph = recorder.fw_graphs[0].code
+    for op in ("attnkernels.affine_grid", "attnkernels.grid_sample", "attnkernels.attention"):
+        assert op in graph, op
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
