@@ -291,6 +291,11 @@ def test_why_not():
     if DEVICE == "cuda":
         reason = triton_backend.why_not("attention", q.cuda(), dtype=q.dtype, head_dim=1000, value_dim=8)
         assert "head_dim up to 512" in reason
+        double = q.cuda().double()
+        assert "float64 only under the Triton interpreter" in triton_backend.why_not("attention", double,
+                                                                                     dtype=torch.float64, head_dim=8)
+    else:
+        assert triton_backend.why_not("attention", q.double(), dtype=torch.float64, head_dim=8) is None
 
 
 @pytest.mark.parametrize("kind", ("forward", "kv", "q"))

@@ -206,6 +206,11 @@ def test_why_not():
     assert "'lanczos'" in triton_backend.why_not("grid_sample", x, mode="lanczos", dims=2)
     assert "int64" in triton_backend.why_not("grid_sample", x.long(), mode="bilinear", dims=2)
     assert "meta" in triton_backend.why_not("grid_sample", x.to("meta"), mode="bilinear", dims=2)
+    tricubic = triton_backend.why_not("grid_sample", x, mode="bicubic", dims=3)
+    if DEVICE == "cuda":  # 64 unrolled taps take minutes to compile: interpreter only
+        assert "tricubic" in tricubic
+    else:
+        assert tricubic is None
     with pytest.raises(RuntimeError, match="'triton' backend cannot serve"):
         attnkernels.grid_sample(x.to("meta"), x.new_zeros((2, 3, 4, 2)).to("meta"), "bilinear", "zeros", False,
                                 backend="triton")
