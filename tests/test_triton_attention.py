@@ -198,6 +198,19 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(dropped, leaves[:3], fast_mode=True)
 
 
+def test_gradgradcheck_float64():
+    """Double backward (through the reference) with GQA, a float mask with a gradient, and causal."""
+    q, k, v = randn(1, 2, 4, 3), randn(1, 1, 5, 3, seed=1), randn(1, 1, 5, 2, seed=2)
+    mask = randn(2, 4, 1, seed=3)
+    leaves = [t.requires_grad_(True) for t in (q, k, v, mask)]
+    assert torch.autograd.gradgradcheck(lambda a, b, c, m: ours(a, b, c, m), leaves, fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda a, b, c: ours(a, b, c, causal=True)[0], leaves[:3], fast_mode=True)
+    out = ours(*leaves[:3], dropout_p=0.5)[0]
+    (grad_q,) = torch.autograd.grad(out.sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward with dropout"):
+        grad_q.sum().backward()
+
+
 def dropout_mask(shape, p, seed):
     """The kept positions, read back through the kernel: with q = k = 0 every weight is 1/S, and
     v = identity puts weight (i, j) at out[i, j]."""

@@ -511,6 +511,54 @@ def _backward(ctx, grad_out, grad_lse):
 _attention_op.register_autograd(_backward, setup_context=_setup)
 
 
+def _backward_setup(ctx, inputs, output):
+    grad_out, grad_lse, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, seed, mask_grad = inputs
+    ctx.save_for_backward(grad_out, grad_lse, query, key, value, attn_mask)
+    ctx.options = (dropout_p, is_causal, scale, mask_grad)
+
+
+def _double_backward(ctx, grad_grad_q, grad_grad_k, grad_grad_v, grad_grad_mask):
+    """Second derivatives through the plain-PyTorch reference, which autograd differentiates twice.
+
+    The backward op reads ``out`` and ``lse`` as inputs, but they are functions of q, k, v and the
+    mask: the reference recomputes them, so the total derivative lands on q, k, v and the mask
+    and none is returned for ``out`` and ``lse``.
+    """
+    grad_out, grad_lse, query, key, value, attn_mask = ctx.saved_tensors
+    dropout_p, is_causal, scale, mask_grad = ctx.options
+    if dropout_p > 0:
+        raise RuntimeError("attnkernels: the triton attention has no double backward with dropout_p > 0 "
+                           "(its dropout mask lives in the kernel's Philox stream); use dropout_p=0 or the "
+                           "reference backend")
+    from ..reference import attention_with_lse
+
+    with torch.enable_grad():
+        go = grad_out.detach().requires_grad_(True)
+        gl = None if grad_lse is None else grad_lse.detach().requires_grad_(True)
+        q, k, v = (t.detach().requires_grad_(True) for t in (query, key, value))
+        mask = attn_mask.detach().requires_grad_(True) if mask_grad else attn_mask
+        out, lse = attention_with_lse(q, k, v, mask, 0.0, is_causal, scale, q.shape[1] != k.shape[1])
+        loss = (out * go).sum()
+        if gl is not None:
+            loss = loss + torch.where(torch.isfinite(lse), lse * gl, 0.0).sum()
+        primals = [q, k, v] + ([mask] if mask_grad else [])
+        firsts = torch.autograd.grad(loss, primals, create_graph=True)
+        cotangents = [grad_grad_q, grad_grad_k, grad_grad_v] + ([grad_grad_mask] if mask_grad else [])
+        pairs = [(f, c) for f, c in zip(firsts, cotangents, strict=True) if c is not None]
+        wrt = [go] + ([gl] if gl is not None else []) + primals
+        if not pairs:
+            return (None,) * 13
+        grads = list(torch.autograd.grad([f for f, _ in pairs], wrt, [c for _, c in pairs], allow_unused=True))
+    d_go = grads.pop(0)
+    d_gl = grads.pop(0) if gl is not None else None
+    d_q, d_k, d_v = grads[:3]
+    d_mask = grads[3] if mask_grad else None
+    return d_go, d_gl, d_q, d_k, d_v, d_mask, None, None, None, None, None, None, None
+
+
+_attention_backward_op.register_autograd(_double_backward, setup_context=_backward_setup)
+
+
 @_attention_op.register_fake
 def _attention_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
     B, Hq, L, _ = query.shape
