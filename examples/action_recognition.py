@@ -49,7 +49,7 @@ class Config:
     model_dim: int = 64
     heads: int = 4
     dropout: float = 0.0
-    steps: int = 300
+    steps: int = 400
     batch_size: int = 32      # global batch, split over the ranks
     lr: float = 3e-3
     stn_lr_scale: float = 0.1  # the localisation net learns slower: at full rate the crop can collapse to a point
