@@ -130,7 +130,7 @@ def _sampling_ops() -> list[OpSpec]:
     ops = []
     # CPU sizes keep a whole CPU run to a few minutes on 2 cores; GPU sizes fill an H100's bandwidth.
     for dims, batch, channels, cpu_sizes, gpu_sizes in (
-        (2, {"cpu": 4, "cuda": 32}, {"cpu": 16, "cuda": 64}, (64, 128, 256), (128, 256, 512)),
+        (2, {"cpu": 1, "cuda": 32}, {"cpu": 32, "cuda": 64}, (64, 128, 256), (128, 256, 512)),
         (3, {"cpu": 2, "cuda": 4}, {"cpu": 8, "cuda": 32}, (16, 32, 48), (32, 64, 128)),
     ):
         common = dict(
@@ -168,6 +168,35 @@ def _sampling_ops() -> list[OpSpec]:
             **common,
         ))
     return ops
+
+
+def _video_ops() -> list[OpSpec]:
+    """The video-volume cases of the sampling targets: D = 16 frames of H = W = size.
+
+    grid_sample_video: one volume, C = 16 (CPU; torch's 3-D kernel runs a single volume on one
+    core). affine_grid_sample_video: a batch of 4 RGB clips, fused against torch's affine_grid +
+    grid_sample.
+    """
+    def video_shape(batch: dict[str, int], channels: dict[str, int]) -> Callable[[int, str], Shape]:
+        return lambda size, device_type: {"N": batch[device_type], "C": channels[device_type], "D": 16,
+                                          "H": size, "W": size}
+
+    common = dict(
+        size_meaning="height = width of 16-frame video volumes",
+        work_unit="B",
+        output_shape=lambda s: (s["N"], s["C"], *_spatial(s, 3)),
+        label=_sampling_label(3),
+        default_sizes={"cpu": (56, 112), "cuda": (112, 224)},
+        quick_sizes={"cpu": (28,), "cuda": (112,)},
+    )
+    grid_op, fused_op = (op for op in _sampling_ops() if op.name in ("grid_sample_3d", "affine_grid_sample_3d"))
+    return [
+        dataclasses.replace(grid_op, name="grid_sample_video", shape=video_shape({"cpu": 1, "cuda": 8},
+                                                                                 {"cpu": 16, "cuda": 32}), **common),
+        dataclasses.replace(fused_op, name="affine_grid_sample_video", shape=video_shape({"cpu": 4, "cuda": 16},
+                                                                                         {"cpu": 3, "cuda": 3}),
+                            **common),
+    ]
 
 
 # Attention: a fixed number of tokens (batch x sequence) per device, so every size does the same
@@ -220,7 +249,7 @@ def _attention_ops() -> list[OpSpec]:
     return ops
 
 
-OPS: dict[str, OpSpec] = {op.name: op for op in (*_sampling_ops(), *_attention_ops())}
+OPS: dict[str, OpSpec] = {op.name: op for op in (*_sampling_ops(), *_video_ops(), *_attention_ops())}
 
 
 def usable_backends(device: torch.device) -> list[str]:
