@@ -35,6 +35,20 @@ def triton_interpreter() -> bool:
     return _TRITON_INTERPRETER
 
 
+def triton_module():
+    """attnkernels.triton, or None where Triton (or that module) is not available.
+
+    A plain import rather than importlib, so that torch.compile traces through it.
+    """
+    if not _TRITON_INSTALLED:
+        return None
+    try:
+        from attnkernels import triton as module
+    except ImportError:
+        return None
+    return module
+
+
 def why_not_device(tensor: torch.Tensor, backend: str, op: str) -> str | None:
     """Common rules for the compiled (attnkernels::<op>) and Triton backends."""
     if backend == "cpu":

@@ -10,14 +10,13 @@ validated once here, and the backend is chosen in one place
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Sequence
 
 import torch
 
 from . import reference
-from ._dispatch import preference, select_backend, triton_installed, why_not_device
+from ._dispatch import preference, select_backend, triton_module, why_not_device
 from .reference.attention import accumulation_dtype, default_scale
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -29,21 +28,11 @@ _OP = "attention"
 _CUDA_ORDER = ("cuda", "triton")
 
 
-def _triton():
-    """attnkernels.triton, or None where Triton (or that module) is not available."""
-    if not triton_installed():
-        return None
-    try:
-        return importlib.import_module("attnkernels.triton")
-    except ImportError:
-        return None
-
-
 def _triton_why_not(tensor: torch.Tensor, **details) -> str | None:
     reason = why_not_device(tensor, "triton", _OP)
     if reason is not None:
         return reason
-    module = _triton()
+    module = triton_module()
     if module is None or not hasattr(module, "attention"):
         return "the attnkernels.triton module has no attention kernel"
     return module.why_not(_OP, tensor, **details)
@@ -173,7 +162,7 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if chosen == "reference":
         return reference.attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if chosen == "triton":
-        return _triton().attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return triton_module().attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return _compiled(query, key, value, attn_mask, dropout_p, is_causal, scale)
 
 

@@ -8,14 +8,13 @@ place (``_dispatch.select_backend``) and calls it.
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from collections.abc import Sequence
 
 import torch
 
 from . import reference
-from ._dispatch import preference, select_backend, triton_installed, why_not_device
+from ._dispatch import preference, select_backend, triton_module, why_not_device
 from ._modes import INTERPOLATIONS, PADDINGS
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -23,16 +22,6 @@ _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Measured on an H100 (bench/RESULTS.md) before this order changes; until
 # then the hand-written CUDA kernels come first.
 _CUDA_ORDER = ("cuda", "triton")
-
-
-def _triton():
-    """attnkernels.triton, or None where Triton is not installed."""
-    if not triton_installed():
-        return None
-    try:
-        return importlib.import_module("attnkernels.triton")
-    except ImportError:
-        return None
 
 
 def _resolve_align_corners(align_corners: bool | None) -> bool:
@@ -105,7 +94,7 @@ def _triton_why_not(op: str, tensor: torch.Tensor, **details) -> str | None:
     reason = why_not_device(tensor, "triton", op)
     if reason is not None:
         return reason
-    module = _triton()
+    module = triton_module()
     if module is None:
         return "the attnkernels.triton module could not be imported"
     return module.why_not(op, tensor, **details)
@@ -137,7 +126,7 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     if chosen == "reference":
         return reference.grid_sample(input, grid, mode, padding_mode, align)
     if chosen == "triton":
-        return _triton().grid_sample(input, grid, interpolation, padding, align)
+        return triton_module().grid_sample(input, grid, interpolation, padding, align)
     return torch.ops.attnkernels.grid_sample(input, grid, interpolation, padding, align)
 
 
@@ -215,7 +204,7 @@ def affine_grid_sample(input: torch.Tensor, theta: torch.Tensor, size: Sequence[
     if chosen == "reference":
         return reference.affine_grid_sample(input, theta, size, mode, padding_mode, align)
     if chosen == "triton":
-        return _triton().affine_grid_sample(input, theta, size, interpolation, padding, align)
+        return triton_module().affine_grid_sample(input, theta, size, interpolation, padding, align)
     return torch.ops.attnkernels.affine_grid_sample(input, theta, size, interpolation, padding, align)
 
 
