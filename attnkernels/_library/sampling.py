@@ -11,22 +11,12 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from .._gradients import gradient_memory_format, second_order
 from .._modes import INTERPOLATIONS, PADDINGS
 
 _ops = torch.ops.attnkernels
 _MODE_NAMES = {v: k for k, v in INTERPOLATIONS.items()}
 _PADDING_NAMES = {v: k for k, v in PADDINGS.items()}
-
-
-def gradient_memory_format(t: torch.Tensor) -> torch.memory_format:
-    """The layout the kernels give an input's gradient: channels-last for a channels-last input."""
-    if t.is_contiguous():
-        return torch.contiguous_format
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def _gradient_like(t: torch.Tensor, needed: bool) -> torch.Tensor:
@@ -91,27 +81,6 @@ def _grid_sample_backward(ctx, grad_output):
 torch.library.register_autograd("attnkernels::grid_sample", _grid_sample_backward, setup_context=_grid_sample_setup)
 
 
-def _second_order(forward, grad_output, primals, wanted, grads_of_grads):
-    """Gradients of (vjp of ``forward`` at ``primals`` with ``grad_output``) against
-    ``grad_output`` and ``primals``, contracted with ``grads_of_grads``.
-
-    ``forward`` is a reference implementation, differentiable twice by autograd.
-    """
-    with torch.enable_grad():
-        go = grad_output.detach().requires_grad_(True)
-        leaves = [p.detach().requires_grad_(True) for p in primals]
-        out = forward(*leaves)
-        firsts = torch.autograd.grad(out, leaves, go, create_graph=True, allow_unused=True)
-        outputs, cotangents = [], []
-        for first, want, gg in zip(firsts, wanted, grads_of_grads, strict=True):
-            if want and first is not None and gg is not None:
-                outputs.append(first)
-                cotangents.append(gg)
-        if not outputs:
-            return [None] * (1 + len(primals))
-        return list(torch.autograd.grad(outputs, [go, *leaves], cotangents, allow_unused=True))
-
-
 def _grid_sample_backward_setup(ctx, inputs, output):
     grad_output, input, grid, interpolation, padding, align_corners, output_mask = inputs
     ctx.save_for_backward(grad_output, input, grid)
@@ -126,7 +95,7 @@ def _grid_sample_double_backward(ctx, grad_grad_input, grad_grad_grid):
     def forward(x, g):
         return reference.grid_sample(x, g, _MODE_NAMES[interpolation], _PADDING_NAMES[padding], align_corners)
 
-    grads = _second_order(forward, grad_output, (input, grid), ctx.output_mask, (grad_grad_input, grad_grad_grid))
+    grads = second_order(forward, grad_output, (input, grid), ctx.output_mask, (grad_grad_input, grad_grad_grid))
     return (*grads, None, None, None, None)
 
 
@@ -192,7 +161,7 @@ def _affine_grid_sample_double_backward(ctx, grad_grad_input, grad_grad_theta):
         return reference.affine_grid_sample(x, t, size, _MODE_NAMES[interpolation], _PADDING_NAMES[padding],
                                             align_corners)
 
-    grads = _second_order(forward, grad_output, (input, theta), ctx.output_mask,
+    grads = second_order(forward, grad_output, (input, theta), ctx.output_mask,
                           (grad_grad_input, grad_grad_theta))
     return (*grads, None, None, None, None, None)
 

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._gradients import gradient_memory_format
 from ._sampling_math import axis_origin, axis_tap, base_coordinate
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -262,17 +263,6 @@ def input_geometry(input: torch.Tensor) -> tuple[tuple[int, int, int], tuple[int
         n_, c_, h_, w_ = input.stride()
         return (1, input.shape[2], input.shape[3]), (n_, c_, 0, h_, w_)
     return tuple(input.shape[2:]), tuple(input.stride())
-
-
-def gradient_memory_format(t: torch.Tensor) -> torch.memory_format:
-    """The layout of an input's gradient: channels-last for a channels-last input, as torch's kernels."""
-    if t.is_contiguous():
-        return torch.contiguous_format
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def input_gradient(grad_source: torch.Tensor, input: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from .. import reference
+from .._gradients import second_order
 from .._modes import INTERPOLATIONS, PADDINGS
 from ._sampler import (
     accumulation_dtype,
@@ -25,7 +26,6 @@ from ._sampler import (
     sample_forward_kernel,
     tl_dtype,
 )
-from .grid_sample import second_order
 
 _MODE_NAMES = {v: k for k, v in INTERPOLATIONS.items()}
 _PADDING_NAMES = {v: k for k, v in PADDINGS.items()}

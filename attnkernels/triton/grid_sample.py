@@ -13,6 +13,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from .. import reference
+from .._gradients import second_order
 from .._modes import INTERPOLATIONS, PADDINGS
 from ._sampler import (
     accumulation_dtype,
@@ -103,24 +104,6 @@ def _backward(ctx, grad_output):
 
 
 _grid_sample_op.register_autograd(_backward, setup_context=_setup)
-
-
-def second_order(forward, grad_output, primals, wanted, grads_of_grads):
-    """Gradients of (vjp of ``forward`` at ``primals`` with ``grad_output``) against ``grad_output``
-    and ``primals``, contracted with ``grads_of_grads``; ``forward`` is a twice-differentiable
-    reference implementation."""
-    with torch.enable_grad():
-        go = grad_output.detach().requires_grad_(True)
-        leaves = [p.detach().requires_grad_(True) for p in primals]
-        firsts = torch.autograd.grad(forward(*leaves), leaves, go, create_graph=True, allow_unused=True)
-        outputs, cotangents = [], []
-        for first, want, gg in zip(firsts, wanted, grads_of_grads, strict=True):
-            if want and first is not None and gg is not None:
-                outputs.append(first)
-                cotangents.append(gg)
-        if not outputs:
-            return [None] * (1 + len(primals))
-        return list(torch.autograd.grad(outputs, [go, *leaves], cotangents, allow_unused=True))
 
 
 def _backward_setup(ctx, inputs, output):
