@@ -71,4 +71,32 @@ inline void check_affine_args(const at::Tensor& theta, at::IntArrayRef size) {
   }
 }
 
+// affine_grid_sample: input (N, C, [D,] H, W), theta (N, dims, dims + 1), size the output
+// (N, C, [Do,] Ho, Wo) with the batch and channels of the input.
+inline void check_affine_grid_sample_args(const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef size,
+                                          int64_t interpolation, int64_t padding) {
+  check_sampling_modes(interpolation, padding);
+  check_sampled_input(input);
+  check_affine_args(theta, size);
+  TORCH_CHECK(static_cast<int64_t>(size.size()) == input.dim(), "attnkernels: expected `size` of length ",
+              input.dim(), " to match `input`, got ", size);
+  TORCH_CHECK(size[0] == input.size(0) && size[1] == input.size(1),
+              "attnkernels: expected `size` to start with the batch and channels of `input` (", input.size(0), ", ",
+              input.size(1), "), got ", size);
+  TORCH_CHECK(theta.scalar_type() == input.scalar_type(), "attnkernels: expected `theta` to have the dtype of `input` (",
+              input.scalar_type(), "), got ", theta.scalar_type());
+  TORCH_CHECK(theta.device() == input.device(), "attnkernels: expected `theta` on the device of `input` (",
+              input.device(), "), got ", theta.device());
+}
+
+inline void check_affine_grid_sample_grad_output(const at::Tensor& grad_output, const at::Tensor& input,
+                                                 at::IntArrayRef size) {
+  TORCH_CHECK(grad_output.sizes() == size, "attnkernels: `grad_output` has sizes ", grad_output.sizes(),
+              ", expected the output size ", size);
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
+              "attnkernels: expected `grad_output` to have the dtype of `input`");
+  TORCH_CHECK(grad_output.device() == input.device(), "attnkernels: expected `grad_output` on the device of `input` (",
+              input.device(), "), got ", grad_output.device());
+}
+
 }  // namespace attnkernels

@@ -19,21 +19,6 @@ namespace attnkernels {
 namespace cpu {
 namespace {
 
-void check_fused_args(const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef size, int64_t interpolation,
-                      int64_t padding) {
-  check_sampling_modes(interpolation, padding);
-  check_sampled_input(input);
-  check_affine_args(theta, size);
-  TORCH_CHECK(static_cast<int64_t>(size.size()) == input.dim(), "attnkernels: expected `size` of length ",
-              input.dim(), " to match `input`, got ", size);
-  TORCH_CHECK(size[0] == input.size(0) && size[1] == input.size(1),
-              "attnkernels: expected `size` to start with the batch and channels of `input` (", input.size(0), ", ",
-              input.size(1), "), got ", size);
-  TORCH_CHECK(theta.scalar_type() == input.scalar_type(), "attnkernels: expected `theta` to have the dtype of `input` (",
-              input.scalar_type(), "), got ", theta.scalar_type());
-  TORCH_CHECK(theta.device() == input.device(), "attnkernels: expected `theta` on the device of `input`");
-}
-
 SamplerShape fused_shape(const at::Tensor& input, at::IntArrayRef size, int64_t padding, bool align_corners) {
   SamplerShape s;
   read_shape(input, s);
@@ -46,7 +31,7 @@ SamplerShape fused_shape(const at::Tensor& input, at::IntArrayRef size, int64_t 
 
 at::Tensor affine_grid_sample_cpu(const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef size,
                                   int64_t interpolation, int64_t padding, bool align_corners) {
-  check_fused_args(input, theta, size, interpolation, padding);
+  check_affine_grid_sample_args(input, theta, size, interpolation, padding);
   at::Tensor out = at::empty(size, input.options());
   if (out.numel() == 0) return out;
   const SamplerShape s = fused_shape(input, size, padding, align_corners);
@@ -77,11 +62,8 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
                                                                    at::IntArrayRef size, int64_t interpolation,
                                                                    int64_t padding, bool align_corners,
                                                                    std::array<bool, 2> output_mask) {
-  check_fused_args(input, theta, size, interpolation, padding);
-  TORCH_CHECK(grad_output.sizes() == size, "attnkernels: `grad_output` has sizes ", grad_output.sizes(),
-              ", expected the output size ", size);
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
-              "attnkernels: expected `grad_output` to have the dtype of `input`");
+  check_affine_grid_sample_args(input, theta, size, interpolation, padding);
+  check_affine_grid_sample_grad_output(grad_output, input, size);
   const bool need_input = output_mask[0];
   const bool need_theta = output_mask[1];
   const int64_t dims = input.dim() - 2;

@@ -17,23 +17,6 @@ namespace attnkernels {
 namespace cuda {
 namespace {
 
-void check_fused_args(const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef size, int64_t interpolation,
-                      int64_t padding) {
-  check_sampling_modes(interpolation, padding);
-  check_sampled_input(input);
-  check_affine_args(theta, size);
-  TORCH_CHECK(static_cast<int64_t>(size.size()) == input.dim(), "attnkernels: expected `size` of length ",
-              input.dim(), " to match `input`, got ", size);
-  TORCH_CHECK(size[0] == input.size(0) && size[1] == input.size(1),
-              "attnkernels: expected `size` to start with the batch and channels of `input` (", input.size(0), ", ",
-              input.size(1), "), got ", size);
-  TORCH_CHECK(theta.scalar_type() == input.scalar_type(),
-              "attnkernels: expected `theta` to have the dtype of `input` (",
-              input.scalar_type(), "), got ", theta.scalar_type());
-  TORCH_CHECK(theta.device() == input.device(), "attnkernels: expected `theta` on the device of `input` (",
-              input.device(), "), got ", theta.device());
-}
-
 SamplerGeometry fused_geometry(const at::Tensor& input, at::IntArrayRef size, int64_t padding, bool align_corners) {
   const int64_t dims = input.dim() - 2;
   int64_t out_size[3] = {1, 1, 1};
@@ -53,7 +36,7 @@ AffineSource<acc_t, Dims> affine_source(const at::Tensor& theta_acc, const Sampl
 
 at::Tensor affine_grid_sample_cuda(const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef size,
                                    int64_t interpolation, int64_t padding, bool align_corners) {
-  check_fused_args(input, theta, size, interpolation, padding);
+  check_affine_grid_sample_args(input, theta, size, interpolation, padding);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::Tensor out = at::empty(size, input.options());
   if (out.numel() == 0) return out;
@@ -78,13 +61,8 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cuda(const at::Te
                                                                     at::IntArrayRef size, int64_t interpolation,
                                                                     int64_t padding, bool align_corners,
                                                                     std::array<bool, 2> output_mask) {
-  check_fused_args(input, theta, size, interpolation, padding);
-  TORCH_CHECK(grad_output.sizes() == size, "attnkernels: `grad_output` has sizes ", grad_output.sizes(),
-              ", expected the output size ", size);
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
-              "attnkernels: expected `grad_output` to have the dtype of `input`");
-  TORCH_CHECK(grad_output.device() == input.device(), "attnkernels: expected `grad_output` on the device of `input` (",
-              input.device(), "), got ", grad_output.device());
+  check_affine_grid_sample_args(input, theta, size, interpolation, padding);
+  check_affine_grid_sample_grad_output(grad_output, input, size);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const bool need_input = output_mask[0];
   const bool need_theta = output_mask[1];
