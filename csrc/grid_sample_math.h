@@ -228,8 +228,10 @@ template <typename T>
 ATTN_HOST_DEVICE T base_coordinate(int64_t i, int64_t n, bool align_corners) {
   if (n <= 1) return T(0);
   const T step = T(2) / T(n - 1);
-  // Symmetric evaluation, as torch's linspace does, so the two ends are exact.
-  T value = (i < n / 2) ? T(-1) + step * T(i) : T(1) - step * T(n - 1 - i);
+  // Symmetric evaluation, as torch's linspace does, so the two ends are exact; fused multiply-adds,
+  // as torch's compiled linspace kernel rounds (the middle of an odd n is then 5.6e-17, not 0,
+  // which decides whether an infinite theta gives Inf or NaN there).
+  T value = (i < n / 2) ? std::fma(step, T(i), T(-1)) : std::fma(-step, T(n - 1 - i), T(1));
   if (!align_corners) value = value * T(n - 1) / T(n);
   return value;
 }
