@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import cpu_backends
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sampling_cases import LOW_PRECISION, MODES, PADDINGS, assert_within_torch_error, make_input, torch_supports
 
 import attnkernels
@@ -141,3 +143,122 @@ def test_fused_empty_batch_and_channels(backend):
         gx, gt = torch.autograd.grad(out.sum(), (x, theta), allow_unused=True)
         assert gx is None or gx.shape == x.shape
         assert gt is None or (gt.shape == theta.shape and not gt.abs().sum().item())
+
+
+# The CPU fused kernel samples bilinear zeros/border with finite, moderate theta in tiles of 16 (fp32) or
+# 8 (fp64) points of one output row; the tests below reach its row tails, both dtypes of lane, both
+# paddings, and the inputs it hands back to the general kernel.
+
+
+def _fused_and_torch_grads(backend, x, theta, size, mode, padding, align):
+    def run(fn):
+        xs = x.detach().requires_grad_(True)
+        ts = theta.detach().requires_grad_(True)
+        out = fn(xs, ts)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(out.dtype)
+        return (out, *torch.autograd.grad(out, (xs, ts), g))
+
+    ours = run(lambda a, t: run_fused(backend, a, t, size, mode, padding, align))
+    theirs = run(lambda a, t: F.grid_sample(a, F.affine_grid(t, size, align_corners=align), mode, padding, align))
+    return ours, theirs
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dims=st.sampled_from((2, 3)),
+    batch=st.integers(1, 2),
+    channels=st.integers(1, 5),
+    in_size=st.lists(st.integers(1, 9), min_size=3, max_size=3),
+    width=st.integers(1, 40),
+    height=st.integers(1, 4),
+    depth=st.integers(1, 3),
+    padding=st.sampled_from(("zeros", "border")),
+    align=st.booleans(),
+    scale=st.sampled_from((0.05, 0.3, 1.0, 3.0)),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_bilinear_random_rows_match_torch(dims, batch, channels, in_size, width, height, depth, padding,
+                                                 align, scale, seed):
+    """Rows of any width (1 to 40: whole tiles, tails, less than a tile) and maps from strong zoom-in
+    (many points per pixel, so one tile's lanes share taps) to zoom-out far past the input."""
+    x = make_input(dims, batch=batch, channels=channels, spatial=tuple(in_size[:dims]), seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    theta = torch.eye(dims, dims + 1, dtype=torch.float64) * scale
+    theta = theta + 0.2 * torch.randn((batch, dims, dims + 1), generator=gen, dtype=torch.float64)
+    size = [batch, channels, *((depth, height, width) if dims == 3 else (height, width))]
+    for backend in [b for b in BACKENDS if b in ("cpu", "reference")]:
+        ours, theirs = _fused_and_torch_grads(backend, x, theta, size, "bilinear", padding, align)
+        for name, a, b in zip(("output", "grad_input", "grad_theta"), ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m, n=name, be=backend: f"{be} {n}: {m}")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("padding", ("zeros", "border"))
+@pytest.mark.parametrize("dims", (2, 3))
+def test_fused_fp32_rows_within_twice_torch(backend, padding, dims):
+    """fp32 lanes (16 to a tile) on rows of 37 points (two whole tiles and a tail), against float64
+    by the FlashAttention rule, as the low-precision test above does on shorter rows."""
+    x64 = (make_input(dims, channels=3, spatial=(5, 9, 23) if dims == 3 else (9, 23)) * 2).float().double()
+    theta64 = make_theta(dims).float().double()
+    size = [2, 3, *((4, 5, 37) if dims == 3 else (5, 37))]
+    truth = _fused_and_torch_grads("reference", x64, theta64, size, "bilinear", padding, False)[1]
+    ours, theirs = _fused_and_torch_grads(backend, x64.float(), theta64.float(), size, "bilinear", padding, False)
+    for name, factor, a, b, t in zip(("output", "grad_input", "grad_theta"), (2, 3, 3), ours, theirs, truth,
+                                     strict=True):
+        assert a.dtype == torch.float32
+        assert_within_torch_error(a, b, t, factor, f"{name} {padding} {dims}-D")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "reference")])
+@pytest.mark.parametrize("dims", (2, 3))
+def test_fused_gradient_keeps_channels_last_layout(backend, dims):
+    x = make_input(dims, channels=4).contiguous(
+        memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d).requires_grad_(True)
+    theta = make_theta(dims).requires_grad_(True)
+    out = run_fused(backend, x, theta, align_corners=False)
+    grad_input, _ = torch.autograd.grad(out, (x, theta), torch.ones_like(out))
+    expected = torch.autograd.grad(
+        F.grid_sample(x, F.affine_grid(theta, x.shape, align_corners=False), align_corners=False), x,
+        torch.ones_like(out))[0]
+    torch.testing.assert_close(grad_input, expected, rtol=0, atol=1e-9)
+    if backend == "cpu":
+        assert grad_input.is_contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "reference")])
+@pytest.mark.parametrize("dims", (2, 3))
+@pytest.mark.parametrize("padding", ("zeros", "border"))
+@pytest.mark.parametrize("bad", ("nan", "inf", "huge"))
+def test_fused_non_finite_and_huge_theta_match_torch(backend, dims, padding, bad):
+    """theta the row path cannot take (non-finite, or coordinates beyond int32) goes to the general
+    kernel, which follows torch's CPU kernels: same output, NaN where torch has NaN. (An infinite
+    theta meets the base grid's middle column, which torch's linspace rounds to 5.6e-17, not 0:
+    Inf there, not NaN, and ours must round it the same.)"""
+    x = make_input(dims, channels=2)
+    theta = make_theta(dims)
+    value = {"nan": float("nan"), "inf": float("inf"), "huge": 3e9}[bad]
+    theta[0, 0, 0] = value
+    theta[1, dims - 1, dims] = -value
+    ours = run_fused(backend, x, theta, padding_mode=padding, align_corners=False)
+    theirs = F.grid_sample(x, F.affine_grid(theta, x.shape, align_corners=False), padding_mode=padding,
+                           align_corners=False)
+    if backend == "reference":
+        # The reference promises the math, not torch's NaN rules or its rounding of a 3e9 shift.
+        assert ours.shape == theirs.shape
+        if bad == "huge":
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+        return
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-9, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "cuda")])
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+@pytest.mark.parametrize("align", (False, True))
+def test_affine_grid_base_coordinates_equal_torch_bitwise(backend, dtype, align):
+    """The identity map returns the base grid itself: equal to torch's bit for bit for every axis length
+    up to 130 (torch's linspace is symmetric and rounds with fused multiply-adds)."""
+    for n in range(1, 131):
+        theta = torch.eye(2, 3, dtype=dtype)[None]
+        ours = attnkernels.affine_grid(theta, [1, 1, 1, n], align_corners=align, backend=backend)
+        torch.testing.assert_close(ours, F.affine_grid(theta, [1, 1, 1, n], align_corners=align), rtol=0, atol=0,
+                                   msg=f"n={n}")

@@ -13,11 +13,32 @@
 
 #include "../sampling_checks.h"
 #include "affine_coords.h"
+#include "affine_rows.h"
 #include "sampler_core.h"
 
 namespace attnkernels {
 namespace cpu {
 namespace {
+
+// Whether the points-vectorised row path (affine_rows.h) serves this call.
+template <typename acc_t>
+bool row_path_eligible(const at::Tensor& theta_acc, const SamplerShape& s, int64_t dims, int64_t interpolation) {
+  const acc_t* t = theta_acc.const_data_ptr<acc_t>();
+  return dims == 2 ? affine_rows_eligible<acc_t, 2>(t, s, interpolation)
+                   : affine_rows_eligible<acc_t, 3>(t, s, interpolation);
+}
+
+// Calls body(dims, border) with both as compile-time constants.
+template <typename Body>
+void run_rows(int64_t dims, Padding padding, Body&& body) {
+  const bool border = padding == Padding::Border;
+  auto with_dims = [&](auto dims_tag) {
+    if (border) body(dims_tag, std::true_type{});
+    else body(dims_tag, std::false_type{});
+  };
+  if (dims == 2) with_dims(std::integral_constant<int, 2>{});
+  else with_dims(std::integral_constant<int, 3>{});
+}
 
 SamplerShape fused_shape(const at::Tensor& input, at::IntArrayRef size, int64_t padding, bool align_corners) {
   SamplerShape s;
@@ -39,8 +60,18 @@ at::Tensor affine_grid_sample_cpu(const at::Tensor& input, const at::Tensor& the
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "affine_grid_sample_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor source = channels_last_source<scalar_t, acc_t>(input);
     const at::Tensor theta_acc = theta.to(acc_type).contiguous();
+    if (row_path_eligible<acc_t>(theta_acc, s, dims, interpolation)) {
+      const at::Tensor planar = input.contiguous();
+      run_rows(dims, s.padding, [&](auto dims_tag, auto border_tag) {
+        constexpr int D = decltype(dims_tag)::value;
+        AffineCoords<acc_t, D> coords(theta_acc.const_data_ptr<acc_t>(), s.batch, s.out_size, align_corners, 0);
+        affine_rows_forward<scalar_t, acc_t, D, decltype(border_tag)::value>(
+            s, planar.const_data_ptr<scalar_t>(), coords, out.mutable_data_ptr<scalar_t>());
+      });
+      return;
+    }
+    const at::Tensor source = channels_last_source<scalar_t, acc_t>(input);
     dispatch_mode(interpolation, [&](auto mode_tag) {
       constexpr Interpolation mode = decltype(mode_tag)::value;
       if (dims == 2) {
@@ -78,15 +109,38 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     const int64_t in_elems = s.batch * s.in_points() * s.channels;
     const int64_t copies = private_copies(total, in_elems * int64_t(sizeof(acc_t)), need_input);
+    const at::Tensor theta_acc = theta.to(acc_type).contiguous();
+    grad_theta = at::zeros(theta.sizes(), theta.options());
+    if (total > 0 && s.channels > 0 && row_path_eligible<acc_t>(theta_acc, s, dims, interpolation)) {
+      const at::Tensor planar = input.contiguous();
+      const at::Tensor go = grad_output.contiguous();
+      at::Tensor private_grads =
+          need_input ? at::zeros({copies * in_elems}, input.options().dtype(acc_type)) : at::Tensor();
+      run_rows(dims, s.padding, [&](auto dims_tag, auto border_tag) {
+        constexpr int D = decltype(dims_tag)::value;
+        AffineCoords<acc_t, D> coords(theta_acc.const_data_ptr<acc_t>(), s.batch, s.out_size, align_corners,
+                                      copies);
+        affine_rows_backward<scalar_t, acc_t, D, decltype(border_tag)::value>(
+            s, planar.const_data_ptr<scalar_t>(), coords, go.const_data_ptr<scalar_t>(),
+            need_input ? private_grads.mutable_data_ptr<acc_t>() : nullptr, need_theta, copies);
+        if (need_theta) coords.reduce_grad(copies, grad_theta.mutable_data_ptr<scalar_t>());
+      });
+      if (need_input) {
+        grad_input = reduce_planar_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), copies, input);
+        if (gradient_channels_last(input)) {
+          grad_input = grad_input.contiguous(dims == 2 ? at::MemoryFormat::ChannelsLast
+                                                       : at::MemoryFormat::ChannelsLast3d);
+        }
+      }
+      return;
+    }
     std::vector<int64_t> private_shape = {copies, s.batch};
     for (int64_t d = 2; d < input.dim(); ++d) private_shape.push_back(input.size(d));
     private_shape.push_back(s.channels);
     at::Tensor private_grads = need_input ? at::zeros(private_shape, input.options().dtype(acc_type)) : at::Tensor();
-    grad_theta = at::zeros(theta.sizes(), theta.options());
     // The input values are only read for the coordinate gradient.
     const at::Tensor source = need_theta && interpolation != 1 ? channels_last_source<scalar_t, acc_t>(input) : at::Tensor();
     const acc_t* source_ptr = source.defined() ? source.const_data_ptr<acc_t>() : nullptr;
-    const at::Tensor theta_acc = theta.to(acc_type).contiguous();
     const at::Tensor go = grad_output.contiguous();
     acc_t* private_ptr = need_input ? private_grads.mutable_data_ptr<acc_t>() : nullptr;
     if (total > 0 && s.channels > 0) {

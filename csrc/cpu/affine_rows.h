@@ -1,0 +1,485 @@
+// The fused affine_grid_sample, bilinear with zeros or border padding, vectorised
+// over output points instead of channels.
+//
+// The channel-vectorised sampler (sampler_core.h) spends its time per point
+// when there are few channels (RGB video: C = 3): tap indices, weights, and the
+// theta gradient are scalar work repeated for every output position. Here one
+// tile holds kLanes consecutive points of one output row; their coordinates,
+// taps and weights are computed as vectors, the input is gathered per channel
+// straight from its (N, C, [D,] H, W) layout (no channels-last copy), the
+// output is stored as contiguous runs, and the theta gradient is summed per
+// lane. The arithmetic is that of grid_sample_math.h, in the same order, so
+// the forward equals the scalar path bit for bit; only the backward's order of
+// summation differs.
+//
+// Only finite theta and coordinates well inside the int32 range take this path
+// (see affine_rows_eligible): NaN/Inf rules and reflection stay with the scalar
+// path, which reproduces torch's.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "affine_coords.h"
+#include "sampler_core.h"
+
+namespace attnkernels {
+namespace cpu {
+
+// Whether the row path serves these arguments: bilinear, zeros or border
+// padding, finite theta, every sampling coordinate far inside int32 (checked
+// from |theta| row sums: base coordinates lie in [-1, 1]), and each input
+// plane (one channel of one batch item) addressable with int32 offsets.
+template <typename acc_t, int Dims>
+bool affine_rows_eligible(const acc_t* theta, const SamplerShape& s, int64_t interpolation) {
+  if (static_cast<Interpolation>(interpolation) != Interpolation::Bilinear) return false;
+  if (s.padding == Padding::Reflection) return false;
+  if (s.in_points() >= (int64_t(1) << 31)) return false;
+  constexpr int kCols = Dims + 1;
+  for (int64_t n = 0; n < s.batch; ++n) {
+    for (int r = 0; r < Dims; ++r) {
+      double reach = 0.0;
+      for (int a = 0; a < kCols; ++a) {
+        const double v = double(theta[(n * Dims + r) * kCols + a]);
+        if (!std::isfinite(v)) return false;
+        reach += std::fabs(v);
+      }
+      // Pixel coordinate magnitude is at most (reach + 1) * size / 2 + 1.
+      if ((reach + 1.0) * double(s.in_size[r]) > double(1 << 22)) return false;
+    }
+  }
+  return true;
+}
+
+// Taps of one tile of kLanes points: per tap (x fastest, then y, then z) the
+// offset within an input plane, the weight, whether it lies inside the input,
+// and (for the backward) d weight / d normalised coordinate per axis.
+template <typename acc_t, int Dims>
+struct RowTile {
+  static constexpr int kLanes = 64 / int(sizeof(acc_t));  // one 512-bit vector
+  static constexpr int kTaps = 1 << Dims;
+  int32_t offset[kTaps][kLanes];
+  acc_t weight[kTaps][kLanes];
+  int32_t valid[kTaps][kLanes];  // 1 inside the input, else 0
+  acc_t dweight[kTaps][Dims][kLanes];
+
+  // Points with base x coordinates bx[0 .. kLanes) in the row at base (by, bz)
+  // of the batch item whose theta is `t`. Lanes past the row end compute
+  // harmless values that callers ignore.
+  template <bool border, bool with_dweight>
+  void build(const acc_t* t, const acc_t* bx, acc_t by, acc_t bz, const SamplerShape& s) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      build_avx512<border, with_dweight>(t, bx, by, bz, s);
+      return;
+    }
+#endif
+    constexpr int kCols = Dims + 1;
+    // Per axis: the low and high tap's offset, weight, d weight, and whether it is inside (1) or not (0).
+    int32_t offset_of[Dims][2][kLanes];
+    acc_t weight_of[Dims][2][kLanes];
+    acc_t dweight_of[Dims][2][kLanes];
+    int32_t inside_of[Dims][2][kLanes];
+    int32_t stride = 1;
+    for (int r = 0; r < Dims; ++r) {
+      const int32_t size = int32_t(s.in_size[r]);
+      const acc_t fsize = acc_t(size);
+      const acc_t last = acc_t(size - 1);
+      const acc_t scale = s.align_corners ? last / acc_t(2) : fsize / acc_t(2);
+      const acc_t t0 = t[r * kCols + 0];
+      const acc_t t1 = Dims > 1 ? t[r * kCols + 1] : acc_t(0);
+      const acc_t t2 = Dims > 2 ? t[r * kCols + 2] : acc_t(0);
+      const acc_t shift = t[r * kCols + Dims];
+      // unnormalize() as a * (v + 1) - b: align_corners: (v + 1) / 2 * last; else ((v + 1) * size - 1) / 2.
+      const bool align = s.align_corners;
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        // theta @ [x, y, (z,) 1], in AffineCoords::Cursor::load's order.
+        acc_t v = shift;
+        v += t0 * bx[l];
+        if constexpr (Dims > 1) v += t1 * by;
+        if constexpr (Dims > 2) v += t2 * bz;
+        const acc_t aligned = (v + acc_t(1)) / acc_t(2) * last;
+        const acc_t unaligned = ((v + acc_t(1)) * fsize - acc_t(1)) / acc_t(2);
+        acc_t x = align ? aligned : unaligned;
+        acc_t slope = scale;
+        if constexpr (border) {
+          const bool inside = x > acc_t(0) && x < last;
+          slope = inside ? scale : acc_t(0);
+          const acc_t clipped = x <= acc_t(0) ? acc_t(0) : last;
+          x = inside ? x : clipped;
+        }
+        const acc_t x0 = std::floor(x);
+        const int32_t i0 = static_cast<int32_t>(x0);
+        const acc_t frac = x - x0;
+        offset_of[r][0][l] = i0 * stride;
+        offset_of[r][1][l] = (i0 + 1) * stride;
+        weight_of[r][0][l] = acc_t(1) - frac;
+        weight_of[r][1][l] = frac;
+        dweight_of[r][0][l] = -slope;
+        dweight_of[r][1][l] = slope;
+        inside_of[r][0][l] = (i0 >= 0) & (i0 < size);
+        inside_of[r][1][l] = (i0 + 1 >= 0) & (i0 + 1 < size);
+      }
+      stride *= size;
+    }
+    for (int tap = 0; tap < kTaps; ++tap) {
+      const int kx = tap & 1, ky = (tap >> 1) & 1, kz = (tap >> 2) & 1;
+      const int32_t* ox = offset_of[0][kx];
+      const int32_t* oy = offset_of[Dims > 1 ? 1 : 0][ky];
+      const int32_t* oz = offset_of[Dims > 2 ? 2 : 0][kz];
+      const acc_t* wx = weight_of[0][kx];
+      const acc_t* wy = weight_of[Dims > 1 ? 1 : 0][ky];
+      const acc_t* wz = weight_of[Dims > 2 ? 2 : 0][kz];
+      const int32_t* vx = inside_of[0][kx];
+      const int32_t* vy = inside_of[Dims > 1 ? 1 : 0][ky];
+      const int32_t* vz = inside_of[Dims > 2 ? 2 : 0][kz];
+      int32_t* out_offset = offset[tap];
+      int32_t* out_valid = valid[tap];
+      acc_t* out_weight = weight[tap];
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        int32_t off = ox[l];
+        int32_t ok = vx[l];
+        acc_t w = wx[l];
+        if constexpr (Dims > 1) {
+          off += oy[l];
+          ok &= vy[l];
+          w *= wy[l];
+        }
+        if constexpr (Dims > 2) {
+          off += oz[l];
+          ok &= vz[l];
+          w *= wz[l];
+        }
+        out_offset[l] = ok ? off : 0;
+        out_valid[l] = ok;
+        out_weight[l] = w;
+      }
+      if constexpr (with_dweight) {
+        // d weight / d coordinate a: that axis's d weight times the other axes' weights, in axis order.
+        const acc_t* dx = dweight_of[0][kx];
+        const acc_t* dy = dweight_of[Dims > 1 ? 1 : 0][ky];
+        const acc_t* dz = dweight_of[Dims > 2 ? 2 : 0][kz];
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) {
+          if constexpr (Dims == 2) {
+            dweight[tap][0][l] = dx[l] * wy[l];
+            dweight[tap][1][l] = dy[l] * wx[l];
+          } else {
+            dweight[tap][0][l] = dx[l] * wy[l] * wz[l];
+            dweight[tap][1][l] = dy[l] * wx[l] * wz[l];
+            dweight[tap][2][l] = dz[l] * wx[l] * wy[l];
+          }
+        }
+      }
+    }
+  }
+
+#if defined(__AVX512F__)
+  // build() for fp32 in AVX-512 intrinsics (the compiler leaves the generic
+  // loops above partly scalar). Same operations in the same order.
+  template <bool border, bool with_dweight>
+  void build_avx512(const float* t, const float* bx, float by, float bz, const SamplerShape& s) {
+    constexpr int kCols = Dims + 1;
+    __m512i offset_of[Dims][2];
+    __m512 weight_of[Dims][2];
+    __m512 dweight_of[Dims][2];
+    __mmask16 inside_of[Dims][2];
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 two = _mm512_set1_ps(2.0f);
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512 base_x = _mm512_loadu_ps(bx);
+    int32_t stride = 1;
+    for (int r = 0; r < Dims; ++r) {
+      const int32_t size = int32_t(s.in_size[r]);
+      const float last = float(size - 1);
+      const float scale = s.align_corners ? last / 2.0f : float(size) / 2.0f;
+      __m512 v = _mm512_add_ps(_mm512_set1_ps(t[r * kCols + Dims]), _mm512_mul_ps(_mm512_set1_ps(t[r * kCols]), base_x));
+      if constexpr (Dims > 1) v = _mm512_add_ps(v, _mm512_set1_ps(t[r * kCols + 1] * by));
+      if constexpr (Dims > 2) v = _mm512_add_ps(v, _mm512_set1_ps(t[r * kCols + 2] * bz));
+      const __m512 vlast = _mm512_set1_ps(last);
+      __m512 x = s.align_corners
+                     ? _mm512_mul_ps(_mm512_div_ps(_mm512_add_ps(v, one), two), vlast)
+                     : _mm512_div_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_add_ps(v, one), _mm512_set1_ps(float(size))), one),
+                                     two);
+      __m512 slope = _mm512_set1_ps(scale);
+      if constexpr (border) {
+        const __mmask16 inside = _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ) & _mm512_cmp_ps_mask(x, vlast, _CMP_LT_OQ);
+        const __mmask16 low = _mm512_cmp_ps_mask(x, zero, _CMP_LE_OQ);
+        const __m512 clipped = _mm512_mask_blend_ps(low, vlast, zero);
+        x = _mm512_mask_blend_ps(inside, clipped, x);
+        slope = _mm512_maskz_mov_ps(inside, slope);
+      }
+      const __m512 x0 = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      const __m512i i0 = _mm512_cvttps_epi32(x0);
+      const __m512i i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(1));
+      const __m512 frac = _mm512_sub_ps(x, x0);
+      const __m512i vsize = _mm512_set1_epi32(size);
+      const __m512i vzero = _mm512_setzero_si512();
+      const __m512i vstride = _mm512_set1_epi32(stride);
+      offset_of[r][0] = _mm512_mullo_epi32(i0, vstride);
+      offset_of[r][1] = _mm512_mullo_epi32(i1, vstride);
+      weight_of[r][0] = _mm512_sub_ps(one, frac);
+      weight_of[r][1] = frac;
+      dweight_of[r][0] = _mm512_castsi512_ps(
+          _mm512_xor_si512(_mm512_castps_si512(slope), _mm512_set1_epi32(int32_t(0x80000000u))));  // -slope
+      dweight_of[r][1] = slope;
+      inside_of[r][0] = _mm512_cmpge_epi32_mask(i0, vzero) & _mm512_cmplt_epi32_mask(i0, vsize);
+      inside_of[r][1] = _mm512_cmpge_epi32_mask(i1, vzero) & _mm512_cmplt_epi32_mask(i1, vsize);
+      stride *= size;
+    }
+    const __m512i ones = _mm512_set1_epi32(1);
+    for (int tap = 0; tap < kTaps; ++tap) {
+      const int k[3] = {tap & 1, (tap >> 1) & 1, (tap >> 2) & 1};
+      __m512i off = offset_of[0][k[0]];
+      __mmask16 ok = inside_of[0][k[0]];
+      __m512 w = weight_of[0][k[0]];
+      for (int a = 1; a < Dims; ++a) {
+        off = _mm512_add_epi32(off, offset_of[a][k[a]]);
+        ok &= inside_of[a][k[a]];
+        w = _mm512_mul_ps(w, weight_of[a][k[a]]);
+      }
+      _mm512_storeu_si512(offset[tap], _mm512_maskz_mov_epi32(ok, off));
+      _mm512_storeu_si512(valid[tap], _mm512_maskz_mov_epi32(ok, ones));
+      _mm512_storeu_ps(weight[tap], w);
+      if constexpr (with_dweight) {
+        for (int a = 0; a < Dims; ++a) {
+          __m512 d = dweight_of[a][k[a]];
+          for (int b = 0; b < Dims; ++b) {
+            if (b != a) d = _mm512_mul_ps(d, weight_of[b][k[b]]);
+          }
+          _mm512_storeu_ps(dweight[tap][a], d);
+        }
+      }
+    }
+  }
+#endif
+};
+
+// Rows of the output: (batch, [z,] y), each of out_size[0] points.
+template <int Dims>
+inline int64_t output_rows(const SamplerShape& s) {
+  return s.batch * s.out_size[1] * (Dims > 2 ? s.out_size[2] : 1);
+}
+
+// Base x coordinates padded with zeros to whole tiles.
+template <typename acc_t, int Dims>
+std::vector<acc_t> padded_base_x(const AffineCoords<acc_t, Dims>& coords, int64_t width) {
+  constexpr int L = RowTile<acc_t, Dims>::kLanes;
+  std::vector<acc_t> bx(((width + L - 1) / L) * L, acc_t(0));
+  std::copy(coords.base[0].begin(), coords.base[0].end(), bx.begin());
+  return bx;
+}
+
+// out[n, c, position] for every output position; `input` is contiguous.
+template <typename scalar_t, typename acc_t, int Dims, bool border>
+void affine_rows_forward(const SamplerShape& s, const scalar_t* input, const AffineCoords<acc_t, Dims>& coords,
+                         scalar_t* out) {
+  using Tile = RowTile<acc_t, Dims>;
+  constexpr int L = Tile::kLanes;
+  constexpr int kCols = Dims + 1;
+  const int64_t W = s.out_size[0];
+  const int64_t H = s.out_size[1];
+  const int64_t rows_per_item = output_rows<Dims>(s) / s.batch;
+  const int64_t in_plane = s.in_points();
+  const int64_t out_plane = s.out_points();
+  const int64_t C = s.channels;
+  const std::vector<acc_t> bx = padded_base_x(coords, W);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
+  at::parallel_for(0, output_rows<Dims>(s), grain, [&](int64_t begin, int64_t end) {
+    Tile tile;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / rows_per_item;
+      const int64_t within = row - n * rows_per_item;
+      const acc_t by = Dims > 1 ? coords.base[1][within % H] : acc_t(0);
+      const acc_t bz = Dims > 2 ? coords.base[2][within / H] : acc_t(0);
+      const acc_t* t = coords.theta + n * Dims * kCols;
+      for (int64_t x0 = 0; x0 < W; x0 += L) {
+        const int64_t count = std::min<int64_t>(L, W - x0);
+        tile.template build<border, false>(t, bx.data() + x0, by, bz, s);
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* plane = input + (n * C + c) * in_plane;
+          scalar_t* dst = out + (n * C + c) * out_plane + within * W + x0;
+#if defined(__AVX512F__)
+          if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int tap = 0; tap < Tile::kTaps; ++tap) {
+              const __m512i valid = _mm512_loadu_si512(tile.valid[tap]);
+              const __mmask16 inside = _mm512_test_epi32_mask(valid, valid);
+              const __m512 value = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside,
+                                                            _mm512_loadu_si512(tile.offset[tap]), plane, 4);
+              acc = _mm512_add_ps(acc, _mm512_maskz_mul_ps(inside, _mm512_loadu_ps(tile.weight[tap]), value));
+            }
+            _mm512_mask_storeu_ps(dst, __mmask16((1u << count) - 1u), acc);
+            continue;
+          }
+#endif
+          acc_t acc[L];
+#pragma omp simd
+          for (int l = 0; l < L; ++l) acc[l] = acc_t(0);
+          for (int tap = 0; tap < Tile::kTaps; ++tap) {
+#pragma omp simd
+            for (int l = 0; l < L; ++l) {
+              const acc_t value = static_cast<acc_t>(plane[tile.offset[tap][l]]);
+              acc[l] += tile.valid[tap][l] ? tile.weight[tap][l] * value : acc_t(0);
+            }
+          }
+          for (int64_t l = 0; l < count; ++l) dst[l] = static_cast<scalar_t>(acc[l]);
+        }
+      }
+    }
+  });
+}
+
+// plane[offset] += weight * g for every valid tap of the first `count` lanes.
+// Scalar: AVX-512 gather + conflict check + scatter measured slower here
+// (7.3 ms against 6.7 ms for the input gradient of 4x3x16x112x112).
+template <typename acc_t, int Dims>
+inline void scatter_tile(const RowTile<acc_t, Dims>& tile, acc_t* plane, const acc_t* g, int64_t count) {
+  for (int64_t l = 0; l < count; ++l) {
+    for (int tap = 0; tap < RowTile<acc_t, Dims>::kTaps; ++tap) {
+      if (tile.valid[tap][l]) plane[tile.offset[tap][l]] += tile.weight[tap][l] * g[l];
+    }
+  }
+}
+
+// Backward over `copies` contiguous row ranges: range r scatters weight *
+// grad_output into its own (N, C, in_points) slice of `private_grads` (when
+// given) and adds its theta gradient to slot r of `coords`.
+template <typename scalar_t, typename acc_t, int Dims, bool border>
+void affine_rows_backward(const SamplerShape& s, const scalar_t* input, AffineCoords<acc_t, Dims>& coords,
+                          const scalar_t* grad_out, acc_t* private_grads, bool need_theta, int64_t copies) {
+  using Tile = RowTile<acc_t, Dims>;
+  constexpr int L = Tile::kLanes;
+  constexpr int kCols = Dims + 1;
+  const int64_t W = s.out_size[0];
+  const int64_t H = s.out_size[1];
+  const int64_t rows = output_rows<Dims>(s);
+  const int64_t rows_per_item = rows / s.batch;
+  const int64_t in_plane = s.in_points();
+  const int64_t out_plane = s.out_points();
+  const int64_t C = s.channels;
+  const int64_t per_copy = s.batch * C * in_plane;
+  const std::vector<acc_t> bx = padded_base_x(coords, W);
+  at::parallel_for(0, copies, 1, [&](int64_t first, int64_t last) {
+    Tile tile;
+    for (int64_t r = first; r < last; ++r) {
+      acc_t* grads = private_grads == nullptr ? nullptr : private_grads + r * per_copy;
+      for (int64_t row = rows * r / copies; row < rows * (r + 1) / copies; ++row) {
+        const int64_t n = row / rows_per_item;
+        const int64_t within = row - n * rows_per_item;
+        const acc_t by = Dims > 1 ? coords.base[1][within % H] : acc_t(0);
+        const acc_t bz = Dims > 2 ? coords.base[2][within / H] : acc_t(0);
+        const acc_t* t = coords.theta + n * Dims * kCols;
+        // Per lane, per coordinate: sum of grad * base x, and sum of grad.
+        double with_x[Dims][L] = {};
+        double plain[Dims][L] = {};
+        for (int64_t x0 = 0; x0 < W; x0 += L) {
+          const int64_t count = std::min<int64_t>(L, W - x0);
+          if (need_theta) tile.template build<border, true>(t, bx.data() + x0, by, bz, s);
+          else tile.template build<border, false>(t, bx.data() + x0, by, bz, s);
+          acc_t grad_xyz[Dims][L] = {};
+          // Two channel loops: the scatters first, then the gathers for the coordinate gradient
+          // (interleaving them measured 30% slower than the two apart).
+          for (int64_t c = 0; grads != nullptr && c < C; ++c) {
+            const scalar_t* go = grad_out + (n * C + c) * out_plane + within * W + x0;
+            acc_t g[L];
+            for (int l = 0; l < L; ++l) g[l] = l < count ? static_cast<acc_t>(go[l]) : acc_t(0);
+            scatter_tile(tile, grads + (n * C + c) * in_plane, g, count);
+          }
+          for (int64_t c = 0; need_theta && c < C; ++c) {
+            const scalar_t* go = grad_out + (n * C + c) * out_plane + within * W + x0;
+            acc_t g[L];
+            for (int l = 0; l < L; ++l) g[l] = l < count ? static_cast<acc_t>(go[l]) : acc_t(0);
+            {
+              const scalar_t* plane = input + (n * C + c) * in_plane;
+              acc_t direction[Dims][L] = {};
+#if defined(__AVX512F__)
+              if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+                __m512 sums[Dims];
+                for (int a = 0; a < Dims; ++a) sums[a] = _mm512_setzero_ps();
+                for (int tap = 0; tap < Tile::kTaps; ++tap) {
+                  const __m512i valid = _mm512_loadu_si512(tile.valid[tap]);
+                  const __mmask16 inside = _mm512_test_epi32_mask(valid, valid);
+                  const __m512 value = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside,
+                                                                _mm512_loadu_si512(tile.offset[tap]), plane, 4);
+                  for (int a = 0; a < Dims; ++a) {
+                    sums[a] = _mm512_add_ps(sums[a], _mm512_mul_ps(_mm512_loadu_ps(tile.dweight[tap][a]), value));
+                  }
+                }
+                for (int a = 0; a < Dims; ++a) _mm512_storeu_ps(direction[a], sums[a]);
+              } else
+#endif
+              for (int tap = 0; tap < Tile::kTaps; ++tap) {
+#pragma omp simd
+                for (int l = 0; l < L; ++l) {
+                  const acc_t value = tile.valid[tap][l] ? static_cast<acc_t>(plane[tile.offset[tap][l]]) : acc_t(0);
+                  for (int a = 0; a < Dims; ++a) direction[a][l] += tile.dweight[tap][a][l] * value;
+                }
+              }
+              for (int a = 0; a < Dims; ++a) {
+#pragma omp simd
+                for (int l = 0; l < L; ++l) grad_xyz[a][l] += direction[a][l] * g[l];
+              }
+            }
+          }
+          if (need_theta) {
+            for (int a = 0; a < Dims; ++a) {
+#pragma omp simd
+              for (int l = 0; l < L; ++l) {
+                // Lanes past the row end hold 0 * (values of arbitrary points): drop them.
+                const double grad = l < count ? double(grad_xyz[a][l]) : 0.0;
+                with_x[a][l] += grad * double(bx[x0 + l]);
+                plain[a][l] += grad;
+              }
+            }
+          }
+        }
+        if (need_theta) {
+          double* g = coords.grad_theta.data() + (r * s.batch + n) * Dims * kCols;
+          const double base_yz[2] = {double(by), double(bz)};
+          for (int a = 0; a < Dims; ++a) {
+            double sum_x = 0.0, sum = 0.0;
+            for (int l = 0; l < L; ++l) {
+              sum_x += with_x[a][l];
+              sum += plain[a][l];
+            }
+            g[a * kCols + 0] += sum_x;
+            for (int b = 1; b < Dims; ++b) g[a * kCols + b] += sum * base_yz[b - 1];
+            g[a * kCols + Dims] += sum;
+          }
+        }
+      }
+    }
+  });
+}
+
+// Sums the private copies (copies, N, C, in_points) into a contiguous gradient
+// of the input's dtype.
+template <typename scalar_t, typename acc_t>
+at::Tensor reduce_planar_private_grads(const acc_t* copies_ptr, int64_t copies, const at::Tensor& input) {
+  at::Tensor grad = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+  const int64_t per_copy = grad.numel();
+  at::parallel_for(0, per_copy, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t v = copies_ptr[i];
+      for (int64_t r = 1; r < copies; ++r) v += copies_ptr[r * per_copy + i];
+      out[i] = static_cast<scalar_t>(v);
+    }
+  });
+  return grad;
+}
+
+}  // namespace cpu
+}  // namespace attnkernels
