@@ -127,6 +127,11 @@ inline void forward_block(const Taps& taps, const acc_t* src, int64_t c0, int64_
   }
 }
 
+// Consecutive output positions handled together: their results are staged
+// (channel-major) and stored as one contiguous run per channel, instead of
+// one scattered store per channel and point.
+constexpr int64_t kPointGroup = 16;
+
 // out[n, c, p] = sum over taps of weight * source[n, tap, c], for the points
 // [begin, end) of the flattened (batch, output position) range.
 template <typename scalar_t, typename acc_t, int Dims, Interpolation mode, NanPolicy policy, int kFixedChannels,
@@ -139,28 +144,39 @@ void sample_forward_range(const SamplerShape& s, const acc_t* source, Source& co
   PointTaps<acc_t, Dims, mode> taps;
   auto cursor = coords.cursor(begin);
   PointCounter at(begin, P);
-  for (int64_t i = begin; i < end; ++i, at.advance(), cursor.advance()) {
-    acc_t xyz[Dims];
-    cursor.load(xyz);
-    taps.template build<policy>(xyz, s);
-    const acc_t* src = source + at.n * in_batch;
-    scalar_t* dst = out + at.n * C * P + at.p;
-    if constexpr (kFixedChannels > 0) {
-      acc_t acc[kFixedChannels];
-      forward_block<kFixedChannels, acc_t, policy>(taps, src, 0, 0, acc);
-      for (int64_t c = 0; c < kFixedChannels; ++c) dst[c * P] = static_cast<scalar_t>(acc[c]);
-    } else {
-      int64_t c0 = 0;
-      for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
-        acc_t acc[kChannelBlock];
-        forward_block<kChannelBlock, acc_t, policy>(taps, src, c0, 0, acc);
-        for (int64_t c = 0; c < kChannelBlock; ++c) dst[(c0 + c) * P] = static_cast<scalar_t>(acc[c]);
+  std::vector<acc_t> staged(C * kPointGroup);  // staged[c * kPointGroup + j]
+  for (int64_t i = begin; i < end;) {
+    const int64_t n = at.n;
+    const int64_t p0 = at.p;
+    const int64_t count = std::min({kPointGroup, end - i, P - p0});  // one batch item per group
+    const acc_t* src = source + n * in_batch;
+    for (int64_t j = 0; j < count; ++j, ++i, at.advance(), cursor.advance()) {
+      acc_t xyz[Dims];
+      cursor.load(xyz);
+      taps.template build<policy>(xyz, s);
+      acc_t* dst = staged.data() + j;
+      if constexpr (kFixedChannels > 0) {
+        acc_t acc[kFixedChannels];
+        forward_block<kFixedChannels, acc_t, policy>(taps, src, 0, 0, acc);
+        for (int64_t c = 0; c < kFixedChannels; ++c) dst[c * kPointGroup] = acc[c];
+      } else {
+        int64_t c0 = 0;
+        for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
+          acc_t acc[kChannelBlock];
+          forward_block<kChannelBlock, acc_t, policy>(taps, src, c0, 0, acc);
+          for (int64_t c = 0; c < kChannelBlock; ++c) dst[(c0 + c) * kPointGroup] = acc[c];
+        }
+        if (c0 < C) {
+          acc_t acc[kChannelBlock];
+          forward_block<0, acc_t, policy>(taps, src, c0, C - c0, acc);
+          for (int64_t c = 0; c < C - c0; ++c) dst[(c0 + c) * kPointGroup] = acc[c];
+        }
       }
-      if (c0 < C) {
-        acc_t acc[kChannelBlock];
-        forward_block<0, acc_t, policy>(taps, src, c0, C - c0, acc);
-        for (int64_t c = 0; c < C - c0; ++c) dst[(c0 + c) * P] = static_cast<scalar_t>(acc[c]);
-      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      scalar_t* run = out + (n * C + c) * P + p0;
+      const acc_t* values = staged.data() + c * kPointGroup;
+      for (int64_t j = 0; j < count; ++j) run[j] = static_cast<scalar_t>(values[j]);
     }
   }
 }
@@ -255,33 +271,41 @@ void sample_backward_range(const SamplerShape& s, const acc_t* source, Source& c
   PointTaps<acc_t, Dims, mode> taps;
   auto cursor = coords.cursor(begin);
   PointCounter at(begin, P);
-  for (int64_t i = begin; i < end; ++i, at.advance(), cursor.advance()) {
-    acc_t xyz[Dims];
-    cursor.load(xyz);
-    taps.template build<policy>(xyz, s);
-    const acc_t* src = source == nullptr ? nullptr : source + at.n * in_batch;
-    acc_t* grad_src = grad_source == nullptr ? nullptr : grad_source + at.n * in_batch;
-    const scalar_t* go = grad_out + at.n * C * P + at.p;
-    acc_t grad_xyz[Dims] = {};
-    if constexpr (kFixedChannels > 0) {
-      acc_t g[kFixedChannels];
-      for (int64_t c = 0; c < kFixedChannels; ++c) g[c] = static_cast<acc_t>(go[c * P]);
-      backward_block<kFixedChannels, acc_t, Dims, has_coord_grad>(taps, src, grad_src, g, 0, 0, need_coords,
-                                                                  grad_xyz);
-    } else {
-      int64_t c0 = 0;
-      acc_t g[kChannelBlock];
-      for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
-        for (int64_t c = 0; c < kChannelBlock; ++c) g[c] = static_cast<acc_t>(go[(c0 + c) * P]);
-        backward_block<kChannelBlock, acc_t, Dims, has_coord_grad>(taps, src, grad_src, g, c0, 0, need_coords,
-                                                                   grad_xyz);
-      }
-      if (c0 < C) {
-        for (int64_t c = 0; c < C - c0; ++c) g[c] = static_cast<acc_t>(go[(c0 + c) * P]);
-        backward_block<0, acc_t, Dims, has_coord_grad>(taps, src, grad_src, g, c0, C - c0, need_coords, grad_xyz);
-      }
+  // grad_output of a group of consecutive positions, read as contiguous runs per
+  // channel and kept point-major: staged[j * C + c].
+  std::vector<acc_t> staged(C * kPointGroup);
+  for (int64_t i = begin; i < end;) {
+    const int64_t n = at.n;
+    const int64_t p0 = at.p;
+    const int64_t count = std::min({kPointGroup, end - i, P - p0});
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* run = grad_out + (n * C + c) * P + p0;
+      for (int64_t j = 0; j < count; ++j) staged[j * C + c] = static_cast<acc_t>(run[j]);
     }
-    if (need_coords) cursor.store_grad(slot, grad_xyz);
+    const acc_t* src = source == nullptr ? nullptr : source + n * in_batch;
+    acc_t* grad_src = grad_source == nullptr ? nullptr : grad_source + n * in_batch;
+    for (int64_t j = 0; j < count; ++j, ++i, at.advance(), cursor.advance()) {
+      acc_t xyz[Dims];
+      cursor.load(xyz);
+      taps.template build<policy>(xyz, s);
+      const acc_t* g = staged.data() + j * C;
+      acc_t grad_xyz[Dims] = {};
+      if constexpr (kFixedChannels > 0) {
+        backward_block<kFixedChannels, acc_t, Dims, has_coord_grad>(taps, src, grad_src, g, 0, 0, need_coords,
+                                                                    grad_xyz);
+      } else {
+        int64_t c0 = 0;
+        for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
+          backward_block<kChannelBlock, acc_t, Dims, has_coord_grad>(taps, src, grad_src, g + c0, c0, 0,
+                                                                     need_coords, grad_xyz);
+        }
+        if (c0 < C) {
+          backward_block<0, acc_t, Dims, has_coord_grad>(taps, src, grad_src, g + c0, c0, C - c0, need_coords,
+                                                         grad_xyz);
+        }
+      }
+      if (need_coords) cursor.store_grad(slot, grad_xyz);
+    }
   }
 }
 
