@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../grid_sample_math.h"
@@ -127,6 +128,69 @@ inline void forward_block(const Taps& taps, const acc_t* src, int64_t c0, int64_
   }
 }
 
+// A whole block of kChannelBlock channels as one vector value (GCC/Clang
+// vector extensions): the per-axis sums stay in registers across the taps,
+// where the arrays of backward_block / forward_block are kept on the stack.
+template <typename acc_t>
+struct ChannelVectorOf {
+  typedef acc_t type __attribute__((vector_size(sizeof(acc_t) * kChannelBlock)));
+};
+template <typename acc_t>
+using ChannelVector = typename ChannelVectorOf<acc_t>::type;
+
+template <typename acc_t>
+inline ChannelVector<acc_t> load_block(const acc_t* p) {
+  ChannelVector<acc_t> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+inline void store_block(acc_t* p, const ChannelVector<acc_t>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename acc_t, NanPolicy policy, typename Taps>
+inline void forward_full_block(const Taps& taps, const acc_t* src, int64_t c0, acc_t* out) {
+  ChannelVector<acc_t> acc = {};
+  for (int t = 0; t < taps.kCount; ++t) {
+    const acc_t w = taps.weight[t];
+    if (taps.valid[t]) {
+      acc += w * load_block(src + taps.offset[t] + c0);
+    } else if (policy == NanPolicy::Planar && !std::isfinite(w)) {
+      acc += w * ChannelVector<acc_t>{};  // torch's 4-D kernel: NaN here
+    }
+  }
+  store_block(out, acc);
+}
+
+template <typename acc_t, int Dims, bool has_coord_grad, typename Taps>
+inline void backward_full_block(const Taps& taps, const acc_t* src, acc_t* grad_src, const acc_t* g, int64_t c0,
+                                bool need_coords, acc_t* grad_xyz) {
+  const bool coords = has_coord_grad && need_coords;
+  const ChannelVector<acc_t> grad = load_block(g);
+  ChannelVector<acc_t> direction[Dims] = {};
+  for (int t = 0; t < taps.kCount; ++t) {
+    if (!taps.valid[t]) continue;
+    if (grad_src != nullptr) {
+      acc_t* run = grad_src + taps.offset[t] + c0;
+      store_block(run, load_block(run) + taps.weight[t] * grad);
+    }
+    if (coords) {
+      const ChannelVector<acc_t> value = load_block(src + taps.offset[t] + c0);
+      for (int a = 0; a < Dims; ++a) direction[a] += taps.dweight[t][a] * value;
+    }
+  }
+  if (coords) {
+    for (int a = 0; a < Dims; ++a) {
+      const ChannelVector<acc_t> product = direction[a] * grad;
+      acc_t dot = acc_t(0);
+      for (int64_t c = 0; c < kChannelBlock; ++c) dot += product[c];
+      grad_xyz[a] += dot;
+    }
+  }
+}
+
 // Consecutive output positions handled together: their results are staged
 // (channel-major) and stored as one contiguous run per channel, instead of
 // one scattered store per channel and point.
@@ -163,7 +227,7 @@ void sample_forward_range(const SamplerShape& s, const acc_t* source, Source& co
         int64_t c0 = 0;
         for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
           acc_t acc[kChannelBlock];
-          forward_block<kChannelBlock, acc_t, policy>(taps, src, c0, 0, acc);
+          forward_full_block<acc_t, policy>(taps, src, c0, acc);
           for (int64_t c = 0; c < kChannelBlock; ++c) dst[(c0 + c) * kPointGroup] = acc[c];
         }
         if (c0 < C) {
@@ -296,8 +360,7 @@ void sample_backward_range(const SamplerShape& s, const acc_t* source, Source& c
       } else {
         int64_t c0 = 0;
         for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
-          backward_block<kChannelBlock, acc_t, Dims, has_coord_grad>(taps, src, grad_src, g + c0, c0, 0,
-                                                                     need_coords, grad_xyz);
+          backward_full_block<acc_t, Dims, has_coord_grad>(taps, src, grad_src, g + c0, c0, need_coords, grad_xyz);
         }
         if (c0 < C) {
           backward_block<0, acc_t, Dims, has_coord_grad>(taps, src, grad_src, g + c0, c0, C - c0, need_coords,
