@@ -36,16 +36,17 @@ namespace attnkernels {
 namespace cpu {
 
 // Whether the row path serves these arguments: bilinear, zeros or border
-// padding, finite theta, every sampling coordinate far inside int32 (checked
-// from |theta| row sums: base coordinates lie in [-1, 1]), and each input
-// plane (one channel of one batch item) addressable with int32 offsets.
+// padding, finite theta, and every tap offset (in range or not) within int32:
+// with base coordinates in [-1, 1], a pixel index along axis r is at most
+// (reach_r + 1) * size_r / 2 + 2 in magnitude, where reach_r sums |theta[r]|.
 template <typename acc_t, int Dims>
 bool affine_rows_eligible(const acc_t* theta, const SamplerShape& s, int64_t interpolation) {
   if (static_cast<Interpolation>(interpolation) != Interpolation::Bilinear) return false;
   if (s.padding == Padding::Reflection) return false;
-  if (s.in_points() >= (int64_t(1) << 31)) return false;
   constexpr int kCols = Dims + 1;
   for (int64_t n = 0; n < s.batch; ++n) {
+    double largest_offset = 0.0;
+    double stride = 1.0;
     for (int r = 0; r < Dims; ++r) {
       double reach = 0.0;
       for (int a = 0; a < kCols; ++a) {
@@ -53,9 +54,10 @@ bool affine_rows_eligible(const acc_t* theta, const SamplerShape& s, int64_t int
         if (!std::isfinite(v)) return false;
         reach += std::fabs(v);
       }
-      // Pixel coordinate magnitude is at most (reach + 1) * size / 2 + 1.
-      if ((reach + 1.0) * double(s.in_size[r]) > double(1 << 22)) return false;
+      largest_offset += ((reach + 1.0) * double(s.in_size[r]) / 2.0 + 2.0) * stride;
+      stride *= double(s.in_size[r]);
     }
+    if (largest_offset >= double(int64_t(1) << 30)) return false;
   }
   return true;
 }
