@@ -262,3 +262,20 @@ def test_affine_grid_base_coordinates_equal_torch_bitwise(backend, dtype, align)
         ours = attnkernels.affine_grid(theta, [1, 1, 1, n], align_corners=align, backend=backend)
         torch.testing.assert_close(ours, F.affine_grid(theta, [1, 1, 1, n], align_corners=align), rtol=0, atol=0,
                                    msg=f"n={n}")
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the extension is not built")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("dims", (2, 3))
+@pytest.mark.parametrize("padding", ("zeros", "border"))
+@pytest.mark.parametrize("align", (False, True))
+def test_fused_row_path_forward_equals_grid_then_sample_bitwise(dtype, dims, padding, align):
+    """The CPU fused kernel's vectorised row path rounds exactly as our affine_grid followed by our
+    grid_sample (the general, channel-vectorised path) does: bit for bit, tails included."""
+    size = [2, 3, 5, 9, 37] if dims == 3 else [2, 5, 11, 37]
+    x = make_input(dims, channels=size[1], spatial=(7, 8, 9) if dims == 3 else (8, 9)).to(dtype)
+    theta = make_theta(dims).to(dtype)
+    fused = attnkernels.affine_grid_sample(x, theta, size, padding_mode=padding, align_corners=align, backend="cpu")
+    grid = attnkernels.affine_grid(theta, size, align_corners=align, backend="cpu")
+    two_step = attnkernels.grid_sample(x, grid, padding_mode=padding, align_corners=align, backend="cpu")
+    assert torch.equal(fused, two_step)
