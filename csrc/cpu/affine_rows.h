@@ -362,6 +362,54 @@ inline void scatter_tile(const RowTile<acc_t, Dims>& tile, acc_t* grads, int64_t
   }
 }
 
+#if defined(__AVX512F__)
+// grad_xyz[a][lane] += sum over channels c of g[c][lane] * sum over taps of
+// dweight[tap][a] * input[c][tap] (fp32). Channels go in groups of up to 4, so
+// that each tap's offsets, mask and d weights are loaded once per group.
+template <int Dims>
+inline void coordinate_grads_avx512(const RowTile<float, Dims>& tile, const float* input, int64_t plane_size,
+                                    int64_t channels, const float* grad_out, int64_t out_plane, int64_t count,
+                                    float (*grad_xyz)[RowTile<float, Dims>::kLanes]) {
+  using Tile = RowTile<float, Dims>;
+  const __mmask16 lanes = __mmask16((1u << count) - 1u);
+  __m512 total[Dims];
+  for (int a = 0; a < Dims; ++a) total[a] = _mm512_setzero_ps();
+  auto group = [&](int64_t c0, auto size_tag) {
+    constexpr int K = decltype(size_tag)::value;
+    __m512 sums[K][Dims];
+    for (int k = 0; k < K; ++k) {
+      for (int a = 0; a < Dims; ++a) sums[k][a] = _mm512_setzero_ps();
+    }
+    for (int tap = 0; tap < Tile::kTaps; ++tap) {
+      const __m512i valid = _mm512_loadu_si512(tile.valid[tap]);
+      const __mmask16 inside = _mm512_test_epi32_mask(valid, valid);
+      const __m512i offset = _mm512_loadu_si512(tile.offset[tap]);
+      __m512 dweight[Dims];
+      for (int a = 0; a < Dims; ++a) dweight[a] = _mm512_loadu_ps(tile.dweight[tap][a]);
+      for (int k = 0; k < K; ++k) {
+        const __m512 value =
+            _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, offset, input + (c0 + k) * plane_size, 4);
+        for (int a = 0; a < Dims; ++a) sums[k][a] = _mm512_add_ps(sums[k][a], _mm512_mul_ps(dweight[a], value));
+      }
+    }
+    for (int k = 0; k < K; ++k) {
+      const __m512 grad = _mm512_maskz_loadu_ps(lanes, grad_out + (c0 + k) * out_plane);
+      for (int a = 0; a < Dims; ++a) total[a] = _mm512_add_ps(total[a], _mm512_mul_ps(sums[k][a], grad));
+    }
+  };
+  int64_t c0 = 0;
+  for (; c0 + 4 <= channels; c0 += 4) group(c0, std::integral_constant<int, 4>{});
+  switch (channels - c0) {
+    case 3: group(c0, std::integral_constant<int, 3>{}); break;
+    case 2: group(c0, std::integral_constant<int, 2>{}); break;
+    case 1: group(c0, std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+  // Lanes past the row end: grad is 0 there, but 0 * (a value of an arbitrary point) may be NaN.
+  for (int a = 0; a < Dims; ++a) _mm512_storeu_ps(grad_xyz[a], _mm512_maskz_mov_ps(lanes, total[a]));
+}
+#endif
+
 // Backward over `copies` contiguous row ranges: range r scatters weight *
 // grad_output into its own (N, C, in_points) slice of `private_grads` (when
 // given) and adds its theta gradient to slot r of `coords`.
@@ -408,40 +456,30 @@ void affine_rows_backward(const SamplerShape& s, const scalar_t* input, AffineCo
             }
             scatter_tile(tile, grads + n * C * in_plane, in_plane, C, tile_grads.data(), count);
           }
+#if defined(__AVX512F__)
+          if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+            if (need_theta) {
+              coordinate_grads_avx512(tile, input + n * C * in_plane, in_plane, C,
+                                      grad_out + n * C * out_plane + within * W + x0, out_plane, count, grad_xyz);
+            }
+          } else
+#endif
           for (int64_t c = 0; need_theta && c < C; ++c) {
             const scalar_t* go = grad_out + (n * C + c) * out_plane + within * W + x0;
             acc_t g[L];
             for (int l = 0; l < L; ++l) g[l] = l < count ? static_cast<acc_t>(go[l]) : acc_t(0);
-            {
-              const scalar_t* plane = input + (n * C + c) * in_plane;
-              acc_t direction[Dims][L] = {};
-#if defined(__AVX512F__)
-              if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-                __m512 sums[Dims];
-                for (int a = 0; a < Dims; ++a) sums[a] = _mm512_setzero_ps();
-                for (int tap = 0; tap < Tile::kTaps; ++tap) {
-                  const __m512i valid = _mm512_loadu_si512(tile.valid[tap]);
-                  const __mmask16 inside = _mm512_test_epi32_mask(valid, valid);
-                  const __m512 value = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside,
-                                                                _mm512_loadu_si512(tile.offset[tap]), plane, 4);
-                  for (int a = 0; a < Dims; ++a) {
-                    sums[a] = _mm512_add_ps(sums[a], _mm512_mul_ps(_mm512_loadu_ps(tile.dweight[tap][a]), value));
-                  }
-                }
-                for (int a = 0; a < Dims; ++a) _mm512_storeu_ps(direction[a], sums[a]);
-              } else
-#endif
-              for (int tap = 0; tap < Tile::kTaps; ++tap) {
+            const scalar_t* plane = input + (n * C + c) * in_plane;
+            acc_t direction[Dims][L] = {};
+            for (int tap = 0; tap < Tile::kTaps; ++tap) {
 #pragma omp simd
-                for (int l = 0; l < L; ++l) {
-                  const acc_t value = tile.valid[tap][l] ? static_cast<acc_t>(plane[tile.offset[tap][l]]) : acc_t(0);
-                  for (int a = 0; a < Dims; ++a) direction[a][l] += tile.dweight[tap][a][l] * value;
-                }
+              for (int l = 0; l < L; ++l) {
+                const acc_t value = tile.valid[tap][l] ? static_cast<acc_t>(plane[tile.offset[tap][l]]) : acc_t(0);
+                for (int a = 0; a < Dims; ++a) direction[a][l] += tile.dweight[tap][a][l] * value;
               }
-              for (int a = 0; a < Dims; ++a) {
+            }
+            for (int a = 0; a < Dims; ++a) {
 #pragma omp simd
-                for (int l = 0; l < L; ++l) grad_xyz[a][l] += direction[a][l] * g[l];
-              }
+              for (int l = 0; l < L; ++l) grad_xyz[a][l] += direction[a][l] * g[l];
             }
           }
           if (need_theta) {
