@@ -267,3 +267,33 @@ def test_align_corners_none_means_false_with_torch_warning():
     with pytest.warns(UserWarning, match="align_corners"):
         out = attnkernels.grid_sample(x, g)
     torch.testing.assert_close(out, F.grid_sample(x, g, align_corners=False), rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the extension is not built")
+@pytest.mark.parametrize("dims", (2, 3))
+@pytest.mark.parametrize("padding", ("zeros", "border"))
+@pytest.mark.parametrize("align", (False, True))
+def test_cpu_point_tiles_equal_the_per_point_path_bitwise(dims, padding, align):
+    """fp32 bilinear on the CPU computes the taps of 16 consecutive points as vectors, unless one of
+    them is far out (|coordinate| > 4) or not finite: then that group goes point by point. Moving one
+    point of every other group far out must leave every other point's output and grid gradient
+    bit for bit unchanged."""
+    x = make_input(dims, channels=5, spatial=(6, 7, 9) if dims == 3 else (7, 9)).float()
+    grid = make_grid(dims, out=(3, 2, 37) if dims == 3 else (2, 37), spread=1.3).float()
+    moved = grid.clone()
+    flat = moved.view(grid.shape[0], -1, dims)
+    far = torch.arange(0, flat.shape[1], 32)
+    flat[:, far, 0] = 5.0
+    go = torch.randn(x.shape[:2] + grid.shape[1:-1], generator=torch.Generator().manual_seed(3))
+
+    def run(g):
+        xs, gs = x.detach().requires_grad_(True), g.detach().requires_grad_(True)
+        out = attnkernels.grid_sample(xs, gs, "bilinear", padding, align, backend="cpu")
+        return (out, *torch.autograd.grad(out, (xs, gs), go))
+
+    out, _, grad_grid = run(grid)
+    out_moved, _, grad_grid_moved = run(moved)
+    keep = torch.ones(flat.shape[1], dtype=torch.bool)
+    keep[far] = False
+    assert torch.equal(out.flatten(2)[..., keep], out_moved.flatten(2)[..., keep])
+    assert torch.equal(grad_grid.view_as(flat)[:, keep], grad_grid_moved.view_as(flat)[:, keep])

@@ -38,6 +38,8 @@ struct StoredGrid {
   };
   // At flattened (batch, position) index `index`.
   Cursor cursor(int64_t index) const { return {this, index * Dims}; }
+  // The coordinates of the point at flattened index `index` and those after it.
+  const acc_t* points_at(int64_t index) const { return grid + index * Dims; }
 };
 
 SamplerShape shape_of(const at::Tensor& input, const at::Tensor& grid, int64_t padding, bool align_corners) {

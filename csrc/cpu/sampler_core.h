@@ -16,31 +16,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../grid_sample_math.h"
+#include "point_tile.h"
+#include "sampler_shape.h"
 
 namespace attnkernels {
 namespace cpu {
-
-using sampling::Interpolation;
-using sampling::NanPolicy;
-using sampling::Padding;
-
-constexpr int64_t kChannelBlock = 16;  // one AVX-512 vector of fp32
-
-// Shapes of one sampling problem. Axis 0 is x (width), 1 is y, 2 is z.
-struct SamplerShape {
-  int64_t batch = 0;
-  int64_t channels = 0;
-  int64_t in_size[3] = {1, 1, 1};
-  int64_t out_size[3] = {1, 1, 1};
-  Padding padding = Padding::Zeros;
-  bool align_corners = false;
-
-  int64_t in_points() const { return in_size[0] * in_size[1] * in_size[2]; }
-  int64_t out_points() const { return out_size[0] * out_size[1] * out_size[2]; }
-};
 
 constexpr int int_pow(int base, int exponent) {
   int result = 1;
@@ -57,6 +41,23 @@ struct PointTaps {
   acc_t weight[kCount];
   acc_t dweight[kCount][Dims];  // d weight / d normalised coordinate, per axis
   bool valid[kCount];
+
+  // Lane `lane` of a tile built by RowTile (bilinear only): the same taps as
+  // build() gives for that point, with offsets scaled to channels-last runs.
+  template <typename Tile>
+  void load_lane(const Tile& tile, int lane, int64_t channels, bool with_dweight) {
+    static_assert(Tile::kTaps == kCount, "a tile holds bilinear taps");
+    for (int t = 0; t < kCount; ++t) {
+      offset[t] = int64_t(tile.offset[t][lane]) * channels;
+      weight[t] = tile.weight[t][lane];
+      valid[t] = tile.valid[t][lane] != 0;
+    }
+    if (with_dweight) {
+      for (int t = 0; t < kCount; ++t) {
+        for (int a = 0; a < Dims; ++a) dweight[t][a] = tile.dweight[t][a][lane];
+      }
+    }
+  }
 
   template <NanPolicy policy>
   void build(const acc_t* coords, const SamplerShape& s) {
@@ -191,6 +192,38 @@ inline void backward_full_block(const Taps& taps, const acc_t* src, acc_t* grad_
   }
 }
 
+// Whether the taps of a group of points can come from a vectorised tile: fp32
+// with AVX-512, bilinear, zeros or border padding, and a source that stores
+// its points (grid_sample's grid). Each group still falls back per point when
+// build_tile() declines it (non-finite or far-out coordinates).
+template <typename acc_t, Interpolation mode, typename Source>
+constexpr bool tiles_possible() {
+#if defined(__AVX512F__)
+  return std::is_same_v<acc_t, float> && mode == Interpolation::Bilinear &&
+         requires(const Source& source) { source.points_at(int64_t(0)); };
+#else
+  return false;
+#endif
+}
+
+inline bool tiles_allowed(const SamplerShape& s) {
+  return s.padding != Padding::Reflection && s.in_points() <= RowTile<float, 2>::kMaxTilePoints;
+}
+
+// Builds the taps of `count` points starting at flattened index `index` into
+// `tile`; false when the tile path declines them.
+template <int Dims, bool with_dweight, typename Source>
+bool build_tile(RowTile<float, Dims>& tile, const Source& coords, int64_t index, int64_t count,
+                const SamplerShape& s) {
+#if defined(__AVX512F__)
+  const float* points = coords.points_at(index);
+  return s.padding == Padding::Border ? tile.template build_from_points_avx512<true, with_dweight>(points, count, s)
+                                      : tile.template build_from_points_avx512<false, with_dweight>(points, count, s);
+#else
+  return false;
+#endif
+}
+
 // Consecutive output positions handled together: their results are staged
 // (channel-major) and stored as one contiguous run per channel, instead of
 // one scattered store per channel and point.
@@ -209,15 +242,26 @@ void sample_forward_range(const SamplerShape& s, const acc_t* source, Source& co
   auto cursor = coords.cursor(begin);
   PointCounter at(begin, P);
   std::vector<acc_t> staged(C * kPointGroup);  // staged[c * kPointGroup + j]
+  constexpr bool kTiles = tiles_possible<acc_t, mode, Source>();
+  using Tile = std::conditional_t<kTiles, RowTile<float, Dims>, int>;
+  Tile tile;
+  const bool tiles = kTiles && tiles_allowed(s);
   for (int64_t i = begin; i < end;) {
     const int64_t n = at.n;
     const int64_t p0 = at.p;
     const int64_t count = std::min({kPointGroup, end - i, P - p0});  // one batch item per group
     const acc_t* src = source + n * in_batch;
+    bool tiled = false;
+    if constexpr (kTiles) tiled = tiles && build_tile<Dims, false>(tile, coords, i, count, s);
     for (int64_t j = 0; j < count; ++j, ++i, at.advance(), cursor.advance()) {
-      acc_t xyz[Dims];
-      cursor.load(xyz);
-      taps.template build<policy>(xyz, s);
+      if constexpr (kTiles) {
+        if (tiled) taps.load_lane(tile, int(j), C, false);
+      }
+      if (!tiled) {
+        acc_t xyz[Dims];
+        cursor.load(xyz);
+        taps.template build<policy>(xyz, s);
+      }
       acc_t* dst = staged.data() + j;
       if constexpr (kFixedChannels > 0) {
         acc_t acc[kFixedChannels];
@@ -338,6 +382,10 @@ void sample_backward_range(const SamplerShape& s, const acc_t* source, Source& c
   // grad_output of a group of consecutive positions, read as contiguous runs per
   // channel and kept point-major: staged[j * C + c].
   std::vector<acc_t> staged(C * kPointGroup);
+  constexpr bool kTiles = tiles_possible<acc_t, mode, Source>();
+  using Tile = std::conditional_t<kTiles, RowTile<float, Dims>, int>;
+  Tile tile;
+  const bool tiles = kTiles && tiles_allowed(s);
   for (int64_t i = begin; i < end;) {
     const int64_t n = at.n;
     const int64_t p0 = at.p;
@@ -348,10 +396,22 @@ void sample_backward_range(const SamplerShape& s, const acc_t* source, Source& c
     }
     const acc_t* src = source == nullptr ? nullptr : source + n * in_batch;
     acc_t* grad_src = grad_source == nullptr ? nullptr : grad_source + n * in_batch;
+    bool tiled = false;
+    if constexpr (kTiles) {
+      if (tiles) {
+        tiled = need_coords ? build_tile<Dims, true>(tile, coords, i, count, s)
+                            : build_tile<Dims, false>(tile, coords, i, count, s);
+      }
+    }
     for (int64_t j = 0; j < count; ++j, ++i, at.advance(), cursor.advance()) {
-      acc_t xyz[Dims];
-      cursor.load(xyz);
-      taps.template build<policy>(xyz, s);
+      if constexpr (kTiles) {
+        if (tiled) taps.load_lane(tile, int(j), C, need_coords);
+      }
+      if (!tiled) {
+        acc_t xyz[Dims];
+        cursor.load(xyz);
+        taps.template build<policy>(xyz, s);
+      }
       const acc_t* g = staged.data() + j * C;
       acc_t grad_xyz[Dims] = {};
       if constexpr (kFixedChannels > 0) {

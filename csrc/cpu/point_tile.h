@@ -1,0 +1,265 @@
+// Taps of a tile of consecutive output points computed as vectors: the
+// points-vectorised fused sampler (affine_rows.h) builds them from theta, and
+// grid_sample's general loops (sampler_core.h) from stored grid points.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "sampler_shape.h"
+
+namespace attnkernels {
+namespace cpu {
+
+// Taps of one tile of kLanes points: per tap (x fastest, then y, then z) the
+// offset within an input plane, the weight, whether it lies inside the input,
+// and (for the backward) d weight / d normalised coordinate per axis.
+template <typename acc_t, int Dims>
+struct RowTile {
+  static constexpr int kLanes = 64 / int(sizeof(acc_t));  // one 512-bit vector
+  static constexpr int kTaps = 1 << Dims;
+  int32_t offset[kTaps][kLanes];
+  acc_t weight[kTaps][kLanes];
+  int32_t valid[kTaps][kLanes];  // 1 inside the input, else 0
+  acc_t dweight[kTaps][Dims][kLanes];
+
+  // Points with base x coordinates bx[0 .. kLanes) in the row at base (by, bz)
+  // of the batch item whose theta is `t`. Lanes past the row end compute
+  // harmless values that callers ignore.
+  template <bool border, bool with_dweight>
+  void build(const acc_t* t, const acc_t* bx, acc_t by, acc_t bz, const SamplerShape& s) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      build_avx512<border, with_dweight>(t, bx, by, bz, s);
+      return;
+    }
+#endif
+    constexpr int kCols = Dims + 1;
+    // Per axis: the low and high tap's offset, weight, d weight, and whether it is inside (1) or not (0).
+    int32_t offset_of[Dims][2][kLanes];
+    acc_t weight_of[Dims][2][kLanes];
+    acc_t dweight_of[Dims][2][kLanes];
+    int32_t inside_of[Dims][2][kLanes];
+    int32_t stride = 1;
+    for (int r = 0; r < Dims; ++r) {
+      const int32_t size = int32_t(s.in_size[r]);
+      const acc_t fsize = acc_t(size);
+      const acc_t last = acc_t(size - 1);
+      const acc_t scale = s.align_corners ? last / acc_t(2) : fsize / acc_t(2);
+      const acc_t t0 = t[r * kCols + 0];
+      const acc_t t1 = Dims > 1 ? t[r * kCols + 1] : acc_t(0);
+      const acc_t t2 = Dims > 2 ? t[r * kCols + 2] : acc_t(0);
+      const acc_t shift = t[r * kCols + Dims];
+      // unnormalize() as a * (v + 1) - b: align_corners: (v + 1) / 2 * last; else ((v + 1) * size - 1) / 2.
+      const bool align = s.align_corners;
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        // theta @ [x, y, (z,) 1], in AffineCoords::Cursor::load's order.
+        acc_t v = shift;
+        v += t0 * bx[l];
+        if constexpr (Dims > 1) v += t1 * by;
+        if constexpr (Dims > 2) v += t2 * bz;
+        const acc_t aligned = (v + acc_t(1)) / acc_t(2) * last;
+        const acc_t unaligned = ((v + acc_t(1)) * fsize - acc_t(1)) / acc_t(2);
+        acc_t x = align ? aligned : unaligned;
+        acc_t slope = scale;
+        if constexpr (border) {
+          const bool inside = x > acc_t(0) && x < last;
+          slope = inside ? scale : acc_t(0);
+          const acc_t clipped = x <= acc_t(0) ? acc_t(0) : last;
+          x = inside ? x : clipped;
+        }
+        const acc_t x0 = std::floor(x);
+        const int32_t i0 = static_cast<int32_t>(x0);
+        const acc_t frac = x - x0;
+        offset_of[r][0][l] = i0 * stride;
+        offset_of[r][1][l] = (i0 + 1) * stride;
+        weight_of[r][0][l] = acc_t(1) - frac;
+        weight_of[r][1][l] = frac;
+        dweight_of[r][0][l] = -slope;
+        dweight_of[r][1][l] = slope;
+        inside_of[r][0][l] = (i0 >= 0) & (i0 < size);
+        inside_of[r][1][l] = (i0 + 1 >= 0) & (i0 + 1 < size);
+      }
+      stride *= size;
+    }
+    for (int tap = 0; tap < kTaps; ++tap) {
+      const int kx = tap & 1, ky = (tap >> 1) & 1, kz = (tap >> 2) & 1;
+      const int32_t* ox = offset_of[0][kx];
+      const int32_t* oy = offset_of[Dims > 1 ? 1 : 0][ky];
+      const int32_t* oz = offset_of[Dims > 2 ? 2 : 0][kz];
+      const acc_t* wx = weight_of[0][kx];
+      const acc_t* wy = weight_of[Dims > 1 ? 1 : 0][ky];
+      const acc_t* wz = weight_of[Dims > 2 ? 2 : 0][kz];
+      const int32_t* vx = inside_of[0][kx];
+      const int32_t* vy = inside_of[Dims > 1 ? 1 : 0][ky];
+      const int32_t* vz = inside_of[Dims > 2 ? 2 : 0][kz];
+      int32_t* out_offset = offset[tap];
+      int32_t* out_valid = valid[tap];
+      acc_t* out_weight = weight[tap];
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        int32_t off = ox[l];
+        int32_t ok = vx[l];
+        acc_t w = wx[l];
+        if constexpr (Dims > 1) {
+          off += oy[l];
+          ok &= vy[l];
+          w *= wy[l];
+        }
+        if constexpr (Dims > 2) {
+          off += oz[l];
+          ok &= vz[l];
+          w *= wz[l];
+        }
+        out_offset[l] = ok ? off : 0;
+        out_valid[l] = ok;
+        out_weight[l] = w;
+      }
+      if constexpr (with_dweight) {
+        // d weight / d coordinate a: that axis's d weight times the other axes' weights, in axis order.
+        const acc_t* dx = dweight_of[0][kx];
+        const acc_t* dy = dweight_of[Dims > 1 ? 1 : 0][ky];
+        const acc_t* dz = dweight_of[Dims > 2 ? 2 : 0][kz];
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) {
+          if constexpr (Dims == 2) {
+            dweight[tap][0][l] = dx[l] * wy[l];
+            dweight[tap][1][l] = dy[l] * wx[l];
+          } else {
+            dweight[tap][0][l] = dx[l] * wy[l] * wz[l];
+            dweight[tap][1][l] = dy[l] * wx[l] * wz[l];
+            dweight[tap][2][l] = dz[l] * wx[l] * wy[l];
+          }
+        }
+      }
+    }
+  }
+
+#if defined(__AVX512F__)
+  // build() for fp32 in AVX-512 intrinsics (the compiler leaves the generic
+  // loops above partly scalar). Same operations in the same order.
+  template <bool border, bool with_dweight>
+  void build_avx512(const float* t, const float* bx, float by, float bz, const SamplerShape& s) {
+    constexpr int kCols = Dims + 1;
+    const __m512 base_x = _mm512_loadu_ps(bx);
+    __m512 coords[Dims];
+    for (int r = 0; r < Dims; ++r) {
+      __m512 v = _mm512_add_ps(_mm512_set1_ps(t[r * kCols + Dims]), _mm512_mul_ps(_mm512_set1_ps(t[r * kCols]), base_x));
+      if constexpr (Dims > 1) v = _mm512_add_ps(v, _mm512_set1_ps(t[r * kCols + 1] * by));
+      if constexpr (Dims > 2) v = _mm512_add_ps(v, _mm512_set1_ps(t[r * kCols + 2] * bz));
+      coords[r] = v;
+    }
+    taps_from_coords_avx512<border, with_dweight>(coords, s);
+  }
+
+  // Largest |normalised coordinate| that build_from_points_avx512 takes: it
+  // keeps every tap offset, in range or not, within int32 for inputs of up to
+  // kMaxTilePoints points per channel.
+  static constexpr float kTileReach = 4.0f;
+  static constexpr int64_t kMaxTilePoints = int64_t(1) << 27;
+
+  // Taps of the first `count` (1..kLanes) points whose normalised coordinates
+  // are stored interleaved (x, y[, z]) from `points` (a grid_sample grid).
+  // Returns false, with nothing usable built, when a coordinate is not finite
+  // or beyond kTileReach: the per-point path decides those (torch's NaN rules).
+  template <bool border, bool with_dweight>
+  bool build_from_points_avx512(const float* points, int64_t count, const SamplerShape& s) {
+    const __mmask16 lanes = __mmask16((1u << count) - 1u);
+    const __m512i first = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(Dims));
+    const __m512 reach = _mm512_set1_ps(kTileReach);
+    __m512 coords[Dims];
+    __mmask16 ok = lanes;
+    for (int a = 0; a < Dims; ++a) {
+      coords[a] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes,
+                                           _mm512_add_epi32(first, _mm512_set1_epi32(a)), points, 4);
+      ok &= _mm512_cmp_ps_mask(_mm512_abs_ps(coords[a]), reach, _CMP_LE_OQ);  // false for NaN
+    }
+    if (ok != lanes) return false;
+    taps_from_coords_avx512<border, with_dweight>(coords, s);
+    return true;
+  }
+
+  // The taps from normalised coordinates (one vector per axis).
+  template <bool border, bool with_dweight>
+  void taps_from_coords_avx512(const __m512* coords, const SamplerShape& s) {
+    __m512i offset_of[Dims][2];
+    __m512 weight_of[Dims][2];
+    __m512 dweight_of[Dims][2];
+    __mmask16 inside_of[Dims][2];
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 two = _mm512_set1_ps(2.0f);
+    const __m512 zero = _mm512_setzero_ps();
+    int32_t stride = 1;
+    for (int r = 0; r < Dims; ++r) {
+      const int32_t size = int32_t(s.in_size[r]);
+      const float last = float(size - 1);
+      const float scale = s.align_corners ? last / 2.0f : float(size) / 2.0f;
+      const __m512 v = coords[r];
+      const __m512 vlast = _mm512_set1_ps(last);
+      __m512 x = s.align_corners
+                     ? _mm512_mul_ps(_mm512_div_ps(_mm512_add_ps(v, one), two), vlast)
+                     : _mm512_div_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_add_ps(v, one), _mm512_set1_ps(float(size))), one),
+                                     two);
+      __m512 slope = _mm512_set1_ps(scale);
+      if constexpr (border) {
+        const __mmask16 inside = _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ) & _mm512_cmp_ps_mask(x, vlast, _CMP_LT_OQ);
+        const __mmask16 low = _mm512_cmp_ps_mask(x, zero, _CMP_LE_OQ);
+        const __m512 clipped = _mm512_mask_blend_ps(low, vlast, zero);
+        x = _mm512_mask_blend_ps(inside, clipped, x);
+        slope = _mm512_maskz_mov_ps(inside, slope);
+      }
+      const __m512 x0 = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      const __m512i i0 = _mm512_cvttps_epi32(x0);
+      const __m512i i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(1));
+      const __m512 frac = _mm512_sub_ps(x, x0);
+      const __m512i vsize = _mm512_set1_epi32(size);
+      const __m512i vzero = _mm512_setzero_si512();
+      const __m512i vstride = _mm512_set1_epi32(stride);
+      offset_of[r][0] = _mm512_mullo_epi32(i0, vstride);
+      offset_of[r][1] = _mm512_mullo_epi32(i1, vstride);
+      weight_of[r][0] = _mm512_sub_ps(one, frac);
+      weight_of[r][1] = frac;
+      dweight_of[r][0] = _mm512_castsi512_ps(
+          _mm512_xor_si512(_mm512_castps_si512(slope), _mm512_set1_epi32(int32_t(0x80000000u))));  // -slope
+      dweight_of[r][1] = slope;
+      inside_of[r][0] = _mm512_cmpge_epi32_mask(i0, vzero) & _mm512_cmplt_epi32_mask(i0, vsize);
+      inside_of[r][1] = _mm512_cmpge_epi32_mask(i1, vzero) & _mm512_cmplt_epi32_mask(i1, vsize);
+      stride *= size;
+    }
+    const __m512i ones = _mm512_set1_epi32(1);
+    for (int tap = 0; tap < kTaps; ++tap) {
+      const int k[3] = {tap & 1, (tap >> 1) & 1, (tap >> 2) & 1};
+      __m512i off = offset_of[0][k[0]];
+      __mmask16 ok = inside_of[0][k[0]];
+      __m512 w = weight_of[0][k[0]];
+      for (int a = 1; a < Dims; ++a) {
+        off = _mm512_add_epi32(off, offset_of[a][k[a]]);
+        ok &= inside_of[a][k[a]];
+        w = _mm512_mul_ps(w, weight_of[a][k[a]]);
+      }
+      _mm512_storeu_si512(offset[tap], _mm512_maskz_mov_epi32(ok, off));
+      _mm512_storeu_si512(valid[tap], _mm512_maskz_mov_epi32(ok, ones));
+      _mm512_storeu_ps(weight[tap], w);
+      if constexpr (with_dweight) {
+        for (int a = 0; a < Dims; ++a) {
+          __m512 d = dweight_of[a][k[a]];
+          for (int b = 0; b < Dims; ++b) {
+            if (b != a) d = _mm512_mul_ps(d, weight_of[b][k[b]]);
+          }
+          _mm512_storeu_ps(dweight[tap][a], d);
+        }
+      }
+    }
+  }
+#endif
+};
+
+}  // namespace cpu
+}  // namespace attnkernels
