@@ -206,8 +206,13 @@ constexpr bool tiles_possible() {
 #endif
 }
 
-inline bool tiles_allowed(const SamplerShape& s) {
-  return s.padding != Padding::Reflection && s.in_points() <= RowTile<float, 2>::kMaxTilePoints;
+// Measured: tiles pay in 3-D (8 taps a point) and for few channels; 2-D with
+// more than 16 channels ran ~5% faster point by point (256x256, C = 32), 2-D
+// with C = 3 ~30% faster in tiles.
+template <int Dims>
+bool tiles_allowed(const SamplerShape& s) {
+  return (Dims == 3 || s.channels <= 16) && s.padding != Padding::Reflection &&
+         s.in_points() <= RowTile<float, 2>::kMaxTilePoints;
 }
 
 // Builds the taps of `count` points starting at flattened index `index` into
@@ -245,7 +250,7 @@ void sample_forward_range(const SamplerShape& s, const acc_t* source, Source& co
   constexpr bool kTiles = tiles_possible<acc_t, mode, Source>();
   using Tile = std::conditional_t<kTiles, RowTile<float, Dims>, int>;
   Tile tile;
-  const bool tiles = kTiles && tiles_allowed(s);
+  const bool tiles = kTiles && tiles_allowed<Dims>(s);
   for (int64_t i = begin; i < end;) {
     const int64_t n = at.n;
     const int64_t p0 = at.p;
@@ -385,7 +390,7 @@ void sample_backward_range(const SamplerShape& s, const acc_t* source, Source& c
   constexpr bool kTiles = tiles_possible<acc_t, mode, Source>();
   using Tile = std::conditional_t<kTiles, RowTile<float, Dims>, int>;
   Tile tile;
-  const bool tiles = kTiles && tiles_allowed(s);
+  const bool tiles = kTiles && tiles_allowed<Dims>(s);
   for (int64_t i = begin; i < end;) {
     const int64_t n = at.n;
     const int64_t p0 = at.p;
