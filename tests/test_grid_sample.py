@@ -273,12 +273,13 @@ def test_align_corners_none_means_false_with_torch_warning():
 @pytest.mark.parametrize("dims", (2, 3))
 @pytest.mark.parametrize("padding", ("zeros", "border"))
 @pytest.mark.parametrize("align", (False, True))
-def test_cpu_point_tiles_equal_the_per_point_path_bitwise(dims, padding, align):
+@pytest.mark.parametrize("channels", (3, 5))
+def test_cpu_point_tiles_equal_the_per_point_path_bitwise(dims, padding, align, channels):
     """fp32 bilinear on the CPU computes the taps of 16 consecutive points as vectors, unless one of
     them is far out (|coordinate| > 4) or not finite: then that group goes point by point. Moving one
     point of every other group far out must leave every other point's output and grid gradient
-    bit for bit unchanged."""
-    x = make_input(dims, channels=5, spatial=(6, 7, 9) if dims == 3 else (7, 9)).float()
+    bit for bit unchanged. (Up to 4 channels the forward gathers from the (N, C, ...) input itself.)"""
+    x = make_input(dims, channels=channels, spatial=(6, 7, 9) if dims == 3 else (7, 9)).float()
     grid = make_grid(dims, out=(3, 2, 37) if dims == 3 else (2, 37), spread=1.3).float()
     moved = grid.clone()
     flat = moved.view(grid.shape[0], -1, dims)

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "../sampling_checks.h"
+#include "planar_sampler.h"
 #include "sampler_core.h"
 
 namespace attnkernels {
@@ -62,6 +63,20 @@ at::Tensor grid_sample_forward_cpu(const at::Tensor& input, const at::Tensor& gr
   if (out.numel() == 0) return out;
 
   const SamplerShape s = shape_of(input, grid, padding, align_corners);
+#if defined(__AVX512F__)
+  if (input.scalar_type() == at::kFloat && grid.scalar_type() == at::kFloat && planar_forward_applies(s, interpolation)) {
+    const at::Tensor planar = input.contiguous();
+    const at::Tensor points = grid.contiguous();
+    if (dims == 2) {
+      planar_forward<2, NanPolicy::Planar>(s, planar.const_data_ptr<float>(), points.const_data_ptr<float>(),
+                                           out.mutable_data_ptr<float>());
+    } else {
+      planar_forward<3, NanPolicy::Volumetric>(s, planar.const_data_ptr<float>(), points.const_data_ptr<float>(),
+                                               out.mutable_data_ptr<float>());
+    }
+    return out;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
