@@ -199,6 +199,16 @@ def _video_ops() -> list[OpSpec]:
     ]
 
 
+def _rgb_ops() -> list[OpSpec]:
+    """grid_sample_rgb: a batch of 4 RGB images (C = 3), the spatial transformer's usual input, where
+    torch's 2-D kernel (vectorised over points) is strongest."""
+    grid_op = next(op for op in _sampling_ops() if op.name == "grid_sample_2d")
+    return [dataclasses.replace(
+        grid_op, name="grid_sample_rgb", shape=_sampling_shape({"cpu": 4, "cuda": 64}, {"cpu": 3, "cuda": 3}, 2),
+        size_meaning="side of RGB images (H = W)", default_sizes={"cpu": (112, 224), "cuda": (224, 512)},
+        quick_sizes={"cpu": (56,), "cuda": (224,)})]
+
+
 # Attention: a fixed number of tokens (batch x sequence) per device, so every size does the same
 # number of rows and the FLOPs grow linearly with the sequence length.
 _ATTENTION_TOKENS = {"cpu": 2048, "cuda": 16384}
@@ -249,7 +259,7 @@ def _attention_ops() -> list[OpSpec]:
     return ops
 
 
-OPS: dict[str, OpSpec] = {op.name: op for op in (*_sampling_ops(), *_video_ops(), *_attention_ops())}
+OPS: dict[str, OpSpec] = {op.name: op for op in (*_sampling_ops(), *_video_ops(), *_rgb_ops(), *_attention_ops())}
 
 
 def usable_backends(device: torch.device) -> list[str]:
