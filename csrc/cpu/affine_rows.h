@@ -108,15 +108,7 @@ void affine_rows_forward(const SamplerShape& s, const scalar_t* input, const Aff
           scalar_t* dst = out + (n * C + c) * out_plane + within * W + x0;
 #if defined(__AVX512F__)
           if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int tap = 0; tap < Tile::kTaps; ++tap) {
-              const __m512i valid = _mm512_loadu_si512(tile.valid[tap]);
-              const __mmask16 inside = _mm512_test_epi32_mask(valid, valid);
-              const __m512 value = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside,
-                                                            _mm512_loadu_si512(tile.offset[tap]), plane, 4);
-              acc = _mm512_add_ps(acc, _mm512_maskz_mul_ps(inside, _mm512_loadu_ps(tile.weight[tap]), value));
-            }
-            _mm512_mask_storeu_ps(dst, __mmask16((1u << count) - 1u), acc);
+            _mm512_mask_storeu_ps(dst, __mmask16((1u << count) - 1u), tile.sample_avx512(plane));
             continue;
           }
 #endif
@@ -175,8 +167,7 @@ inline void coordinate_grads_avx512(const RowTile<float, Dims>& tile, const floa
       for (int a = 0; a < Dims; ++a) sums[k][a] = _mm512_setzero_ps();
     }
     for (int tap = 0; tap < Tile::kTaps; ++tap) {
-      const __m512i valid = _mm512_loadu_si512(tile.valid[tap]);
-      const __mmask16 inside = _mm512_test_epi32_mask(valid, valid);
+      const __mmask16 inside = tile.inside_avx512(tap);
       const __m512i offset = _mm512_loadu_si512(tile.offset[tap]);
       __m512 dweight[Dims];
       for (int a = 0; a < Dims; ++a) dweight[a] = _mm512_loadu_ps(tile.dweight[tap][a]);
@@ -312,15 +303,7 @@ void affine_rows_backward(const SamplerShape& s, const scalar_t* input, AffineCo
 template <typename scalar_t, typename acc_t>
 at::Tensor reduce_planar_private_grads(const acc_t* copies_ptr, int64_t copies, const at::Tensor& input) {
   at::Tensor grad = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
-  scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-  const int64_t per_copy = grad.numel();
-  at::parallel_for(0, per_copy, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      acc_t v = copies_ptr[i];
-      for (int64_t r = 1; r < copies; ++r) v += copies_ptr[r * per_copy + i];
-      out[i] = static_cast<scalar_t>(v);
-    }
-  });
+  sum_private_copies(copies_ptr, copies, grad.numel(), grad.mutable_data_ptr<scalar_t>());
   return grad;
 }
 

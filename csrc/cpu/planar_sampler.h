@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
 
 #include "point_tile.h"
 #include "sampler_core.h"
@@ -53,37 +52,17 @@ void planar_forward(const SamplerShape& s, const float* input, const float* grid
       const float* points = grid + (n * P + p0) * Dims;
       const float* item = input + n * C * plane;
       float* dst = out + n * C * P + p0;
-      const bool tiled = s.padding == Padding::Border
-                             ? tile.template build_from_points_avx512<true, false>(points, count, s)
-                             : tile.template build_from_points_avx512<false, false>(points, count, s);
-      if (tiled) {
+      if (build_tile(tile, points, count, s, false)) {
         const __mmask16 lanes = __mmask16((1u << count) - 1u);
-        for (int64_t c = 0; c < C; ++c) {
-          __m512 acc = _mm512_setzero_ps();
-          for (int t = 0; t < Tile::kTaps; ++t) {
-            const __m512i valid = _mm512_loadu_si512(tile.valid[t]);
-            const __mmask16 inside = _mm512_test_epi32_mask(valid, valid);
-            const __m512 value = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside,
-                                                          _mm512_loadu_si512(tile.offset[t]), item + c * plane, 4);
-            acc = _mm512_add_ps(acc, _mm512_maskz_mul_ps(inside, _mm512_loadu_ps(tile.weight[t]), value));
-          }
-          _mm512_mask_storeu_ps(dst + c * P, lanes, acc);
-        }
+        for (int64_t c = 0; c < C; ++c) _mm512_mask_storeu_ps(dst + c * P, lanes, tile.sample_avx512(item + c * plane));
         continue;
       }
       for (int64_t j = 0; j < count; ++j) {
         taps.template build<policy>(points + j * Dims, one_channel);
         for (int64_t c = 0; c < C; ++c) {
-          const float* channel = item + c * plane;
-          float acc = 0.0f;
-          for (int t = 0; t < taps.kCount; ++t) {
-            const float w = taps.weight[t];
-            if (taps.valid[t]) {
-              acc += w * channel[taps.offset[t]];
-            } else if (policy == NanPolicy::Planar && !std::isfinite(w)) {
-              acc += w * 0.0f;  // torch's 4-D kernel: NaN here
-            }
-          }
+          // One channel at a time: the taps' offsets are within one plane.
+          float acc;
+          forward_block<1, float, policy>(taps, item + c * plane, 0, 0, &acc);
           dst[c * P + j] = acc;
         }
       }

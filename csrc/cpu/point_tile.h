@@ -186,6 +186,25 @@ struct RowTile {
     return true;
   }
 
+  // Lanes whose tap `tap` lies inside the input.
+  __mmask16 inside_avx512(int tap) const {
+    const __m512i inside = _mm512_loadu_si512(valid[tap]);
+    return _mm512_test_epi32_mask(inside, inside);
+  }
+
+  // The bilinear samples of one input plane at the tile's points: the sum over
+  // taps of weight * value, taps outside the input skipped (taken as 0).
+  __m512 sample_avx512(const float* plane) const {
+    __m512 acc = _mm512_setzero_ps();
+    for (int tap = 0; tap < kTaps; ++tap) {
+      const __mmask16 inside = inside_avx512(tap);
+      const __m512 value =
+          _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, _mm512_loadu_si512(offset[tap]), plane, 4);
+      acc = _mm512_add_ps(acc, _mm512_maskz_mul_ps(inside, _mm512_loadu_ps(weight[tap]), value));
+    }
+    return acc;
+  }
+
   // The taps from normalised coordinates (one vector per axis).
   template <bool border, bool with_dweight>
   void taps_from_coords_avx512(const __m512* coords, const SamplerShape& s) {

@@ -35,6 +35,8 @@ constexpr int int_pow(int base, int exponent) {
 // All taps of one point: the tensor product of its axes' taps.
 template <typename acc_t, int Dims, Interpolation mode>
 struct PointTaps {
+  using value_type = acc_t;
+  static constexpr int kDims = Dims;
   static constexpr int K = sampling::TapsPerAxis<mode>::value;
   static constexpr int kCount = int_pow(K, Dims);
   int64_t offset[kCount];  // of the tap's channel run within one batch item
@@ -215,18 +217,40 @@ bool tiles_allowed(const SamplerShape& s) {
          s.in_points() <= RowTile<float, 2>::kMaxTilePoints;
 }
 
-// Builds the taps of `count` points starting at flattened index `index` into
-// `tile`; false when the tile path declines them.
-template <int Dims, bool with_dweight, typename Source>
-bool build_tile(RowTile<float, Dims>& tile, const Source& coords, int64_t index, int64_t count,
-                const SamplerShape& s) {
+// Builds the taps of the `count` points whose coordinates start at `points`
+// into `tile` (with d weight / d coordinate when `with_dweight`); false when
+// the tile path declines them.
+template <int Dims>
+bool build_tile(RowTile<float, Dims>& tile, const float* points, int64_t count, const SamplerShape& s,
+                bool with_dweight) {
 #if defined(__AVX512F__)
-  const float* points = coords.points_at(index);
-  return s.padding == Padding::Border ? tile.template build_from_points_avx512<true, with_dweight>(points, count, s)
-                                      : tile.template build_from_points_avx512<false, with_dweight>(points, count, s);
+  const bool border = s.padding == Padding::Border;
+  if (with_dweight) {
+    return border ? tile.template build_from_points_avx512<true, true>(points, count, s)
+                  : tile.template build_from_points_avx512<false, true>(points, count, s);
+  }
+  return border ? tile.template build_from_points_avx512<true, false>(points, count, s)
+                : tile.template build_from_points_avx512<false, false>(points, count, s);
 #else
   return false;
 #endif
+}
+
+// The taps of the cursor's point: lane `lane` of the group's tile when one was
+// built (`tiled`), else computed from the point's coordinates. `Tile` is int
+// where no tile can exist.
+template <NanPolicy policy, typename Taps, typename Tile, typename Cursor>
+inline void next_point_taps(Taps& taps, bool tiled, const Tile& tile, int64_t lane, int64_t channels,
+                            bool with_dweight, const Cursor& cursor, const SamplerShape& s) {
+  if constexpr (!std::is_same_v<Tile, int>) {
+    if (tiled) {
+      taps.load_lane(tile, int(lane), channels, with_dweight);
+      return;
+    }
+  }
+  typename Taps::value_type xyz[Taps::kDims];
+  cursor.load(xyz);
+  taps.template build<policy>(xyz, s);
 }
 
 // Consecutive output positions handled together: their results are staged
@@ -257,16 +281,9 @@ void sample_forward_range(const SamplerShape& s, const acc_t* source, Source& co
     const int64_t count = std::min({kPointGroup, end - i, P - p0});  // one batch item per group
     const acc_t* src = source + n * in_batch;
     bool tiled = false;
-    if constexpr (kTiles) tiled = tiles && build_tile<Dims, false>(tile, coords, i, count, s);
+    if constexpr (kTiles) tiled = tiles && build_tile(tile, coords.points_at(i), count, s, false);
     for (int64_t j = 0; j < count; ++j, ++i, at.advance(), cursor.advance()) {
-      if constexpr (kTiles) {
-        if (tiled) taps.load_lane(tile, int(j), C, false);
-      }
-      if (!tiled) {
-        acc_t xyz[Dims];
-        cursor.load(xyz);
-        taps.template build<policy>(xyz, s);
-      }
+      next_point_taps<policy>(taps, tiled, tile, j, C, false, cursor, s);
       acc_t* dst = staged.data() + j;
       if constexpr (kFixedChannels > 0) {
         acc_t acc[kFixedChannels];
@@ -402,21 +419,9 @@ void sample_backward_range(const SamplerShape& s, const acc_t* source, Source& c
     const acc_t* src = source == nullptr ? nullptr : source + n * in_batch;
     acc_t* grad_src = grad_source == nullptr ? nullptr : grad_source + n * in_batch;
     bool tiled = false;
-    if constexpr (kTiles) {
-      if (tiles) {
-        tiled = need_coords ? build_tile<Dims, true>(tile, coords, i, count, s)
-                            : build_tile<Dims, false>(tile, coords, i, count, s);
-      }
-    }
+    if constexpr (kTiles) tiled = tiles && build_tile(tile, coords.points_at(i), count, s, need_coords);
     for (int64_t j = 0; j < count; ++j, ++i, at.advance(), cursor.advance()) {
-      if constexpr (kTiles) {
-        if (tiled) taps.load_lane(tile, int(j), C, need_coords);
-      }
-      if (!tiled) {
-        acc_t xyz[Dims];
-        cursor.load(xyz);
-        taps.template build<policy>(xyz, s);
-      }
+      next_point_taps<policy>(taps, tiled, tile, j, C, need_coords, cursor, s);
       const acc_t* g = staged.data() + j * C;
       acc_t grad_xyz[Dims] = {};
       if constexpr (kFixedChannels > 0) {
@@ -532,6 +537,19 @@ inline bool gradient_channels_last(const at::Tensor& input) {
   return !input.is_contiguous() && input.is_contiguous(format);
 }
 
+// out[i] = sum over r of copies_ptr[r * per_copy + i], in the output's dtype:
+// private gradient copies whose layout is already the gradient's.
+template <typename scalar_t, typename acc_t>
+void sum_private_copies(const acc_t* copies_ptr, int64_t copies, int64_t per_copy, scalar_t* out) {
+  at::parallel_for(0, per_copy, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t v = copies_ptr[i];
+      for (int64_t r = 1; r < copies; ++r) v += copies_ptr[r * per_copy + i];
+      out[i] = static_cast<scalar_t>(v);
+    }
+  });
+}
+
 // Sums the private copies (copies, N, [D,] H, W, C) into the input gradient,
 // in the input's dtype and in one pass that also transposes to (N, C, ...)
 // unless the gradient is channels-last.
@@ -548,13 +566,7 @@ at::Tensor reduce_private_grads(const acc_t* copies_ptr, int64_t copies, const a
   const int64_t C = s.channels;
   const int64_t per_copy = s.batch * S * C;
   if (channels_last) {
-    at::parallel_for(0, per_copy, 16384, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        acc_t v = copies_ptr[i];
-        for (int64_t r = 1; r < copies; ++r) v += copies_ptr[r * per_copy + i];
-        out[i] = static_cast<scalar_t>(v);
-      }
-    });
+    sum_private_copies(copies_ptr, copies, per_copy, out);
     return grad;
   }
   // Transpose (N, S, C) -> (N, C, S) in tiles of kTile positions: the reads of a
