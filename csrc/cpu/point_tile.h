@@ -23,6 +23,11 @@ template <typename acc_t, int Dims>
 struct RowTile {
   static constexpr int kLanes = 64 / int(sizeof(acc_t));  // one 512-bit vector
   static constexpr int kTaps = 1 << Dims;
+  // Largest |normalised coordinate| that build_from_points_avx512 takes: it
+  // keeps every tap offset, in range or not, within int32 for inputs of up to
+  // kMaxTilePoints points per channel.
+  static constexpr float kTileReach = 4.0f;
+  static constexpr int64_t kMaxTilePoints = int64_t(1) << 27;
   int32_t offset[kTaps][kLanes];
   acc_t weight[kTaps][kLanes];
   int32_t valid[kTaps][kLanes];  // 1 inside the input, else 0
@@ -158,11 +163,6 @@ struct RowTile {
     taps_from_coords_avx512<border, with_dweight>(coords, s);
   }
 
-  // Largest |normalised coordinate| that build_from_points_avx512 takes: it
-  // keeps every tap offset, in range or not, within int32 for inputs of up to
-  // kMaxTilePoints points per channel.
-  static constexpr float kTileReach = 4.0f;
-  static constexpr int64_t kMaxTilePoints = int64_t(1) << 27;
 
   // Taps of the first `count` (1..kLanes) points whose normalised coordinates
   // are stored interleaved (x, y[, z]) from `points` (a grid_sample grid).
