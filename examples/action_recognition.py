@@ -58,6 +58,7 @@ class Config:
     seed: int = 0
     log_every: int = 50
     noise: float = 0.15
+    dtype: str = "float32"    # parameters and activations; float64 makes runs with different summation orders agree
 
 
 TINY = Config(frames=4, size=16, crop=12, channels=8, hidden=16, model_dim=16, heads=2, steps=3, batch_size=8,
@@ -192,6 +193,12 @@ class VideoClassifier(nn.Module):
 # ----------------------------------------------------------------------------- training
 
 
+def _dtype(config: Config) -> torch.dtype:
+    if config.dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {config.dtype!r}")
+    return getattr(torch, config.dtype)
+
+
 def _distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -204,8 +211,9 @@ def train(config: Config, device: torch.device | None = None, log=print) -> nn.M
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} must divide over {world} processes")
     device = device or torch.device("cpu")
+    dtype = _dtype(config)
     torch.manual_seed(config.seed)                      # the same initial weights on every rank
-    model = VideoClassifier(config).to(device)
+    model = VideoClassifier(config).to(device, dtype)
     trained = model
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
@@ -221,7 +229,7 @@ def train(config: Config, device: torch.device | None = None, log=print) -> nn.M
     running_loss = running_correct = 0.0
     for step in range(config.steps):
         videos, labels = batch_for_step(config, step)
-        videos = videos[rank * local:(rank + 1) * local].to(device)
+        videos = videos[rank * local:(rank + 1) * local].to(device, dtype)
         labels = labels[rank * local:(rank + 1) * local].to(device)
         model.train()
         logits = model(videos)[0]
@@ -249,7 +257,7 @@ def evaluate(model: nn.Module, config: Config, device: torch.device | None = Non
     model.eval()
     correct = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(rank * 128, config.test_size, 128 * world):
-        logits = model(videos[start:start + 128].to(device))[0]
+        logits = model(videos[start:start + 128].to(device, _dtype(config)))[0]
         correct += (logits.argmax(1) == labels[start:start + 128].to(device)).sum()
     if world > 1:
         dist.all_reduce(correct)
@@ -269,11 +277,12 @@ def save_figure(model: VideoClassifier, config: Config, path: str, examples: int
 
     generator = torch.Generator().manual_seed(12345)
     videos, labels = make_batch(config, examples, generator)
-    device = next(model.parameters()).device
+    parameter = next(model.parameters())
+    videos_in = videos.to(parameter.device, parameter.dtype)
     model.eval()
-    logits, theta, maps = model(videos.to(device))
-    cropped = model.stn(videos.to(device)).cpu()
-    theta, maps, predicted = theta.cpu(), maps.cpu(), logits.argmax(1).cpu()
+    logits, theta, maps = model(videos_in)
+    cropped = model.stn(videos_in).float().cpu()
+    theta, maps, predicted = theta.float().cpu(), maps.float().cpu(), logits.argmax(1).cpu()
     t_count, s = config.frames, config.size
     fig, axes = plt.subplots(3 * examples, t_count, figsize=(1.3 * t_count, 1.35 * 3 * examples), squeeze=False)
     corners = torch.tensor([[-1, -1], [1, -1], [1, 1], [-1, 1], [-1, -1]], dtype=torch.float32)

@@ -3,6 +3,7 @@ run works end to end (figure included), and a 2-process DDP run takes the same s
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -95,7 +96,13 @@ def test_main_runs_and_saves_the_figure_and_weights(tmp_path, capsys):
 
 def test_two_process_ddp_takes_the_same_steps_as_one_process(tmp_path):
     """torchrun --nproc_per_node=2 (gloo on CPU): each rank trains on half of every global batch and
-    DDP averages the gradients, so the weights equal a single process's on the whole batches."""
+    DDP averages the gradients, so the weights equal a single process's on the whole batches.
+
+    DDP guarantees the averaged gradient, not its rounding: the two runs sum in different orders. In
+    float32 that rounding noise (~1e-9) is amplified by AdamW on parameters whose true gradient is zero
+    (the key bias of attention: softmax ignores a per-row constant), where it is comparable to Adam's
+    eps, so the weights can differ by ~5e-5. In float64 the noise is ~1e-17, far below eps, and the two
+    runs must agree to ~1e-12 (three steps of size ~3e-3)."""
     pytest.importorskip("torch.distributed.run")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
@@ -103,15 +110,26 @@ def test_two_process_ddp_takes_the_same_steps_as_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE),
-         "--tiny", "--figure", "", "--save", str(weights)],
+         "--tiny", "--dtype", "float64", "--figure", "", "--save", str(weights)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 process(es) on cpu" in result.stdout
     distributed = torch.load(weights)
 
-    single = ar.train(ar.TINY, log=lambda line: None).state_dict()
-    torch.manual_seed(ar.TINY.seed)
-    initial = ar.VideoClassifier(ar.TINY).state_dict()
+    config = dataclasses.replace(ar.TINY, dtype="float64")
+    single = ar.train(config, log=lambda line: None).state_dict()
+    torch.manual_seed(config.seed)
+    initial = ar.VideoClassifier(config).double().state_dict()
     for name, value in single.items():
-        torch.testing.assert_close(distributed[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        assert distributed[name].dtype == torch.float64, name
+        torch.testing.assert_close(distributed[name], value, rtol=1e-9, atol=1e-12, msg=name)
     assert max((single[k] - v).abs().max().item() for k, v in initial.items()) > 1e-3  # the steps moved them
+
+
+def test_float64_training_gives_float64_weights():
+    config = dataclasses.replace(ar.TINY, dtype="float64", steps=1)
+    model = ar.train(config, log=lambda line: None)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert 0.0 <= ar.evaluate(model, config) <= 1.0
+    with pytest.raises(ValueError, match="dtype"):
+        ar.train(dataclasses.replace(ar.TINY, dtype="float16"), log=lambda line: None)
