@@ -4,9 +4,9 @@
 #pragma once
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #if defined(__AVX512F__)
@@ -94,7 +94,10 @@ inline float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const float two_to_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  // 2^n from its exponent bits; memcpy, not std::bit_cast: torch 2.11 builds extensions as C++17.
+  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_to_n;
+  std::memcpy(&two_to_n, &exponent_bits, sizeof(two_to_n));
   return x < -87.0f ? 0.0f : p * two_to_n;
 }
 
