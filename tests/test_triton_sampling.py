@@ -86,9 +86,14 @@ def test_affine_grid_sample_float64_matches_torch_and_reference(case):
 
 @pytest.mark.parametrize("padding", PADDINGS)
 def test_tricubic_affine_grid_sample_matches_reference(padding):
-    """5-D bicubic (which torch lacks) against the plain-PyTorch reference."""
+    """5-D bicubic (which torch lacks) against the plain-PyTorch reference; on CUDA the triton backend
+    refuses it (64 unrolled taps take minutes to compile), and says so."""
     x, theta = make_input(3, channels=2), make_theta(3)
     size = out_size(x, 3)
+    if DEVICE == "cuda":
+        with pytest.raises(RuntimeError, match="tricubic"):
+            attnkernels.affine_grid_sample(x, theta, size, "bicubic", padding, False, backend="triton")
+        return
     ours = with_grads(lambda a, t: attnkernels.affine_grid_sample(a, t, size, "bicubic", padding, False,
                                                                   backend="triton"), (x, theta))
     oracle = with_grads(lambda a, t: reference.affine_grid_sample(a, t, size, "bicubic", padding, False), (x, theta))
@@ -216,6 +221,44 @@ def test_why_not():
                                 backend="triton")
 
 
+@pytest.mark.parametrize("dims", (2, 3))
+def test_int64_offsets_give_the_same_results(dims, monkeypatch):
+    """The int64-offset variant (WIDE), which the launchers pick past 2**31 elements per batch item,
+    forced on small inputs: the same outputs and gradients as the int32 one, size-1 axes included."""
+    from attnkernels.triton import _sampler
+
+    x, theta = make_input(dims, channels=3), make_theta(dims)
+    size = [*x.shape[:2], *([1] * (dims - 1)), 5]
+    grid = F.affine_grid(theta, size, align_corners=False)
+
+    def both():
+        fused = with_grads(lambda a, t: attnkernels.affine_grid_sample(a, t, size, "bilinear", "border", False,
+                                                                       backend="triton"), (x, theta))
+        stored = with_grads(lambda a, g: attnkernels.grid_sample(a, g, "bilinear", "reflection", False,
+                                                                 backend="triton"), (x, grid))
+        return (*fused, *stored)
+
+    narrow = both()
+    monkeypatch.setattr(_sampler, "ALWAYS_WIDE", True)
+    wide = both()
+    for a, b in zip(narrow, wide, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_offset_width_and_launch_grid():
+    from attnkernels.triton._sampler import item_extent, launch_grid, needs_wide_offsets
+
+    assert not needs_wide_offsets(3, 2**31 - 2)
+    assert needs_wide_offsets(3, 2**31 - 1)
+    # (N, C, L) with a channel stride of 2**30: one item reaches past 2**31 elements.
+    strided = torch.empty_strided((2, 3, 5), (0, 2**30, 1), device="meta")
+    assert item_extent(strided) == 1 + 2 * 2**30 + 4 and needs_wide_offsets(item_extent(strided))
+    # The batch shares grid axis x with the position blocks: no 65535 limit on it.
+    assert launch_grid(70_000, 100, 64) == (140_000,)
+    with pytest.raises(RuntimeError, match="split the batch"):
+        launch_grid(2**20, 2**20, 16)
+
+
 def test_torch_compile_fullgraph():
     """torch.compile sees the triton_ops (eager backend: inductor needs a GPU, see the cuda test)."""
     x = make_input(2, dtype=torch.float32)
@@ -237,6 +280,16 @@ def test_torch_compile_fullgraph():
 
 
 # ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.cuda
+def test_batch_beyond_65535_on_gpu():
+    x = torch.randn(70_000, 2, 3, 4, device="cuda")
+    theta = torch.eye(2, 3, device="cuda").repeat(70_000, 1, 1)
+    theta[:, :, 2] = torch.linspace(-0.5, 0.5, 70_000, device="cuda")[:, None]
+    ours = attnkernels.affine_grid_sample(x, theta, backend="triton")
+    theirs = F.grid_sample(x, F.affine_grid(theta, x.shape, align_corners=False), align_corners=False)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.cuda

@@ -58,6 +58,21 @@ def attention_cases(everything: bool):
         yield ("_backward_kv_kernel", {**grads, "GradK": acc, "GradV": acc}, backward, 8 if big else 4, 2)
         yield ("_backward_q_kernel", {**grads, "GradQ": acc, "GradMask": acc},
                dict(backward, MASK_GRAD=has_mask and not mask_bool), 8 if big else 4, 2)
+        if dtype == "bf16" and has_mask:
+            # L = S = 1, one head, unit strides: every int argument specialised to a constexpr 1.
+            yield ("_forward_kernel", {**inputs, "Out": "*" + dtype, "Lse": acc},
+                   dict(common, BLOCK_M=64, BLOCK_N=64, SIZE_ONE=True), 4, 2)
+            yield ("_backward_kv_kernel", {**grads, "GradK": acc, "GradV": acc}, dict(backward, SIZE_ONE=True), 4, 2)
+            yield ("_backward_q_kernel", {**grads, "GradQ": acc, "GradMask": acc},
+                   dict(backward, MASK_GRAD=not mask_bool, SIZE_ONE=True), 4, 2)
+
+
+def with_every_int_one(fn, pointers: dict[str, str], constants: dict, floats=()) -> dict:
+    """``constants`` plus every int argument equal to 1, as Triton's JIT specialises it on a GPU: an int
+    argument equal to 1 becomes a constexpr (a size-1 axis, a unit stride), which breaks tensor-only
+    operations on it (``.to()``) that the interpreter accepts."""
+    ints = [name for name in fn.arg_names if name not in constants and name not in pointers and name not in floats]
+    return {**constants, **dict.fromkeys(ints, 1)}
 
 
 def sampling_cases(everything: bool):
@@ -66,12 +81,24 @@ def sampling_cases(everything: bool):
         if dims == 3 and mode == 2:
             continue  # tricubic: interpreter only (see why_not)
         constants = dict(MODE=mode, PADDING=2, ALIGN_CORNERS=False, DIMS=dims, AFFINE=affine, ACC=tl.float32,
-                         BLOCK_P=64, BLOCK_C=64)
+                         BLOCK_P=64, BLOCK_C=64, WIDE=affine)  # int64 offsets in some cases
         yield ("sample_forward_kernel", {"input_ptr": "*bf16", "coords_ptr": "*bf16", "out_ptr": "*bf16"},
                constants, 4, 3)
         yield ("sample_backward_kernel",
                {"grad_out_ptr": "*bf16", "input_ptr": "*bf16", "coords_ptr": "*bf16", "grad_input_ptr": "*fp32",
                 "grad_coords_ptr": "*fp32" if affine else "*bf16"},
+               dict(constants, NEED_INPUT=True, NEED_COORDS=True), 4, 3)
+    # Every size and stride equal to 1 (Triton makes them constexprs), with the paddings that clip.
+    for dims, padding, affine, align in itertools.product((2, 3), (1, 2), (False, True), (False, True)):
+        if not everything and (dims, align) != (2, False) and (dims, padding, affine, align) != (3, 2, True, True):
+            continue
+        constants = dict(MODE=0, PADDING=padding, ALIGN_CORNERS=align, DIMS=dims, AFFINE=affine, ACC=tl.float32,
+                         BLOCK_P=64, BLOCK_C=16, WIDE=False, SIZE_ONE=True)
+        yield ("sample_forward_kernel", {"input_ptr": "*fp32", "coords_ptr": "*fp32", "out_ptr": "*fp32"},
+               constants, 4, 3)
+        yield ("sample_backward_kernel",
+               {"grad_out_ptr": "*fp32", "input_ptr": "*fp32", "coords_ptr": "*fp32", "grad_input_ptr": "*fp32",
+                "grad_coords_ptr": "*fp32"},
                dict(constants, NEED_INPUT=True, NEED_COORDS=True), 4, 3)
 
 
@@ -94,10 +121,15 @@ def main(argv=None) -> int:
     cases = [*attention_cases(args.all), *sampling_cases(args.all)]
     for name, pointers, constants, warps, stages in cases:
         start = time.perf_counter()
+        size_one = constants.pop("SIZE_ONE", False)
+        if size_one:
+            constants = with_every_int_one(kernels[name], pointers, constants, floats=("dropout_p",))
         shared = compile_kernel(kernels[name], pointers, constants, floats=("dropout_p",), num_warps=warps,
                                 num_stages=stages)
         flags = {k: v for k, v in constants.items() if k in ("HAS_MASK", "MASK_BOOL", "IS_CAUSAL", "HAS_DROPOUT",
-                                                             "MODE", "DIMS", "AFFINE")}
+                                                             "MODE", "PADDING", "DIMS", "AFFINE", "WIDE")}
+        if size_one:
+            flags["every int"] = 1
         print(f"{name} {pointers.get('Q', pointers.get('input_ptr'))} {flags}: ok, {shared} B shared, "
               f"{time.perf_counter() - start:.1f} s", flush=True)
     return 0

@@ -65,6 +65,30 @@ def _point_coordinates(coords_ptr, n, p, pmask, pz, py, px, OD, OH, OW, g_n, g_d
 
 
 @triton.jit
+def _wide(x, WIDE: tl.constexpr):
+    """x as int64 when offsets may pass 2**31 (``WIDE``), else unchanged."""
+    if WIDE:
+        return tl.cast(x, tl.int64)
+    else:
+        return x
+
+
+@triton.jit
+def _block_of_points(OD, OH, OW, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
+    """(n, positions p, mask, pz, py, px, P) of this program: a 1-D launch of N * cdiv(P, BLOCK_P)
+    programs, so the batch is not bound by a grid axis limit of 65535."""
+    P = _wide(OD, WIDE) * OH * OW
+    blocks = tl.cdiv(P, BLOCK_P)
+    pid = tl.program_id(0)
+    n = pid // blocks
+    p = _wide(pid % blocks, WIDE) * BLOCK_P + tl.arange(0, BLOCK_P)
+    px = p % OW
+    py = (p // OW) % OH
+    pz = p // (OW * OH)
+    return n, p, p < P, pz, py, px, P
+
+
+@triton.jit
 def _tap(ox, fx, sx, oy, fy, sy, oz, fz, sz, IW, IH, ID, KX: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr,
          MODE: tl.constexpr, PADDING: tl.constexpr, ALIGN_CORNERS: tl.constexpr, VOLUMETRIC: tl.constexpr,
          DIMS: tl.constexpr):
@@ -87,19 +111,14 @@ def sample_forward_kernel(
     i_n, i_c, i_d, i_h, i_w,  # input strides
     g_n, g_d, g_h, g_w, g_k,  # grid strides (unused when AFFINE)
     MODE: tl.constexpr, PADDING: tl.constexpr, ALIGN_CORNERS: tl.constexpr, DIMS: tl.constexpr,
-    AFFINE: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    AFFINE: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """out: (N, C, OD * OH * OW) contiguous; program (position block, n)."""
+    """out: (N, C, OD * OH * OW) contiguous; one program per (n, block of BLOCK_P positions).
+    WIDE: int64 positions and channels, for offsets past 2**31 within one batch item."""
     VOLUMETRIC: tl.constexpr = DIMS == 3
     K: tl.constexpr = 2 if MODE == 0 else (1 if MODE == 1 else 4)
     KZ: tl.constexpr = K if DIMS == 3 else 1
-    n = tl.program_id(1)
-    P = OD * OH * OW
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < P
-    px = p % OW
-    py = (p // OW) % OH
-    pz = p // (OW * OH)
+    n, p, pmask, pz, py, px, P = _block_of_points(OD, OH, OW, BLOCK_P, WIDE)
     gx, gy, gz = _point_coordinates(coords_ptr, n, p, pmask, pz, py, px, OD, OH, OW, g_n, g_d, g_h, g_w, g_k,
                                     DIMS, AFFINE, ALIGN_CORNERS, ACC)
     ox, fx, sx = axis_origin(gx, IW, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
@@ -111,7 +130,7 @@ def sample_forward_kernel(
     source = input_ptr + n.to(tl.int64) * i_n
     out = out_ptr + n.to(tl.int64) * C * P
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
+        c = _wide(c0, WIDE) + tl.arange(0, BLOCK_C)
         cmask = c < C
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
         for kz in tl.static_range(KZ):
@@ -140,7 +159,7 @@ def sample_backward_kernel(
     g_n, g_d, g_h, g_w, g_k,  # grid strides (unused when AFFINE)
     MODE: tl.constexpr, PADDING: tl.constexpr, ALIGN_CORNERS: tl.constexpr, DIMS: tl.constexpr,
     AFFINE: tl.constexpr, ACC: tl.constexpr, NEED_INPUT: tl.constexpr, NEED_COORDS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
 ):
     """grad_input: (N, ID, IH, IW, C) contiguous in ACC, zeroed, accumulated atomically;
     grad_coords: grad_grid (N, OD * OH * OW, DIMS) contiguous, or with AFFINE the partial theta
@@ -149,13 +168,7 @@ def sample_backward_kernel(
     K: tl.constexpr = 2 if MODE == 0 else (1 if MODE == 1 else 4)
     KZ: tl.constexpr = K if DIMS == 3 else 1
     COORD_GRAD: tl.constexpr = NEED_COORDS and MODE != 1
-    n = tl.program_id(1)
-    P = OD * OH * OW
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < P
-    px = p % OW
-    py = (p // OW) % OH
-    pz = p // (OW * OH)
+    n, p, pmask, pz, py, px, P = _block_of_points(OD, OH, OW, BLOCK_P, WIDE)
     gx, gy, gz = _point_coordinates(coords_ptr, n, p, pmask, pz, py, px, OD, OH, OW, g_n, g_d, g_h, g_w, g_k,
                                     DIMS, AFFINE, ALIGN_CORNERS, ACC)
     ox, fx, sx = axis_origin(gx, IW, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
@@ -171,7 +184,7 @@ def sample_backward_kernel(
     grad_y = tl.zeros((BLOCK_P,), dtype=ACC)
     grad_z = tl.zeros((BLOCK_P,), dtype=ACC)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
+        c = _wide(c0, WIDE) + tl.arange(0, BLOCK_C)
         cmask = c < C
         tile_mask = pmask[:, None] & cmask[None, :]
         g = tl.load(grad_out[:, None] + c[None, :] * o_c, mask=tile_mask, other=0).to(ACC)
@@ -203,7 +216,8 @@ def sample_backward_kernel(
             by = base_coordinate(py, OH, ALIGN_CORNERS, ACC)
             grad_x = tl.where(pmask, grad_x, 0.0)
             grad_y = tl.where(pmask, grad_y, 0.0)
-            partial = grad_coords_ptr + (n.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * (DIMS * (DIMS + 1))
+            blocks = tl.cdiv(P, BLOCK_P)
+            partial = grad_coords_ptr + (n.to(tl.int64) * blocks + tl.program_id(0) % blocks) * (DIMS * (DIMS + 1))
             if DIMS == 3:
                 bz = base_coordinate(pz, OD, ALIGN_CORNERS, ACC)
                 grad_z = tl.where(pmask, grad_z, 0.0)
@@ -255,6 +269,29 @@ def block_sizes(channels: int, taps: int) -> tuple[int, int]:
     if taps >= 16:
         block_p = max(16, block_p // 2)
     return block_p, block_c
+
+
+# Tests set this to run the int64-offset code on small inputs.
+ALWAYS_WIDE = False
+
+
+def item_extent(t: torch.Tensor) -> int:
+    """One past the largest element offset within one batch item of ``t``."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
+
+
+def needs_wide_offsets(*extents: int) -> bool:
+    """Whether some offset within one batch item (the largest of ``extents``) may not fit in int32."""
+    return ALWAYS_WIDE or max(extents) >= 2**31 - 1
+
+
+def launch_grid(batch: int, points: int, block_p: int) -> tuple[int]:
+    """One program per (batch item, block of positions) on grid axis x (up to 2**31 - 1 programs)."""
+    programs = batch * triton.cdiv(points, block_p)
+    if programs >= 2**31:
+        raise RuntimeError(f"attnkernels (triton): {batch} x {points} output positions need {programs} programs, "
+                           f"more than a CUDA grid holds; split the batch")
+    return (programs,)
 
 
 def input_geometry(input: torch.Tensor) -> tuple[tuple[int, int, int], tuple[int, ...]]:

@@ -35,7 +35,7 @@ def unnormalize(coord, size, ALIGN_CORNERS: tl.constexpr):
 @triton.jit
 def clip_coordinate(x, size, VOLUMETRIC: tl.constexpr):
     """Clip to [0, size - 1]; the gradient factor is 0 on and beyond each bound."""
-    high = (size - 1).to(x.dtype)
+    high = tl.cast(size - 1, x.dtype)  # tl.cast: a size of 1 arrives as a constexpr, which has no .to()
     inside = (x > 0) & (x < high)
     if VOLUMETRIC:
         clipped = tl.where(x <= 0, 0.0, high)  # NaN fails both tests: high
@@ -182,8 +182,9 @@ def axis_tap(origin, frac, slope, size, K: tl.constexpr, MODE: tl.constexpr, PAD
 def base_coordinate(i, n, ALIGN_CORNERS: tl.constexpr, DTYPE: tl.constexpr):
     """Position i of n on affine_grid's base grid: linspace(-1, 1, n), times (n - 1) / n without
     align_corners; a single position sits at 0. Evaluated symmetrically, like torch's linspace."""
-    step = 2.0 / (tl.maximum(n, 2) - 1).to(DTYPE)
-    value = tl.where(i < n // 2, -1.0 + step * i.to(DTYPE), 1.0 - step * (n - 1 - i).to(DTYPE))
+    # tl.cast rather than .to(): Triton passes n == 1 as a constexpr.
+    step = 2.0 / tl.cast(tl.maximum(tl.cast(n, tl.int32), 2) - 1, DTYPE)
+    value = tl.where(i < n // 2, -1.0 + step * tl.cast(i, DTYPE), 1.0 - step * tl.cast(n - 1 - i, DTYPE))
     if not ALIGN_CORNERS:
-        value = value * (n - 1).to(DTYPE) / n.to(DTYPE)
+        value = value * tl.cast(n - 1, DTYPE) / tl.cast(n, DTYPE)
     return tl.where(n <= 1, 0.0, value).to(DTYPE)

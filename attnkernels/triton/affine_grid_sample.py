@@ -21,6 +21,9 @@ from ._sampler import (
     empty_gradient_like,
     input_geometry,
     input_gradient,
+    item_extent,
+    launch_grid,
+    needs_wide_offsets,
     output_geometry,
     sample_backward_kernel,
     sample_forward_kernel,
@@ -45,11 +48,11 @@ def _affine_grid_sample_op(input: torch.Tensor, theta: torch.Tensor, size: list[
     (ID, IH, IW), in_strides = input_geometry(input)
     OD, OH, OW = output_geometry(list(size[2:]))
     block_p, block_c = block_sizes(channels, _TAPS[interpolation] ** dims)
-    launch = (triton.cdiv(OD * OH * OW, block_p), batch)
-    wrap_triton(sample_forward_kernel)[launch](
+    wide = needs_wide_offsets(item_extent(input), item_extent(out))
+    wrap_triton(sample_forward_kernel)[launch_grid(batch, OD * OH * OW, block_p)](
         input, theta.contiguous(), out, channels, ID, IH, IW, OD, OH, OW, *in_strides, *_NO_GRID_STRIDES,
         MODE=interpolation, PADDING=padding, ALIGN_CORNERS=align_corners, DIMS=dims, AFFINE=True,
-        ACC=tl_dtype(accumulation_dtype(input.dtype)), BLOCK_P=block_p, BLOCK_C=block_c)
+        ACC=tl_dtype(accumulation_dtype(input.dtype)), BLOCK_P=block_p, BLOCK_C=block_c, WIDE=wide)
     return out
 
 
@@ -72,12 +75,13 @@ def _affine_grid_sample_backward_op(grad_output: torch.Tensor, input: torch.Tens
                                 device=input.device)
     if grad_output.numel() > 0 and (need_input or need_theta):
         go = grad_output if grad_output.dim() == 5 else grad_output.unsqueeze(2)
-        wrap_triton(sample_backward_kernel)[(blocks, batch)](
+        wide = needs_wide_offsets(item_extent(input), item_extent(go), input[0].numel() + channels)
+        wrap_triton(sample_backward_kernel)[launch_grid(batch, OD * OH * OW, block_p)](
             go, input, theta.contiguous(), grad_source, partial_theta, channels, ID, IH, IW, OD, OH, OW,
             *go.stride(), *in_strides, *_NO_GRID_STRIDES,
             MODE=interpolation, PADDING=padding, ALIGN_CORNERS=align_corners, DIMS=dims, AFFINE=True,
             ACC=tl_dtype(acc), NEED_INPUT=need_input, NEED_COORDS=need_theta,
-            BLOCK_P=block_p, BLOCK_C=block_c)
+            BLOCK_P=block_p, BLOCK_C=block_c, WIDE=wide)
     grad_input = input_gradient(grad_source, input) if need_input else input.new_empty((0,))
     if need_theta:
         grad_theta = partial_theta.sum(1).view(batch, dims, dims + 1).to(theta.dtype)

@@ -21,6 +21,7 @@ float64 inputs).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -88,8 +89,15 @@ def _pruner(kind: str):
                          args["BLOCK_E"], args["BLOCK_EV"], elem)
                 and c.kwargs["BLOCK_M"] <= max(16, 2 * args["L_BUCKET"])
                 and c.kwargs["BLOCK_N"] <= max(16, 2 * args["S_BUCKET"])]
-        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+        kept = kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+        return kept[:1] if one_config() else kept
     return prune
+
+
+def one_config() -> bool:
+    """ATTNKERNELS_TRITON_ONE_CONFIG=1: run the first config that fits instead of autotuning (tests, where
+    compiling every config from a cold cache costs minutes); benchmarks leave it unset."""
+    return os.environ.get("ATTNKERNELS_TRITON_ONE_CONFIG", "0") == "1"
 
 
 # Tuned once per power-of-two bucket of the lengths, not per exact length.
@@ -170,8 +178,10 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Out: (B, Hq, L, EV) contiguous; Lse: (B, Hq, L) natural log, -inf for fully masked rows."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    # One grid axis (x, up to 2**31 - 1 programs): query blocks fastest, then batch × head.
+    m_blocks = tl.cdiv(L, BLOCK_M)
+    start_m = (tl.program_id(0) % m_blocks) * BLOCK_M
+    bh = tl.program_id(0) // m_blocks
     b = bh // Hq
     h = bh % Hq
     kv_h = h // GROUP
@@ -245,8 +255,9 @@ def _backward_kv_kernel(
 ):
     """dK (B, Hkv, S, E) and dV (B, Hkv, S, EV), contiguous in ACC; program (KV block, batch × KV head),
     summing over the GROUP query heads that read this KV head."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bkv = tl.program_id(1)
+    n_blocks = tl.cdiv(S, BLOCK_N)
+    start_n = (tl.program_id(0) % n_blocks) * BLOCK_N
+    bkv = tl.program_id(0) // n_blocks
     b = bkv // Hkv
     kv_h = bkv % Hkv
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -317,8 +328,10 @@ def _backward_q_kernel(
     BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ (B, Hq, L, E) contiguous in ACC, and with MASK_GRAD the score gradient (B, Hq, L, S)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    # One grid axis (x, up to 2**31 - 1 programs): query blocks fastest, then batch × head.
+    m_blocks = tl.cdiv(L, BLOCK_M)
+    start_m = (tl.program_id(0) % m_blocks) * BLOCK_M
+    bh = tl.program_id(0) // m_blocks
     b = bh // Hq
     h = bh % Hq
     kv_h = h // GROUP
@@ -428,7 +441,7 @@ def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
     params = _params(scale, dropout_p, acc, query.device)
 
     def grid(meta):
-        return (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)
+        return (triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,)
 
     wrap_triton(_forward_kernel)[grid](
         query, key, value, attn_mask if attn_mask is not None else query, seed if has_dropout else params,
@@ -475,10 +488,10 @@ def _attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor | None
         strides = (*query.stride(), *key.stride(), *value.stride(), *_mask_strides(attn_mask), *grad_out.stride())
 
         def kv_grid(meta):
-            return (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)
+            return (triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,)
 
         def q_grid(meta):
-            return (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)
+            return (triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,)
 
         wrap_triton(_backward_kv_kernel)[kv_grid](
             query, key, value, mask_arg, seed_arg, params, grad_out, lse, delta, grad_k, grad_v, *strides,

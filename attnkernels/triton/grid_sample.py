@@ -9,7 +9,6 @@ PyTorch reference, like the C++ ops).
 from __future__ import annotations
 
 import torch
-import triton
 from torch.library import triton_op, wrap_triton
 
 from .. import reference
@@ -21,6 +20,9 @@ from ._sampler import (
     empty_gradient_like,
     input_geometry,
     input_gradient,
+    item_extent,
+    launch_grid,
+    needs_wide_offsets,
     output_geometry,
     sample_backward_kernel,
     sample_forward_kernel,
@@ -53,11 +55,11 @@ def _grid_sample_op(input: torch.Tensor, grid: torch.Tensor, interpolation: int,
     OD, OH, OW = output_geometry(spatial)
     dims = input.dim() - 2
     block_p, block_c = block_sizes(channels, _TAPS[interpolation] ** dims)
-    launch = (triton.cdiv(OD * OH * OW, block_p), batch)
-    wrap_triton(sample_forward_kernel)[launch](
+    wide = needs_wide_offsets(item_extent(input), item_extent(grid), item_extent(out))
+    wrap_triton(sample_forward_kernel)[launch_grid(batch, OD * OH * OW, block_p)](
         input, grid, out, channels, ID, IH, IW, OD, OH, OW, *in_strides, *grid_geometry(grid),
         MODE=interpolation, PADDING=padding, ALIGN_CORNERS=align_corners, DIMS=dims, AFFINE=False,
-        ACC=tl_dtype(accumulation_dtype(input.dtype)), BLOCK_P=block_p, BLOCK_C=block_c)
+        ACC=tl_dtype(accumulation_dtype(input.dtype)), BLOCK_P=block_p, BLOCK_C=block_c, WIDE=wide)
     return out
 
 
@@ -79,13 +81,14 @@ def _grid_sample_backward_op(grad_output: torch.Tensor, input: torch.Tensor, gri
         OD, OH, OW = output_geometry(list(grid.shape[1:-1]))
         go = grad_output if grad_output.dim() == 5 else grad_output.unsqueeze(2)
         block_p, block_c = block_sizes(channels, _TAPS[interpolation] ** dims)
-        launch = (triton.cdiv(OD * OH * OW, block_p), batch)
-        wrap_triton(sample_backward_kernel)[launch](
+        wide = needs_wide_offsets(item_extent(input), item_extent(grid), item_extent(go),
+                                  input[0].numel() + channels)
+        wrap_triton(sample_backward_kernel)[launch_grid(batch, OD * OH * OW, block_p)](
             go, input, grid, grad_source, grad_grid, channels, ID, IH, IW, OD, OH, OW,
             *go.stride(), *in_strides, *grid_geometry(grid),
             MODE=interpolation, PADDING=padding, ALIGN_CORNERS=align_corners, DIMS=dims, AFFINE=False,
             ACC=tl_dtype(acc), NEED_INPUT=need_input, NEED_COORDS=need_grid,
-            BLOCK_P=block_p, BLOCK_C=block_c)
+            BLOCK_P=block_p, BLOCK_C=block_c, WIDE=wide)
     grad_input = input_gradient(grad_source, input) if need_input else input.new_empty((0,))
     return grad_input, grad_grid
 
