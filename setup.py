@@ -84,6 +84,8 @@ def _extension():
 def _build_ext():
     from torch.utils import cpp_extension
 
+    if not cpp_extension.is_ninja_available():
+        _say("ninja is missing: the sources compile one at a time, not in parallel (pip install ninja)")
     return cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 

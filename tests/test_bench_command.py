@@ -13,7 +13,8 @@ import torch
 
 from attnkernels.bench import cases, main
 
-TINY = ["--quick", "--sizes", "6", "--no-progress"]
+# --device cpu: on a GPU machine the default device is cuda, and these runs are about the command.
+TINY = ["--quick", "--sizes", "6", "--no-progress", "--device", "cpu"]
 
 
 def _records(directory):
@@ -160,7 +161,7 @@ def test_unsupported_backend_is_reported_not_failed(monkeypatch, tmp_path):
 ])
 def test_bad_arguments_exit_2_with_one_line(arguments, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(arguments)
+        main(["--device", "cpu", *arguments])  # on a GPU machine `--backend cuda` is valid on cuda
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == ""

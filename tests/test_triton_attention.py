@@ -29,6 +29,8 @@ if not (INTERPRETER or torch.cuda.is_available()):
 
 import attnkernels.triton as triton_backend  # noqa: E402  (imports triton: only after the skips)
 
+pytestmark = pytest.mark.triton  # selected by the GPU check (scripts/gpu_check.sh)
+
 DEVICE = "cpu" if INTERPRETER else "cuda"
 # The triton attention serves float64 only under the interpreter (why_not refuses it on CUDA, see
 # test_why_not). On a GPU the tests written against the float64 math run in float32, whose products

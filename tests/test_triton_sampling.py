@@ -28,6 +28,8 @@ if not (INTERPRETER or torch.cuda.is_available()):
 
 import attnkernels.triton as triton_backend  # noqa: E402  (imports triton: only after the skips)
 
+pytestmark = pytest.mark.triton  # selected by the GPU check (scripts/gpu_check.sh)
+
 DEVICE = "cpu" if INTERPRETER else "cuda"
 MODES = ("bilinear", "nearest", "bicubic")
 PADDINGS = ("zeros", "border", "reflection")

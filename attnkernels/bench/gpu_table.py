@@ -1,0 +1,298 @@
+"""The fixed benchmark table of the GPU check (scripts/gpu_check.sh), against torch in the same run.
+
+    python -m attnkernels.bench.gpu_table --out DIR            # on a GPU
+    python -m attnkernels.bench.gpu_table --out DIR --dry-run  # tiny sizes on the CPU (CI)
+
+Rows: the machine's measured copy bandwidth and bf16 matrix rate; attention (bf16, head dim 64 and
+128, L = S = 4k and 16k, causal and not, forward and forward+backward) for attnkernels' default
+backend, torch's SDPA default, torch's cuDNN backend and attnkernels' triton backend; 3-D
+grid_sample and the fused affine_grid_sample (forward and forward+backward) against torch. Each
+result is checked against torch's before it is timed. Rows go to DIR/bench.jsonl as they are
+measured (a run stopped by its time limit keeps them) and the table to DIR/bench.md at the end.
+The triton rows come last: they autotune from a cold cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .timing import FULL, TimingBudget, copy_bandwidth, matmul_throughput, time_callable
+
+# A dry run checks the table's code on tiny CPU inputs: one timed call each is enough.
+DRY_RUN = TimingBudget(warmup_s=0.0, measure_s=0.0, min_repetitions=1, max_repetitions=1)
+
+
+@dataclass
+class Row:
+    op: str
+    direction: str  # "fwd" or "fwd+bwd"
+    shape: str
+    dtype: str
+    impl: str
+    seconds: float | None = None
+    rate: float | None = None  # FLOP/s for attention, bytes/s for sampling
+    unit: str = ""
+    vs_torch: float | None = None  # torch's time over ours: > 1 is faster than torch
+    fraction_of_limit: float | None = None
+    error: float | None = None  # max |ours - torch| on the checked output
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _attention_flops(batch: int, heads: int, length: int, head_dim: int, causal: bool, backward: bool) -> float:
+    """Matrix-product FLOPs: 2 products forward, 5 in the FA2 backward; half of them when causal."""
+    forward = 4.0 * batch * heads * length * length * head_dim
+    total = forward * (3.5 if backward else 1.0)
+    return total / 2 if causal else total
+
+
+def _sampling_bytes(input: torch.Tensor, out_points: int, coords_per_point: int, backward: bool) -> float:
+    """Fewest bytes: input read, output written (and the grid read when stored); backward adds
+    grad_output read, grad_input written, input read again."""
+    element = input.element_size()
+    output = input.shape[0] * input.shape[1] * out_points * element
+    grid = input.shape[0] * out_points * coords_per_point * element
+    forward = input.numel() * element + output + grid
+    return forward + (output + 2 * input.numel() * element + grid if backward else 0)
+
+
+def _cudnn_context():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
+
+
+class Table:
+    """Times implementations of one configuration against the torch row measured first."""
+
+    def __init__(self, out_dir: Path, device: torch.device, budget: TimingBudget, limits: dict[str, float]):
+        self.out_dir = out_dir
+        self.device = device
+        self.budget = budget
+        self.limits = limits
+        self.rows: list[Row] = []
+        self.jsonl = (out_dir / "bench.jsonl").open("a")
+
+    def record(self, row: Row) -> None:
+        self.rows.append(row)
+        self.jsonl.write(json.dumps(asdict(row)) + "\n")
+        self.jsonl.flush()
+        speed = f"{row.vs_torch:.2f}x torch" if row.vs_torch else ""
+        took = f"{row.seconds * 1e3:.3f} ms" if row.seconds else "-"
+        print(f"{row.op:22s} {row.direction:8s} {row.shape:28s} {row.dtype:9s} {row.impl:18s} {took:>12s} "
+              f"{speed:>12s} {row.note}", flush=True)
+
+    def measure(self, base: Row, impls: dict[str, Callable[[], torch.Tensor]], work: float, unit: str,
+                limit: float, tolerance: float, context: dict[str, Callable[[], contextlib.AbstractContextManager]]
+                ) -> None:
+        """Check each implementation's output against torch's, then time it; torch first."""
+        expected = None
+        torch_seconds = None
+        for name, fn in impls.items():
+            row = Row(**{**asdict(base), "impl": name, "unit": unit})
+            make_context = context.get(name, contextlib.nullcontext)
+            try:
+                with make_context():
+                    result = fn()
+                    if name == "torch":
+                        expected = result.detach().float()
+                    elif expected is not None:
+                        row.error = (result.detach().float() - expected).abs().max().item()
+                        if not math.isfinite(row.error) or row.error > tolerance:
+                            row.note = f"WRONG (max difference {row.error:.3g} > {tolerance:g}); not timed"
+                            self.record(row)
+                            continue
+                    del result
+                    timing = time_callable(fn, self.device, self.budget)
+            except Exception as error:  # an unsupported configuration is a row, not a crash
+                row.note = f"not run: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+                self.record(row)
+                continue
+            row.seconds = timing.median_s
+            row.rate = work / timing.median_s
+            row.fraction_of_limit = row.rate / limit if limit else None
+            if name == "torch":
+                torch_seconds = timing.median_s
+            elif torch_seconds:
+                row.vs_torch = torch_seconds / timing.median_s
+            self.record(row)
+
+    def write_markdown(self, header: list[str]) -> None:
+        lines = [*header, "", "| op | pass | shape | dtype | impl | ms | rate | vs torch | of limit | note |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in self.rows:
+            scale, unit = (1e12, "TFLOP/s") if r.unit == "flop" else (1e9, "GB/s")
+            lines.append(
+                f"| {r.op} | {r.direction} | {r.shape} | {r.dtype} | {r.impl} | "
+                f"{'' if r.seconds is None else f'{r.seconds * 1e3:.3f}'} | "
+                f"{'' if r.rate is None else f'{r.rate / scale:.1f} {unit}'} | "
+                f"{'' if r.vs_torch is None else f'{r.vs_torch:.2f}x'} | "
+                f"{'' if r.fraction_of_limit is None else f'{100 * r.fraction_of_limit:.0f}%'} | {r.note} |")
+        (self.out_dir / "bench.md").write_text("\n".join(lines) + "\n")
+
+
+def attention_configs(dry_run: bool) -> Iterator[tuple[int, int, int, int, bool, bool]]:
+    """(batch, heads, length, head_dim, causal, backward): the same tokens per configuration."""
+    lengths = (64, 128) if dry_run else (4096, 16384)
+    for head_dim in (64, 128):
+        for length in lengths:
+            batch = max(1, (256 if dry_run else 32768) // length)
+            for causal in (False, True):
+                for backward in (False, True):
+                    yield batch, (2 if dry_run else 16), length, head_dim, causal, backward
+
+
+def _attention_call(impl: str, q, k, v, causal: bool, backward: bool, grad) -> Callable[[], torch.Tensor]:
+    import attnkernels
+
+    def forward():
+        if impl.startswith("torch"):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        backend = None if impl == "attnkernels" else impl.split(":", 1)[1]
+        return attnkernels.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=backend)
+
+    if not backward:
+        return forward
+
+    def forward_backward():
+        out = forward()
+        out.backward(grad)
+        return out
+
+    return forward_backward
+
+
+def run_attention(table: Table, dry_run: bool, dtype: torch.dtype, triton_rows: bool) -> None:
+    device = table.device
+    generator = torch.Generator(device=device).manual_seed(0)
+    configs = list(attention_configs(dry_run))
+    if dry_run and triton_rows:
+        configs = configs[:2]  # the interpreter runs each tile op in numpy: the code path, not the table
+    for batch, heads, length, head_dim, causal, backward in configs:
+        shape = (batch, heads, length, head_dim)
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=generator).requires_grad_(backward)
+                   for _ in range(3))
+        grad = torch.randn(shape, device=device, dtype=dtype, generator=generator)
+        impls = ["torch"]
+        if device.type == "cuda":
+            impls.append("torch-cudnn")
+        impls += ["attnkernels:triton"] if triton_rows else ["attnkernels"]
+        base = Row("attention" + ("_causal" if causal else ""), "fwd+bwd" if backward else "fwd",
+                   "x".join(map(str, shape)), str(dtype).replace("torch.", ""), "")
+        work = _attention_flops(batch, heads, length, head_dim, causal, backward)
+        table.measure(base, {name: _attention_call(name, q, k, v, causal, backward, grad) for name in impls},
+                      work, "flop", table.limits.get("matmul_flops", 0.0), tolerance=0.05,
+                      context={"torch-cudnn": _cudnn_context})
+
+
+def run_sampling(table: Table, dry_run: bool, dtypes: tuple[torch.dtype, ...]) -> None:
+    import attnkernels
+
+    device = table.device
+    generator = torch.Generator(device=device).manual_seed(1)
+    # A video volume (16 frames at 112 x 112, as the CPU targets) and 4 RGB clips for the fused sampler.
+    volume = (1, 4, 4, 8, 8) if dry_run else (4, 32, 16, 112, 112)
+    clips = (2, 3, 4, 8, 8) if dry_run else (16, 3, 16, 112, 112)
+    for dtype in dtypes:
+        for backward in (False, True):
+            direction = "fwd+bwd" if backward else "fwd"
+            x = torch.randn(volume, device=device, dtype=dtype, generator=generator).requires_grad_(backward)
+            theta = torch.eye(3, 4, device=device).repeat(volume[0], 1, 1)
+            theta = (theta + 0.1 * torch.randn(theta.shape, device=device, generator=generator)).to(dtype)
+            grid = F.affine_grid(theta, list(volume), align_corners=False).detach().requires_grad_(backward)
+            grad = torch.randn(volume, device=device, dtype=dtype, generator=generator)
+
+            def sampled(fn, *args, backward=backward, grad=grad):
+                def call():
+                    out = fn(*args)
+                    if backward:
+                        out.backward(grad)
+                    return out
+                return call
+
+            points = volume[2] * volume[3] * volume[4]
+            base = Row("grid_sample_3d", direction, "x".join(map(str, volume)), str(dtype).replace("torch.", ""), "")
+            table.measure(base, {
+                "torch": sampled(lambda a, g: F.grid_sample(a, g, align_corners=False), x, grid),
+                "attnkernels": sampled(lambda a, g: attnkernels.grid_sample(a, g, align_corners=False), x, grid),
+            }, _sampling_bytes(x, points, 3, backward), "byte", table.limits.get("copy_bytes", 0.0),
+                tolerance=0.05 if dtype != torch.float32 else 1e-3, context={})
+
+            c = torch.randn(clips, device=device, dtype=dtype, generator=generator).requires_grad_(backward)
+            theta_c = torch.eye(3, 4, device=device).repeat(clips[0], 1, 1)
+            theta_c = (theta_c + 0.1 * torch.randn(theta_c.shape, device=device, generator=generator)).to(dtype)
+            theta_c.requires_grad_(backward)
+            grad_c = torch.randn(clips, device=device, dtype=dtype, generator=generator)
+
+            def fused_call(fn, c=c, theta_c=theta_c, backward=backward, grad_c=grad_c):
+                def call():
+                    out = fn(c, theta_c)
+                    if backward:
+                        out.backward(grad_c)
+                    return out
+                return call
+
+            base = Row("affine_grid_sample_3d", direction, "x".join(map(str, clips)), str(dtype).replace("torch.", ""),
+                       "")
+            table.measure(base, {
+                "torch": fused_call(lambda a, t: F.grid_sample(
+                    a, F.affine_grid(t, list(clips), align_corners=False), align_corners=False)),
+                "attnkernels": fused_call(lambda a, t: attnkernels.affine_grid_sample(a, t, align_corners=False)),
+            }, _sampling_bytes(c, clips[2] * clips[3] * clips[4], 0, backward), "byte",
+                table.limits.get("copy_bytes", 0.0), tolerance=0.05 if dtype != torch.float32 else 1e-3, context={})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="the GPU check's fixed benchmark table")
+    parser.add_argument("--out", required=True, help="folder for bench.jsonl and bench.md")
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (the table's code, not speed)")
+    parser.add_argument("--skip-triton", action="store_true", help="leave out the triton rows (they autotune)")
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.dry_run:
+        device, budget = torch.device("cpu"), DRY_RUN
+    else:
+        if not torch.cuda.is_available():
+            parser.error("no CUDA GPU is visible (use --dry-run on the CPU)")
+        device, budget = torch.device("cuda"), FULL
+    start = time.perf_counter()
+    limits = {"copy_bytes": copy_bandwidth(device, budget, small=args.dry_run),
+              "matmul_flops": matmul_throughput(device, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                                budget, small=args.dry_run)}
+    header = [f"# GPU check benchmark ({device})", "",
+              f"torch {torch.__version__}, CUDA {torch.version.cuda}",
+              f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
+              f"measured copy bandwidth {limits['copy_bytes'] / 1e9:.0f} GB/s (read + write), "
+              f"matrix rate {limits['matmul_flops'] / 1e12:.1f} TFLOP/s "
+              f"({'bf16' if device.type == 'cuda' else 'fp32'} 8192^3 or smaller)"]
+    print("\n".join(header), flush=True)
+    table = Table(out_dir, device, budget, limits)
+    table.jsonl.write(json.dumps({"limits": limits, "torch": torch.__version__}) + "\n")
+    attention_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sampling_dtypes = (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
+    run_attention(table, args.dry_run, attention_dtype, triton_rows=False)
+    table.write_markdown(header)
+    run_sampling(table, args.dry_run, sampling_dtypes)
+    table.write_markdown(header)
+    if not args.skip_triton:
+        run_attention(table, args.dry_run, attention_dtype, triton_rows=True)
+    table.write_markdown(header)
+    wrong = [r for r in table.rows if r.note.startswith("WRONG")]
+    print(f"{len(table.rows)} rows, {len(wrong)} wrong, {time.perf_counter() - start:.0f} s", flush=True)
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Build, on this CPU machine, the attnkernels._C that the GPU machine loads, so a GPU check can skip
+# its build: against that machine's torch (2.11.0, Triton 3.6.0), CUDA for sm_90, portable CPU code,
+# the stable Python ABI (abi3: one file for Python 3.10 and newer, so it loads under the GPU machine's
+# Python 3.12). Writes gpu_build/attnkernels/_C.abi3.so, which scripts/gpu_check.sh takes when it loads.
+#
+#   bash scripts/build_for_gpu.sh            # venv in $GPU_VENV (default /work/venv211), made if missing
+#   then: device run with carry ["gpu_build"] and `bash scripts/gpu_check.sh`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${GPU_VENV:-/work/venv211}
+TORCH_VERSION=${GPU_TORCH:-2.11.0}
+TRITON_VERSION=${GPU_TRITON:-3.6.0}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null
+then
+  "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" ninja "setuptools>=64" wheel
+fi
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+start=$(date +%s)
+rm -rf gpu_build
+FORCE_CUDA=1 ATTNKERNELS_PORTABLE=1 TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS=${MAX_JOBS:-2} \
+  "$VENV/bin/python" setup.py -q build_ext --build-lib gpu_build --build-temp "${TMPDIR:-/tmp}/attnkernels_gpu_build"
+ls -la gpu_build/attnkernels/_C.abi3.so
+echo "built gpu_build/attnkernels/_C.abi3.so against torch $TORCH_VERSION in $(( $(date +%s) - start )) s"
