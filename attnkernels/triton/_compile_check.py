@@ -7,6 +7,7 @@ kernels compile for the configurations a GPU would pick. Run it without TRITON_I
 
     python -m attnkernels.triton._compile_check            # a representative set (about a minute)
     python -m attnkernels.triton._compile_check --all      # every flag combination and dtype
+    python -m attnkernels.triton._compile_check --configs  # plus every attention autotune config
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 TARGET = GPUTarget("cuda", 90, 32)
+# The most shared memory one block may have on sm_90 (227 KiB): Triton only finds out at the first launch.
+MAX_SHARED_BYTES = 232448
 _ACC_POINTERS = {tl.float32: "*fp32", tl.float64: "*fp64"}
 
 
@@ -67,6 +70,33 @@ def attention_cases(everything: bool):
                    dict(backward, MASK_GRAD=not mask_bool, SIZE_ONE=True), 4, 2)
 
 
+def autotune_config_cases():
+    """Every GPU autotune config the pruner keeps for bf16 at head dims 64 and 128 (no mask, not causal):
+    the configs a GPU run may pick, each compiled once."""
+    attention = importlib.import_module("attnkernels.triton.attention")
+    import torch
+
+    for kind, name, pruner in (("forward", "_forward_kernel", "forward"), ("backward", "_backward_kv_kernel", "kv"),
+                               ("backward", "_backward_q_kernel", "q")):
+        for head_dim in (64, 128):
+            args = {"Q": torch.empty(0, dtype=torch.bfloat16), "BLOCK_E": head_dim, "BLOCK_EV": head_dim,
+                    "L_BUCKET": 4096, "S_BUCKET": 4096}
+            kept = attention._pruner(pruner)(attention._configs(kind, interpreter=False), args)
+            for config in kept:
+                common = dict(HAS_MASK=False, MASK_BOOL=False, IS_CAUSAL=False, HAS_DROPOUT=False, PRECISION="tf32",
+                              DOT_FP32=False, ACC=tl.float32, BLOCK_E=head_dim, BLOCK_EV=head_dim, **config.kwargs)
+                if name == "_backward_q_kernel":
+                    common["MASK_GRAD"] = False
+                inputs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Mask": "*bf16", "Seed": "*i64", "Params": "*fp32"}
+                if name == "_forward_kernel":
+                    pointers = {**inputs, "Out": "*bf16", "Lse": "*fp32"}
+                else:
+                    grads = {**inputs, "GradOut": "*bf16", "Lse": "*fp32", "Delta": "*fp32"}
+                    pointers = ({**grads, "GradK": "*fp32", "GradV": "*fp32"} if name == "_backward_kv_kernel"
+                                else {**grads, "GradQ": "*fp32", "GradMask": "*fp32"})
+                yield name, pointers, common, config.num_warps, config.num_stages
+
+
 def with_every_int_one(fn, pointers: dict[str, str], constants: dict, floats=()) -> dict:
     """``constants`` plus every int argument equal to 1, as Triton's JIT specialises it on a GPU: an int
     argument equal to 1 becomes a constexpr (a size-1 axis, a unit stride), which breaks tensor-only
@@ -105,6 +135,8 @@ def sampling_cases(everything: bool):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="compile the Triton kernels for sm_90 without a GPU")
     parser.add_argument("--all", action="store_true", help="every dtype, flag combination and sampling mode")
+    parser.add_argument("--configs", action="store_true",
+                        help="also every attention autotune config the pruner keeps (bf16, head dims 64 and 128)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
@@ -119,6 +151,8 @@ def main(argv=None) -> int:
         "sample_backward_kernel": sampler.sample_backward_kernel,
     }
     cases = [*attention_cases(args.all), *sampling_cases(args.all)]
+    if args.configs:
+        cases += list(autotune_config_cases())
     for name, pointers, constants, warps, stages in cases:
         start = time.perf_counter()
         size_one = constants.pop("SIZE_ONE", False)
@@ -130,6 +164,11 @@ def main(argv=None) -> int:
                                                              "MODE", "PADDING", "DIMS", "AFFINE", "WIDE")}
         if size_one:
             flags["every int"] = 1
+        if shared > MAX_SHARED_BYTES:
+            print(f"{name} {constants}: needs {shared} B of shared memory, more than sm_90's {MAX_SHARED_BYTES}")
+            return 1
+        if "BLOCK_M" in constants:
+            flags["tile"] = (constants["BLOCK_M"], constants["BLOCK_N"], warps, stages)
         print(f"{name} {pointers.get('Q', pointers.get('input_ptr'))} {flags}: ok, {shared} B shared, "
               f"{time.perf_counter() - start:.1f} s", flush=True)
     return 0
