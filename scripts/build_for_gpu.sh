@@ -4,11 +4,11 @@
 # the stable Python ABI (abi3: one file for Python 3.10 and newer, so it loads under the GPU machine's
 # Python 3.12). Writes gpu_build/attnkernels/_C.abi3.so, which scripts/gpu_check.sh takes when it loads.
 #
-#   bash scripts/build_for_gpu.sh            # venv in $GPU_VENV (default /work/venv211), made if missing
+#   bash scripts/build_for_gpu.sh            # venv in $GPU_VENV (default ~/.venvs/torch211), made if missing
 #   then: device run with carry ["gpu_build"] and `bash scripts/gpu_check.sh`
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${GPU_VENV:-/work/venv211}
+VENV=${GPU_VENV:-$HOME/.venvs/torch211}
 TORCH_VERSION=${GPU_TORCH:-2.11.0}
 TRITON_VERSION=${GPU_TRITON:-3.6.0}
 if [ ! -x "$VENV/bin/python" ]; then

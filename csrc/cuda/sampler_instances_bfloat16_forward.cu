@@ -1,0 +1,8 @@
+// The sampling launchers for c10::BFloat16, forward (see sampler_instances.cuh).
+#include "sampler_instances.cuh"
+
+namespace attnkernels {
+namespace cuda {
+ATTNKERNELS_SAMPLER_EVERY_MODE(ATTNKERNELS_SAMPLER_FORWARD, c10::BFloat16)
+}  // namespace cuda
+}  // namespace attnkernels
