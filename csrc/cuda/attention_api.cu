@@ -57,9 +57,11 @@ Shape checked_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   TORCH_CHECK(forward_head_dim_bucket(q.size(3), v.size(3)) != 0, "attnkernels::attention: the CUDA kernel takes ",
               "head dims up to ", kMaxHeadDim, ", got E = ", q.size(3), " and Ev = ", v.size(3),
               "; use backend='triton' or backend='reference'");
-  TORCH_CHECK(q.size(1) / k.size(1) <= kMaxGridYZ && q.size(0) <= kMaxGridYZ,
-              "attnkernels::attention: the CUDA kernel takes at most ", kMaxGridYZ, " batch entries and query heads "
-              "per kv head, got ", q.sizes());
+  TORCH_CHECK(q.size(1) <= kMaxGridYZ && q.size(0) <= kMaxGridYZ, "attnkernels::attention: the CUDA kernel takes at most ",
+              kMaxGridYZ, " batch entries and query heads (grid y and z), got ", q.sizes());
+  TORCH_CHECK(q.size(2) <= kMaxSequence && k.size(2) <= kMaxSequence,
+              "attnkernels::attention: the CUDA kernel takes sequences of at most ", kMaxSequence, " positions, got L = ",
+              q.size(2), " and S = ", k.size(2));
   return Shape{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
 }
 

@@ -22,6 +22,8 @@ constexpr int kMaxHeadDim = 256;
 constexpr int kMaxBackwardHeadDim = 128;
 constexpr int kThreads = 128;  // 4 warps per block, forward and backward
 constexpr int kElementBytes = 2;  // bf16 / fp16
+// Positions (L, S) are ints in the kernels, with room for a last partial tile.
+constexpr int64_t kMaxSequence = 2147483647LL - 256;
 
 ATTN_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 ATTN_HOST_DEVICE inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
