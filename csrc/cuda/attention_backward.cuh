@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(kThreads, backward_blocks_per_sm(D))
         scores[i][0] = scores[i][1] = scores[i][2] = scores[i][3] = 0.0f;
         grads[i][0] = grads[i][1] = grads[i][2] = grads[i][3] = 0.0f;
       }
-#pragma unroll
+#pragma unroll 1  // a rolled loop: unrolled, ptxas keeps every ldmatrix address live and spills
       for (int kc = 0; kc < D / 16; ++kc) {
         uint32_t ak[4];
         ldmatrix_x4(ak, a_fragment_address<D>(k_tile, warp * 16, kc * 16, lane));
@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, backward_blocks_per_sm(D))
           mma_16816<T>(scores[2 * n2 + 1], ak, bq[2], bq[3]);
         }
       }
-#pragma unroll
+#pragma unroll 1
       for (int kc = 0; kc < D / 16; ++kc) {
         uint32_t av[4];
         ldmatrix_x4(av, a_fragment_address<D>(v_tile, warp * 16, kc * 16, lane));
