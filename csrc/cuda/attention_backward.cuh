@@ -301,11 +301,11 @@ __global__ void __launch_bounds__(kThreads, backward_blocks_per_sm(D))
       for (int d = 0; d < kDimTiles; ++d) {
         const int col = d * 8 + 2 * t;
         if (col < p.E) {
-          *reinterpret_cast<uint32_t*>(dk_head + key * p.E + col) =
+          *reinterpret_cast<uint32_t*>(dk_head + static_cast<int64_t>(key) * p.E + col) =
               pack2<T>(dk[d][2 * r] * p.scale, dk[d][2 * r + 1] * p.scale);
         }
         if (col < p.Ev) {
-          *reinterpret_cast<uint32_t*>(dv_head + key * p.Ev + col) = pack2<T>(dv[d][2 * r], dv[d][2 * r + 1]);
+          *reinterpret_cast<uint32_t*>(dv_head + static_cast<int64_t>(key) * p.Ev + col) = pack2<T>(dv[d][2 * r], dv[d][2 * r + 1]);
         }
       }
     }

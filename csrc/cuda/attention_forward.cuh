@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kThreads, forward_blocks_per_sm(D)) attention_
     const float inverse = sum > 0.0f ? 1.0f / sum : 0.0f;
     const int row = rows[r];
     if (row >= p.L) continue;
-    T* out_row = out_head + row * p.Ev;
+    T* out_row = out_head + static_cast<int64_t>(row) * p.Ev;
 #pragma unroll
     for (int d = 0; d < kOutTiles; ++d) {
       const int col = d * 8 + 2 * t;
