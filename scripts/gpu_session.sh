@@ -2,7 +2,8 @@
 # One GPU session for attnkernels: build the CUDA kernels, run the whole test suite on the GPU, run
 # compute-sanitizer (memcheck, racecheck) on small shapes, and run the GPU benchmarks.
 #
-#   scripts/gpu_session.sh [build] [test] [sanitize] [bench] [bench-cli]    (no argument: all of them)
+#   scripts/gpu_session.sh [build] [test] [sanitize] [sanitize-attention] [bench] [bench-cli] [bench-attention]
+#   (no argument: all of them)
 #
 # Every log and result goes under $OUT (default ./gpu_out): summary.txt, env.txt, build.log, tests.log,
 # sanitizer.log, bench_sampling.md/.json, bench_cli.md. The stages can run in separate calls on the same
@@ -25,7 +26,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build test sanitize bench bench-cli)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build test sanitize sanitize-attention bench bench-cli bench-attention)
 failed=0
 
 note() { echo "$(date -u +%H:%M:%S) $*" | tee -a "$OUT/summary.txt"; }
@@ -121,6 +122,32 @@ PYEOF
       rm -f "$script"
       finish sanitize $rc
       ;;
+    sanitize-attention)
+      # The CUDA attention kernels on small shapes (scripts/sanitize_attention.py).
+      rc=0
+      for tool in memcheck racecheck; do
+        echo "=== attention $tool" >> "$OUT/sanitizer_attention.log"
+        workload=full
+        [ "$tool" = racecheck ] && workload=quick
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 280 "$SANITIZER" --tool "$tool" --error-exitcode 9 \
+          $PY scripts/sanitize_attention.py "$workload" >> "$OUT/sanitizer_attention.log" 2>&1 || rc=$?
+        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|workload done" "$OUT/sanitizer_attention.log" | tail -2 \
+          >> "$OUT/summary.txt"
+      done
+      finish sanitize-attention $rc
+      ;;
+    bench-attention)
+      # The CUDA attention against torch's default SDPA and the triton backend, then against torch's
+      # cuDNN backend: bf16 and fp16, head dims 64 and 128, L = 1k..16k, causal and not, fwd and fwd+bwd.
+      rc=0
+      timeout 290 $PY -m attnkernels.bench --device cuda --op sdpa_hdim64,sdpa_hdim128 --backend cuda,triton \
+        --dtype bfloat16,float16 --no-progress --out "$OUT/bench_attention" \
+        --results-md "$OUT/bench_attention.md" > /dev/null 2>> "$OUT/summary.txt" || rc=$?
+      timeout 290 $PY -m attnkernels.bench --device cuda --op sdpa_cudnn_hdim64,sdpa_cudnn_hdim128 --backend cuda \
+        --dtype bfloat16,float16 --no-progress --out "$OUT/bench_attention_cudnn" \
+        --results-md "$OUT/bench_attention_cudnn.md" > /dev/null 2>> "$OUT/summary.txt" || rc=$?
+      finish bench-attention $rc
+      ;;
     bench)
       $PY bench/gpu_sampling.py --markdown "$OUT/bench_sampling.md" --json "$OUT/bench_sampling.json" \
         > /dev/null 2>> "$OUT/summary.txt"
@@ -133,7 +160,7 @@ PYEOF
       finish bench-cli $?
       ;;
     *)
-      note "unknown stage $stage (build, test, sanitize, bench, bench-cli)"
+      note "unknown stage $stage (build, test, sanitize, sanitize-attention, bench, bench-cli, bench-attention)"
       failed=1
       ;;
   esac
