@@ -57,11 +57,12 @@ Shape checked_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   TORCH_CHECK(forward_head_dim_bucket(q.size(3), v.size(3)) != 0, "attnkernels::attention: the CUDA kernel takes ",
               "head dims up to ", kMaxHeadDim, ", got E = ", q.size(3), " and Ev = ", v.size(3),
               "; use backend='triton' or backend='reference'");
-  TORCH_CHECK(q.size(1) <= kMaxGridYZ && q.size(0) <= kMaxGridYZ, "attnkernels::attention: the CUDA kernel takes at most ",
-              kMaxGridYZ, " batch entries and query heads (grid y and z), got ", q.sizes());
+  TORCH_CHECK(q.size(1) <= kMaxGridYZ && q.size(0) <= kMaxGridYZ,
+              "attnkernels::attention: the CUDA kernel takes at most ", kMaxGridYZ,
+              " batch entries and query heads (grid y and z), got ", q.sizes());
   TORCH_CHECK(q.size(2) <= kMaxSequence && k.size(2) <= kMaxSequence,
-              "attnkernels::attention: the CUDA kernel takes sequences of at most ", kMaxSequence, " positions, got L = ",
-              q.size(2), " and S = ", k.size(2));
+              "attnkernels::attention: the CUDA kernel takes sequences of at most ", kMaxSequence,
+              " positions, got L = ", q.size(2), " and S = ", k.size(2));
   return Shape{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
 }
 
@@ -222,9 +223,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   at::Tensor dq_accum = at::zeros({shape.batch, shape.q_heads, shape.L, E_padded}, query.options().dtype(acc_type));
   at::Tensor grad_k = at::zeros({shape.batch, shape.kv_heads, shape.S, E_padded}, key.options());
   at::Tensor grad_v = at::zeros({shape.batch, shape.kv_heads, shape.S, Ev_padded}, value.options());
-  at::Tensor grad_mask = want_mask_grad
-                             ? at::zeros({shape.batch, shape.q_heads, shape.L, shape.S}, query.options().dtype(acc_type))
-                             : at::Tensor();
+  at::Tensor grad_mask;
+  if (want_mask_grad) {
+    grad_mask = at::zeros({shape.batch, shape.q_heads, shape.L, shape.S}, query.options().dtype(acc_type));
+  }
   if (shape.batch * shape.q_heads * shape.L > 0 && shape.S > 0) {
     const at::Tensor q = kernel_layout(query), k = kernel_layout(key), v = kernel_layout(value);
     // dO and O contiguous with the padded width: the kernel reads dO rows of Ev_padded.

@@ -42,8 +42,8 @@ template <typename T>
 void run_attention_backward_preprocess(const T* grad_out, const T* out, const float* grad_lse, float* delta,
                                        int64_t rows, int width, cudaStream_t stream) {
   constexpr int kRowsPerBlock = kThreads / 32;
-  attention_backward_preprocess_kernel<T><<<static_cast<unsigned>(ceil_div(rows, kRowsPerBlock)), kThreads, 0, stream>>>(
-      grad_out, out, grad_lse, delta, rows, width);
+  const unsigned blocks = static_cast<unsigned>(ceil_div(rows, kRowsPerBlock));
+  attention_backward_preprocess_kernel<T><<<blocks, kThreads, 0, stream>>>(grad_out, out, grad_lse, delta, rows, width);
 }
 
 template <typename T, int D>
@@ -305,7 +305,8 @@ __global__ void __launch_bounds__(kThreads, backward_blocks_per_sm(D))
               pack2<T>(dk[d][2 * r] * p.scale, dk[d][2 * r + 1] * p.scale);
         }
         if (col < p.Ev) {
-          *reinterpret_cast<uint32_t*>(dv_head + static_cast<int64_t>(key) * p.Ev + col) = pack2<T>(dv[d][2 * r], dv[d][2 * r + 1]);
+          *reinterpret_cast<uint32_t*>(dv_head + static_cast<int64_t>(key) * p.Ev + col) =
+              pack2<T>(dv[d][2 * r], dv[d][2 * r + 1]);
         }
       }
     }

@@ -28,7 +28,8 @@ __device__ __forceinline__ void load_kv_tile(const AttentionParams& p, T* k_tile
 // kMaskOrDropout: false compiles the plain kernel (no mask, no dropout) that
 // most calls run, without the registers the mask and dropout paths hold.
 template <typename T, int D, bool kMaskOrDropout>
-__global__ void __launch_bounds__(kThreads, forward_blocks_per_sm(D)) attention_forward_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(kThreads, forward_blocks_per_sm(D))
+    attention_forward_kernel(const AttentionParams p) {
   constexpr int kBlockM = forward_tile(D).block_m;
   constexpr int kBlockN = forward_tile(D).block_n;
   constexpr int kScoreTiles = kBlockN / 8;  // n8 tiles of S per warp
@@ -173,6 +174,8 @@ __global__ void __launch_bounds__(kThreads, forward_blocks_per_sm(D)) attention_
     }
   }
 
+  cp_async_wait_all();  // (no tile left in flight when the block exits: none when every key is masked)
+
   // Epilogue: a row that attends to nothing gives 0 and lse -inf.
   T* out_head = static_cast<T*>(p.out) + bh * p.L * p.Ev;
 #pragma unroll
@@ -199,7 +202,8 @@ template <typename T, int D>
 void run_attention_forward(const AttentionParams& p, cudaStream_t stream) {
   const LaunchGrid grid = forward_grid(p.batch, p.q_heads, p.L, D);
   constexpr int kSharedBytes = forward_smem_bytes(D);
-  auto kernel = p.mask != nullptr || p.dropout ? attention_forward_kernel<T, D, true> : attention_forward_kernel<T, D, false>;
+  const bool general = p.mask != nullptr || p.dropout;
+  auto kernel = general ? attention_forward_kernel<T, D, true> : attention_forward_kernel<T, D, false>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes);
   kernel<<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y), static_cast<unsigned>(grid.z)),
            kThreads, kSharedBytes, stream>>>(p);

@@ -110,7 +110,9 @@ inline LaunchGrid backward_grid(int64_t batch, int64_t kv_heads, int64_t S, int 
 
 // Under top-left causal masking query i sees keys j <= i: a block of queries
 // [row0, row0 + rows) needs keys below row0 + rows only.
-ATTN_HOST_DEVICE inline int64_t causal_key_end(int64_t row0, int64_t rows, int64_t S) { return S < row0 + rows ? S : row0 + rows; }
+ATTN_HOST_DEVICE inline int64_t causal_key_end(int64_t row0, int64_t rows, int64_t S) {
+  return S < row0 + rows ? S : row0 + rows;
+}
 
 // ... and a block of keys starting at col0 is seen by query blocks from this one on.
 ATTN_HOST_DEVICE inline int64_t causal_first_query_block(int64_t col0, int block_m) { return col0 / block_m; }
