@@ -328,8 +328,7 @@ def test_opcheck():
     mask = randn(2, 4, 40, 50, seed=3).float()
     bool_mask = (torch.rand(40, 50, generator=torch.Generator().manual_seed(4)) > 0.3).to(DEVICE).expand(2, 4, 40, 50)
     seed = torch.tensor([12345], dtype=torch.int64)
-    for args in [
-        (q, k, v, None, 0.0, False, 0.125, None),
+    for args in [  # GQA and Ev != E throughout
         (q, k, v, None, 0.0, True, 0.125, None),
         (q, k, v, mask, 0.0, False, 0.125, None),
         (q, k, v, bool_mask, 0.0, False, 0.125, None),
