@@ -204,6 +204,17 @@ def test_fully_masked_rows_give_zero_output_and_gradient():
     assert (grad_k[..., 5, :] == 0).all() and (grad_v[..., 5, :] == 0).all()
 
 
+def test_nan_and_inf_stay_in_their_rows():
+    q, k, v = (randn(1, 1, 70, 64, seed=s).bfloat16() for s in range(3))
+    q[0, 0, 1, 0] = math.nan
+    out = attnkernels.scaled_dot_product_attention(q, k, v, backend=BACKEND)
+    assert out[0, 0, 1].isnan().all()  # like torch's math backend and the cpu kernel
+    assert not out[0, 0, [0, *range(2, 70)]].isnan().any()
+    mask = torch.zeros(70, 70, device=DEVICE)
+    mask[:, 2] = math.inf  # +inf scores: NaN, as in torch
+    assert attnkernels.scaled_dot_product_attention(q, k, v, mask, backend=BACKEND)[0, 0, 0].isnan().all()
+
+
 def test_non_contiguous_inputs_and_gradients():
     # (B, L, H, E) memory seen as (B, H, L, E), the layout of most models; a transposed grad_out.
     q, k, v = (randn(2, 90, 4, 64, seed=s).bfloat16().transpose(1, 2) for s in range(3))
