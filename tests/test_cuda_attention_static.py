@@ -228,3 +228,27 @@ def test_sass_uses_tensor_cores_ldmatrix_and_cp_async(compiled):
             seen.add((name, arch))
     assert {name for name, _ in seen} == EXPECTED_KERNELS
     assert {arch for _, arch in seen} == {f"sm_{arch}" for arch in ARCHES}
+
+
+def test_cuda_backend_declines_what_the_kernels_do_not_serve(monkeypatch):
+    # The dispatch rules of attnkernels/attention.py past the device check, on CPU tensors.
+    import torch
+
+    from attnkernels import attention
+
+    monkeypatch.setattr(attention, "why_not_device", lambda tensor, backend, op: None)
+
+    def why_not(E=64, Ev=None, dtype=torch.bfloat16, grad=False, L=16, batch=(2,), heads=4):
+        q = torch.empty(*batch, heads, L, E, dtype=dtype, requires_grad=grad)
+        v = torch.empty(*batch, heads, L, Ev or E, dtype=dtype)
+        return attention._cuda_why_not(q, q, v, None)
+
+    assert why_not() is None and why_not(dtype=torch.float16, E=256) is None and why_not(E=8, Ev=200) is None
+    assert why_not(E=128, grad=True) is None
+    assert "float32" in why_not(dtype=torch.float32) and "float64" in why_not(dtype=torch.float64)
+    assert "up to 256" in why_not(E=264)
+    assert "backward takes head dims up to 128" in why_not(E=136, grad=True)
+    with torch.no_grad():
+        assert why_not(E=136, grad=True) is None
+    assert "batch entries" in why_not(batch=(300, 300), L=1, E=8)
+    assert "batch entries" in why_not(heads=65536, L=1, E=8, batch=(1,))
