@@ -118,6 +118,7 @@ __global__ void __launch_bounds__(kThreads, forward_blocks_per_sm(D))
 
     // Online softmax. A row's maximum may stay -inf (every key so far masked):
     // exponents then use 0 instead, so that -inf - -inf never makes a NaN.
+    bool any_weight = false;  // a nonzero (or NaN) probability in this thread's rows
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float tile_max = negative_infinity();
@@ -137,12 +138,16 @@ __global__ void __launch_bounds__(kThreads, forward_blocks_per_sm(D))
         sum += scores[n][2 * r] + scores[n][2 * r + 1];
       }
       row_sum[r] = row_sum[r] * correction + sum;
+      any_weight |= sum != 0.0f;
 #pragma unroll
       for (int d = 0; d < kOutTiles; ++d) {
         out[d][2 * r] *= correction;
         out[d][2 * r + 1] *= correction;
       }
     }
+
+    // A tile the mask hides from all 16 rows of the warp adds nothing: skip its P V.
+    if (kMaskOrDropout && !__any_sync(0xffffffffu, any_weight)) continue;
 
     // Dropout acts on the probabilities that multiply V, not on the row sums.
     if (kMaskOrDropout && p.dropout) {
