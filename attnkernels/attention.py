@@ -42,7 +42,6 @@ def _triton_why_not(tensor: torch.Tensor, **details) -> str | None:
 # limits restate csrc/cuda/attention_launch.h.
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _CUDA_MAX_HEAD_DIM = 256
-_CUDA_MAX_BACKWARD_HEAD_DIM = 128
 _CUDA_MAX_SEQUENCE = 2**31 - 1 - 256
 _CUDA_MAX_GRID_YZ = 65535
 
@@ -58,12 +57,6 @@ def _cuda_why_not(query, key, value, attn_mask) -> str | None:
     if head_dim > _CUDA_MAX_HEAD_DIM:
         return (f"the CUDA attention kernel takes head dims up to {_CUDA_MAX_HEAD_DIM}, got E = {query.shape[-1]} "
                 f"and Ev = {value.shape[-1]}")
-    mask_has_grad = attn_mask is not None and attn_mask.is_floating_point() and attn_mask.requires_grad
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
-                                              or mask_has_grad)
-    if needs_grad and head_dim > _CUDA_MAX_BACKWARD_HEAD_DIM:
-        return (f"the CUDA attention backward takes head dims up to {_CUDA_MAX_BACKWARD_HEAD_DIM}, got "
-                f"E = {query.shape[-1]} and Ev = {value.shape[-1]} with gradients required")
     if max(query.shape[-2], key.shape[-2]) > _CUDA_MAX_SEQUENCE:
         return f"the CUDA attention kernel takes sequences of at most {_CUDA_MAX_SEQUENCE} positions"
     batch = math.prod(query.shape[:-3])

@@ -95,11 +95,14 @@ CASES = {
     "float_mask_grad_gqa": (1, 4, 2, 70, 140, 128, 128, "float_full", False),
     "band_mask": (1, 2, 2, 300, 600, 64, 64, "band", False),
 }
-# Forward only: the CUDA backward stops at head dim 128 (the dispatch declines with gradients).
-FORWARD_ONLY_CASES = {
+# The 256 bucket: the backward runs two passes of 128 head-dim columns.
+HEAD_DIM_256_CASES = {
     "head_dim_256": (1, 2, 2, 100, 150, 256, 256, None, False),
     "head_dim_200_causal": (1, 2, 2, 100, 150, 200, 200, None, True),
-    "head_dim_256_mask": (1, 2, 2, 70, 90, 256, 256, "float", False),
+    "head_dim_256_mask_grad": (1, 2, 2, 70, 90, 256, 256, "float_full", False),
+    "head_dim_256_gqa_bool": (1, 4, 2, 70, 90, 256, 256, "bool", False),
+    "value_dim_256_key_dim_64": (1, 2, 2, 70, 90, 64, 256, None, True),
+    "key_dim_200_value_dim_40": (1, 2, 2, 70, 90, 200, 40, None, False),
 }
 
 
@@ -160,9 +163,9 @@ def test_forward_and_gradients_by_the_flash_attention_rule(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("case", list(FORWARD_ONLY_CASES))
-def test_forward_only_head_dims_by_the_flash_attention_rule(case, dtype):
-    run_case(FORWARD_ONLY_CASES[case], dtype, with_grads=False)
+@pytest.mark.parametrize("case", list(HEAD_DIM_256_CASES))
+def test_head_dims_above_128_by_the_flash_attention_rule(case, dtype):
+    run_case(HEAD_DIM_256_CASES[case], dtype, with_grads=True)
 
 
 @pytest.mark.parametrize("scale", [0.05, 1.0])
@@ -315,8 +318,7 @@ def test_dispatch_chooses_cuda_and_declines_with_reasons():
     declined = {
         "float32": (q.float(), {}),
         "float64": (q, {}),
-        "head dims up to 256": (randn(1, 2, 40, 264, seed=0).half(), {}),
-        "backward takes head dims up to 128": (randn(1, 2, 40, 192, seed=0).half().requires_grad_(), {}),
+        "head dims up to 256": (randn(1, 2, 40, 264, seed=0).half().requires_grad_(), {}),
     }
     for words, (t, kwargs) in declined.items():
         with pytest.raises(RuntimeError, match="cannot serve these inputs") as error:
@@ -326,10 +328,6 @@ def test_dispatch_chooses_cuda_and_declines_with_reasons():
         out = attnkernels.scaled_dot_product_attention(t, t, t)
         truth = reference.scaled_dot_product_attention(t.double(), t.double(), t.double())
         torch.testing.assert_close(out.double(), truth, atol=2e-2, rtol=2e-2)
-    # Head dim 192 without gradients is served by the forward kernel.
-    with torch.no_grad():
-        t = randn(1, 2, 40, 192, seed=0).half().requires_grad_()
-        attnkernels.scaled_dot_product_attention(t, t, t, backend="cuda")
 
 
 def test_opcheck():

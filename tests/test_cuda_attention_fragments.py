@@ -123,7 +123,8 @@ def forward(D, block_m, block_n, warp):
     np.testing.assert_allclose(to_matrix(out), S @ V, err_msg="O = P V")
 
 
-def backward(D, block_m, block_n):
+def backward(D, block_m, block_n, pass_dim):
+    """One block's backward products; head-dim columns in passes of pass_dim (two passes at D = 256)."""
     Q, K, dO = (rng.standard_normal((rows, D)) for rows in (block_m, block_n, block_m))
     q, k, do = store_tile(Q), store_tile(K), store_tile(dO)
     ds_tile = np.full(block_n * block_m, np.nan)
@@ -136,11 +137,13 @@ def backward(D, block_m, block_n):
                 mma_pair(scores, 2 * n2, a, load(q, b_addr, n2 * 16, kc * 16, D, False))
         ST[warp * 16:warp * 16 + 16] = to_matrix(scores)
         np.testing.assert_allclose(ST[warp * 16:warp * 16 + 16], K[warp * 16:warp * 16 + 16] @ Q.T, err_msg="S^T")
-        dv = zeros(D // 8)
-        for kc in range(block_m // 16):
-            for d2 in range(D // 16):
-                mma_pair(dv, 2 * d2, a_from_c(scores, kc), load(do, bt_addr, kc * 16, d2 * 16, D, True))
-        np.testing.assert_allclose(to_matrix(dv), ST[warp * 16:warp * 16 + 16] @ dO, err_msg="dV = P^T dO")
+        for offset in range(0, D, pass_dim):
+            dv = zeros(pass_dim // 8)
+            for kc in range(block_m // 16):
+                for d2 in range(pass_dim // 16):
+                    mma_pair(dv, 2 * d2, a_from_c(scores, kc), load(do, bt_addr, kc * 16, offset + d2 * 16, D, True))
+            np.testing.assert_allclose(to_matrix(dv), ST[warp * 16:warp * 16 + 16] @ dO[:, offset:offset + pass_dim],
+                                       err_msg="dV = P^T dO")
         for n in range(block_m // 8):  # dS^T (here S^T) to shared memory, as packed pairs
             for r in range(2):
                 for lane in range(32):
@@ -149,12 +152,12 @@ def backward(D, block_m, block_n):
                     ds_tile[offset:offset + 2] = scores[n][lane][2 * r:2 * r + 2]
     assert not np.isnan(ds_tile).any()
     warps_per_row_block = 4 // (block_m // 16)
-    dq_tiles = (D // 8) // warps_per_row_block
+    dq_tiles = (pass_dim // 8) // warps_per_row_block
     dQ = np.zeros((block_m, D))
-    for warp in range(4):
+    for offset, warp in ((offset, warp) for offset in range(0, D, pass_dim) for warp in range(4)):
         row_block = warp // warps_per_row_block
         for chunk in range(dq_tiles // 4):
-            first = (warp % warps_per_row_block) * dq_tiles + chunk * 4
+            first = offset // 8 + (warp % warps_per_row_block) * dq_tiles + chunk * 4
             acc = zeros(4)
             for kc in range(block_n // 16):
                 a = load(ds_tile, at_addr, kc * 16, row_block * 16, block_m, True)
@@ -170,9 +173,9 @@ def test_forward_fragments(D, block_n, warp):
     forward(D, 64, block_n, warp)
 
 
-@pytest.mark.parametrize("D, block_m", [(64, 64), (128, 32)])
-def test_backward_fragments(D, block_m):
-    backward(D, block_m, 64)
+@pytest.mark.parametrize("D, block_m, pass_dim", [(64, 64, 64), (128, 32, 128), (256, 32, 128)])
+def test_backward_fragments(D, block_m, pass_dim):
+    backward(D, block_m, 64, pass_dim)
 
 
 def test_swizzle_is_a_permutation_within_each_row():

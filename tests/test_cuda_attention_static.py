@@ -4,14 +4,14 @@
   checks the GPU's dropout generator against the CPU kernel's.
 - The kernel sources compile with nvcc for sm_80 and sm_90; ptxas (-Xptxas -v) reports no local
   memory (stack frame, spill stores/loads) in any forward or backward kernel, and registers within
-  the designed occupancy: 4-warp blocks, 2 per SM (the forward at head dim 256: 1 on sm_80), so at
-  most 255 registers per thread (65536 / (2 x 128) = 256, and 255 is the hardware cap); shared
-  memory is all dynamic (sized in attention_launch.h, checked by the C++ test).
+  the designed occupancy: 4-warp blocks, 2 per SM (1 at head dim 256), so at most 255 registers per
+  thread (65536 / (2 x 128) = 256, and 255 is the hardware cap); shared memory is all dynamic
+  (sized in attention_launch.h, checked by the C++ test).
 - The SASS (cuobjdump) of every main kernel uses tensor-core MMA (HMMA), ldmatrix (LDSM) and
   asynchronous global-to-shared copies (LDGSTS, cp.async).
 
 Compiled objects are cached in the temp dir under a hash of the sources and flags, so a rerun
-is instant; a fresh run compiles 5 files (two at a time), about a minute on 2 cores.
+is instant; a fresh run compiles 6 files (two at a time), about two minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
-KERNEL_FILES = [f"attention_forward_hdim{d}.cu" for d in (64, 128, 256)] + [
-    f"attention_backward_hdim{d}.cu" for d in (64, 128)]
+KERNEL_FILES = [f"attention_{direction}_hdim{d}.cu" for direction in ("forward", "backward") for d in (64, 128, 256)]
 ARCHES = ("80", "90")
 # The flags torch's extension build gives nvcc (setup.py), as far as they change code generation.
 NVCC_FLAGS = ["-std=c++17", "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
@@ -40,7 +39,8 @@ NVCC_FLAGS = ["-std=c++17", "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-D_
               "-Xcompiler", "-fPIC"]
 MAX_REGISTERS = 255
 
-KERNEL_NAME = re.compile(r"attention_(forward|backward)_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELb([01])E")
+# The backward's last template argument is its first head-dim column (two passes at head dim 256).
+KERNEL_NAME = re.compile(r"attention_(forward|backward)_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELb([01])E(?:Li(\d+)E)?")
 DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16"}
 
 
@@ -72,17 +72,21 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="no nvcc (CUDA toolkit) fou
 
 
 def kernel_id(mangled: str) -> str | None:
-    """'forward/bf16/hdim128/plain' for a main kernel's mangled name, else None."""
+    """'forward/bf16/hdim128/plain', 'backward/fp16/hdim256/masked/cols128' for a main kernel's mangled
+    name, else None."""
     match = KERNEL_NAME.search(mangled)
     if match is None:
         return None
-    direction, dtype, dim, general = match.groups()
-    return f"{direction}/{DTYPES[dtype]}/hdim{dim}/{'masked' if general == '1' else 'plain'}"
+    direction, dtype, dim, general, first_column = match.groups()
+    name = f"{direction}/{DTYPES[dtype]}/hdim{dim}/{'masked' if general == '1' else 'plain'}"
+    return name + (f"/cols{first_column}" if first_column not in (None, "0") else "")
 
 
-EXPECTED_KERNELS = {f"{direction}/{dtype}/hdim{dim}/{variant}"
-                    for direction, dims in (("forward", (64, 128, 256)), ("backward", (64, 128)))
-                    for dim in dims for dtype in ("fp16", "bf16") for variant in ("plain", "masked")}
+EXPECTED_KERNELS = {f"{direction}/{dtype}/hdim{dim}/{variant}{columns}"
+                    for direction, dim, columns in (("forward", 64, ""), ("forward", 128, ""), ("forward", 256, ""),
+                                                    ("backward", 64, ""), ("backward", 128, ""),
+                                                    ("backward", 256, ""), ("backward", 256, "/cols128"))
+                    for dtype in ("fp16", "bf16") for variant in ("plain", "masked")}
 
 
 def parse_ptxas(log: str) -> dict[tuple[str, str], dict[str, int]]:
@@ -164,6 +168,9 @@ def test_parse_ptxas_reads_spills_and_registers():
            "ptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem\n")
     ((mangled, arch), numbers), = parse_ptxas(log).items()
     assert kernel_id(mangled) == "forward/bf16/hdim128/plain" and arch == "sm_90"
+    assert kernel_id("_ZN11attnkernels14cuda_attention25attention_backward_kernelI6__halfLi256ELb1ELi128EEEvNS0_"
+                     "15AttentionParamsE") == "backward/fp16/hdim256/masked/cols128"
+    assert kernel_id("attention_backward_kernelI6__halfLi64ELb0ELi0EEEv") == "backward/fp16/hdim64/plain"
     assert numbers == {"registers": 255, "stack": 8, "spill_stores": 4, "spill_loads": 12, "smem": 1024}
 
 
@@ -244,11 +251,9 @@ def test_cuda_backend_declines_what_the_kernels_do_not_serve(monkeypatch):
         return attention._cuda_why_not(q, q, v, None)
 
     assert why_not() is None and why_not(dtype=torch.float16, E=256) is None and why_not(E=8, Ev=200) is None
-    assert why_not(E=128, grad=True) is None
+    assert why_not(E=128, grad=True) is None and why_not(E=256, Ev=40, grad=True) is None
     assert "float32" in why_not(dtype=torch.float32) and "float64" in why_not(dtype=torch.float64)
     assert "up to 256" in why_not(E=264)
-    assert "backward takes head dims up to 128" in why_not(E=136, grad=True)
-    with torch.no_grad():
-        assert why_not(E=136, grad=True) is None
+    assert "up to 256" in why_not(E=8, Ev=257, grad=True)
     assert "batch entries" in why_not(batch=(300, 300), L=1, E=8)
     assert "batch entries" in why_not(heads=65536, L=1, E=8, batch=(1,))

@@ -4,9 +4,9 @@
 // csrc/cpu/attention_kernel.cpp; the kernels are in attention_forward.cuh and
 // attention_backward.cuh.
 //
-// The kernels serve float16 and bfloat16 with head dims up to 256 (forward)
-// and 128 (backward); attnkernels/attention.py declines the rest for the cuda
-// backend with a reason, and these checks say the same to direct callers.
+// The kernels serve float16 and bfloat16 with head dims up to 256;
+// attnkernels/attention.py declines the rest for the cuda backend with a
+// reason, and these checks say the same to direct callers.
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/constant_pad_nd.h>

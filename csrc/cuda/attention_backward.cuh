@@ -13,6 +13,9 @@
 //   dQ += scale * dS K, through shared memory (dS^T) and fp32 atomics.
 // Deterministic mode: one block per (batch, kv head) runs the key blocks in
 // order, so every dQ element is accumulated by one thread in a fixed order.
+// Head dims above 128: dK and dV of 16 keys x 256 do not fit in registers, so
+// the kernel runs twice, each pass accumulating dK, dV and dQ for one half of
+// the head-dim columns (kDimOffset) and recomputing S^T and dP^T.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -59,13 +62,16 @@ __device__ __forceinline__ void load_query_tiles(const AttentionParams& p, T* q_
 
 // kGeneral: false compiles the plain kernel (no mask, dropout or mask
 // gradient) that most calls run, without the registers those paths hold.
-template <typename T, int D, bool kGeneral>
+// kDimOffset: the first head-dim column of this pass (a constant: fewer live
+// address registers).
+template <typename T, int D, bool kGeneral, int kDimOffset>
 __global__ void __launch_bounds__(kThreads, backward_blocks_per_sm(D))
     attention_backward_kernel(const AttentionParams p) {
   constexpr int kBlockM = backward_tile(D).block_m;  // queries per step
   constexpr int kBlockN = backward_tile(D).block_n;  // keys per block
   constexpr int kQueryTiles = kBlockM / 8;           // n8 tiles of S^T per warp
-  constexpr int kDimTiles = D / 8;                   // n8 tiles of dK, dV per warp
+  constexpr int kPassDim = backward_pass_dim(D);     // head-dim columns of dK, dV, dQ per pass
+  constexpr int kDimTiles = kPassDim / 8;            // n8 tiles of dK, dV per warp
   // dQ (kBlockM x D) is shared out: kWarpsPerRowBlock warps per m16 row block,
   // each with kDqTiles n8 tiles of the head dim.
   constexpr int kWarpsPerRowBlock = (kThreads / 32) / (kBlockM / 16);
@@ -231,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, backward_blocks_per_sm(D))
 #pragma unroll
         for (int d2 = 0; d2 < kDimTiles / 2; ++d2) {
           uint32_t bo[4];
-          ldmatrix_x4_trans(bo, b_trans_fragment_address<D>(do_tile, kc * 16, d2 * 16, lane));
+          ldmatrix_x4_trans(bo, b_trans_fragment_address<D>(do_tile, kc * 16, kDimOffset + d2 * 16, lane));
           mma_16816<T>(dv[2 * d2], ap, bo[0], bo[1]);
           mma_16816<T>(dv[2 * d2 + 1], ap, bo[2], bo[3]);
         }
@@ -243,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, backward_blocks_per_sm(D))
 #pragma unroll
         for (int d2 = 0; d2 < kDimTiles / 2; ++d2) {
           uint32_t bq[4];
-          ldmatrix_x4_trans(bq, b_trans_fragment_address<D>(q_tile, kc * 16, d2 * 16, lane));
+          ldmatrix_x4_trans(bq, b_trans_fragment_address<D>(q_tile, kc * 16, kDimOffset + d2 * 16, lane));
           mma_16816<T>(dk[2 * d2], ads, bq[0], bq[1]);
           mma_16816<T>(dk[2 * d2 + 1], ads, bq[2], bq[3]);
         }
@@ -255,7 +261,7 @@ __global__ void __launch_bounds__(kThreads, backward_blocks_per_sm(D))
       const int row_block = warp / kWarpsPerRowBlock;
 #pragma unroll
       for (int chunk = 0; chunk < kDqTiles / kDqChunk; ++chunk) {
-        const int first_dim_tile = (warp % kWarpsPerRowBlock) * kDqTiles + chunk * kDqChunk;
+        const int first_dim_tile = kDimOffset / 8 + (warp % kWarpsPerRowBlock) * kDqTiles + chunk * kDqChunk;
         float dq[kDqChunk][4];
 #pragma unroll
         for (int i = 0; i < kDqChunk; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
@@ -299,7 +305,7 @@ __global__ void __launch_bounds__(kThreads, backward_blocks_per_sm(D))
       if (key >= p.S) continue;
 #pragma unroll
       for (int d = 0; d < kDimTiles; ++d) {
-        const int col = d * 8 + 2 * t;
+        const int col = kDimOffset + d * 8 + 2 * t;
         if (col < p.E) {
           *reinterpret_cast<uint32_t*>(dk_head + static_cast<int64_t>(key) * p.E + col) =
               pack2<T>(dk[d][2 * r] * p.scale, dk[d][2 * r + 1] * p.scale);
@@ -314,14 +320,26 @@ __global__ void __launch_bounds__(kThreads, backward_blocks_per_sm(D))
 }
 
 template <typename T, int D>
-void run_attention_backward(const AttentionParams& p, bool deterministic, cudaStream_t stream) {
-  const LaunchGrid grid = backward_grid(p.batch, p.kv_heads, p.S, D, deterministic);
+void run_attention_backward(const AttentionParams& params, bool deterministic, cudaStream_t stream) {
+  const LaunchGrid grid = backward_grid(params.batch, params.kv_heads, params.S, D, deterministic);
   constexpr int kSharedBytes = backward_smem_bytes(D);
-  const bool general = p.mask != nullptr || p.dropout || p.grad_mask != nullptr;
-  auto kernel = general ? attention_backward_kernel<T, D, true> : attention_backward_kernel<T, D, false>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes);
-  kernel<<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y), static_cast<unsigned>(grid.z)),
-           kThreads, kSharedBytes, stream>>>(p);
+  const bool general = params.mask != nullptr || params.dropout || params.grad_mask != nullptr;
+  const dim3 blocks(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y), static_cast<unsigned>(grid.z));
+  auto launch = [&](auto kernel, const AttentionParams& p) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes);
+    kernel<<<blocks, kThreads, kSharedBytes, stream>>>(p);
+  };
+  launch(general ? attention_backward_kernel<T, D, true, 0> : attention_backward_kernel<T, D, false, 0>, params);
+  if constexpr (backward_passes(D) == 2) {
+    // The second half of the head-dim columns; the mask gradient (the same for
+    // every column) was written by the first pass.
+    constexpr int kSecond = backward_pass_dim(D);
+    AttentionParams second = params;
+    second.grad_mask = nullptr;
+    launch(general ? attention_backward_kernel<T, D, true, kSecond> : attention_backward_kernel<T, D, false, kSecond>,
+           second);
+  }
+  static_assert(backward_passes(D) <= 2, "at most two passes");
 }
 
 }  // namespace cuda_attention

@@ -19,7 +19,7 @@ namespace attnkernels {
 namespace cuda_attention {
 
 constexpr int kMaxHeadDim = 256;
-constexpr int kMaxBackwardHeadDim = 128;
+constexpr int kMaxBackwardHeadDim = 256;
 constexpr int kThreads = 128;  // 4 warps per block, forward and backward
 constexpr int kElementBytes = 2;  // bf16 / fp16
 // Positions (L, S) are ints in the kernels, with room for a last partial tile.
@@ -41,7 +41,6 @@ inline int forward_head_dim_bucket(int64_t E, int64_t Ev) {
   return 0;
 }
 
-// The backward keeps dK and dV of 16 keys x D per warp in registers: 128 at most.
 inline int backward_head_dim_bucket(int64_t E, int64_t Ev) {
   const int bucket = forward_head_dim_bucket(E, Ev);
   return bucket <= kMaxBackwardHeadDim ? bucket : 0;
@@ -69,6 +68,11 @@ struct BackwardTile {
 
 constexpr BackwardTile backward_tile(int D) { return D <= 64 ? BackwardTile{64, 64} : BackwardTile{32, 64}; }
 
+// The backward keeps dK and dV of 16 keys x (at most 128 columns) per warp in
+// registers: the 256 bucket runs in two passes of 128 columns each.
+constexpr int backward_pass_dim(int D) { return D <= 128 ? D : 128; }
+constexpr int backward_passes(int D) { return D / backward_pass_dim(D); }
+
 // K, V tiles + two (Q, dO) tiles + the dS^T tile.
 constexpr int backward_smem_bytes(int D) {
   return (2 * backward_tile(D).block_n * D + 2 * 2 * backward_tile(D).block_m * D +
@@ -80,7 +84,7 @@ constexpr int backward_smem_bytes(int D) {
 // SM: 164 / 228 KiB of shared memory, 64K registers). The static test checks
 // ptxas' register and shared-memory counts against these.
 constexpr int forward_blocks_per_sm(int D) { return D <= 128 ? 2 : 1; }
-constexpr int backward_blocks_per_sm(int) { return 2; }
+constexpr int backward_blocks_per_sm(int D) { return D <= 128 ? 2 : 1; }
 // Registers per thread that keep that occupancy: 65536 / (blocks * 128 threads), at most 255.
 constexpr int register_budget(int blocks_per_sm) {
   return 65536 / (blocks_per_sm * kThreads) > 255 ? 255 : 65536 / (blocks_per_sm * kThreads);

@@ -27,7 +27,11 @@ static void test_head_dim_buckets() {
   EXPECT(forward_head_dim_bucket(129, 8) == 256 && forward_head_dim_bucket(256, 256) == 256);
   EXPECT(forward_head_dim_bucket(257, 8) == 0 && forward_head_dim_bucket(8, 264) == 0);
   EXPECT(backward_head_dim_bucket(128, 128) == 128 && backward_head_dim_bucket(40, 72) == 128);
-  EXPECT(backward_head_dim_bucket(136, 8) == 0 && backward_head_dim_bucket(64, 64) == 64);
+  EXPECT(backward_head_dim_bucket(136, 8) == 256 && backward_head_dim_bucket(64, 64) == 64);
+  EXPECT(backward_head_dim_bucket(8, 257) == 0);
+  // The backward's register-resident dK, dV hold at most 128 columns: two passes at 256.
+  EXPECT(backward_pass_dim(64) == 64 && backward_passes(64) == 1 && backward_passes(128) == 1);
+  EXPECT(backward_pass_dim(256) == 128 && backward_passes(256) == 2);
 }
 
 // Shared memory per block, times the blocks per SM designed for, fits an SM
@@ -39,8 +43,9 @@ static void test_shared_memory_and_occupancy() {
     EXPECT(forward_blocks_per_sm(D) * (bytes + 1024) <= 228 * 1024);
     if (D <= 128) EXPECT(forward_blocks_per_sm(D) * (bytes + 1024) <= 164 * 1024);
   }
-  for (int D : {64, 128}) {
+  for (int D : {64, 128, 256}) {
     const int bytes = backward_smem_bytes(D);
+    EXPECT(bytes <= 163 * 1024);
     EXPECT(backward_blocks_per_sm(D) * (bytes + 1024) <= 164 * 1024);
   }
   EXPECT(forward_smem_bytes(128) == (64 * 128 + 4 * 64 * 128) * 2);
@@ -76,7 +81,7 @@ static void test_causal_ranges() {
           EXPECT(end >= last_seen + 1 && end <= S);
         }
       }
-      for (int D : {64, 128}) {
+      for (int D : {64, 128, 256}) {
         const int block_m = backward_tile(D).block_m, block_n = backward_tile(D).block_n;
         for (int col0 = 0; col0 < S; col0 += block_n) {
           const int64_t first = causal_first_query_block(col0, block_m);
