@@ -8,6 +8,7 @@
 // attnkernels/attention.py declines the rest for the cuda backend with a
 // reason, and these checks say the same to direct callers.
 #include <ATen/Context.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
@@ -140,6 +141,15 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   return p;
 }
 
+// The kernels' shared memory (attention_launch.h) must fit the GPU's per-block limit: 227 KiB on
+// sm_90, 163 KiB on sm_80, but 99 KiB on sm_86 / sm_89, where the 256 bucket's backward does not fit.
+void check_shared_memory(int bytes, int bucket, const char* what) {
+  const int limit = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  TORCH_CHECK(bytes <= limit, "attnkernels::attention: the CUDA ", what, " kernel for head dims up to ", bucket,
+              " needs ", bytes, " bytes of shared memory per block, and this GPU allows ", limit,
+              "; use backend='triton' or backend='reference'");
+}
+
 // Calls fn(T{}, std::integral_constant<int, D>{}) for the input dtype and head-dim bucket.
 template <typename Fn>
 void dispatch_kernel(at::ScalarType dtype, int bucket, Fn fn) {
@@ -184,7 +194,9 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& query, const
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int bucket = forward_head_dim_bucket(E_padded, Ev_padded);
   dispatch_kernel(query.scalar_type(), bucket, [&](auto type_tag, auto bucket_tag) {
-    run_attention_forward<decltype(type_tag), decltype(bucket_tag)::value>(params, stream);
+    constexpr int D = decltype(bucket_tag)::value;
+    check_shared_memory(forward_smem_bytes(D), D, "forward");
+    run_attention_forward<decltype(type_tag), D>(params, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {narrow_head_dim(out, shape.Ev), lse};
@@ -251,6 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
       using T = decltype(type_tag);
       constexpr int D = decltype(bucket_tag)::value;
       if constexpr (D <= kMaxBackwardHeadDim) {
+        check_shared_memory(backward_smem_bytes(D), D, "backward");
         run_attention_backward_preprocess<T>(static_cast<const T*>(go.const_data_ptr()),
                                              static_cast<const T*>(o.const_data_ptr()),
                                              gl.has_value() ? gl->const_data_ptr<float>() : nullptr,
