@@ -38,6 +38,33 @@ def _triton_why_not(tensor: torch.Tensor, **details) -> str | None:
     return module.why_not(_OP, tensor, **details)
 
 
+# What the hand-written CUDA kernels (csrc/cuda/attention_*.cu) serve; the
+# limits restate csrc/cuda/attention_launch.h.
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_MAX_HEAD_DIM = 256
+_CUDA_MAX_SEQUENCE = 2**31 - 1 - 256
+_CUDA_MAX_GRID_YZ = 65535
+
+
+def _cuda_why_not(query, key, value, attn_mask) -> str | None:
+    reason = why_not_device(query, "cuda", _OP)
+    if reason is not None:
+        return reason
+    if query.dtype not in _CUDA_DTYPES:
+        return (f"the CUDA attention kernel takes float16 and bfloat16 inputs, got {query.dtype} "
+                "(the triton backend or the reference serves it)")
+    head_dim = max(query.shape[-1], value.shape[-1])
+    if head_dim > _CUDA_MAX_HEAD_DIM:
+        return (f"the CUDA attention kernel takes head dims up to {_CUDA_MAX_HEAD_DIM}, got E = {query.shape[-1]} "
+                f"and Ev = {value.shape[-1]}")
+    if max(query.shape[-2], key.shape[-2]) > _CUDA_MAX_SEQUENCE:
+        return f"the CUDA attention kernel takes sequences of at most {_CUDA_MAX_SEQUENCE} positions"
+    batch = math.prod(query.shape[:-3])
+    if batch > _CUDA_MAX_GRID_YZ or query.shape[-3] > _CUDA_MAX_GRID_YZ:
+        return f"the CUDA attention kernel takes at most {_CUDA_MAX_GRID_YZ} batch entries and query heads"
+    return None
+
+
 def _check_tensor(op: str, name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"attnkernels.{op}: expected `{name}` to be a torch.Tensor, got {type(t).__name__}")
@@ -153,7 +180,7 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     details = {"dtype": query.dtype, "head_dim": query.shape[-1], "value_dim": value.shape[-1],
                "has_mask": attn_mask is not None, "dropout": dropout_p > 0}
     why_not = {
-        "cuda": lambda: why_not_device(query, "cuda", _OP),
+        "cuda": lambda: _cuda_why_not(query, key, value, attn_mask),
         "triton": lambda: _triton_why_not(query, **details),
         "cpu": lambda: why_not_device(query, "cpu", _OP),
         "reference": lambda: None,

@@ -259,7 +259,56 @@ def _attention_ops() -> list[OpSpec]:
     return ops
 
 
-OPS: dict[str, OpSpec] = {op.name: op for op in (*_sampling_ops(), *_video_ops(), *_rgb_ops(), *_attention_ops())}
+# FlashAttention's benchmark shapes for the CUDA kernels: 16k tokens (batch x L), model width
+# 2048 (heads = 2048 / E), head dims 64 and 128, L = 1k ... 16k; against torch's default SDPA
+# (sdpa_*) and its cuDNN backend (sdpa_cudnn_*: cuDNN takes float16/bfloat16 CUDA tensors only,
+# other cases fall back to the default, which also computes the wider-precision check).
+def _sdpa_shape(head_dim: int) -> Callable[[int, str], Shape]:
+    def shape(size: int, device_type: str) -> Shape:
+        tokens, width = (16384, 2048) if device_type == "cuda" else (1024, 256)
+        return {"B": max(1, tokens // size), "H": width // head_dim, "L": size, "S": size, "E": head_dim}
+    return shape
+
+
+def _torch_sdpa(causal: bool, cudnn: bool) -> Callable[[Inputs], torch.Tensor]:
+    def run(x: Inputs) -> torch.Tensor:
+        q, k, v = x["query"], x["key"], x["value"]
+        if cudnn and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def _sdpa_ops() -> list[OpSpec]:
+    ops = []
+    for baseline in ("sdpa", "sdpa_cudnn"):
+        for head_dim in (64, 128):
+            for causal in (False, True):
+                ops.append(OpSpec(
+                    name=f"{baseline}_hdim{head_dim}" + ("_causal" if causal else ""),
+                    public_function="scaled_dot_product_attention",
+                    size_meaning="sequence length (L = S; batch x L = 16k)",
+                    work_unit="FLOP",
+                    shape=_sdpa_shape(head_dim),
+                    make_inputs=_attention_inputs,
+                    output_shape=lambda s: (s["B"], s["H"], s["L"], s["E"]),
+                    torch_impl=_torch_sdpa(causal, cudnn=baseline == "sdpa_cudnn"),
+                    ours=lambda x, backend, causal=causal: attnkernels.scaled_dot_product_attention(
+                        x["query"], x["key"], x["value"], is_causal=causal, backend=backend),
+                    differentiable_inputs=("query", "key", "value"),
+                    work=_attention_flops(causal),
+                    label=lambda s: f"B={s['B']} H={s['H']} L={s['L']} E={s['E']}",
+                    default_sizes={"cpu": (128, 256), "cuda": (1024, 2048, 4096, 8192, 16384)},
+                    quick_sizes={"cpu": (128,), "cuda": (2048,)},
+                ))
+    return ops
+
+
+OPS: dict[str, OpSpec] = {op.name: op for op in (*_sampling_ops(), *_video_ops(), *_rgb_ops(), *_attention_ops(),
+                                                 *_sdpa_ops())}
 
 
 def usable_backends(device: torch.device) -> list[str]:
