@@ -128,30 +128,37 @@ def _padding_mask(batch: int, length: int, device) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the checks
 
 
-def check_matches_sdpa(rank: int, world: int, device) -> None:
-    """Non-causal, causal with and without load balance, GQA, a bool mask, and every block backend."""
+def check_matches_sdpa(rank: int, world: int, device, everything: bool = True) -> None:
+    """Non-causal, causal with and without load balance, GQA, a bool mask; with ``everything``, also
+    the remaining layouts and the reference backend's block gradients."""
     length = 12 * world  # 2P chunks of 6 (load_balance) or P chunks of 12
     query, key, value, grad_out = _full_inputs(1, length=length, device=device)
-    for load_balance in (True, False):
-        _compare(query, key, value, grad_out, load_balance=load_balance)
-        _compare(query, key, value, grad_out, is_causal=True, load_balance=load_balance)
-        _compare(query, key, value, grad_out, attn_mask=_padding_mask(2, length, device), load_balance=load_balance)
+    mask = _padding_mask(2, length, device)
+    _compare(query, key, value, grad_out)
+    _compare(query, key, value, grad_out, is_causal=True)
+    _compare(query, key, value, grad_out, is_causal=True, load_balance=False)
+    _compare(query, key, value, grad_out, attn_mask=mask)
     q_gqa, k_gqa, v_gqa, grad_gqa = _full_inputs(2, q_heads=4, kv_heads=2, length=length, device=device)
     _compare(q_gqa, k_gqa, v_gqa, grad_gqa, is_causal=True, enable_gqa=True)
-    _compare(q_gqa, k_gqa, v_gqa, grad_gqa, enable_gqa=True, load_balance=False)
-    # The reference backend's block gradients are a second implementation: check them too.
-    _compare(q_gqa, k_gqa, v_gqa, grad_gqa, is_causal=True, enable_gqa=True, backend="reference")
-    _compare(query, key, value, grad_out, attn_mask=_padding_mask(2, length, device), backend="reference")
+    if everything:
+        _compare(query, key, value, grad_out, load_balance=False)
+        _compare(query, key, value, grad_out, attn_mask=mask, load_balance=False)
+        _compare(q_gqa, k_gqa, v_gqa, grad_gqa, enable_gqa=True, load_balance=False)
+        # The reference backend's block gradients are a second implementation: check them too.
+        _compare(q_gqa, k_gqa, v_gqa, grad_gqa, is_causal=True, enable_gqa=True, backend="reference")
+        _compare(query, key, value, grad_out, attn_mask=mask, backend="reference")
 
 
 def check_subgroups(rank: int, world: int, device) -> None:
-    """A ring over a subgroup (global ranks that differ from group ranks) and groups of one process."""
+    """A ring over a subgroup (global ranks that differ from group ranks) at P = 4, else groups of one process."""
     length = 24
     query, key, value, grad_out = _full_inputs(3, length=length, device=device)
-    odd = dist.new_group([1, 3]) if world == 4 else None
+    if world == 4:
+        odd = dist.new_group([1, 3])
+        if rank in (1, 3):
+            _compare(query, key, value, grad_out, is_causal=True, group=odd)
+        return
     singles = [dist.new_group([r]) for r in range(world)]
-    if odd is not None and rank in (1, 3):
-        _compare(query, key, value, grad_out, is_causal=True, group=odd)
     # A group of one is plain attention, for any length (no chunking needed).
     _compare(query[..., :7, :], key[..., :7, :], value[..., :7, :], grad_out[..., :7, :], is_causal=True,
              group=singles[rank])
@@ -193,3 +200,19 @@ def check_bad_inputs(rank: int, world: int, device) -> None:
 
     # After all of that the ring still gives the right answer.
     _compare(query, key, value, grad_out, is_causal=True)
+
+
+def check_two_processes(rank: int, world: int, device) -> None:
+    check_matches_sdpa(rank, world, device)
+    check_subgroups(rank, world, device)
+    check_bad_inputs(rank, world, device)
+
+
+def check_four_processes(rank: int, world: int, device) -> None:
+    check_matches_sdpa(rank, world, device, everything=False)
+    check_subgroups(rank, world, device)
+
+
+def check_one_process(rank: int, world: int, device) -> None:
+    check_matches_sdpa(rank, world, device)
+    check_subgroups(rank, world, device)

@@ -1,0 +1,53 @@
+"""attnkernels.distributed: ring attention across spawned process groups (gloo on CPU, NCCL on GPUs).
+
+Each test spawns one process group and runs a batch of checks in it (tests/distributed_cases.py):
+outputs and gradients equal to torch's scaled_dot_product_attention on the gathered tensors, in
+float64, for every layout; bad inputs raise on every rank. A group that does not finish in time
+is killed and the test fails, so nothing hangs.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed_cases import run_group
+
+from attnkernels.distributed import ring_attention, shard_sequence
+
+
+def test_two_processes_match_sdpa_and_reject_bad_inputs():
+    # non-causal, causal with and without load balance, GQA, bool mask, reference-backend blocks,
+    # groups of one process, and inputs that disagree across ranks
+    run_group(2, "check_two_processes", timeout_s=150)
+
+
+def test_four_processes_match_sdpa():
+    # the main layouts at P = 4, and a ring over the subgroup of global ranks 1 and 3
+    run_group(4, "check_four_processes", timeout_s=180)
+
+
+def test_import_attnkernels_leaves_distributed_unloaded():
+    code = "import sys, attnkernels; assert 'attnkernels.distributed' not in sys.modules; attnkernels.ring_attention"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.skipif(dist.is_available() and dist.is_initialized(), reason="a process group is already set up")
+def test_without_a_process_group_the_error_says_how_to_set_one_up():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ring_attention(q, q, q)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        shard_sequence(q, -2)
+
+
+@pytest.mark.cuda
+def test_nccl_group_of_one_gpu():
+    run_group(1, "check_one_process", backend="nccl", timeout_s=300)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_nccl_two_gpus():
+    run_group(2, "check_two_processes", backend="nccl", timeout_s=300)
