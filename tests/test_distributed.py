@@ -12,9 +12,12 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from conftest import cpu_backends
 from distributed_cases import run_group
 
-from attnkernels.distributed import ring_attention, shard_sequence
+from attnkernels import attention_with_lse
+from attnkernels.distributed import _block_gradients, ring_attention, shard_sequence
 
 
 def test_two_processes_match_sdpa_and_reject_bad_inputs():
@@ -51,3 +54,25 @@ def test_nccl_group_of_one_gpu():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_nccl_two_gpus():
     run_group(2, "check_two_processes", backend="nccl", timeout_s=300)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_block_gradients_from_the_global_lse_sum_to_the_full_gradients(backend):
+    # The ring backward's core, without processes: each key block's gradients, computed from the
+    # global output and log-sum-exp, add up to single-process attention's (GQA, a bool mask).
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 10, 8, generator=generator, dtype=torch.float64)
+    k = torch.randn(2, 2, 10, 8, generator=generator, dtype=torch.float64)
+    v = torch.randn(2, 2, 10, 6, generator=generator, dtype=torch.float64)
+    grad_out = torch.randn(2, 4, 10, 6, generator=generator, dtype=torch.float64)
+    mask = torch.rand(2, 1, 10, 10, generator=generator) > 0.4
+    mask[0, 0, 2] = False  # a row that sees nothing
+    out, lse = attention_with_lse(q, k, v, mask, enable_gqa=True, backend=backend)
+    scale = 1 / 8**0.5
+    grads = [_block_gradients(backend, grad_out, q, k[..., cols, :], v[..., cols, :], mask[..., cols], out, lse,
+                              False, scale) for cols in (slice(0, 4), slice(4, 10))]
+    full = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    F.scaled_dot_product_attention(*full, attn_mask=mask, enable_gqa=True).backward(grad_out)
+    torch.testing.assert_close(grads[0][0] + grads[1][0], full[0].grad)
+    torch.testing.assert_close(torch.cat([grads[0][1], grads[1][1]], -2), full[1].grad)
+    torch.testing.assert_close(torch.cat([grads[0][2], grads[1][2]], -2), full[2].grad)
