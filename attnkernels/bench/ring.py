@@ -49,23 +49,29 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn, repeat: int, device: torch.device, group=None) -> float:
-    """Median over ``repeat`` runs of the slowest rank's time (seconds); one warm-up run first."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        _synchronize(device)
-        if group is not None:
-            dist.barrier(group)
-        start = time.perf_counter()
+def _median_times(fns: dict, repeat: int, device: torch.device, group=None) -> dict[str, float]:
+    """For each named callable, the median over ``repeat`` runs of the slowest rank's time (seconds).
+
+    One warm-up run each, then the callables take turns, so that load from other jobs on the
+    machine falls on all of them alike.
+    """
+    for fn in fns.values():
         fn()
-        _synchronize(device)
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64,
-                               device=device if dist.is_initialized() and device.type == "cuda" else "cpu")
-        if group is not None:
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
-        times.append(elapsed.item())
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            _synchronize(device)
+            if group is not None:
+                dist.barrier(group)
+            start = time.perf_counter()
+            fn()
+            _synchronize(device)
+            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64,
+                                   device=device if group is not None and device.type == "cuda" else "cpu")
+            if group is not None:
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
+            times[name].append(elapsed.item())
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _inputs(args, device, length):
@@ -124,16 +130,20 @@ def _rank_main(rank: int, world: int, port: int, args, result_path: str) -> None
                         ring.shift(gradients).wait()
             return run
 
-        results = {}
-        with torch.no_grad():
-            results["ring forward"] = _median_time(lambda: ring_fn(q, k, v), args.repeat, device, group)
-            results["compute only forward"] = _median_time(lambda: compute_fn(q, k, v), args.repeat, device, group)
-        results["transfers only forward"] = _median_time(transfers(False), args.repeat, device, group)
-        results["ring forward+backward"] = _median_time(_forward_backward(ring_fn, q, k, v, grad_out), args.repeat,
-                                                        device, group)
-        results["compute only forward+backward"] = _median_time(_forward_backward(compute_fn, q, k, v, grad_out),
-                                                                args.repeat, device, group)
-        results["transfers only forward+backward"] = _median_time(transfers(True), args.repeat, device, group)
+        def no_grad(fn):
+            def run():
+                with torch.no_grad():
+                    fn(q, k, v)
+            return run
+
+        results = _median_times({
+            "ring forward": no_grad(ring_fn),
+            "compute only forward": no_grad(compute_fn),
+            "transfers only forward": transfers(False),
+            "ring forward+backward": _forward_backward(ring_fn, q, k, v, grad_out),
+            "compute only forward+backward": _forward_backward(compute_fn, q, k, v, grad_out),
+            "transfers only forward+backward": transfers(True),
+        }, args.repeat, device, group)
         if rank == 0:
             with open(result_path, "w") as f:
                 json.dump(results, f)
@@ -156,11 +166,13 @@ def _one_process(args, device: torch.device) -> dict[str, float]:
     def single(q_, k_, v_):
         return attention_with_lse(q_, k_, v_, is_causal=args.causal)[0]
 
-    results = {}
-    with torch.no_grad():
-        results["one process forward"] = _median_time(lambda: single(q, k, v), args.repeat, device)
-    results["one process forward+backward"] = _median_time(_forward_backward(single, q, k, v, grad_out), args.repeat,
-                                                           device)
+    def forward():
+        with torch.no_grad():
+            single(q, k, v)
+
+    results = _median_times({"one process forward": forward,
+                             "one process forward+backward": _forward_backward(single, q, k, v, grad_out)},
+                            args.repeat, device)
     return results
 
 
