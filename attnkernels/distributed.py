@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from .attention import _check_tensor, _validate, attention_backend, attention_with_lse, merge_attention
 from .reference.attention import accumulation_dtype, default_scale
@@ -263,7 +264,7 @@ class _Ring:
 
     def mask_columns(self, attn_mask: torch.Tensor, source: int, key_length: int) -> torch.Tensor:
         """The columns of a (..., L/P, S) mask that belong to ``source``'s keys."""
-        if attn_mask.shape[-1] == 1:
+        if attn_mask.shape[-1] == 1 or self.world == 1:
             return attn_mask
         _, chunks = _owned_chunks(source, self.world, self.load_balance)
         chunk = key_length // len(chunks)
@@ -386,6 +387,7 @@ class _RingAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a double backward would need the ring inside autograd
     def backward(ctx, grad_out):
         query, key, value, attn_mask, out, lse = ctx.saved_tensors
         is_causal, scale, backend, ring = ctx.options

@@ -160,8 +160,9 @@ def check_subgroups(rank: int, world: int, device) -> None:
         return
     singles = [dist.new_group([r]) for r in range(world)]
     # A group of one is plain attention, for any length (no chunking needed).
-    _compare(query[..., :7, :], key[..., :7, :], value[..., :7, :], grad_out[..., :7, :], is_causal=True,
-             group=singles[rank])
+    first = [t[..., :7, :] for t in (query, key, value, grad_out)]
+    _compare(*first, is_causal=True, group=singles[rank])
+    _compare(*first, attn_mask=_padding_mask(2, 7, device), group=singles[rank])
 
 
 def _expect_error(fragment: str, call) -> None:
@@ -202,8 +203,40 @@ def check_bad_inputs(rank: int, world: int, device) -> None:
     _compare(query, key, value, grad_out, is_causal=True)
 
 
+def check_low_precision(rank: int, world: int, device) -> None:
+    """bfloat16 and float16: the ring's error against float64 attention is at most about that of one
+    process in the same dtype (the FlashAttention test rule: 2x for the output, 3x for gradients)."""
+    from attnkernels import scaled_dot_product_attention
+
+    for dtype in (torch.bfloat16, torch.float16):
+        query, key, value, grad_out = _full_inputs(5, q_heads=4, kv_heads=2, length=16 * world, dtype=dtype,
+                                                   device=device)
+        exact = [t.detach().double().requires_grad_(True) for t in (query, key, value)]
+        F.scaled_dot_product_attention(*exact, is_causal=True, enable_gqa=True).backward(grad_out.double(),
+                                                                                           inputs=exact)
+        expected_out = F.scaled_dot_product_attention(*exact, is_causal=True, enable_gqa=True).detach()
+
+        single = [t.detach().requires_grad_(True) for t in (query, key, value)]
+        single_out = scaled_dot_product_attention(*single, is_causal=True, enable_gqa=True)
+        single_out.backward(grad_out)
+
+        shards = [shard_sequence(t, -2).detach().requires_grad_(True) for t in (query, key, value)]
+        out = ring_attention(*shards, is_causal=True, enable_gqa=True)
+        out.backward(shard_sequence(grad_out, -2))
+
+        mine = [out.detach()] + [t.grad for t in shards]
+        one = [single_out.detach()] + [t.grad for t in single]
+        truth = [expected_out] + [t.grad for t in exact]
+        for i, (name, factor) in enumerate((("output", 2), ("grad q", 3), ("grad k", 3), ("grad v", 3))):
+            ring_error = (unshard_sequence(mine[i], -2).double() - truth[i]).abs().max().item()
+            single_error = (one[i].double() - truth[i]).abs().max().item()
+            assert ring_error <= factor * single_error + 1e-4, (
+                f"{dtype} {name}: ring error {ring_error:.2e}, one-process error {single_error:.2e}")
+
+
 def check_two_processes(rank: int, world: int, device) -> None:
     check_matches_sdpa(rank, world, device)
+    check_low_precision(rank, world, device)
     check_subgroups(rank, world, device)
     check_bad_inputs(rank, world, device)
 
