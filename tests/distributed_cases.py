@@ -78,7 +78,11 @@ def run_group(world: int, check_name: str, backend: str = "gloo", timeout_s: flo
 
 
 def _full_inputs(seed: int, batch=2, q_heads=4, kv_heads=4, length=24, head_dim=8, value_dim=6,
-                 dtype=torch.float64, device="cpu"):
+                 dtype=None, device="cpu"):
+    """query, key, value and an output gradient, the same on every rank: float64 on CPU; float32 on
+    GPUs, where float64 attention kernels are not a given (Triton's fp64 dot fails to compile on sm_90)."""
+    if dtype is None:
+        dtype = torch.float64 if torch.device(device).type == "cpu" else torch.float32
     generator = torch.Generator().manual_seed(seed)
 
     def draw(*shape):
@@ -106,6 +110,8 @@ def _compare(query, key, value, grad_out, *, attn_mask=None, is_causal=False, en
     full = [t.detach().requires_grad_(True) for t in (query, key, value)]
     expected = F.scaled_dot_product_attention(*full, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
     expected.backward(grad_out)
+    if tolerance is None and query.dtype == torch.float32:
+        tolerance = 1e-4  # float32 on a GPU: the ring and SDPA sum in different orders
     tol = {} if tolerance is None else {"atol": tolerance, "rtol": tolerance}
     what = f"causal={is_causal} load_balance={load_balance} gqa={enable_gqa} mask={attn_mask is not None}"
     torch.testing.assert_close(unshard(out.detach()), expected.detach(), **tol, msg=lambda m: f"output, {what}: {m}")
@@ -184,7 +190,7 @@ def check_bad_inputs(rank: int, world: int, device) -> None:
     short = (lambda t: t[..., :-2, :]) if rank == last else (lambda t: t)
     _expect_error("shard length", lambda: ring_attention(short(q), short(k), short(v)))
     # Mismatched dtypes.
-    cast = (lambda t: t.float()) if rank == last else (lambda t: t)
+    cast = (lambda t: t.half()) if rank == last else (lambda t: t)
     _expect_error("dtype", lambda: ring_attention(cast(q), cast(k), cast(v)))
     # Mismatched head counts.
     heads = (lambda t: t[:, :2]) if rank == last else (lambda t: t)
