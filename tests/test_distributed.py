@@ -17,7 +17,7 @@ from conftest import cpu_backends
 from distributed_cases import run_group
 
 from attnkernels import attention_with_lse
-from attnkernels.distributed import _block_gradients, ring_attention, shard_sequence
+from attnkernels.distributed import _block_gradients, _Ring, _RingAttention, _Transfer, ring_attention, shard_sequence
 
 
 def test_two_processes_match_sdpa_and_reject_bad_inputs():
@@ -76,3 +76,57 @@ def test_block_gradients_from_the_global_lse_sum_to_the_full_gradients(backend):
     torch.testing.assert_close(grads[0][0] + grads[1][0], full[0].grad)
     torch.testing.assert_close(torch.cat([grads[0][1], grads[1][1]], -2), full[1].grad)
     torch.testing.assert_close(torch.cat([grads[0][2], grads[1][2]], -2), full[2].grad)
+
+
+def test_the_next_block_travels_while_this_one_is_computed(monkeypatch):
+    # The schedule, recorded in one process with a stand-in ring of two ranks whose transfers hand
+    # back what was sent: every transfer starts before the computation it should overlap, and is
+    # waited for only after it.
+    events = []
+
+    class RecordedTransfer(_Transfer):
+        def wait(self):
+            events.append(f"wait {len(self.received)}")
+            return super().wait()
+
+    class RecordingRing(_Ring):
+        def __init__(self):  # no process group needed: nothing really travels
+            self.group, self.rank, self.world, self.load_balance = None, 0, 2, True
+
+        def shift(self, tensors):
+            events.append("send kv" if tensors[0].data_ptr() == key.data_ptr() else "send gradients")
+            return RecordedTransfer([], tensors, tensors)
+
+    def recorded(name, fn):
+        def run(*args, **kwargs):
+            events.append(name)
+            return fn(*args, **kwargs)
+        return run
+
+    import attnkernels.distributed as ring_module
+
+    monkeypatch.setattr(ring_module, "attention_with_lse", recorded("attend", ring_module.attention_with_lse))
+    monkeypatch.setattr(ring_module, "_block_gradients", recorded("gradients", ring_module._block_gradients))
+    q = torch.randn(1, 2, 8, 4, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    out = _RingAttention.apply(q, key, key, None, False, 0.5, False, "reference", RecordingRing())
+    assert events == ["send kv", "attend", "wait 2", "attend"]
+    events.clear()
+    out.sum().backward()
+    assert events == ["send kv", "gradients", "send gradients", "wait 2", "gradients", "wait 2", "send gradients",
+                      "wait 2"]
+
+
+def test_ring_benchmark_report_and_argument_errors(capsys):
+    from attnkernels.bench import ring as bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--nproc", "2", "--length", "6"])  # not divisible by 2 x 2
+    assert exit_info.value.code == 2 and "divisible" in capsys.readouterr().err
+    args = bench.argparse.Namespace(nproc=2, device="cpu", batch=1, heads=4, length=4096, head_dim=64,
+                                    dtype="float32", causal=False, repeat=5)
+    times = {"one process": 1.0, "ring": 0.6, "compute only": 0.5, "transfers only": 0.2}
+    results = {f"{name} {kind}": t for name, t in times.items() for kind in ("forward", "forward+backward")}
+    assert "hidden   50% of the transfer time" in bench.report(args, results)  # 0.5 + 0.2 - 0.6 = half of 0.2
+    results["transfers only forward"] = 0.01
+    assert "too small to measure" in bench.report(args, results)
