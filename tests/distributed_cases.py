@@ -102,7 +102,8 @@ def _compare(query, key, value, grad_out, *, attn_mask=None, is_causal=False, en
         return unshard_sequence(t, -2, group=group, load_balance=load_balance)
 
     q, k, v = (shard(t).detach().requires_grad_(True) for t in (query, key, value))
-    mask = None if attn_mask is None else shard(attn_mask)
+    # a mask's rows are sharded like the queries; a mask that broadcasts over them (N, 1, 1, S) is not
+    mask = attn_mask if attn_mask is None or attn_mask.shape[-2] == 1 else shard(attn_mask)
     out = ring_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=enable_gqa, group=group,
                          load_balance=load_balance, backend=backend)
     out.backward(shard(grad_out))
@@ -149,6 +150,8 @@ def check_matches_sdpa(rank: int, world: int, device, everything: bool = True) -
     if everything:
         _compare(query, key, value, grad_out, load_balance=False)
         _compare(query, key, value, grad_out, attn_mask=mask, load_balance=False)
+        key_padding = torch.arange(length, device=device) < torch.tensor([[length - 5], [7]], device=device)
+        _compare(query, key, value, grad_out, attn_mask=key_padding[:, None, None, :])  # (N, 1, 1, S)
         _compare(q_gqa, k_gqa, v_gqa, grad_gqa, enable_gqa=True, load_balance=False)
         # The reference backend's block gradients are a second implementation: check them too.
         _compare(q_gqa, k_gqa, v_gqa, grad_gqa, is_causal=True, enable_gqa=True, backend="reference")
