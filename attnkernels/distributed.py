@@ -163,7 +163,8 @@ def shard_sequence(x: torch.Tensor, dim: int, *, group=None, load_balance: bool 
     x: the full tensor, the same on every rank, with the sequence along ``dim`` (e.g. -2 for
         (..., H, L, E), or for a (..., L, S) mask's rows)
     returns: (..., L/P, ...): with load_balance, chunks r and 2P - 1 - r of 2P, concatenated;
-        otherwise the r-th of P contiguous chunks. Differentiable (a copy of the slices).
+        otherwise the r-th of P contiguous chunks. Differentiable (a copy of the slices; in a group of
+        one process, ``x`` itself).
     """
     _check_tensor("shard_sequence", "x", x)
     group, rank, world = _group_of("shard_sequence", group)
