@@ -37,7 +37,9 @@ from torch.autograd.function import once_differentiable
 from .attention import _check_tensor, _validate, attention_backend, attention_with_lse, merge_attention
 from .reference.attention import accumulation_dtype, default_scale
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# dtypes as small ints for the cross-rank check (attention takes the first four; shards of any)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool, torch.uint8, torch.int8,
+           torch.int16, torch.int32, torch.int64, torch.complex64, torch.complex128)
 
 # Batch dimensions compared one by one across ranks; more are compared through their product.
 _MAX_LISTED_DIMS = 8
@@ -83,7 +85,7 @@ def _listed_shape(shape: Sequence[int]) -> tuple[int, ...]:
 
 def _shown(kind: str, values: tuple[int, ...]) -> str:
     if kind == "dtype":
-        return str(_DTYPES[values[0]]) if 0 <= values[0] < len(_DTYPES) else "not floating point"
+        return str(_DTYPES[values[0]]) if 0 <= values[0] < len(_DTYPES) else "another dtype"
     if kind == "shape":
         ndim, sizes = values[0], values[1:1 + min(values[0], _MAX_LISTED_DIMS)]
         return str(list(sizes) + (["..."] if ndim > _MAX_LISTED_DIMS else []))
