@@ -160,6 +160,23 @@ def _compiled(query, key, value, attn_mask, dropout_p, is_causal, scale):
     return out.reshape(*batch_shape, q_heads, L, value.shape[-1]), lse.reshape(*batch_shape, q_heads, L)
 
 
+def attention_backend(op: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attn_mask: torch.Tensor | None, dropout_p: float, backend: str | None) -> str:
+    """The backend that computes attention for these (validated) inputs: ``backend`` if it can, else the best.
+
+    Shared with ``attnkernels.distributed``, whose backward calls the chosen backend's gradient kernel.
+    """
+    details = {"dtype": query.dtype, "head_dim": query.shape[-1], "value_dim": value.shape[-1],
+               "has_mask": attn_mask is not None, "dropout": dropout_p > 0}
+    why_not = {
+        "cuda": lambda: _cuda_why_not(query, key, value, attn_mask),
+        "triton": lambda: _triton_why_not(query, **details),
+        "cpu": lambda: why_not_device(query, "cpu", _OP),
+        "reference": lambda: None,
+    }
+    return select_backend(op, backend, why_not, preference(query, _CUDA_ORDER))
+
+
 def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
                        scale: float | None = None, enable_gqa: bool = False, *,
@@ -177,15 +194,7 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     op = "attention_with_lse"
     _validate(op, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     scale = default_scale(query.shape[-1]) if scale is None else float(scale)
-    details = {"dtype": query.dtype, "head_dim": query.shape[-1], "value_dim": value.shape[-1],
-               "has_mask": attn_mask is not None, "dropout": dropout_p > 0}
-    why_not = {
-        "cuda": lambda: _cuda_why_not(query, key, value, attn_mask),
-        "triton": lambda: _triton_why_not(query, **details),
-        "cpu": lambda: why_not_device(query, "cpu", _OP),
-        "reference": lambda: None,
-    }
-    chosen = select_backend(op, backend, why_not, preference(query, _CUDA_ORDER))
+    chosen = attention_backend(op, query, key, value, attn_mask, dropout_p, backend)
     if chosen == "reference":
         return reference.attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if chosen == "triton":
