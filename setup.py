@@ -5,6 +5,7 @@ Environment:
   FORCE_CPU=1    skip the CUDA sources
   ATTNKERNELS_PORTABLE=1   do not tune the CPU code for this machine (-march=native)
   MAX_JOBS=N     parallel compile jobs (ninja)
+  ATTNKERNELS_NVCC_FLAGS="..."   extra nvcc flags (scripts/build_for_gpu.sh: --compress-mode=size)
 """
 
 import glob
@@ -70,6 +71,7 @@ def _extension():
                 include_dirs.append(wheel_include)
                 break
         extra["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        extra["nvcc"] += os.environ.get("ATTNKERNELS_NVCC_FLAGS", "").split()
         return cpp_extension.CUDAExtension(
             "attnkernels._C", sources + cuda_sources, include_dirs=include_dirs, extra_compile_args=extra,
             extra_link_args=["-fopenmp"], py_limited_api=True,

@@ -23,8 +23,28 @@ WhyNot = Callable[[], "str | None"]
 
 # Read once at import (torch.compile traces plain constants without graph breaks).
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def _wrap_triton_takes_interpreted_kernels() -> bool:
+    """Whether this torch's wrap_triton accepts the interpreter's kernels (torch 2.11's accepts only
+    compiled ones, so there the triton backend serves CUDA tensors alone)."""
+    import triton
+    from torch.library import wrap_triton
+
+    @triton.jit
+    def probe(x):
+        pass
+
+    try:
+        wrap_triton(probe)
+    except RuntimeError:
+        return False
+    return True
+
+
 # TRITON_INTERPRET=1 runs Triton kernels on CPU tensors: how CI tests them.
-_TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_TRITON_INTERPRETER = (os.environ.get("TRITON_INTERPRET", "0") == "1" and _TRITON_INSTALLED
+                       and _wrap_triton_takes_interpreted_kernels())
 
 
 def triton_installed() -> bool:
@@ -73,6 +93,9 @@ def why_not_device(tensor: torch.Tensor, backend: str, op: str) -> str | None:
             return None
         if tensor.device.type == "cpu" and triton_interpreter():
             return None
+        if tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return (f"the inputs are on {tensor.device}; TRITON_INTERPRET=1 is set, but torch "
+                    f"{torch.__version__}'s wrap_triton does not take interpreted kernels (torch 2.14 does)")
         return (f"the inputs are on {tensor.device}; the triton backend runs on CUDA tensors, "
                 "or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1)")
     return None

@@ -54,8 +54,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ptxas-verbose", action="store_true", help="print registers, spills, shared memory")
     parser.add_argument("--keep-object", default="", help="write the object here (for cuobjdump)")
     parser.add_argument("--time", action="store_true", help="print nvcc's per-phase times")
+    parser.add_argument("--nvcc-flag", action="append", default=[], help="one more nvcc flag (repeatable)")
     args = parser.parse_args(argv)
-    extra = ["-Xptxas", "-v"] if args.ptxas_verbose else []
+    extra = (["-Xptxas", "-v"] if args.ptxas_verbose else []) + args.nvcc_flag
     with tempfile.TemporaryDirectory() as scratch:
         output = args.keep_object or os.path.join(scratch, "unit.o")
         if args.time:
