@@ -453,6 +453,27 @@ def test_the_op_checks_its_arguments_too():
         torch.ops.attnkernels.attention(_Q, _K[..., :3], _V, None, 0.0, False, 1.0, None)
 
 
+@needs_cpu_kernel
+@pytest.mark.parametrize("argument", ["key", "value", "attn_mask"])
+def test_the_op_rejects_a_tensor_on_another_device(argument):
+    """A meta tensor among CPU tensors dispatches to the fake kernel, which must refuse it, not return garbage."""
+    tensors = {"query": _Q, "key": _K, "value": _V, "attn_mask": torch.zeros(2, 4, 5, 6)}
+    tensors[argument] = tensors[argument].to("meta")
+    with pytest.raises(RuntimeError, match=f"`{argument}` on the device"):
+        torch.ops.attnkernels.attention(*tensors.values(), 0.0, False, 1.0, None)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("argument", ["grad_out", "key", "out", "lse"])
+def test_the_backward_op_rejects_a_tensor_on_another_device(argument):
+    out, lse = torch.ops.attnkernels.attention(_Q, _K, _V, None, 0.0, False, 1.0, None)
+    tensors = {"grad_out": torch.ones_like(out), "grad_lse": None, "query": _Q, "key": _K, "value": _V,
+               "attn_mask": None, "out": out, "lse": lse}
+    tensors[argument] = tensors[argument].to("meta")
+    with pytest.raises(RuntimeError, match=f"`{argument}` on the device"):
+        torch.ops.attnkernels.attention_backward(*tensors.values(), 0.0, False, 1.0, None, [True, True, True, False])
+
+
 # ----------------------------------------------------------------------------- random shapes
 
 

@@ -108,3 +108,22 @@ def test_direct_op_calls_check_their_arguments():
     for call, words in cases:
         with pytest.raises(RuntimeError, match=words):
             call()
+
+
+@pytest.mark.skipif(not _extension.has_extension(), reason="the extension is not built")
+def test_direct_op_calls_reject_a_tensor_on_another_device():
+    """A meta tensor among CPU tensors goes to the fake kernel, which must refuse it, not return garbage."""
+    ops = torch.ops.attnkernels
+    meta = torch.device("meta")
+    out = ops.grid_sample(X2, G2, 0, 0, False)
+    fused = ops.affine_grid_sample(X2, THETA2.contiguous(), list(X2.shape), 0, 0, False)
+    cases = [
+        (lambda: ops.grid_sample(X2, G2.to(meta), 0, 0, False), "`grid`"),
+        (lambda: ops.grid_sample_backward(out.to(meta), X2, G2, 0, 0, False, [True, True]), "`grad_output`"),
+        (lambda: ops.affine_grid_sample(X2, THETA2.to(meta), list(X2.shape), 0, 0, False), "`theta`"),
+        (lambda: ops.affine_grid_sample_backward(fused.to(meta), X2, THETA2.contiguous(), list(X2.shape), 0, 0,
+                                                 False, [True, True]), "`grad_output`"),
+    ]
+    for call, name in cases:
+        with pytest.raises(RuntimeError, match=f"{name} on the device"):
+            call()
