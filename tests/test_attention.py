@@ -263,6 +263,29 @@ def test_nan_and_inf_stay_in_their_rows(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["query", "key", "float mask"])
+def test_nan_row_gives_nan_lse_and_gradients_like_torch(backend, where):
+    """A NaN score is not a fully masked row: lse, output and gradients are NaN where torch's are."""
+    q, k, v = make_inputs((1,), 1, 1, 2, 3, 4, 2)
+    mask = torch.zeros(2, 3, dtype=torch.float64)
+    if where == "query":
+        q[0, 0, 0, 1] = math.nan
+    elif where == "key":
+        k[0, 0, 1, 2] = math.nan
+    else:
+        mask[0, 1] = math.nan
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = run(backend, attnkernels.attention_with_lse, q, k, v, mask)
+    expected = torch_math(q, k, v, attn_mask=mask)
+    assert torch.equal(lse.isnan(), expected.isnan().all(-1)), lse
+    assert torch.equal(out.isnan(), expected.isnan())
+    for mine, theirs in zip(gradients(out, (q, k, v)), gradients(expected, (q, k, v)), strict=True):
+        assert torch.equal(mine.isnan(), theirs.isnan()), (mine, theirs)
+    merged_out, merged_lse = attnkernels.merge_attention([out, out], [lse, lse])
+    assert torch.equal(merged_lse.isnan(), lse.isnan()) and torch.equal(merged_out.isnan(), out.isnan())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_merge_of_halves_equals_whole(backend):
     q, k, v = (t.requires_grad_() for t in make_inputs((2,), 2, 2, 9, 20, 8, 6))
     mask = make_mask("float", (2,), 2, 9, 20)

@@ -59,8 +59,9 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     shift = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
     weights = torch.exp(scores - shift)
     total = weights.sum(dim=-1, keepdim=True)
-    # log and division only of positive totals: a fully masked row must not send NaN gradients back
-    attended = total > 0
+    # log and division only of positive totals: a fully masked row must not send NaN gradients back;
+    # a NaN total (a NaN score) is not a masked row and gives NaN, as torch does
+    attended = (total > 0) | total.isnan()
     safe_total = torch.where(attended, total, torch.ones_like(total))
     probs = weights / safe_total
     lse = torch.where(attended, shift + torch.log(safe_total), -math.inf).squeeze(-1)
@@ -96,7 +97,7 @@ def merge_attention(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
     shift = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
     weights = torch.exp(lse_all - shift)
     total = weights.sum(dim=0)
-    attended = total > 0
+    attended = (total > 0) | total.isnan()  # a NaN part makes the union NaN, not empty
     safe_total = torch.where(attended, total, torch.ones_like(total))
     lse = torch.where(attended, shift + torch.log(safe_total), -math.inf)
     weights = weights / safe_total

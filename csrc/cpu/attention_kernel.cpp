@@ -268,12 +268,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       }
       for (int64_t r = 0; r < rows; ++r) {
         const acc_t sum = row_sum[r];
-        // A row that attends to nothing gives 0 and lse -inf (torch gives 0, not NaN).
-        const acc_t inverse = sum > acc_t(0) ? acc_t(1) / sum : acc_t(0);
+        // A row that attends to nothing (sum 0) gives 0 and lse -inf (torch gives 0, not NaN);
+        // a NaN score makes the sum NaN, and that row must give NaN as torch does.
+        const bool attended = !(sum == acc_t(0));
+        const acc_t inverse = attended ? acc_t(1) / sum : acc_t(0);
         scalar_t* out_row = out_data + (bh * L + row0 + r) * Ev;
         const acc_t* acc_row = accum.data() + r * Ev;
         for (int64_t e = 0; e < Ev; ++e) out_row[e] = static_cast<scalar_t>(acc_row[e] * inverse);
-        lse_data[bh * L + row0 + r] = sum > acc_t(0) ? row_max[r] + std::log(sum) : neg_inf;
+        lse_data[bh * L + row0 + r] = attended ? row_max[r] + std::log(sum) : neg_inf;
       }
     }
   });
