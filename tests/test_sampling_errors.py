@@ -31,6 +31,10 @@ GRID_SAMPLE_MISUSES = [
     ("unknown padding", dict(input=X2, grid=G2, padding_mode="constant"), ValueError, "`padding_mode`"),
     ("unknown backend", dict(input=X2, grid=G2, backend="mps"), ValueError, "`backend`"),
     ("not a tensor", dict(input=X2.tolist(), grid=G2), TypeError, "`input`"),
+    ("align_corners a string", dict(input=X2, grid=G2, align_corners="False"), TypeError, "`align_corners`"),
+    ("align_corners an int", dict(input=X2, grid=G2, align_corners=1), TypeError, "`align_corners`"),
+    ("output larger than memory", dict(input=X2, grid=G2[:, :1, :1].expand(2, 2**24, 2**24, 2)), RuntimeError,
+     "`grid`.*memory"),
 ]
 
 
@@ -51,6 +55,14 @@ AFFINE_MISUSES = [
     ("theta batch mismatch", dict(theta=THETA2, size=[3, 3, 4, 5]), ValueError, "batch"),
     ("zero size", dict(theta=THETA2, size=[2, 3, 0, 5]), ValueError, "positive"),
     ("integer theta", dict(theta=THETA2.int(), size=[2, 3, 4, 5]), RuntimeError, "`theta`"),
+    ("float size", dict(theta=THETA2, size=[2, 3, 4.9, 5]), TypeError, "`size`"),
+    ("zero batch", dict(theta=THETA2[:0], size=[0, 3, 4, 5]), ValueError, "positive sizes in `size`"),
+    ("zero channels", dict(theta=THETA2, size=[2, 0, 4, 5]), ValueError, "positive sizes in `size`"),
+    ("negative channels", dict(theta=THETA2, size=[2, -1, 4, 5]), ValueError, "positive sizes in `size`"),
+    ("align_corners a string", dict(theta=THETA2, size=[2, 3, 4, 5], align_corners="False"), TypeError,
+     "`align_corners`"),
+    # torch refuses this at once (its allocation fails); the reference must not run out of memory first
+    ("grid larger than memory", dict(theta=THETA2, size=[2, 1, 2**31, 2]), RuntimeError, "`size`.*memory"),
 ]
 
 
@@ -59,7 +71,7 @@ AFFINE_MISUSES = [
 def test_affine_grid_misuse(backend, misuse):
     _, kwargs, error, words = misuse
     with pytest.raises(error, match=words):
-        attnkernels.affine_grid(**kwargs, align_corners=False, backend=backend)
+        attnkernels.affine_grid(**{"align_corners": False, **kwargs}, backend=backend)
 
 
 FUSED_MISUSES = [
@@ -69,6 +81,10 @@ FUSED_MISUSES = [
     ("theta device differs", dict(input=X2, theta=THETA2.to("meta")), RuntimeError, "device"),
     ("unknown mode", dict(input=X2, theta=THETA2, mode="area"), ValueError, "`mode`"),
     ("integer input", dict(input=X2.int(), theta=THETA2), RuntimeError, "`input`"),
+    ("float size", dict(input=X2, theta=THETA2, size=[2, 3, 4.0, 5]), TypeError, "`size`"),
+    ("align_corners a string", dict(input=X2, theta=THETA2, align_corners="False"), TypeError, "`align_corners`"),
+    ("output larger than memory", dict(input=X2, theta=THETA2, size=[2, 3, 2**24, 2**24]), RuntimeError,
+     "`size`.*memory"),
 ]
 
 
@@ -77,7 +93,7 @@ FUSED_MISUSES = [
 def test_affine_grid_sample_misuse(backend, misuse):
     _, kwargs, error, words = misuse
     with pytest.raises(error, match=words):
-        attnkernels.affine_grid_sample(**kwargs, align_corners=False, backend=backend)
+        attnkernels.affine_grid_sample(**{"align_corners": False, **kwargs}, backend=backend)
 
 
 def test_backend_that_cannot_serve_says_why():
