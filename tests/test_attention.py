@@ -66,8 +66,8 @@ def make_mask(kind, batch, heads, L, S, dtype=torch.float64, seed=1):
         return mask
     if kind == "float_full":
         return torch.randn(*batch, heads, L, S, dtype=dtype, generator=generator)
-    if kind == "float_row":
-        return torch.randn(S, dtype=dtype, generator=generator)
+    if kind == "float_row":  # (1, S): torch's default SDPA refuses masks of rank < 2
+        return torch.randn(1, S, dtype=dtype, generator=generator)
     if kind == "band":  # query i sees keys [2i, 2i + 40): whole tiles are masked out and skipped
         rows = torch.arange(L).unsqueeze(-1)
         cols = torch.arange(S)
@@ -434,16 +434,28 @@ def test_torch_compile_inductor_with_dropout():
 
 _Q, _K, _V = make_inputs((2,), 4, 2, 5, 6, 8, 8, dtype=torch.float32)
 BAD_INPUTS = {
-    "query rank 2": ((_Q[0, 0], _K[0, 0], _V[0, 0]), {}, RuntimeError, "query"),
+    "query rank 1": ((_Q[0, 0, 0], _K[0, 0], _V[0, 0]), {}, RuntimeError, "`query`"),
     "unequal ranks": ((_Q, _K[0], _V[0]), {}, RuntimeError, "key"),
     "head dims differ": ((_Q, _K[..., :7], _V), {}, RuntimeError, "head dim"),
     "value length": ((_Q, _K, _V[..., :5, :]), {}, RuntimeError, "value"),
-    "batch differs": ((_Q, _K[:1], _V[:1]), {}, RuntimeError, "batch"),
+    "batch does not broadcast": ((_Q, torch.cat([_K, _K[:1]]), torch.cat([_V, _V[:1]])), {"enable_gqa": True},
+                                 RuntimeError, "batch"),
     "dtype mismatch": ((_Q, _K.double(), _V), {}, RuntimeError, "key"),
     "integer query": ((_Q.int(), _K.int(), _V.int()), {}, RuntimeError, "query"),
     "heads without gqa": ((_Q, _K, _V), {}, RuntimeError, "enable_gqa"),
     "heads do not divide": ((_Q[:, :3], _K, _V), {"enable_gqa": True}, RuntimeError, "divide"),
-    "key value heads": ((_Q, _K, _V[:, :1]), {"enable_gqa": True}, RuntimeError, "value"),
+    "value heads do not divide": ((_Q, _K, _V[:, :1].expand(2, 3, 6, 8)), {"enable_gqa": True}, RuntimeError,
+                                  "`value` heads"),
+    "zero key heads": ((_Q, _K[:, :0], _V[:, :0]), {"enable_gqa": True}, RuntimeError, "`key` heads"),
+    "gqa without heads": ((_Q[0, 0], _K[0, 0], _V[0, 0]), {"enable_gqa": True}, RuntimeError, "heads"),
+    "is_causal a string": ((_Q, _K, _V), {"is_causal": "False", "enable_gqa": True}, TypeError, "`is_causal`"),
+    "is_causal an int": ((_Q, _K, _V), {"is_causal": 1, "enable_gqa": True}, TypeError, "`is_causal`"),
+    "enable_gqa an int": ((_Q, _K, _V), {"enable_gqa": 1}, TypeError, "`enable_gqa`"),
+    "mask of rank 1": ((_Q, _K, _V, torch.zeros(6)), {"enable_gqa": True}, RuntimeError, "`attn_mask`"),
+    "mask of rank 0": ((_Q, _K, _V, torch.tensor(0.0)), {"enable_gqa": True}, RuntimeError, "`attn_mask`"),
+    "scale a string": ((_Q, _K, _V), {"scale": "0.5", "enable_gqa": True}, TypeError, "`scale`"),
+    "dropout a 1-d tensor": ((_Q, _K, _V), {"dropout_p": torch.zeros(1), "enable_gqa": True}, TypeError,
+                             "`dropout_p`"),
     "mask with causal": ((_Q, _K, _V, torch.zeros(5, 6)), {"is_causal": True, "enable_gqa": True}, RuntimeError,
                          "is_causal"),
     "mask does not broadcast": ((_Q, _K, _V, torch.zeros(4, 6)), {"enable_gqa": True}, RuntimeError, "attn_mask"),
@@ -453,7 +465,7 @@ BAD_INPUTS = {
                    "attn_mask"),
     "float64 mask on float32": ((_Q, _K, _V, torch.zeros(5, 6, dtype=torch.float64)), {"enable_gqa": True},
                                 RuntimeError, "attn_mask"),
-    "dropout 1": ((_Q, _K, _V), {"dropout_p": 1.0, "enable_gqa": True}, ValueError, "dropout_p"),
+    "dropout above 1": ((_Q, _K, _V), {"dropout_p": 1.5, "enable_gqa": True}, ValueError, "dropout_p"),
     "dropout negative": ((_Q, _K, _V), {"dropout_p": -0.1, "enable_gqa": True}, ValueError, "dropout_p"),
     "unknown backend": ((_Q, _K, _V), {"enable_gqa": True, "backend": "gpu"}, ValueError, "backend"),
 }
