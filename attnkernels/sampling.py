@@ -217,12 +217,15 @@ def affine_grid(theta: torch.Tensor, size: Sequence[int], align_corners: bool | 
     _check_fits_in_memory("affine_grid", "size", (size[0], *size[2:], len(size) - 2), theta)
     why_not = {
         "cuda": lambda: why_not_device(theta, "cuda", "affine_grid"),
+        "triton": lambda: _triton_why_not("affine_grid", theta),
         "cpu": lambda: why_not_device(theta, "cpu", "affine_grid"),
         "reference": lambda: None,
     }
     chosen = select_backend("affine_grid", backend, why_not, preference(theta, _CUDA_ORDER))
     if chosen == "reference":
         return reference.affine_grid(theta, size, align)
+    if chosen == "triton":
+        return triton_module().affine_grid(theta, size, align)
     return torch.ops.attnkernels.affine_grid(theta, size, align)
 
 

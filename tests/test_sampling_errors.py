@@ -66,7 +66,7 @@ AFFINE_MISUSES = [
 ]
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("misuse", AFFINE_MISUSES, ids=lambda m: m[0])
 def test_affine_grid_misuse(backend, misuse):
     _, kwargs, error, words = misuse
