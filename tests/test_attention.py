@@ -290,6 +290,24 @@ def test_nan_row_gives_nan_lse_and_gradients_like_torch(backend, where):
     assert torch.equal(merged_lse.isnan(), lse.isnan()) and torch.equal(merged_out.isnan(), out.isnan())
 
 
+@pytest.mark.parametrize("where", ["key behind causal", "key behind bool mask", "query of a fully masked row"])
+def test_reference_keeps_nan_behind_a_mask_like_torch(where):
+    """torch adds its masks, so a NaN score behind a mask still gives NaN (NaN - inf); the oracle does too.
+    The cpu and Triton kernels skip masked scores and give a finite row there (a known divergence)."""
+    q, k, v = make_inputs((1,), 1, 1, 3, 3, 4, 2)
+    mask = torch.tensor([[True, True, False]] * 3)
+    kwargs = {"is_causal": True} if where == "key behind causal" else {"attn_mask": mask}
+    if where == "query of a fully masked row":
+        mask[0] = False
+        q[0, 0, 0, 1] = math.nan
+    else:
+        k[0, 0, 2, 0] = math.nan
+    expected = torch_math(q, k, v, **kwargs)
+    ours = reference.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert torch.equal(ours.isnan(), expected.isnan())
+    torch.testing.assert_close(ours.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_merge_of_halves_equals_whole(backend):
     q, k, v = (t.requires_grad_() for t in make_inputs((2,), 2, 2, 9, 20, 8, 6))

@@ -45,12 +45,13 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         v = v.repeat_interleave(q_heads // kv_heads, dim=-3)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     L, S = scores.shape[-2], scores.shape[-1]
+    # Masks are added, as torch adds them: a NaN score behind a mask stays NaN (NaN - inf), as in torch.
     if is_causal:  # top-left: query i sees keys j <= i
         hidden = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(hidden, -math.inf)
+        scores = scores + torch.where(hidden, -math.inf, 0.0)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, -math.inf)
+            scores = scores + torch.where(attn_mask, 0.0, -math.inf)
         else:
             scores = scores + attn_mask.to(acc)
     # Shift by the row maximum for stability; the shift cancels, so it carries no gradient.
