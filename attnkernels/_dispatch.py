@@ -105,8 +105,13 @@ def preference(tensor: torch.Tensor, cuda_order: Sequence[str] = ("cuda", "trito
     """Backends to try for ``backend=None``, best first, for the tensor's device.
 
     On CPU tensors the Triton interpreter is never chosen automatically: it is
-    a test vehicle, far slower than the C++ kernels.
+    a test vehicle, far slower than the C++ kernels. Under torch.func transforms
+    (grad, jacrev, vmap, ...) the reference serves: the compiled and Triton ops'
+    autograd (torch.library.register_autograd) does not support them, and the
+    reference is plain differentiable torch code.
     """
+    if torch._C._are_functorch_transforms_active():
+        return ("reference",)
     if tensor.device.type == "cuda":
         return (*cuda_order, "reference")
     return ("cpu", "reference")

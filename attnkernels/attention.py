@@ -11,6 +11,7 @@ validated once here, and the backend is chosen in one place
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -70,7 +71,46 @@ def _check_tensor(op: str, name: str, t) -> None:
         raise TypeError(f"attnkernels.{op}: expected `{name}` to be a torch.Tensor, got {type(t).__name__}")
 
 
-def _validate(op: str, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
+def _as_number(op: str, name: str, value) -> float:
+    """A Python float from a number as torch's argument parser takes it (bool, numpy scalar, 0-d tensor)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_complex():
+            raise TypeError(f"attnkernels.{op}: expected `{name}` to be a number or a 0-d real tensor, "
+                            f"got a tensor of sizes {list(value.shape)}")
+        return float(value.item())
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"attnkernels.{op}: expected `{name}` to be a number, got {type(value).__name__}")
+
+
+def _heads_for_gqa(op: str, query, key, value):
+    """key and value with one head count dividing the query's, as torch's enable_gqa reads them:
+    query head h uses key head h // (Hq / Hk) and value head h // (Hq / Hv)."""
+    q_heads, k_heads, v_heads = query.shape[-3], key.shape[-3], value.shape[-3]
+    for name, heads in (("key", k_heads), ("value", v_heads)):
+        if heads == 0 or q_heads % heads != 0:
+            raise RuntimeError(f"attnkernels.{op}: with enable_gqa=True the number of `{name}` heads ({heads}) "
+                               f"must divide the number of `query` heads ({q_heads})")
+    if k_heads == v_heads:
+        return key, value
+    # Unequal key and value head counts: repeat the fewer to the other's count if it divides it
+    # (head j of the repeated tensor is head j // ratio), else both to the query's.
+    if k_heads % v_heads == 0:
+        return key, value.repeat_interleave(k_heads // v_heads, dim=-3)
+    if v_heads % k_heads == 0:
+        return key.repeat_interleave(v_heads // k_heads, dim=-3), value
+    return (key.repeat_interleave(q_heads // k_heads, dim=-3), value.repeat_interleave(q_heads // v_heads, dim=-3))
+
+
+def _prepare(op: str, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """Checks the arguments and brings them to the form every backend takes, with torch's semantics.
+
+    torch treats every dimension before the last two as a batch dimension that broadcasts (after
+    enable_gqa has repeated the key and value heads); the backends take (..., Hq, L, E) with key and
+    value of the query's batch dimensions and one head count dividing Hq. Returns the prepared
+    (query, key, value, attn_mask, dropout_p, scale) and the leading dimensions to drop from the
+    results (those added to 2-D inputs).
+    """
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(op, name, t)
     if query.dtype not in _FLOATING:
@@ -83,38 +123,57 @@ def _validate(op: str, query, key, value, attn_mask, dropout_p, is_causal, scale
         if t.device != query.device:
             raise RuntimeError(f"attnkernels.{op}: expected `{name}` on the device of `query` ({query.device}), "
                                f"got {t.device}")
-    if query.dim() < 3:
-        raise RuntimeError(f"attnkernels.{op}: expected `query` of shape (..., heads, L, E) with at least 3 "
-                           f"dimensions, got sizes {list(query.shape)}")
-    for name, t in (("key", key), ("value", value)):
-        if t.dim() != query.dim():
-            raise RuntimeError(f"attnkernels.{op}: expected `{name}` to have {query.dim()} dimensions like `query`, "
-                               f"got sizes {list(t.shape)}")
-        if t.shape[:-3] != query.shape[:-3]:
-            raise RuntimeError(f"attnkernels.{op}: expected `{name}` to have the batch dimensions of `query` "
-                               f"{list(query.shape[:-3])}, got sizes {list(t.shape)}")
+    for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
+        if not isinstance(flag, bool):  # "False" is truthy: refuse, as torch
+            raise TypeError(f"attnkernels.{op}: expected `{name}` to be a bool, got {type(flag).__name__}")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() < 2:
+            raise RuntimeError(f"attnkernels.{op}: expected `{name}` of shape (..., L, E) with at least 2 "
+                               f"dimensions, got sizes {list(t.shape)}")
+    if enable_gqa and min(query.dim(), key.dim(), value.dim()) < 3:
+        raise RuntimeError(f"attnkernels.{op}: enable_gqa=True needs `query`, `key` and `value` with a heads "
+                           "dimension (..., heads, L, E)")
     if key.shape[-1] != query.shape[-1]:
         raise RuntimeError(f"attnkernels.{op}: expected `key` to have the head dim of `query` ({query.shape[-1]}), "
                            f"got sizes {list(key.shape)}")
     if value.shape[-2] != key.shape[-2]:
         raise RuntimeError(f"attnkernels.{op}: expected `value` to have the length of `key` ({key.shape[-2]}), "
                            f"got sizes {list(value.shape)}")
+    dropout_p = _as_number(op, "dropout_p", dropout_p)
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"attnkernels.{op}: expected `dropout_p` to be a number in [0, 1], got {dropout_p!r}")
+    if scale is not None:
+        scale = _as_number(op, "scale", scale)
+
+    rank = max(query.dim(), key.dim(), value.dim(), 3)
+    added = rank - max(query.dim(), key.dim(), value.dim())  # leading dimensions the results drop
+    query, key, value = (t.reshape((1,) * (rank - t.dim()) + tuple(t.shape)) for t in (query, key, value))
+    if enable_gqa and (key.shape[-3] != query.shape[-3] or value.shape[-3] != query.shape[-3]):
+        key, value = _heads_for_gqa(op, query, key, value)
+    # Every dimension before (L, E) broadcasts, heads included. Key and value heads that divide
+    # the query's (grouped with enable_gqa, or one head broadcast) go to the kernels as they are.
     q_heads, k_heads, v_heads = query.shape[-3], key.shape[-3], value.shape[-3]
-    if k_heads != v_heads:
-        raise RuntimeError(f"attnkernels.{op}: expected `key` and `value` to have the same number of heads, "
-                           f"got {k_heads} and {v_heads}")
-    if q_heads != k_heads:
-        if not enable_gqa:
+    grouped = k_heads == v_heads and (k_heads == q_heads or (
+        k_heads > 0 and q_heads % k_heads == 0 and (enable_gqa or k_heads == 1)))
+    if grouped:
+        heads, kv_heads = q_heads, k_heads
+    else:
+        try:
+            heads = kv_heads = torch.broadcast_shapes((q_heads,), (k_heads,), (v_heads,))[0]
+        except RuntimeError:
             raise RuntimeError(f"attnkernels.{op}: expected `query`, `key` and `value` to have the same number of "
-                               f"heads, got {q_heads}, {k_heads} and {v_heads} (pass enable_gqa=True for grouped "
-                               "query attention)")
-        if k_heads == 0 or q_heads % k_heads != 0:
-            raise RuntimeError(f"attnkernels.{op}: with enable_gqa=True the number of `key`/`value` heads "
-                               f"({k_heads}) must divide the number of `query` heads ({q_heads})")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attnkernels.{op}: expected `dropout_p` to be a number in [0, 1), got {dropout_p!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"attnkernels.{op}: expected `scale` to be a number or None, got {type(scale).__name__}")
+                               f"heads or heads that broadcast, got {q_heads}, {k_heads} and {v_heads} "
+                               "(pass enable_gqa=True for grouped query attention)") from None
+    try:
+        batch = tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
+    except RuntimeError:
+        raise RuntimeError(f"attnkernels.{op}: expected the batch dimensions of `key` {list(key.shape[:-3])} and "
+                           f"`value` {list(value.shape[:-3])} to broadcast with those of `query` "
+                           f"{list(query.shape[:-3])}") from None
+    query = query.expand(*batch, heads, *query.shape[-2:])
+    key = key.expand(*batch, kv_heads, *key.shape[-2:])
+    value = value.expand(*batch, kv_heads, *value.shape[-2:])
+
     if attn_mask is not None:
         _check_tensor(op, "attn_mask", attn_mask)
         if is_causal:
@@ -126,6 +185,9 @@ def _validate(op: str, query, key, value, attn_mask, dropout_p, is_causal, scale
         if attn_mask.device != query.device:
             raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` on the device of `query` ({query.device}), "
                                f"got {attn_mask.device}")
+        if attn_mask.dim() < 2:  # torch fails on these with an IndexError
+            raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` of shape (..., L, S) with at least 2 "
+                               f"dimensions, got sizes {list(attn_mask.shape)}")
         target = (*query.shape[:-1], key.shape[-2])
         try:
             fits = attn_mask.dim() <= len(target) and torch.broadcast_shapes(attn_mask.shape, target) == target
@@ -133,7 +195,8 @@ def _validate(op: str, query, key, value, attn_mask, dropout_p, is_causal, scale
             fits = False
         if not fits:
             raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` to broadcast to (..., heads, L, S) = "
-                               f"{list(target)}, got sizes {list(attn_mask.shape)}")
+                               f"{list(target[added:])}, got sizes {list(attn_mask.shape)}")
+    return query, key, value, attn_mask, dropout_p, scale, added
 
 
 def _compiled(query, key, value, attn_mask, dropout_p, is_causal, scale):
@@ -192,8 +255,20 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     a float attn_mask and through lse.
     """
     op = "attention_with_lse"
-    _validate(op, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    scale = default_scale(query.shape[-1]) if scale is None else float(scale)
+    query, key, value, attn_mask, dropout_p, scale, added = _prepare(op, query, key, value, attn_mask, dropout_p,
+                                                                     is_causal, scale, enable_gqa)
+    scale = default_scale(query.shape[-1]) if scale is None else scale
+    if dropout_p == 1.0:  # every weight dropped: zeros, as torch gives (the kernels take p < 1)
+        out, lse = _dispatch(op, query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, backend)
+        out = out * 0
+    else:
+        out, lse = _dispatch(op, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
+    if added:
+        out, lse = out.reshape(out.shape[added:]), lse.reshape(lse.shape[added:])
+    return out, lse
+
+
+def _dispatch(op, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
     chosen = attention_backend(op, query, key, value, attn_mask, dropout_p, backend)
     if chosen == "reference":
         return reference.attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)

@@ -305,6 +305,9 @@ class SpatialSoftAttention(nn.Module):
             raise ValueError(f"SpatialSoftAttention: expected `features` of shape (N, T, {self.feature_channels}, "
                              f"H, W), got {list(features.shape)}")
         n, frames, c, h, w = features.shape
+        if frames == 0:  # no frames: empty results (the initial state needs a first frame)
+            return (features.new_zeros((n, 0, c)), features.new_zeros((n, 0, h, w)),
+                    features.new_zeros((n, 0, self.hidden_size)))
         locations = features.flatten(3).transpose(2, 3)              # (N, T, H*W, C)
         projected = self.feature_proj(locations)                     # (N, T, H*W, A): all frames at once
         first_mean = locations[:, 0].mean(dim=1)

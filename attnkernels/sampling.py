@@ -8,6 +8,9 @@ place (``_dispatch.select_backend``) and calls it.
 
 from __future__ import annotations
 
+import math
+import operator
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -24,7 +27,10 @@ _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CUDA_ORDER = ("cuda", "triton")
 
 
-def _resolve_align_corners(align_corners: bool | None) -> bool:
+def _resolve_align_corners(op: str, align_corners: bool | None) -> bool:
+    if align_corners is not None and not isinstance(align_corners, bool):  # "False" is truthy: refuse, as torch
+        raise TypeError(f"attnkernels.{op}: expected `align_corners` to be a bool or None, "
+                        f"got {type(align_corners).__name__}")
     if align_corners is None:
         warnings.warn(
             "Default grid_sample and affine_grid behavior has changed to align_corners=False since 1.3.0. "
@@ -33,7 +39,7 @@ def _resolve_align_corners(align_corners: bool | None) -> bool:
             stacklevel=3,
         )
         return False
-    return bool(align_corners)
+    return align_corners
 
 
 def _resolve_modes(op: str, mode: str, padding_mode: str) -> tuple[int, int]:
@@ -113,8 +119,9 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     of ``available_backends()``.
     """
     interpolation, padding = _resolve_modes("grid_sample", mode, padding_mode)
-    align = _resolve_align_corners(align_corners)
+    align = _resolve_align_corners("grid_sample", align_corners)
     _check_grid_sample(input, grid)
+    _check_fits_in_memory("grid_sample", "grid", (*input.shape[:2], *grid.shape[1:-1]), input)
     dims = input.dim() - 2
     why_not = {
         "cuda": lambda: _compiled_why_not("grid_sample", input, "cuda", mode, dims),
@@ -130,9 +137,57 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     return torch.ops.attnkernels.grid_sample(input, grid, interpolation, padding, align)
 
 
+def _as_sizes(op: str, size: Sequence[int]) -> list[int]:
+    """The entries of ``size`` as ints; floats are refused (4.9 is not a size), as torch refuses them."""
+    if isinstance(size, torch.Tensor) or not isinstance(size, Sequence):
+        raise TypeError(f"attnkernels.{op}: expected `size` to be a sequence of ints, got {type(size).__name__}")
+    for s in size:
+        if isinstance(s, (bool, float)) or not hasattr(type(s), "__index__"):
+            raise TypeError(f"attnkernels.{op}: expected `size` to be a sequence of ints, got {tuple(size)}")
+    return [s if isinstance(s, torch.SymInt) else operator.index(s) for s in size]
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# Read once at import (torch.compile traces plain constants without graph breaks).
+_CPU_MEMORY = _physical_memory()
+
+
+def _device_memory(device: torch.device) -> int | None:
+    """Bytes of memory of ``device``, or None where unknown."""
+    if device.type == "cpu":
+        return _CPU_MEMORY
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
+def _check_fits_in_memory(op: str, name: str, shape: Sequence[int], like: torch.Tensor) -> None:
+    """Refuses an output larger than the device's memory before anything is allocated.
+
+    torch's kernels allocate their output first and fail at once; the reference builds
+    intermediates piece by piece, and the first ones fit, so without this check it runs
+    the machine out of memory instead of raising.
+    """
+    if any(isinstance(s, torch.SymInt) for s in shape):
+        return
+    elements = math.prod(shape)
+    needed = elements * like.element_size()
+    available = _device_memory(like.device)
+    if elements >= 2**63 or (available is not None and needed > available):
+        raise RuntimeError(f"attnkernels.{op}: `{name}` asks for an output of sizes {list(shape)} "
+                           f"({needed / 2**30:.1f} GiB), more than the {like.device} memory"
+                           + ("" if available is None else f" ({available / 2**30:.1f} GiB)"))
+
+
 def _check_affine(op: str, theta: torch.Tensor, size: Sequence[int]) -> list[int]:
     _check_floating(op, "theta", theta)
-    size = [int(s) for s in size]
+    size = _as_sizes(op, size)
     if len(size) not in (4, 5):
         raise ValueError(f"attnkernels.{op}: expected `size` of length 4 (N, C, H, W) or 5 (N, C, D, H, W), "
                          f"got {tuple(size)}")
@@ -155,16 +210,22 @@ def affine_grid(theta: torch.Tensor, size: Sequence[int], align_corners: bool | 
     theta: (N, 2, 3) with size (N, C, H, W), or (N, 3, 4) with size (N, C, D, H, W)
     returns: (N, H, W, 2) or (N, D, H, W, 3)
     """
-    align = _resolve_align_corners(align_corners)
+    align = _resolve_align_corners("affine_grid", align_corners)
     size = _check_affine("affine_grid", theta, size)
+    if min(size) <= 0:  # torch's rule: no empty grids
+        raise ValueError(f"attnkernels.affine_grid: expected positive sizes in `size`, got {tuple(size)}")
+    _check_fits_in_memory("affine_grid", "size", (size[0], *size[2:], len(size) - 2), theta)
     why_not = {
         "cuda": lambda: why_not_device(theta, "cuda", "affine_grid"),
+        "triton": lambda: _triton_why_not("affine_grid", theta),
         "cpu": lambda: why_not_device(theta, "cpu", "affine_grid"),
         "reference": lambda: None,
     }
     chosen = select_backend("affine_grid", backend, why_not, preference(theta, _CUDA_ORDER))
     if chosen == "reference":
         return reference.affine_grid(theta, size, align)
+    if chosen == "triton":
+        return triton_module().affine_grid(theta, size, align)
     return torch.ops.attnkernels.affine_grid(theta, size, align)
 
 
@@ -181,7 +242,7 @@ def affine_grid_sample(input: torch.Tensor, theta: torch.Tensor, size: Sequence[
     """
     op = "affine_grid_sample"
     interpolation, padding = _resolve_modes(op, mode, padding_mode)
-    align = _resolve_align_corners(align_corners)
+    align = _resolve_align_corners(op, align_corners)
     _check_sampled_input(op, input)
     size = _check_affine(op, theta, input.shape if size is None else size)
     if len(size) != input.dim() or size[0] != input.shape[0] or size[1] != input.shape[1]:
@@ -193,6 +254,7 @@ def affine_grid_sample(input: torch.Tensor, theta: torch.Tensor, size: Sequence[
     if theta.device != input.device:
         raise RuntimeError(f"attnkernels.{op}: expected `theta` on the device of `input` ({input.device}), "
                            f"got {theta.device}")
+    _check_fits_in_memory(op, "size", size, input)
     dims = input.dim() - 2
     why_not = {
         "cuda": lambda: _compiled_why_not(op, input, "cuda", mode, dims),

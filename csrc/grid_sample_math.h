@@ -75,6 +75,15 @@ ATTN_HOST_DEVICE T reflect_coordinate(T x, int64_t twice_low, int64_t twice_high
   T shifted = x - low;
   const T sign = shifted < T(0) ? T(-1) : T(1);
   shifted = std::fabs(shifted);
+  if (sizeof(T) < sizeof(double) && shifted >= T(1 << 22) && shifted <= T(3.0e38)) {
+    // A huge float coordinate: torch's float division rounds the flip count and lands whole
+    // pixels off. The remainder modulo twice the span, taken in double, is exact (fmod always is).
+    const double twice_span = double(twice_high - twice_low);
+    const double extra = std::fmod(double(shifted), twice_span);
+    const bool flipped = extra > twice_span / 2;
+    *grad = flipped ? -sign : sign;
+    return T((flipped ? twice_span - extra : extra) + double(low));
+  }
   if (policy == NanPolicy::Planar) {
     const T twice_span = T(twice_high - twice_low);
     const T extra = shifted - std::trunc(shifted / twice_span) * twice_span;

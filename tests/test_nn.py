@@ -287,3 +287,8 @@ def test_spatial_soft_attention_bad_arguments():
         SpatialSoftAttention(4, 8, cell="rnn")
     with pytest.raises(ValueError, match="features"):
         SpatialSoftAttention(4, 8)(torch.randn(2, 3, 5, 2, 2))
+
+
+def test_spatial_soft_attention_with_zero_frames():
+    attended, maps, states = SpatialSoftAttention(4, 8)(torch.randn(2, 0, 4, 3, 5))
+    assert attended.shape == (2, 0, 4) and maps.shape == (2, 0, 3, 5) and states.shape == (2, 0, 8)

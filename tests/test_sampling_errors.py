@@ -31,6 +31,10 @@ GRID_SAMPLE_MISUSES = [
     ("unknown padding", dict(input=X2, grid=G2, padding_mode="constant"), ValueError, "`padding_mode`"),
     ("unknown backend", dict(input=X2, grid=G2, backend="mps"), ValueError, "`backend`"),
     ("not a tensor", dict(input=X2.tolist(), grid=G2), TypeError, "`input`"),
+    ("align_corners a string", dict(input=X2, grid=G2, align_corners="False"), TypeError, "`align_corners`"),
+    ("align_corners an int", dict(input=X2, grid=G2, align_corners=1), TypeError, "`align_corners`"),
+    ("output larger than memory", dict(input=X2, grid=G2[:, :1, :1].expand(2, 2**24, 2**24, 2)), RuntimeError,
+     "`grid`.*memory"),
 ]
 
 
@@ -51,15 +55,23 @@ AFFINE_MISUSES = [
     ("theta batch mismatch", dict(theta=THETA2, size=[3, 3, 4, 5]), ValueError, "batch"),
     ("zero size", dict(theta=THETA2, size=[2, 3, 0, 5]), ValueError, "positive"),
     ("integer theta", dict(theta=THETA2.int(), size=[2, 3, 4, 5]), RuntimeError, "`theta`"),
+    ("float size", dict(theta=THETA2, size=[2, 3, 4.9, 5]), TypeError, "`size`"),
+    ("zero batch", dict(theta=THETA2[:0], size=[0, 3, 4, 5]), ValueError, "positive sizes in `size`"),
+    ("zero channels", dict(theta=THETA2, size=[2, 0, 4, 5]), ValueError, "positive sizes in `size`"),
+    ("negative channels", dict(theta=THETA2, size=[2, -1, 4, 5]), ValueError, "positive sizes in `size`"),
+    ("align_corners a string", dict(theta=THETA2, size=[2, 3, 4, 5], align_corners="False"), TypeError,
+     "`align_corners`"),
+    # torch refuses this at once (its allocation fails); the reference must not run out of memory first
+    ("grid larger than memory", dict(theta=THETA2, size=[2, 1, 2**31, 2]), RuntimeError, "`size`.*memory"),
 ]
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("misuse", AFFINE_MISUSES, ids=lambda m: m[0])
 def test_affine_grid_misuse(backend, misuse):
     _, kwargs, error, words = misuse
     with pytest.raises(error, match=words):
-        attnkernels.affine_grid(**kwargs, align_corners=False, backend=backend)
+        attnkernels.affine_grid(**{"align_corners": False, **kwargs}, backend=backend)
 
 
 FUSED_MISUSES = [
@@ -69,6 +81,10 @@ FUSED_MISUSES = [
     ("theta device differs", dict(input=X2, theta=THETA2.to("meta")), RuntimeError, "device"),
     ("unknown mode", dict(input=X2, theta=THETA2, mode="area"), ValueError, "`mode`"),
     ("integer input", dict(input=X2.int(), theta=THETA2), RuntimeError, "`input`"),
+    ("float size", dict(input=X2, theta=THETA2, size=[2, 3, 4.0, 5]), TypeError, "`size`"),
+    ("align_corners a string", dict(input=X2, theta=THETA2, align_corners="False"), TypeError, "`align_corners`"),
+    ("output larger than memory", dict(input=X2, theta=THETA2, size=[2, 3, 2**24, 2**24]), RuntimeError,
+     "`size`.*memory"),
 ]
 
 
@@ -77,7 +93,7 @@ FUSED_MISUSES = [
 def test_affine_grid_sample_misuse(backend, misuse):
     _, kwargs, error, words = misuse
     with pytest.raises(error, match=words):
-        attnkernels.affine_grid_sample(**kwargs, align_corners=False, backend=backend)
+        attnkernels.affine_grid_sample(**{"align_corners": False, **kwargs}, backend=backend)
 
 
 def test_backend_that_cannot_serve_says_why():
@@ -107,4 +123,23 @@ def test_direct_op_calls_check_their_arguments():
     ]
     for call, words in cases:
         with pytest.raises(RuntimeError, match=words):
+            call()
+
+
+@pytest.mark.skipif(not _extension.has_extension(), reason="the extension is not built")
+def test_direct_op_calls_reject_a_tensor_on_another_device():
+    """A meta tensor among CPU tensors goes to the fake kernel, which must refuse it, not return garbage."""
+    ops = torch.ops.attnkernels
+    meta = torch.device("meta")
+    out = ops.grid_sample(X2, G2, 0, 0, False)
+    fused = ops.affine_grid_sample(X2, THETA2.contiguous(), list(X2.shape), 0, 0, False)
+    cases = [
+        (lambda: ops.grid_sample(X2, G2.to(meta), 0, 0, False), "`grid`"),
+        (lambda: ops.grid_sample_backward(out.to(meta), X2, G2, 0, 0, False, [True, True]), "`grad_output`"),
+        (lambda: ops.affine_grid_sample(X2, THETA2.to(meta), list(X2.shape), 0, 0, False), "`theta`"),
+        (lambda: ops.affine_grid_sample_backward(fused.to(meta), X2, THETA2.contiguous(), list(X2.shape), 0, 0,
+                                                 False, [True, True]), "`grad_output`"),
+    ]
+    for call, name in cases:
+        with pytest.raises(RuntimeError, match=f"{name} on the device"):
             call()

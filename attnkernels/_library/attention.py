@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import attention as reference
+from ._devices import check_one_device
 
 _ops = torch.ops.attnkernels
 
@@ -20,6 +21,7 @@ _ops = torch.ops.attnkernels
 
 @torch.library.register_fake("attnkernels::attention")
 def _attention_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, dropout_seed):
+    check_one_device("attention", query=query, key=key, value=value, attn_mask=attn_mask)
     batch, heads, length, _ = query.shape
     out = query.new_empty((batch, heads, length, value.shape[-1]))
     lse = query.new_empty((batch, heads, length), dtype=reference.accumulation_dtype(query.dtype))
@@ -29,6 +31,8 @@ def _attention_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, d
 @torch.library.register_fake("attnkernels::attention_backward")
 def _attention_backward_fake(grad_out, grad_lse, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale,
                              dropout_seed, output_mask):
+    check_one_device("attention_backward", query=query, key=key, value=value, attn_mask=attn_mask,
+                     grad_out=grad_out, grad_lse=grad_lse, out=out, lse=lse)
     acc = reference.accumulation_dtype(query.dtype)
 
     def gradient(t, wanted):

@@ -13,6 +13,7 @@ import torch
 from .. import reference
 from .._gradients import gradient_memory_format, second_order
 from .._modes import INTERPOLATIONS, PADDINGS
+from ._devices import check_one_device
 
 _ops = torch.ops.attnkernels
 _MODE_NAMES = {v: k for k, v in INTERPOLATIONS.items()}
@@ -30,11 +31,13 @@ def _gradient_like(t: torch.Tensor, needed: bool) -> torch.Tensor:
 
 @torch.library.register_fake("attnkernels::grid_sample")
 def _grid_sample_fake(input, grid, interpolation, padding, align_corners):
+    check_one_device("grid_sample", input=input, grid=grid)
     return input.new_empty((input.shape[0], input.shape[1], *grid.shape[1:-1]))
 
 
 @torch.library.register_fake("attnkernels::grid_sample_backward")
 def _grid_sample_backward_fake(grad_output, input, grid, interpolation, padding, align_corners, output_mask):
+    check_one_device("grid_sample_backward", input=input, grid=grid, grad_output=grad_output)
     return _gradient_like(input, output_mask[0]), (grid.new_empty(grid.shape) if output_mask[1]
                                                    else grid.new_empty((0,)))
 
@@ -52,12 +55,14 @@ def _affine_grid_backward_fake(grad_grid, size, align_corners):
 
 @torch.library.register_fake("attnkernels::affine_grid_sample")
 def _affine_grid_sample_fake(input, theta, size, interpolation, padding, align_corners):
+    check_one_device("affine_grid_sample", input=input, theta=theta)
     return input.new_empty(tuple(size))
 
 
 @torch.library.register_fake("attnkernels::affine_grid_sample_backward")
 def _affine_grid_sample_backward_fake(grad_output, input, theta, size, interpolation, padding, align_corners,
                                       output_mask):
+    check_one_device("affine_grid_sample_backward", input=input, theta=theta, grad_output=grad_output)
     return _gradient_like(input, output_mask[0]), (theta.new_empty(theta.shape) if output_mask[1]
                                                    else theta.new_empty((0,)))
 

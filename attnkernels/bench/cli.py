@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from . import report, timing
-from .cases import OPS, PASSES, available_ops, build_cases, default_backends, default_dtypes, usable_backends
+from .cases import OPS, PASSES, Case, available_ops, build_cases, default_backends, default_dtypes, usable_backends
 from .runner import measure_limits, run_cases
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -126,10 +129,77 @@ def _select_sizes(parser: argparse.ArgumentParser, text: str | None) -> list[int
 
 def _select_passes(parser: argparse.ArgumentParser, text: str) -> list[str]:
     passes = _comma_list(text)
+    if not passes:  # else nothing runs and the command reports success
+        parser.error(f"--pass selects no pass; choose from {', '.join(PASSES)}")
     for name in passes:
         if name not in PASSES:
             parser.error(f"unknown pass {name!r}; choose from {', '.join(PASSES)}")
     return passes
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _footprint(case: Case) -> int:
+    """A generous estimate of the bytes one case holds at once: its inputs, outputs, gradients, the rotated
+    copies and the float64 check (torch's math attention holds the L x S scores)."""
+    shape = case.shape
+    element = torch.empty((), dtype=case.dtype).element_size()
+    if "L" in shape:
+        heads = shape["B"] * shape["H"]
+        return heads * (shape["L"] * shape["S"] * 8 * 3 + (shape["L"] + 2 * shape["S"]) * shape["E"] * element * 8)
+    return math.prod(shape.values()) * max(element, 8) * 8
+
+
+def _check_sizes_fit(parser: argparse.ArgumentParser, cases: Sequence[Case], device: torch.device) -> None:
+    """Refuses sizes whose cases cannot fit in the device's memory, before anything is allocated."""
+    memory = _device_memory(device)
+    for case in cases:
+        if _footprint(case) > memory // 2:
+            parser.error(f"--sizes {case.size} is too large for {case.op} ({case.label}, {case.dtype_name}): it "
+                         f"needs about {_footprint(case) / 2**30:.1f} GiB, and {device.type} memory here is "
+                         f"{memory / 2**30:.1f} GiB")
+
+
+def _check_writable(parser: argparse.ArgumentParser, out: Path | None, results_md: Path | None) -> None:
+    """Fails at once (exit 2) on an output path that cannot be written, not after the whole run."""
+    def probe(directory: Path, option: str, path: Path) -> None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as error:
+            parser.error(f"{option} {path}: cannot write there ({error.strerror or error})")
+
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            parser.error(f"--out {out}: exists and is not a directory")
+        probe(out, "--out", out)
+    if results_md is not None:
+        if results_md.is_dir():
+            parser.error(f"--results-md {results_md}: is a directory")
+        probe(results_md.parent, "--results-md", results_md)
+        if results_md.exists() and not os.access(results_md, os.W_OK):
+            parser.error(f"--results-md {results_md}: the file is not writable")
+
+
+def _write_outputs(directory: Path, info: dict, limits, records) -> None:
+    """results.json, results.csv and, when matplotlib is installed, the PNG plots."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, write in (("results.json", lambda p: report.write_json(p, info, limits, records)),
+                            ("results.csv", lambda p: report.write_csv(p, records))):
+            write(directory / name)
+            print(f"wrote {directory / name}")
+        print("no plots: they need matplotlib (pip install matplotlib)", file=sys.stderr)
+        return
+    for path in report.write_outputs(directory, info, limits, records):
+        print(f"wrote {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ops = _select_ops(parser, args.op)
     backends = _select_backends(parser, args.backend, device)
     dtypes = _select_dtypes(parser, args.dtype, device)
+    if not dtypes:
+        parser.error("--dtype selects no dtype; choose from float32, float16, bfloat16, float64")
     sizes = _select_sizes(parser, args.sizes)
     passes = _select_passes(parser, args.passes)
 
@@ -150,7 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"skipping {op}: attnkernels.{OPS[op].public_function} does not exist in this installation",
               file=sys.stderr)
 
+    _check_writable(parser, args.out, args.results_md)
     cases = build_cases(ops, device, dtypes, sizes, quick=args.quick, passes=passes)
+    _check_sizes_fit(parser, cases, device)
     budget = timing.QUICK if args.quick else timing.FULL
     info = report.machine_info(device)
     print("measuring the machine's limits (copy bandwidth, matmul throughput)...", file=sys.stderr)
@@ -163,8 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.format_limits(limits, device))
     print(report.format_table(records))
     if args.out is not None:
-        for path in report.write_outputs(args.out, info, limits, records):
-            print(f"wrote {path}")
+        _write_outputs(args.out, info, limits, records)
     if args.results_md is not None:
         args.results_md.parent.mkdir(parents=True, exist_ok=True)
         args.results_md.write_text(report.results_markdown(info, limits, records))

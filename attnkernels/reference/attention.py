@@ -45,12 +45,13 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         v = v.repeat_interleave(q_heads // kv_heads, dim=-3)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     L, S = scores.shape[-2], scores.shape[-1]
+    # Masks are added, as torch adds them: a NaN score behind a mask stays NaN (NaN - inf), as in torch.
     if is_causal:  # top-left: query i sees keys j <= i
         hidden = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(hidden, -math.inf)
+        scores = scores + torch.where(hidden, -math.inf, 0.0)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, -math.inf)
+            scores = scores + torch.where(attn_mask, 0.0, -math.inf)
         else:
             scores = scores + attn_mask.to(acc)
     # Shift by the row maximum for stability; the shift cancels, so it carries no gradient.
@@ -59,8 +60,9 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     shift = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
     weights = torch.exp(scores - shift)
     total = weights.sum(dim=-1, keepdim=True)
-    # log and division only of positive totals: a fully masked row must not send NaN gradients back
-    attended = total > 0
+    # log and division only of positive totals: a fully masked row must not send NaN gradients back;
+    # a NaN total (a NaN score) is not a masked row and gives NaN, as torch does
+    attended = (total > 0) | total.isnan()
     safe_total = torch.where(attended, total, torch.ones_like(total))
     probs = weights / safe_total
     lse = torch.where(attended, shift + torch.log(safe_total), -math.inf).squeeze(-1)
@@ -96,7 +98,7 @@ def merge_attention(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
     shift = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
     weights = torch.exp(lse_all - shift)
     total = weights.sum(dim=0)
-    attended = total > 0
+    attended = (total > 0) | total.isnan()  # a NaN part makes the union NaN, not empty
     safe_total = torch.where(attended, total, torch.ones_like(total))
     lse = torch.where(attended, shift + torch.log(safe_total), -math.inf)
     weights = weights / safe_total

@@ -29,14 +29,23 @@ def _unnormalize(coord: torch.Tensor, size: int, align_corners: bool) -> torch.T
     return ((coord + 1) * size - 1) / 2
 
 
-def _clip(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Clip to [0, size - 1]; the gradient is 0 on and beyond the bounds."""
+def _clip(x: torch.Tensor, size: int, nan_to: str) -> torch.Tensor:
+    """Clip to [0, size - 1]; the gradient is 0 on and beyond the bounds.
+
+    NaN goes to one edge, as torch's CPU kernels send it: the low edge for 4-D input (torch's
+    documented rule, NaN as -1), the high edge for 5-D input (its 3-D kernel).
+    """
     inside = (x > 0) & (x < size - 1)
-    return torch.where(inside, x, x.detach().clamp(0, size - 1))
+    clipped = torch.where(inside, x, x.detach().clamp(0, size - 1))
+    return torch.where(x.isnan(), 0.0 if nan_to == "low" else float(size - 1), clipped)
 
 
 def _reflect(x: torch.Tensor, twice_low: int, twice_high: int) -> torch.Tensor:
-    """Reflect about [twice_low / 2, twice_high / 2], repeatedly."""
+    """Reflect about [twice_low / 2, twice_high / 2], repeatedly.
+
+    The remainder modulo twice the span is exact in floating point (fmod always is), so huge
+    coordinates reflect exactly; counting flips (distance / span) would round.
+    """
     if twice_low == twice_high:
         return torch.zeros_like(x)
     low = twice_low / 2
@@ -44,21 +53,19 @@ def _reflect(x: torch.Tensor, twice_low: int, twice_high: int) -> torch.Tensor:
     shifted = x - low
     sign = torch.where(shifted < 0, -1.0, 1.0).to(x.dtype)
     distance = shifted * sign
-    extra = torch.fmod(distance, span)
-    flips = torch.floor(distance.detach() / span)
-    odd = torch.fmod(flips, 2) == 1
-    return torch.where(odd, span - extra + low, extra + low)
+    extra = torch.fmod(distance, 2 * span)
+    return torch.where(extra > span, 2 * span - extra, extra) + low
 
 
-def _pad(x: torch.Tensor, size: int, padding: str, align_corners: bool) -> torch.Tensor:
+def _pad(x: torch.Tensor, size: int, padding: str, align_corners: bool, nan_to: str) -> torch.Tensor:
     if padding == "border":
-        return _clip(x, size)
+        return _clip(x, size, nan_to)
     if padding == "reflection":
         if align_corners:
             x = _reflect(x, 0, 2 * (size - 1))
         else:
             x = _reflect(x, -1, 2 * size - 1)
-        return _clip(x, size)
+        return _clip(x, size, nan_to)  # an infinite coordinate reflects to NaN
     return x
 
 
@@ -75,7 +82,7 @@ def _cubic_weights(t: torch.Tensor) -> list[torch.Tensor]:
     return [outer(t + 1), inner(t), inner(1 - t), outer(2 - t)]
 
 
-def _axis_taps(coord: torch.Tensor, size: int, mode: str, padding: str, align_corners: bool):
+def _axis_taps(coord: torch.Tensor, size: int, mode: str, padding: str, align_corners: bool, nan_to: str):
     """The taps of one axis: a list of (integer coordinate, weight, valid)."""
     x = _unnormalize(coord, size, align_corners)
     if mode == "bicubic":
@@ -83,14 +90,14 @@ def _axis_taps(coord: torch.Tensor, size: int, mode: str, padding: str, align_co
         weights = _cubic_weights(x - x0)
         taps = []
         for k, w in enumerate(weights):
-            tap = _pad(x0 + (k - 1), size, padding, align_corners).detach()
+            tap = _pad(x0 + (k - 1), size, padding, align_corners, nan_to).detach()
             taps.append((tap, w, (tap >= 0) & (tap <= size - 1)))
         return taps
-    x = _pad(x, size, padding, align_corners)
+    x = _pad(x, size, padding, align_corners, nan_to)
     if mode == "nearest":
         tap = torch.round(x.detach())  # half to even, as nearbyint
-        # Weight 1 with a zero gradient to the grid, as torch reports.
-        return [(tap, x * 0 + 1, (tap >= 0) & (tap <= size - 1))]
+        # Weight 1 (also for a non-finite coordinate) with a zero gradient to the grid, as torch reports.
+        return [(tap, torch.where(x.isfinite(), x * 0 + 1, 1.0), (tap >= 0) & (tap <= size - 1))]
     x0 = torch.floor(x.detach())
     t = x - x0
     return [
@@ -126,7 +133,10 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     axis_strides = [1]
     for a in range(1, dims):
         axis_strides.append(axis_strides[-1] * sizes[a - 1])
-    axes = [_axis_taps(flat_grid[..., a], sizes[a], mode, padding_mode, align_corners) for a in range(dims)]
+    # torch's 4-D CPU kernel sends NaN to the low edge and lets a NaN weight times an outside tap give
+    # NaN; its 5-D kernel sends NaN to the high edge and skips outside taps (zeros padding gives 0).
+    nan_to = "low" if dims == 2 else "high"
+    axes = [_axis_taps(flat_grid[..., a], sizes[a], mode, padding_mode, align_corners, nan_to) for a in range(dims)]
 
     out = flat_input.new_zeros((n, c, points))
     for combo in itertools.product(*axes):
@@ -137,6 +147,8 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
             index = index + torch.where(ok, tap, 0).long() * stride
             weight = weight * w
             valid = valid & ok
+        if dims == 3:  # outside taps skipped, their (possibly NaN) weights too
+            weight = torch.where(valid, weight, 0.0)
         values = flat_input.gather(2, index.unsqueeze(1).expand(n, c, points))
         out = out + weight.unsqueeze(1) * torch.where(valid.unsqueeze(1), values, 0)
     return out.reshape(n, c, *out_spatial).to(out_dtype)

@@ -9,6 +9,7 @@ The hooks the public API calls after validating its arguments:
 
 - ``why_not(op, tensor, **details)``: None when this backend can serve, else why not;
 - ``grid_sample(input, grid, interpolation, padding, align_corners)``;
+- ``affine_grid(theta, size, align_corners)``;
 - ``affine_grid_sample(input, theta, size, interpolation, padding, align_corners)``;
 - ``attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> (out, lse)``.
 """
@@ -18,11 +19,12 @@ from __future__ import annotations
 import torch
 
 from ._sampler import INTERPRETER
+from .affine_grid import affine_grid
 from .affine_grid_sample import affine_grid_sample
 from .attention import MAX_HEAD_DIM, attention
 from .grid_sample import grid_sample
 
-_OPS = ("grid_sample", "affine_grid_sample", "attention")
+_OPS = ("grid_sample", "affine_grid", "affine_grid_sample", "attention")
 _SAMPLING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -43,6 +45,10 @@ def why_not(op: str, tensor: torch.Tensor, **details) -> str | None:
     else:
         return (f"the inputs are on {tensor.device}; Triton kernels run on CUDA tensors, or on CPU tensors "
                 "under the Triton interpreter (TRITON_INTERPRET=1 set before the first import of triton)")
+    if op == "affine_grid":
+        if tensor.dtype not in _SAMPLING_DTYPES:
+            return f"the triton affine_grid takes float16, bfloat16, float32 or float64 theta, not {tensor.dtype}"
+        return None
     if op in ("grid_sample", "affine_grid_sample"):
         if tensor.dtype not in _SAMPLING_DTYPES:
             return f"the triton sampler takes float16, bfloat16, float32 or float64 inputs, not {tensor.dtype}"
@@ -71,4 +77,4 @@ def why_not(op: str, tensor: torch.Tensor, **details) -> str | None:
     return None
 
 
-__all__ = ["affine_grid_sample", "attention", "grid_sample", "why_not"]
+__all__ = ["affine_grid", "affine_grid_sample", "attention", "grid_sample", "why_not"]

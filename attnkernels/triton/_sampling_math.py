@@ -72,6 +72,17 @@ def reflect_coordinate(x, twice_low, twice_high, VOLUMETRIC: tl.constexpr):
         flip = extra > mirrored
         reflected = tl.where(flip, mirrored + low, extra + low)
         grad = tl.where(flip, -sign, sign)
+    if x.dtype != tl.float64:
+        # A huge float coordinate: the float flip count rounds whole pixels off; the remainder modulo
+        # twice the span, taken in float64, is exact (as csrc/grid_sample_math.h does).
+        wide = distance.to(tl.float64)
+        wide_span = (twice_high - twice_low) * 1.0
+        wide_extra = wide % wide_span.to(tl.float64)
+        wide_flip = wide_extra > wide_span / 2
+        huge = (distance >= 4194304.0) & (distance <= 3.0e38)
+        reflected = tl.where(huge, (tl.where(wide_flip, wide_span - wide_extra, wide_extra) + low).to(x.dtype),
+                             reflected)
+        grad = tl.where(huge, tl.where(wide_flip, -sign, sign), grad)
     degenerate = twice_low == twice_high  # a size-1 axis (align_corners): always 0
     return tl.where(degenerate, 0.0, reflected).to(x.dtype), tl.where(degenerate, 0.0, grad).to(x.dtype)
 

@@ -52,9 +52,11 @@ Shape shape_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0),
               "attnkernels::attention: expected query, key and value to have the same batch size, got ", q.sizes(),
               ", ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(v.size(1) == k.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-              "attnkernels::attention: expected key and value to have the same number of heads, dividing the "
-              "query's, got ", q.size(1), ", ", k.size(1), " and ", v.size(1));
+  TORCH_CHECK(v.size(1) == k.size(1), "attnkernels::attention: expected key and value to have the same number of "
+              "heads, got ", k.size(1), " and ", v.size(1));
+  // Zero heads everywhere is an empty attention, as in torch.
+  TORCH_CHECK(k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0, "attnkernels::attention: expected the ",
+              "number of key and value heads (", k.size(1), ") to divide the number of query heads (", q.size(1), ")");
   TORCH_CHECK(k.size(3) == q.size(3), "attnkernels::attention: expected key's head dim (", k.size(3),
               ") to equal query's (", q.size(3), ")");
   TORCH_CHECK(v.size(2) == k.size(2), "attnkernels::attention: expected value's length (", v.size(2),
@@ -64,7 +66,8 @@ Shape shape_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
               k.scalar_type(), " and ", v.scalar_type());
   TORCH_CHECK(at::isFloatingType(q.scalar_type()),
               "attnkernels::attention: expected floating-point query, key and value, got ", q.scalar_type());
-  return Shape{q.size(0), q.size(1), k.size(1), q.size(1) / k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  const int64_t group = k.size(1) > 0 ? q.size(1) / k.size(1) : 1;
+  return Shape{q.size(0), q.size(1), k.size(1), group, q.size(2), k.size(2), q.size(3), v.size(3)};
 }
 
 // Read access to the (B, Hq, L, S) mask through its strides.
@@ -268,12 +271,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       }
       for (int64_t r = 0; r < rows; ++r) {
         const acc_t sum = row_sum[r];
-        // A row that attends to nothing gives 0 and lse -inf (torch gives 0, not NaN).
-        const acc_t inverse = sum > acc_t(0) ? acc_t(1) / sum : acc_t(0);
+        // A row that attends to nothing (sum 0) gives 0 and lse -inf (torch gives 0, not NaN);
+        // a NaN score makes the sum NaN, and that row must give NaN as torch does.
+        const bool attended = !(sum == acc_t(0));
+        const acc_t inverse = attended ? acc_t(1) / sum : acc_t(0);
         scalar_t* out_row = out_data + (bh * L + row0 + r) * Ev;
         const acc_t* acc_row = accum.data() + r * Ev;
         for (int64_t e = 0; e < Ev; ++e) out_row[e] = static_cast<scalar_t>(acc_row[e] * inverse);
-        lse_data[bh * L + row0 + r] = sum > acc_t(0) ? row_max[r] + std::log(sum) : neg_inf;
+        lse_data[bh * L + row0 + r] = attended ? row_max[r] + std::log(sum) : neg_inf;
       }
     }
   });

@@ -444,12 +444,16 @@ void sample_backward_range(const SamplerShape& s, const acc_t* source, Source& c
 
 // How many private copies of the input gradient to keep: one per thread, as
 // long as they fit in a memory budget; fewer copies means fewer threads.
+// The budget is a small multiple of the gradient (or 64 MiB for small ones),
+// whatever the thread count: one copy per thread grew with the machine
+// (64 threads: 64 gradients of extra memory, where torch needs none).
 inline int64_t private_copies(int64_t total_points, int64_t grad_bytes, bool need_input_grad) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t copies = std::min<int64_t>(threads, std::max<int64_t>(1, total_points / 256));
   if (need_input_grad && grad_bytes > 0) {
-    constexpr int64_t kBudgetBytes = int64_t(2) << 30;  // 2 GiB of private copies at most
-    copies = std::min<int64_t>(copies, std::max<int64_t>(1, kBudgetBytes / grad_bytes));
+    constexpr int64_t kMaxCopiesOfAnyGradient = 4;
+    constexpr int64_t kSmallBudgetBytes = int64_t(64) << 20;
+    copies = std::min<int64_t>(copies, std::max<int64_t>(kMaxCopiesOfAnyGradient, kSmallBudgetBytes / grad_bytes));
   }
   return copies;
 }
