@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from .attention import _check_tensor, _validate, attention_backend, attention_with_lse, merge_attention
+from .attention import _check_tensor, _prepare, attention_backend, attention_with_lse, merge_attention
 from .reference.attention import accumulation_dtype, default_scale
 
 # dtypes as small ints for the cross-rank check (attention takes the first four; shards of any)
@@ -481,7 +481,11 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     group, rank, world = _group_of(op, group)
     error, values = None, None
     try:
-        _validate(op, query, key, value, None, 0.0, False, scale, enable_gqa)
+        *prepared, added = _prepare(op, query, key, value, None, 0.0, False, scale, enable_gqa)
+        if added or any(p.shape != t.shape for p, t in zip(prepared[:3], (query, key, value), strict=True)):
+            raise RuntimeError(f"attnkernels.{op}: expected query (..., Hq, L, E), key (..., Hkv, S, E) and value "
+                               "(..., Hkv, S, Ev) with the same leading dimensions and Hkv dividing Hq, got sizes "
+                               f"{list(query.shape)}, {list(key.shape)} and {list(value.shape)}")
         if attn_mask is not None:
             _check_mask(op, attn_mask, query, key, is_causal, world)
         query_length, key_length = query.shape[-2], key.shape[-2]
