@@ -3,12 +3,13 @@
 Environment:
   FORCE_CUDA=1   build csrc/cuda/*.cu even without a visible GPU (needs nvcc / CUDA_HOME)
   FORCE_CPU=1    skip the CUDA sources
-  ATTNKERNELS_PORTABLE=1   do not tune the CPU code for this machine (-march=native)
+  ATTNKERNELS_CPU_VARIANTS=0   on x86-64, build only the default CPU variant (no avx2 / avx512 objects)
   MAX_JOBS=N     parallel compile jobs (ninja)
 """
 
 import glob
 import os
+import platform
 import sys
 
 from setuptools import find_packages, setup
@@ -24,18 +25,57 @@ def _say(message):
     print(f"attnkernels setup: {message}", file=sys.stderr, flush=True)
 
 
+# The hot CPU kernels, compiled once more per x86-64 variant (see csrc/cpu_isa.h); csrc/cpu/cpu_dispatch.cpp
+# (compiled once, with the plain flags) picks the variant at run time from the CPU.
+CPU_VARIANT_SOURCES = [
+    os.path.join("csrc", "cpu", "grid_sample_kernel.cpp"),
+    os.path.join("csrc", "cpu", "affine_grid_sample_kernel.cpp"),
+    os.path.join("csrc", "cpu", "attention_kernel.cpp"),
+]
+# What each variant may use; cpu_dispatch.cpp checks exactly these features before choosing it.
+CPU_VARIANT_FLAGS = {
+    "avx2": ["-DATTNKERNELS_CPU_AVX2", "-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-DATTNKERNELS_CPU_AVX512", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
+               "-mavx512dq", "-mprefer-vector-width=512"],
+}
+
+
+def _builds_cpu_variants():
+    return platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("ATTNKERNELS_CPU_VARIANTS") != "0"
+
+
+def _compile_cpu_variants(build_ext, ext):
+    """Compiles CPU_VARIANT_SOURCES once per CPU_VARIANT_FLAGS entry; returns the object files.
+
+    They are linked after the extension's own (default-variant) objects on purpose: an inline function of torch
+    or the C++ library compiled in several variants keeps one definition, the first the linker sees, so every
+    caller gets a copy compiled for its own variant or a lower one, never a higher one (csrc/cpu_isa.h).
+    """
+    if not _builds_cpu_variants():
+        return []
+    objects = []
+    for variant, flags in CPU_VARIANT_FLAGS.items():
+        _say(f"compiling the {variant} variant of the CPU kernels")
+        objects += build_ext.compiler.compile(
+            CPU_VARIANT_SOURCES, output_dir=os.path.join(build_ext.build_temp, f"cpu_{variant}"),
+            include_dirs=ext.include_dirs, depends=ext.depends,
+            extra_postargs={"cxx": list(ext.extra_compile_args["cxx"]) + flags},
+        )
+    return objects
+
+
 def _extension():
     from torch.utils import cpp_extension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-DPy_LIMITED_API=0x030a0000"]
-    if not _flag("ATTNKERNELS_PORTABLE"):
-        cxx_flags += ["-march=native", "-mprefer-vector-width=512"]
-    else:
-        # The 16-channel vector values of csrc/cpu/sampler_core.h pass between inline functions only:
-        # the ABI note for 512-bit vectors on a target without AVX-512 does not apply.
-        cxx_flags += ["-Wno-psabi"]
+    # No -march=native: the library must run on any CPU of its architecture. The hot kernels get their
+    # AVX2 and AVX-512 builds from _compile_cpu_variants, chosen at run time.
+    # -Wno-psabi: the 16-channel vector values of csrc/cpu/sampler_core.h pass between inline functions only,
+    # so the ABI note for 512-bit vectors on a target without AVX-512 does not apply.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi", "-DPy_LIMITED_API=0x030a0000"]
+    if _builds_cpu_variants():
+        cxx_flags.append("-DATTNKERNELS_CPU_VARIANTS")
     import torch
 
     cuda_usable = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and torch.cuda.is_available()
@@ -84,7 +124,15 @@ def _extension():
 def _build_ext():
     from torch.utils import cpp_extension
 
-    return cpp_extension.BuildExtension.with_options(use_ninja=True)
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExtension(base):
+        def build_extension(self, ext):
+            variant_objects = _compile_cpu_variants(self, ext)
+            ext.extra_objects = [o for o in (ext.extra_objects or []) if o not in variant_objects] + variant_objects
+            super().build_extension(ext)
+
+    return BuildExtension
 
 
 setup(

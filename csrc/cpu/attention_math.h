@@ -3,6 +3,7 @@
 // compiler vectorises, and the counter-based dropout generator.
 #pragma once
 
+#include "../cpu_isa.h"
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -27,6 +28,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 namespace attnkernels {
 namespace cpu {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
 // Plain loops, only for a torch without BLAS symbols.
 template <typename T>
@@ -216,5 +218,6 @@ struct DropoutMask {
   inline bool keep(uint64_t element) const { return (mix(key + element * 0x9E3779B97F4A7C15ull) >> 40) >= threshold; }
 };
 
+}  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu
 }  // namespace attnkernels

@@ -3,6 +3,7 @@
 // grid_sample's general loops (sampler_core.h) from stored grid points.
 #pragma once
 
+#include "../cpu_isa.h"
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -15,6 +16,7 @@
 
 namespace attnkernels {
 namespace cpu {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
 // Taps of one tile of kLanes points: per tap (x fastest, then y, then z) the
 // offset within an input plane, the weight, whether it lies inside the input,
@@ -280,5 +282,6 @@ struct RowTile {
 #endif
 };
 
+}  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu
 }  // namespace attnkernels

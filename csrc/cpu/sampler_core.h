@@ -10,6 +10,7 @@
 // so that threads never contend, and sums them at the end.
 #pragma once
 
+#include "../cpu_isa.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -25,6 +26,7 @@
 
 namespace attnkernels {
 namespace cpu {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
 constexpr int int_pow(int base, int exponent) {
   int result = 1;
@@ -601,5 +603,6 @@ inline void read_shape(const at::Tensor& input, SamplerShape& s) {
 }
 
 
+}  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu
 }  // namespace attnkernels

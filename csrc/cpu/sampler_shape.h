@@ -1,12 +1,14 @@
 // The shape of one CPU sampling problem, shared by the sampler headers.
 #pragma once
 
+#include "../cpu_isa.h"
 #include <cstdint>
 
 #include "../grid_sample_math.h"
 
 namespace attnkernels {
 namespace cpu {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
 using sampling::Interpolation;
 using sampling::NanPolicy;
@@ -27,5 +29,6 @@ struct SamplerShape {
   int64_t out_points() const { return out_size[0] * out_size[1] * out_size[2]; }
 };
 
+}  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu
 }  // namespace attnkernels
