@@ -94,11 +94,7 @@ Selection select() {
       avx512::add_attention_kernels(chosen.kernels);
       break;
     case Capability::Avx2:
-      // grid_sample keeps its default build here: measured on a 2-core Zen 4 forced to this variant
-      // (one thread, torch on its AVX2 kernels), the avx2 build of sampler_core.h's channel loops ran
-      // 1.2-1.7x slower than the default one, with or without the point tiles (2-D C=32 128x128 forward
-      // 2.1-2.6 ms vs 1.2-1.8 ms; 3-D video 16x56x56 C=16 forward 1.52x torch vs 1.95x). Not yet understood.
-      generic::add_grid_sample_kernels(chosen.kernels);
+      avx2::add_grid_sample_kernels(chosen.kernels);
       avx2::add_affine_grid_sample_kernels(chosen.kernels);
       avx2::add_attention_kernels(chosen.kernels);
       break;
