@@ -3,13 +3,14 @@
 Environment:
   FORCE_CUDA=1   build csrc/cuda/*.cu even without a visible GPU (needs nvcc / CUDA_HOME)
   FORCE_CPU=1    skip the CUDA sources
-  ATTNKERNELS_PORTABLE=1   do not tune the CPU code for this machine (-march=native)
+  ATTNKERNELS_CPU_VARIANTS=0   on x86-64, build only the default CPU variant (no avx2 / avx512 objects)
   MAX_JOBS=N     parallel compile jobs (ninja)
   ATTNKERNELS_NVCC_FLAGS="..."   extra nvcc flags (scripts/build_for_gpu.sh: --compress-mode=size)
 """
 
 import glob
 import os
+import platform
 import sys
 
 from setuptools import find_packages, setup
@@ -25,18 +26,60 @@ def _say(message):
     print(f"attnkernels setup: {message}", file=sys.stderr, flush=True)
 
 
+# The hot CPU kernels, compiled once more per x86-64 variant (see csrc/cpu_isa.h); csrc/cpu/cpu_dispatch.cpp
+# (compiled once, with the plain flags) picks the variant at run time from the CPU.
+CPU_VARIANT_SOURCES = [
+    os.path.join("csrc", "cpu", "grid_sample_kernel.cpp"),
+    os.path.join("csrc", "cpu", "affine_grid_sample_kernel.cpp"),
+    os.path.join("csrc", "cpu", "attention_kernel.cpp"),
+]
+# What each variant may use; cpu_dispatch.cpp checks exactly these features before choosing it.
+CPU_VARIANT_FLAGS = {
+    "avx2": ["-DATTNKERNELS_CPU_AVX2", "-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-DATTNKERNELS_CPU_AVX512", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
+               "-mavx512dq", "-mprefer-vector-width=512"],
+}
+
+
+def _builds_cpu_variants():
+    return platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("ATTNKERNELS_CPU_VARIANTS") != "0"
+
+
+def _start_cpu_variants(build_ext, ext):
+    """Starts compiling CPU_VARIANT_SOURCES once per CPU_VARIANT_FLAGS entry, each in its own thread;
+    returns (the thread pool, the futures, the object files they write).
+
+    The objects are linked after the extension's own (default-variant) objects on purpose: an inline function of
+    torch or the C++ library compiled in several variants keeps one definition, the first the linker sees, so
+    every caller gets a copy compiled for its own variant or a lower one, never a higher one (csrc/cpu_isa.h).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    variants = CPU_VARIANT_FLAGS if _builds_cpu_variants() else {}
+    pool = ThreadPoolExecutor(max_workers=max(1, len(variants)))
+    futures, objects = [], []
+    for variant, flags in variants.items():
+        output_dir = os.path.join(build_ext.build_temp, f"cpu_{variant}")
+        objects += build_ext.compiler.object_filenames(CPU_VARIANT_SOURCES, output_dir=output_dir)
+        _say(f"compiling the {variant} variant of the CPU kernels")
+        futures.append(pool.submit(
+            build_ext.compiler.compile, CPU_VARIANT_SOURCES, output_dir=output_dir, include_dirs=ext.include_dirs,
+            depends=ext.depends, extra_postargs={"cxx": list(ext.extra_compile_args["cxx"]) + flags}))
+    return pool, futures, objects
+
+
 def _extension():
     from torch.utils import cpp_extension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-DPy_LIMITED_API=0x030a0000"]
-    if not _flag("ATTNKERNELS_PORTABLE"):
-        cxx_flags += ["-march=native", "-mprefer-vector-width=512"]
-    else:
-        # The 16-channel vector values of csrc/cpu/sampler_core.h pass between inline functions only:
-        # the ABI note for 512-bit vectors on a target without AVX-512 does not apply.
-        cxx_flags += ["-Wno-psabi"]
+    # No -march=native: the library must run on any CPU of its architecture. The hot kernels get their
+    # AVX2 and AVX-512 builds from _start_cpu_variants, chosen at run time.
+    # -Wno-psabi: the 16-channel vector values of csrc/cpu/sampler_core.h pass between inline functions only,
+    # so the ABI note for 512-bit vectors on a target without AVX-512 does not apply.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi", "-DPy_LIMITED_API=0x030a0000"]
+    if _builds_cpu_variants():
+        cxx_flags.append("-DATTNKERNELS_CPU_VARIANTS")
     import torch
 
     cuda_usable = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and torch.cuda.is_available()
@@ -88,7 +131,29 @@ def _build_ext():
 
     if not cpp_extension.is_ninja_available():
         _say("ninja is missing: the sources compile one at a time, not in parallel (pip install ninja)")
-    return cpp_extension.BuildExtension.with_options(use_ninja=True)
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExtension(base):
+        def build_extension(self, ext):
+            # The variants compile in threads (one ninja run each) while the extension's own sources
+            # compile; the link waits for them.
+            pool, futures, variant_objects = _start_cpu_variants(self, ext)
+            ext.extra_objects = [o for o in (ext.extra_objects or []) if o not in variant_objects] + variant_objects
+            link = self.compiler.link_shared_object
+
+            def link_after_variants(*args, **kwargs):
+                for future in futures:
+                    future.result()
+                return link(*args, **kwargs)
+
+            self.compiler.link_shared_object = link_after_variants
+            try:
+                super().build_extension(ext)
+            finally:
+                self.compiler.link_shared_object = link
+                pool.shutdown(wait=True)
+
+    return BuildExtension
 
 
 setup(

@@ -15,6 +15,7 @@ if _extension.has_extension():
 
 from . import nn  # modules: SpatialTransformer, MultiheadSelfAttention, SpatialSoftAttention
 from ._dispatch import available_backends
+from ._extension import cpu_capability
 from .attention import attention_with_lse, merge_attention, scaled_dot_product_attention
 from .patching import patch_torch, patched, unpatch_torch
 from .sampling import affine_grid, affine_grid_sample, grid_sample
@@ -34,7 +35,7 @@ def __getattr__(name: str):
         return module if _LAZY[name] is None else getattr(module, _LAZY[name])
     raise AttributeError(f"module 'attnkernels' has no attribute {name!r}")
 
-__all__ = ["affine_grid", "affine_grid_sample", "available_backends", "grid_sample"]
+__all__ = ["affine_grid", "affine_grid_sample", "available_backends", "cpu_capability", "grid_sample"]
 __all__ += ["nn", "patch_torch", "patched", "unpatch_torch"]
 __all__ += ["attention_with_lse", "merge_attention", "scaled_dot_product_attention"]
 __all__ += ["distributed", "ring_attention"]

@@ -26,6 +26,22 @@ except ImportError as error:  # not built, or built against another torch
 else:
     LOAD_ERROR = None
 
+# The CPU variant of the compiled kernels (csrc/cpu/cpu_dispatch.cpp), chosen once from the CPU and
+# ATTNKERNELS_CPU_CAPABILITY; asked for here so that a request the CPU cannot honour warns at import.
+CPU_CAPABILITY: str | None = None
+if _C is not None:
+    CPU_CAPABILITY = _C.cpu_capability()
+    if _C.cpu_capability_note():
+        warnings.warn(_C.cpu_capability_note(), RuntimeWarning, stacklevel=2)
+
+
+def cpu_capability() -> str | None:
+    """The CPU variant of the compiled kernels in use: ``"default"``, ``"avx2"`` or ``"avx512"``.
+
+    The best one this CPU runs, unless the environment variable ``ATTNKERNELS_CPU_CAPABILITY`` (read once,
+    at import) names a lower one. None when the compiled extension is not loaded.
+    """
+    return CPU_CAPABILITY
 
 
 def _ops_with_kernel(dispatch_key: str) -> frozenset[str]:

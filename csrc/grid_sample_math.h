@@ -9,6 +9,7 @@
 // vectorised kernel) and 5-D (a scalar kernel); `NanPolicy` reproduces each.
 #pragma once
 
+#include "cpu_isa.h"
 #include <cmath>
 #include <cstdint>
 
@@ -20,6 +21,7 @@
 
 namespace attnkernels {
 namespace sampling {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
 // Same numbering as torch's GridSamplerInterpolation / GridSamplerPadding.
 enum class Interpolation : int64_t { Bilinear = 0, Nearest = 1, Bicubic = 2 };
@@ -245,5 +247,6 @@ ATTN_HOST_DEVICE T base_coordinate(int64_t i, int64_t n, bool align_corners) {
   return value;
 }
 
+}  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace sampling
 }  // namespace attnkernels

@@ -42,9 +42,34 @@ TORCH_LIBRARY(attnkernels, m) {
       "Tensor? dropout_seed, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
+namespace attnkernels {
+namespace cpu {
+// csrc/cpu/cpu_dispatch.cpp: the CPU variant in use, and why it is not the requested one ("" if it is).
+const char* cpu_capability_name();
+const char* cpu_capability_note();
+}  // namespace cpu
+}  // namespace attnkernels
+
+namespace {
+
+PyObject* cpu_capability(PyObject*, PyObject*) { return PyUnicode_FromString(attnkernels::cpu::cpu_capability_name()); }
+
+PyObject* cpu_capability_note(PyObject*, PyObject*) {
+  return PyUnicode_FromString(attnkernels::cpu::cpu_capability_note());
+}
+
+PyMethodDef module_methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS, "The CPU variant of the kernels in use: default, avx2 or avx512."},
+    {"cpu_capability_note", cpu_capability_note, METH_NOARGS,
+     "Why the variant in use is not the one ATTNKERNELS_CPU_CAPABILITY asks for ('' when it is)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 // `import attnkernels._C` loads this library, which runs the registrations
-// above; the module itself has no Python members.
+// above; the module's only members report the CPU variant in use.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   return PyModule_Create(&module_def);
 }

@@ -3,10 +3,12 @@
 // the Python API.
 #pragma once
 
+#include "cpu_isa.h"
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 namespace attnkernels {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
 inline void check_sampling_modes(int64_t interpolation, int64_t padding) {
   TORCH_CHECK(interpolation >= 0 && interpolation <= 2,
@@ -99,4 +101,5 @@ inline void check_affine_grid_sample_grad_output(const at::Tensor& grad_output, 
               input.device(), "), got ", grad_output.device());
 }
 
+}  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace attnkernels

@@ -233,7 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     load = info["load_average_at_start"]
     print(f"attnkernels benchmark on {info['gpu'] or info['cpu']} ({device.type}), torch {info['torch']}, "
-          f"{info['date']}" + (f", load average at start {load[0]}" if load else ""))
+          f"{info['date']}" + (f", load average at start {load[0]}" if load else "")
+          + f"; CPU kernels: the {info['cpu_capability']} variant (ATTNKERNELS_CPU_CAPABILITY), "
+          f"CPU vector flags: {info['cpu_flags'] or 'none found'}")
     print(report.format_limits(limits, device))
     print(report.format_table(records))
     if args.out is not None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+import attnkernels
+
 from .cases import OPS
 from .runner import MachineLimits, Record
 
@@ -23,10 +25,16 @@ COLUMNS = ("op", "pass", "shape", "dtype", "backend", "time", "vs torch", "rate"
 def machine_info(device: torch.device) -> dict:
     """What the numbers were measured on: machine, versions, date, command."""
     cpu = platform.processor() or platform.machine()
+    vector_flags = []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                # The vector extensions that decide which CPU variant of the kernels can run.
+                vector_flags = [f for f in line.split(":", 1)[1].split()
+                                if f in ("avx2", "fma", "f16c") or f.startswith(("avx512", "amx"))]
+            if cpu != platform.machine() and vector_flags:
                 break
     except OSError:
         pass
@@ -43,6 +51,8 @@ def machine_info(device: torch.device) -> dict:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
+        "cpu_flags": " ".join(vector_flags) or None,
+        "cpu_capability": attnkernels.cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -209,6 +219,8 @@ def results_markdown(info: dict, limits: MachineLimits | None, records: Sequence
         f"- Date: {info['date']}",
         f"- Command: `{info['command']}`",
         f"- Machine: {machine}; {info['platform']}",
+        f"- CPU kernels: the `{info.get('cpu_capability')}` variant (set by ATTNKERNELS_CPU_CAPABILITY); "
+        f"the CPU's vector flags: {info.get('cpu_flags') or 'none found'}",
         f"- Versions: attnkernels {info['attnkernels']}, torch {info['torch']} (CUDA {info['cuda']}), "
         f"Triton {info['triton']}, Python {info['python']}",
     ]

@@ -3,12 +3,14 @@
 // Used by the CPU affine_grid and fused affine_grid_sample kernels.
 #pragma once
 
+#include "../cpu_isa.h"
 #include <vector>
 
 #include "../grid_sample_math.h"
 
 namespace attnkernels {
 namespace cpu {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
 template <typename acc_t, int Dims>
 struct AffineCoords {
@@ -89,5 +91,6 @@ struct AffineCoords {
   }
 };
 
+}  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu
 }  // namespace attnkernels

@@ -9,15 +9,17 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <torch/library.h>
 
+#include "../cpu_isa.h"
 #include "../sampling_checks.h"
+#include "cpu_kernels.h"
 #include "affine_coords.h"
 #include "affine_rows.h"
 #include "sampler_core.h"
 
 namespace attnkernels {
 namespace cpu {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 namespace {
 
 // Whether the points-vectorised row path (affine_rows.h) serves this call.
@@ -169,10 +171,12 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {
-  m.impl("affine_grid_sample", &affine_grid_sample_cpu);
-  m.impl("affine_grid_sample_backward", &affine_grid_sample_backward_cpu);
+// Registered with torch by cpu_dispatch.cpp, for the variant chosen at run time.
+void add_affine_grid_sample_kernels(CpuKernels& table) {
+  table.affine_grid_sample = &affine_grid_sample_cpu;
+  table.affine_grid_sample_backward = &affine_grid_sample_backward_cpu;
 }
 
+}  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu
 }  // namespace attnkernels

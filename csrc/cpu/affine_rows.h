@@ -17,6 +17,7 @@
 // path, which reproduces torch's.
 #pragma once
 
+#include "../cpu_isa.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -34,6 +35,7 @@
 
 namespace attnkernels {
 namespace cpu {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
 // Whether the row path serves these arguments: bilinear, zeros or border
 // padding, finite theta, and every tap offset (in range or not) within int32:
@@ -307,5 +309,6 @@ at::Tensor reduce_planar_private_grads(const acc_t* copies_ptr, int64_t copies, 
   return grad;
 }
 
+}  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu
 }  // namespace attnkernels

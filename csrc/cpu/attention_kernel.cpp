@@ -20,17 +20,19 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <atomic>
 #include <limits>
 #include <optional>
 #include <vector>
 
+#include "../cpu_isa.h"
 #include "attention_math.h"
+#include "cpu_kernels.h"
 
 namespace attnkernels {
 namespace cpu {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 namespace {
 
 // Tile sizes (rows of queries x rows of keys), chosen by bench/bench_attention.py
@@ -504,10 +506,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {
-  m.impl("attention", &attention_cpu);
-  m.impl("attention_backward", &attention_backward_cpu);
+// Registered with torch by cpu_dispatch.cpp, for the variant chosen at run time.
+void add_attention_kernels(CpuKernels& table) {
+  table.attention = &attention_cpu;
+  table.attention_backward = &attention_backward_cpu;
 }
 
+}  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu
 }  // namespace attnkernels

@@ -3,13 +3,14 @@
 // compiler vectorises, and the counter-based dropout generator.
 #pragma once
 
+#include "../cpu_isa.h"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -27,6 +28,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 namespace attnkernels {
 namespace cpu {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
 // Plain loops, only for a torch without BLAS symbols.
 template <typename T>
@@ -105,8 +107,8 @@ inline float exp_nonpositive(float x) {
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
 // Row reductions of the softmax, vectorised. The generic versions are plain
-// loops; with AVX-512 the float ones use intrinsics (GCC does not vectorise the
-// bit tricks of exp_nonpositive reliably).
+// loops; with AVX-512 or AVX2 + FMA the float ones use intrinsics (GCC does not
+// vectorise the bit tricks of exp_nonpositive reliably).
 
 // The maximum, or NaN if any value is NaN (a NaN input must show in the output,
 // not be taken for a fully masked row).
@@ -195,6 +197,89 @@ inline float exp_shifted_sum<float>(float* values, int64_t n, float shift) {
   }
   return _mm512_reduce_add_ps(sum);
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// The AVX2 variant: exp_nonpositive16's algorithm on 8 lanes. AVX2 has no scalef,
+// so 2^n is built from its exponent bits (n is in [-126, 127] after the clamp).
+inline __m256 exp_nonpositive8(__m256 x) {
+  const __m256 lowest = _mm256_set1_ps(-87.0f);
+  // max/min return their second operand when one is NaN: the NaN survives the clamp.
+  const __m256 clamped = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(lowest, x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), clamped);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i exponent =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));  // p * 2^n
+  const __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
+  return _mm256_andnot_ps(underflow, result);
+}
+
+// All ones in the first `remaining` (< 8) lanes.
+inline __m256i tail_mask8(int64_t remaining) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(remaining)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+inline float horizontal_max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+inline float horizontal_sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+template <>
+inline float max_of<float>(const float* values, int64_t n) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 result = neg_inf;
+  __m256 nan_seen = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(values + i);
+    nan_seen = _mm256_or_ps(nan_seen, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    result = _mm256_max_ps(result, x);
+  }
+  if (i < n) {
+    const __m256i mask = tail_mask8(n - i);
+    const __m256 x = _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(values + i, mask), _mm256_castsi256_ps(mask));
+    nan_seen = _mm256_or_ps(nan_seen, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    result = _mm256_max_ps(result, x);
+  }
+  return _mm256_movemask_ps(nan_seen) ? std::numeric_limits<float>::quiet_NaN() : horizontal_max8(result);
+}
+
+template <>
+inline float exp_shifted_sum<float>(float* values, int64_t n, float shift) {
+  const __m256 shift8 = _mm256_set1_ps(shift);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 p = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(values + i), shift8));
+    _mm256_storeu_ps(values + i, p);
+    sum = _mm256_add_ps(sum, p);
+  }
+  if (i < n) {
+    const __m256i mask = tail_mask8(n - i);
+    const __m256 p = exp_nonpositive8(_mm256_sub_ps(_mm256_maskload_ps(values + i, mask), shift8));
+    _mm256_maskstore_ps(values + i, mask, p);
+    sum = _mm256_add_ps(sum, _mm256_and_ps(p, _mm256_castsi256_ps(mask)));
+  }
+  return horizontal_sum8(sum);
+}
 #endif
 
 // Dropout keep decisions from a counter-based hash (splitmix64's finaliser) of
@@ -219,5 +304,6 @@ struct DropoutMask {
   inline bool keep(uint64_t element) const { return (mix(key + element * 0x9E3779B97F4A7C15ull) >> 40) >= threshold; }
 };
 
+}  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu
 }  // namespace attnkernels

@@ -8,14 +8,16 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <torch/library.h>
 
+#include "../cpu_isa.h"
 #include "../sampling_checks.h"
+#include "cpu_kernels.h"
 #include "planar_sampler.h"
 #include "sampler_core.h"
 
 namespace attnkernels {
 namespace cpu {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 namespace {
 
 // Coordinates read from a stored grid (N, P, Dims), gradient written back to
@@ -157,10 +159,12 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& gr
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {
-  m.impl("grid_sample", &grid_sample_forward_cpu);
-  m.impl("grid_sample_backward", &grid_sample_backward_cpu);
+// Registered with torch by cpu_dispatch.cpp, for the variant chosen at run time.
+void add_grid_sample_kernels(CpuKernels& table) {
+  table.grid_sample = &grid_sample_forward_cpu;
+  table.grid_sample_backward = &grid_sample_backward_cpu;
 }
 
+}  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu
 }  // namespace attnkernels

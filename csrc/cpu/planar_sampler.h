@@ -12,6 +12,7 @@
 // sampler.
 #pragma once
 
+#include "../cpu_isa.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -21,6 +22,7 @@
 
 namespace attnkernels {
 namespace cpu {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
 constexpr int64_t kPlanarMaxChannels = 4;
 
@@ -71,5 +73,6 @@ void planar_forward(const SamplerShape& s, const float* input, const float* grid
 }
 #endif
 
+}  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu
 }  // namespace attnkernels

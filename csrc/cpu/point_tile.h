@@ -3,6 +3,7 @@
 // grid_sample's general loops (sampler_core.h) from stored grid points.
 #pragma once
 
+#include "../cpu_isa.h"
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -15,6 +16,7 @@
 
 namespace attnkernels {
 namespace cpu {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
 // Taps of one tile of kLanes points: per tap (x fastest, then y, then z) the
 // offset within an input plane, the weight, whether it lies inside the input,
@@ -45,6 +47,47 @@ struct RowTile {
     }
 #endif
     constexpr int kCols = Dims + 1;
+    acc_t coords[Dims][kLanes];
+    for (int r = 0; r < Dims; ++r) {
+      const acc_t t0 = t[r * kCols + 0];
+      const acc_t t1 = Dims > 1 ? t[r * kCols + 1] : acc_t(0);
+      const acc_t t2 = Dims > 2 ? t[r * kCols + 2] : acc_t(0);
+      const acc_t shift = t[r * kCols + Dims];
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        // theta @ [x, y, (z,) 1], in AffineCoords::Cursor::load's order.
+        acc_t v = shift;
+        v += t0 * bx[l];
+        if constexpr (Dims > 1) v += t1 * by;
+        if constexpr (Dims > 2) v += t2 * bz;
+        coords[r][l] = v;
+      }
+    }
+    taps_from_coords<border, with_dweight>(coords, s);
+  }
+
+  // Taps of the first `count` (1..kLanes) points whose normalised coordinates
+  // are stored interleaved (x, y[, z]) from `points`, in plain loops (the AVX2
+  // variant vectorises them); build_from_points_avx512 documents the contract.
+  template <bool border, bool with_dweight>
+  bool build_from_points(const acc_t* points, int64_t count, const SamplerShape& s) {
+    acc_t coords[Dims][kLanes];
+    bool ok = true;
+    for (int l = 0; l < kLanes; ++l) {
+      for (int a = 0; a < Dims; ++a) {
+        const acc_t c = l < count ? points[l * Dims + a] : acc_t(0);
+        coords[a][l] = c;
+        ok = ok && std::abs(c) <= acc_t(kTileReach);  // false for NaN
+      }
+    }
+    if (!ok) return false;
+    taps_from_coords<border, with_dweight>(coords, s);
+    return true;
+  }
+
+  // The taps from normalised coordinates, in plain loops: taps_from_coords_avx512's operations in its order.
+  template <bool border, bool with_dweight>
+  void taps_from_coords(const acc_t (&coords)[Dims][kLanes], const SamplerShape& s) {
     // Per axis: the low and high tap's offset, weight, d weight, and whether it is inside (1) or not (0).
     int32_t offset_of[Dims][2][kLanes];
     acc_t weight_of[Dims][2][kLanes];
@@ -56,19 +99,11 @@ struct RowTile {
       const acc_t fsize = acc_t(size);
       const acc_t last = acc_t(size - 1);
       const acc_t scale = s.align_corners ? last / acc_t(2) : fsize / acc_t(2);
-      const acc_t t0 = t[r * kCols + 0];
-      const acc_t t1 = Dims > 1 ? t[r * kCols + 1] : acc_t(0);
-      const acc_t t2 = Dims > 2 ? t[r * kCols + 2] : acc_t(0);
-      const acc_t shift = t[r * kCols + Dims];
       // unnormalize() as a * (v + 1) - b: align_corners: (v + 1) / 2 * last; else ((v + 1) * size - 1) / 2.
       const bool align = s.align_corners;
 #pragma omp simd
       for (int l = 0; l < kLanes; ++l) {
-        // theta @ [x, y, (z,) 1], in AffineCoords::Cursor::load's order.
-        acc_t v = shift;
-        v += t0 * bx[l];
-        if constexpr (Dims > 1) v += t1 * by;
-        if constexpr (Dims > 2) v += t2 * bz;
+        const acc_t v = coords[r][l];
         const acc_t aligned = (v + acc_t(1)) / acc_t(2) * last;
         const acc_t unaligned = ((v + acc_t(1)) * fsize - acc_t(1)) / acc_t(2);
         acc_t x = align ? aligned : unaligned;
@@ -280,5 +315,6 @@ struct RowTile {
 #endif
 };
 
+}  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu
 }  // namespace attnkernels

@@ -10,6 +10,7 @@
 // so that threads never contend, and sums them at the end.
 #pragma once
 
+#include "../cpu_isa.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -25,6 +26,7 @@
 
 namespace attnkernels {
 namespace cpu {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
 constexpr int int_pow(int base, int exponent) {
   int result = 1;
@@ -195,12 +197,12 @@ inline void backward_full_block(const Taps& taps, const acc_t* src, acc_t* grad_
 }
 
 // Whether the taps of a group of points can come from a vectorised tile: fp32
-// with AVX-512, bilinear, zeros or border padding, and a source that stores
+// with AVX-512 or AVX2, bilinear, zeros or border padding, and a source that stores
 // its points (grid_sample's grid). Each group still falls back per point when
 // build_tile() declines it (non-finite or far-out coordinates).
 template <typename acc_t, Interpolation mode, typename Source>
 constexpr bool tiles_possible() {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
   return std::is_same_v<acc_t, float> && mode == Interpolation::Bilinear &&
          requires(const Source& source) { source.points_at(int64_t(0)); };
 #else
@@ -231,6 +233,14 @@ bool build_tile(RowTile<float, Dims>& tile, const float* points, int64_t count, 
   }
   return border ? tile.template build_from_points_avx512<true, false>(points, count, s)
                 : tile.template build_from_points_avx512<false, false>(points, count, s);
+#elif defined(__AVX2__)
+  const bool border = s.padding == Padding::Border;
+  if (with_dweight) {
+    return border ? tile.template build_from_points<true, true>(points, count, s)
+                  : tile.template build_from_points<false, true>(points, count, s);
+  }
+  return border ? tile.template build_from_points<true, false>(points, count, s)
+                : tile.template build_from_points<false, false>(points, count, s);
 #else
   return false;
 #endif
@@ -605,5 +615,6 @@ inline void read_shape(const at::Tensor& input, SamplerShape& s) {
 }
 
 
+}  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu
 }  // namespace attnkernels

@@ -1,18 +1,27 @@
 // The shape of one CPU sampling problem, shared by the sampler headers.
 #pragma once
 
+#include "../cpu_isa.h"
 #include <cstdint>
 
 #include "../grid_sample_math.h"
 
 namespace attnkernels {
 namespace cpu {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
 using sampling::Interpolation;
 using sampling::NanPolicy;
 using sampling::Padding;
 
-constexpr int64_t kChannelBlock = 16;  // one AVX-512 vector of fp32
+// Channels per block of the sampling loops (sampler_core.h), one vector value each. 16 fp32 are one
+// AVX-512 register; the AVX2 variant uses 8 (one AVX2 register): a 16-lane GCC vector there lived on
+// the stack between taps, and that build ran slower than the default one.
+#if defined(ATTNKERNELS_CPU_AVX2)
+constexpr int64_t kChannelBlock = 8;
+#else
+constexpr int64_t kChannelBlock = 16;
+#endif
 
 // Shapes of one sampling problem. Axis 0 is x (width), 1 is y, 2 is z.
 struct SamplerShape {
@@ -27,5 +36,6 @@ struct SamplerShape {
   int64_t out_points() const { return out_size[0] * out_size[1] * out_size[2]; }
 };
 
+}  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu
 }  // namespace attnkernels

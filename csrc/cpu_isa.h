@@ -1,0 +1,26 @@
+// Which CPU variant this translation unit is compiled for.
+//
+// setup.py compiles the hot CPU kernels three times on x86-64: with the plain
+// x86-64 flags (the `default` variant, also the only one on other CPUs), with
+// -mavx2 -mfma -mf16c (ATTNKERNELS_CPU_AVX2) and with AVX-512 F/BW/VL/DQ
+// (ATTNKERNELS_CPU_AVX512); csrc/cpu/cpu_dispatch.cpp picks one at run time.
+//
+// Every inline function and template of ours lives in an inline namespace
+// named after the variant. Without it, the AVX-512 object's out-of-line copy
+// of, say, a sampler_core.h template and the default object's copy would
+// share one symbol name, and the linker would keep one of them for every
+// caller: an AVX2 machine could then run AVX-512 code and die with SIGILL.
+// Inline functions of torch and the C++ library cannot be renamed this way;
+// setup.py links the default objects first, and linkers keep the first
+// definition of such a symbol, so every caller gets a copy compiled for its
+// variant or a lower one (tests/test_cpu_capability.py checks the built
+// library for this).
+#pragma once
+
+#if defined(ATTNKERNELS_CPU_AVX512)
+#define ATTNKERNELS_CPU_ISA avx512
+#elif defined(ATTNKERNELS_CPU_AVX2)
+#define ATTNKERNELS_CPU_ISA avx2
+#else
+#define ATTNKERNELS_CPU_ISA generic
+#endif

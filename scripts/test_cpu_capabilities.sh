@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs the CPU-kernel tests under every CPU variant of the kernels that this machine can run (default, avx2,
+# avx512: see csrc/cpu/cpu_dispatch.cpp), each forced with ATTNKERNELS_CPU_CAPABILITY. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Only the C++ CPU kernels differ between variants: leave out the Triton interpreter and the pure-PyTorch
+# reference backend, which the plain `pytest` run covers.
+export TRITON_INTERPRET=0
+best=$(env -u ATTNKERNELS_CPU_CAPABILITY python -c "import attnkernels; print(attnkernels.cpu_capability())")
+tests=(tests/test_cpu_capability.py tests/test_grid_sample.py tests/test_affine.py tests/test_attention.py
+       tests/test_sampling_errors.py tests/test_sampling_library.py)
+for capability in default avx2 avx512; do
+  echo "== CPU kernels, ${capability} variant"
+  ATTNKERNELS_CPU_CAPABILITY=$capability python -m pytest -q -p no:cacheprovider -k "not reference" "${tests[@]}" "$@"
+  [ "$capability" = "$best" ] && break
+done
