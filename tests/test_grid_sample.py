@@ -326,3 +326,21 @@ def test_cpu_point_tiles_equal_the_per_point_path_bitwise(dims, padding, align, 
     keep[far] = False
     assert torch.equal(out.flatten(2)[..., keep], out_moved.flatten(2)[..., keep])
     assert torch.equal(grad_grid.view_as(flat)[:, keep], grad_grid_moved.view_as(flat)[:, keep])
+
+
+@pytest.mark.parametrize("dims", (2, 3))
+@pytest.mark.parametrize("mode", MODES)
+def test_size_one_axes_with_reflection_and_align_corners_give_zero_grid_gradient(dims, mode):
+    """A 1-pixel input with reflection padding and align_corners=True samples position 0 whatever the
+    grid: torch gives a zero grid gradient, and every backend must give it too (not cut the grid out of
+    the graph, which made autograd.grad fail; found by the hypothesis test above)."""
+    if dims == 3 and mode == "bicubic":
+        pytest.skip("torch has no 5-D bicubic")
+    x = torch.randn((1, 2, *([1] * dims)), dtype=torch.float64)
+    grid = torch.rand((1, *([2] * dims), dims), generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4 - 2
+    theirs = forward_and_grads(lambda a, b: F.grid_sample(a, b, mode, "reflection", True), x, grid)
+    for backend in cpu_backends():
+        ours = forward_and_grads(
+            lambda a, b, be=backend: attnkernels.grid_sample(a, b, mode, "reflection", True, backend=be), x, grid)
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=lambda m, be=backend: f"{be}: {m}")

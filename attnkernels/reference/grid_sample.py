@@ -47,7 +47,9 @@ def _reflect(x: torch.Tensor, twice_low: int, twice_high: int) -> torch.Tensor:
     coordinates reflect exactly; counting flips (distance / span) would round.
     """
     if twice_low == twice_high:
-        return torch.zeros_like(x)
+        # A size-1 axis: always 0, with a zero gradient (zeros_like would cut the grid out of the graph,
+        # and autograd.grad to the grid would then fail instead of giving 0).
+        return 0 * torch.nan_to_num(x)
     low = twice_low / 2
     span = (twice_high - twice_low) / 2
     shifted = x - low
