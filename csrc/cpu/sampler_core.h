@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../grid_sample_math.h"
@@ -200,11 +201,17 @@ inline void backward_full_block(const Taps& taps, const acc_t* src, acc_t* grad_
 // with AVX-512 or AVX2, bilinear, zeros or border padding, and a source that stores
 // its points (grid_sample's grid). Each group still falls back per point when
 // build_tile() declines it (non-finite or far-out coordinates).
+// Whether Source stores its points (has points_at); C++17, since torch 2.11 builds extensions so.
+template <typename Source, typename = void>
+struct StoresPoints : std::false_type {};
+template <typename Source>
+struct StoresPoints<Source, std::void_t<decltype(std::declval<const Source&>().points_at(int64_t(0)))>>
+    : std::true_type {};
+
 template <typename acc_t, Interpolation mode, typename Source>
 constexpr bool tiles_possible() {
 #if defined(__AVX512F__) || defined(__AVX2__)
-  return std::is_same_v<acc_t, float> && mode == Interpolation::Bilinear &&
-         requires(const Source& source) { source.points_at(int64_t(0)); };
+  return std::is_same_v<acc_t, float> && mode == Interpolation::Bilinear && StoresPoints<Source>::value;
 #else
   return false;
 #endif
