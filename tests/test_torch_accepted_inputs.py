@@ -127,7 +127,16 @@ FUNCTIONS = {
 }
 
 
-@pytest.mark.parametrize("name", list(FUNCTIONS))
+# torch 2.11's functorch fails inside autograd.graph ("Expected a proper Tensor but got None") when the
+# reference sampler is differentiated to its coordinates; torch 2.14 computes them. Seen in CI's torch
+# 2.11 stage; the cause inside torch is not established.
+_TORCH_2_11 = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12)
+_FUNCTORCH_GAP = pytest.mark.xfail(_TORCH_2_11, reason="torch 2.11 functorch: sampler gradient to the coordinates",
+                                   strict=True)
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=_FUNCTORCH_GAP) if name in (
+    "grid_sample to the grid", "affine_grid_sample") else name for name in FUNCTIONS])
 def test_torch_func_grad_and_jacrev(name):
     ours, theirs, argument = FUNCTIONS[name]
     torch.testing.assert_close(torch.func.grad(lambda a: ours(a).square().sum())(argument),
