@@ -71,6 +71,20 @@ def _check_tensor(op: str, name: str, t) -> None:
         raise TypeError(f"attnkernels.{op}: expected `{name}` to be a torch.Tensor, got {type(t).__name__}")
 
 
+def check_mask_kind(op: str, attn_mask, query: torch.Tensor, is_causal: bool) -> None:
+    """attn_mask is a tensor of an accepted dtype on query's device, and not given with is_causal."""
+    _check_tensor(op, "attn_mask", attn_mask)
+    if is_causal:
+        raise RuntimeError(f"attnkernels.{op}: `attn_mask` and `is_causal=True` cannot be used together "
+                           "(fold the causal mask into attn_mask)")
+    if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` to be bool, float32 or of the dtype of "
+                           f"`query` ({query.dtype}), got {attn_mask.dtype}")
+    if attn_mask.device != query.device:
+        raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` on the device of `query` ({query.device}), "
+                           f"got {attn_mask.device}")
+
+
 def _as_number(op: str, name: str, value) -> float:
     """A Python float from a number as torch's argument parser takes it (bool, numpy scalar, 0-d tensor)."""
     if isinstance(value, torch.Tensor):
@@ -175,16 +189,7 @@ def _prepare(op: str, query, key, value, attn_mask, dropout_p, is_causal, scale,
     value = value.expand(*batch, kv_heads, *value.shape[-2:])
 
     if attn_mask is not None:
-        _check_tensor(op, "attn_mask", attn_mask)
-        if is_causal:
-            raise RuntimeError(f"attnkernels.{op}: `attn_mask` and `is_causal=True` cannot be used together "
-                               "(fold the causal mask into attn_mask)")
-        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
-            raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` to be bool, float32 or of the dtype of "
-                               f"`query` ({query.dtype}), got {attn_mask.dtype}")
-        if attn_mask.device != query.device:
-            raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` on the device of `query` ({query.device}), "
-                               f"got {attn_mask.device}")
+        check_mask_kind(op, attn_mask, query, is_causal)
         if attn_mask.dim() < 2:  # torch fails on these with an IndexError
             raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` of shape (..., L, S) with at least 2 "
                                f"dimensions, got sizes {list(attn_mask.shape)}")

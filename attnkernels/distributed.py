@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from .attention import _check_tensor, _prepare, attention_backend, attention_with_lse, merge_attention
+from .attention import _check_tensor, _prepare, attention_backend, attention_with_lse, check_mask_kind, merge_attention
 from .reference.attention import accumulation_dtype, default_scale
 
 # dtypes as small ints for the cross-rank check (attention takes the first four; shards of any)
@@ -432,16 +432,7 @@ class _RingAttention(torch.autograd.Function):
 
 
 def _check_mask(op: str, attn_mask, query, key, is_causal: bool, world: int) -> None:
-    _check_tensor(op, "attn_mask", attn_mask)
-    if is_causal:
-        raise RuntimeError(f"attnkernels.{op}: `attn_mask` and `is_causal=True` cannot be used together "
-                           "(fold the causal mask into attn_mask)")
-    if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
-        raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` to be bool, float32 or of the dtype of "
-                           f"`query` ({query.dtype}), got {attn_mask.dtype}")
-    if attn_mask.device != query.device:
-        raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` on the device of `query` ({query.device}), "
-                           f"got {attn_mask.device}")
+    check_mask_kind(op, attn_mask, query, is_causal)
     if attn_mask.requires_grad:
         raise RuntimeError(f"attnkernels.{op}: a float `attn_mask` that requires grad is not supported (its "
                            "gradient is not computed); pass attn_mask.detach() or a bool mask")
