@@ -68,10 +68,13 @@ def _assert_same_nan_pattern_and_values(ours, theirs, name):
 
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("where", ["key NaN", "key +inf", "value NaN", "value inf", "query NaN"])
-def test_non_finite_behind_a_bool_mask_reaches_the_rows_it_reaches_in_torch(backend, where):
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_non_finite_behind_a_mask_reaches_the_rows_it_reaches_in_torch(backend, where, kind):
     length = _length(backend)
     q, k, v = _inputs(where, length)
     mask = torch.ones(length, length, dtype=torch.bool).tril()
+    if kind == "float":  # -inf where hidden: the same mask as an additive one
+        mask = torch.zeros(length, length, dtype=q.dtype).masked_fill(~mask, -math.inf)
     ours = _forward_and_gradients(lambda *t: _call(backend, *t, attn_mask=mask), q, k, v)
     theirs = _forward_and_gradients(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=mask), q, k, v)
     assert theirs[0].isnan().any(), "the case must put a NaN in torch's output"
