@@ -363,11 +363,6 @@ def main(argv=None) -> float:
 
 
 if __name__ == "__main__":
-    main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Skip interpreter finalisation under torchrun: torch's gloo worker threads outlive
-        # destroy_process_group, and one that frees a finished collective's tensors while the interpreter
-        # finalises aborts the process ("terminate called without an active exception") after a good run.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    from torchrun_exit import run_as_script  # examples/ is the script's directory: on sys.path
+
+    run_as_script(main)

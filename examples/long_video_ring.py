@@ -24,7 +24,6 @@ import copy
 import math
 import os
 import socket
-import sys
 import time
 
 import torch
@@ -211,10 +210,6 @@ def main(argv=None) -> float:
 
 
 if __name__ == "__main__":
-    main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # As in action_recognition.py: skip interpreter finalisation under torchrun, where gloo's worker
-        # threads can outlive destroy_process_group and abort the process after a good run.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    from torchrun_exit import run_as_script  # examples/ is the script's directory: on sys.path
+
+    run_as_script(main)
