@@ -315,12 +315,9 @@ def _kernel_block_gradients(backend, grad_out, query, key, value, attn_mask, out
         if mask.is_floating_point():
             mask = mask.to(lse.dtype)  # the kernels add masks in the accumulation dtype
         mask = mask.expand(*batch_shape, hq, length, key.shape[-2]).reshape(q.shape[0], hq, length, key.shape[-2])
-    if backend == "triton":
-        grads = torch.ops.attnkernels.triton_attention_backward(go, None, q, k, v, mask, o, m, 0.0, is_causal, scale,
-                                                                None, False)
-    else:
-        grads = torch.ops.attnkernels.attention_backward(go, None, q, k, v, mask, o, m, 0.0, is_causal, scale, None,
-                                                         [True, True, True, False])
+    gradient_op = (torch.ops.attnkernels.triton_attention_backward if backend == "triton"
+                   else torch.ops.attnkernels.attention_backward)
+    grads = gradient_op(go, None, q, k, v, mask, o, m, 0.0, is_causal, scale, None, [True, True, True, False])
     return tuple(g.reshape(t.shape) for g, t in zip(grads[:3], (query, key, value), strict=True))
 
 

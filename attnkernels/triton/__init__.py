@@ -20,9 +20,9 @@ import torch
 
 from ._sampler import INTERPRETER
 from .affine_grid import affine_grid
-from .affine_grid_sample import affine_grid_sample
-from .attention import MAX_HEAD_DIM, attention
-from .grid_sample import grid_sample
+from .attention import MAX_HEAD_DIM
+from .attention_op import attention
+from .sampling import affine_grid_sample, grid_sample
 
 _OPS = ("grid_sample", "affine_grid", "affine_grid_sample", "attention")
 _SAMPLING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -308,12 +308,5 @@ def input_gradient(grad_source: torch.Tensor, input: torch.Tensor) -> torch.Tens
     return grad_source.movedim(-1, 1).to(input.dtype).contiguous(memory_format=fmt)
 
 
-def empty_gradient_like(t: torch.Tensor, needed: bool) -> torch.Tensor:
-    """A fake kernel's stand-in for ``input_gradient``: same shape and layout, or empty."""
-    if not needed:
-        return t.new_empty((0,))
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device).contiguous(memory_format=gradient_memory_format(t))
-
-
 def output_geometry(spatial: list[int]) -> tuple[int, int, int]:
     return (1, *spatial) if len(spatial) == 2 else tuple(spatial)
