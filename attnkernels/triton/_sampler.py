@@ -89,6 +89,20 @@ def _block_of_points(OD, OH, OW, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _origins(gx, gy, gz, IW, IH, ID, MODE: tl.constexpr, PADDING: tl.constexpr, ALIGN_CORNERS: tl.constexpr,
+             DIMS: tl.constexpr):
+    """(origin, fraction, slope) of each axis (x, y, z) of the points' taps; z is unused in 2-D."""
+    VOLUMETRIC: tl.constexpr = DIMS == 3
+    ox, fx, sx = axis_origin(gx, IW, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
+    oy, fy, sy = axis_origin(gy, IH, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
+    if VOLUMETRIC:
+        oz, fz, sz = axis_origin(gz, ID, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
+        return ox, fx, sx, oy, fy, sy, oz, fz, sz
+    else:
+        return ox, fx, sx, oy, fy, sy, gz, gz, gz
+
+
+@triton.jit
 def _tap(ox, fx, sx, oy, fy, sy, oz, fz, sz, IW, IH, ID, KX: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr,
          MODE: tl.constexpr, PADDING: tl.constexpr, ALIGN_CORNERS: tl.constexpr, VOLUMETRIC: tl.constexpr,
          DIMS: tl.constexpr):
@@ -121,12 +135,7 @@ def sample_forward_kernel(
     n, p, pmask, pz, py, px, P = _block_of_points(OD, OH, OW, BLOCK_P, WIDE)
     gx, gy, gz = _point_coordinates(coords_ptr, n, p, pmask, pz, py, px, OD, OH, OW, g_n, g_d, g_h, g_w, g_k,
                                     DIMS, AFFINE, ALIGN_CORNERS, ACC)
-    ox, fx, sx = axis_origin(gx, IW, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
-    oy, fy, sy = axis_origin(gy, IH, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
-    if DIMS == 3:
-        oz, fz, sz = axis_origin(gz, ID, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
-    else:
-        oz, fz, sz = gz, gz, gz  # unused: a 2-D problem has one tap along z
+    ox, fx, sx, oy, fy, sy, oz, fz, sz = _origins(gx, gy, gz, IW, IH, ID, MODE, PADDING, ALIGN_CORNERS, DIMS)
     source = input_ptr + n.to(tl.int64) * i_n
     out = out_ptr + n.to(tl.int64) * C * P
     for c0 in range(0, C, BLOCK_C):
@@ -171,12 +180,7 @@ def sample_backward_kernel(
     n, p, pmask, pz, py, px, P = _block_of_points(OD, OH, OW, BLOCK_P, WIDE)
     gx, gy, gz = _point_coordinates(coords_ptr, n, p, pmask, pz, py, px, OD, OH, OW, g_n, g_d, g_h, g_w, g_k,
                                     DIMS, AFFINE, ALIGN_CORNERS, ACC)
-    ox, fx, sx = axis_origin(gx, IW, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
-    oy, fy, sy = axis_origin(gy, IH, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
-    if DIMS == 3:
-        oz, fz, sz = axis_origin(gz, ID, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
-    else:
-        oz, fz, sz = gz, gz, gz  # unused: a 2-D problem has one tap along z
+    ox, fx, sx, oy, fy, sy, oz, fz, sz = _origins(gx, gy, gz, IW, IH, ID, MODE, PADDING, ALIGN_CORNERS, DIMS)
     source = input_ptr + n.to(tl.int64) * i_n
     grad_out = grad_out_ptr + n.to(tl.int64) * o_n + pz * o_d + py * o_h + px * o_w
     grad_source = grad_input_ptr + n.to(tl.int64) * ID * IH * IW * C

@@ -144,6 +144,25 @@ def _rounded(x, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _query_block(L, Hq, GROUP, BLOCK_M: tl.constexpr):
+    """This program's block of query rows: (start_m, bh, b, h, kv_h, rows). One grid axis (x, up to
+    2**31 - 1 programs): query blocks fastest, then batch × head; query head h reads kv head h // GROUP."""
+    m_blocks = tl.cdiv(L, BLOCK_M)
+    start_m = (tl.program_id(0) % m_blocks) * BLOCK_M
+    bh = tl.program_id(0) // m_blocks
+    h = bh % Hq
+    return start_m, bh, bh // Hq, h, h // GROUP, start_m + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def _load_query(Q, b, h, rows, e, q_b, q_h, q_l, q_e, L, E, DOT_FP32: tl.constexpr):
+    """The (rows, e) query tile of head h of batch entry b as a tl.dot operand, zero past L and E."""
+    q = tl.load(Q + b.to(tl.int64) * q_b + h * q_h + rows[:, None] * q_l + e[None, :] * q_e,
+                mask=(rows[:, None] < L) & (e[None, :] < E), other=0)
+    return _operand(q, DOT_FP32)
+
+
+@triton.jit
 def _scores(q, k_t, mask_ptr, rows, cols, L, S, m_l, m_s, params_ptr,
             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
             ACC: tl.constexpr):
@@ -177,19 +196,10 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Out: (B, Hq, L, EV) contiguous; Lse: (B, Hq, L) natural log, -inf for fully masked rows."""
-    # One grid axis (x, up to 2**31 - 1 programs): query blocks fastest, then batch × head.
-    m_blocks = tl.cdiv(L, BLOCK_M)
-    start_m = (tl.program_id(0) % m_blocks) * BLOCK_M
-    bh = tl.program_id(0) // m_blocks
-    b = bh // Hq
-    h = bh % Hq
-    kv_h = h // GROUP
-    rows = start_m + tl.arange(0, BLOCK_M)
+    start_m, bh, b, h, kv_h, rows = _query_block(L, Hq, GROUP, BLOCK_M)
     e = tl.arange(0, BLOCK_E)
     ev = tl.arange(0, BLOCK_EV)
-    q = tl.load(Q + b.to(tl.int64) * q_b + h * q_h + rows[:, None] * q_l + e[None, :] * q_e,
-                mask=(rows[:, None] < L) & (e[None, :] < E), other=0)
-    q = _operand(q, DOT_FP32)
+    q = _load_query(Q, b, h, rows, e, q_b, q_h, q_l, q_e, L, E, DOT_FP32)
     k_base = K + b.to(tl.int64) * k_b + kv_h * k_h
     v_base = V + b.to(tl.int64) * v_b + kv_h * v_h
     mask_base = Mask + b.to(tl.int64) * m_b + h * m_h
@@ -327,20 +337,11 @@ def _backward_q_kernel(
     BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ (B, Hq, L, E) contiguous in ACC, and with MASK_GRAD the score gradient (B, Hq, L, S)."""
-    # One grid axis (x, up to 2**31 - 1 programs): query blocks fastest, then batch × head.
-    m_blocks = tl.cdiv(L, BLOCK_M)
-    start_m = (tl.program_id(0) % m_blocks) * BLOCK_M
-    bh = tl.program_id(0) // m_blocks
-    b = bh // Hq
-    h = bh % Hq
-    kv_h = h // GROUP
-    rows = start_m + tl.arange(0, BLOCK_M)
+    start_m, bh, b, h, kv_h, rows = _query_block(L, Hq, GROUP, BLOCK_M)
     in_rows = rows < L
     e = tl.arange(0, BLOCK_E)
     ev = tl.arange(0, BLOCK_EV)
-    q = tl.load(Q + b.to(tl.int64) * q_b + h * q_h + rows[:, None] * q_l + e[None, :] * q_e,
-                mask=in_rows[:, None] & (e[None, :] < E), other=0)
-    q = _operand(q, DOT_FP32)
+    q = _load_query(Q, b, h, rows, e, q_b, q_h, q_l, q_e, L, E, DOT_FP32)
     grad_out = tl.load(GradOut + b.to(tl.int64) * o_b + h * o_h + rows[:, None] * o_l + ev[None, :] * o_e,
                        mask=in_rows[:, None] & (ev[None, :] < EV), other=0)
     grad_out = _operand(grad_out, DOT_FP32)
