@@ -11,7 +11,7 @@ PyTorch); ``backend=None`` picks the best one for the inputs.
 from . import _extension
 
 if _extension.has_extension():
-    from . import _library  # noqa: F401  (fake kernels and autograd of the C++ ops)
+    from ._library import compiled  # noqa: F401  (fake kernels and autograd of the C++ ops)
 
 from . import nn  # modules: SpatialTransformer, MultiheadSelfAttention, SpatialSoftAttention
 from ._dispatch import available_backends

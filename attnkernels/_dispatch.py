@@ -1,13 +1,16 @@
 """Backend selection: the one place that decides which implementation runs.
 
-Each public op declares, per backend, a function that returns None when that
-backend can serve the given inputs and otherwise a sentence saying why not
-(the xformers pattern). ``select_backend`` tries them in order of preference,
-or checks the one the caller asked for and raises with its reason.
+Each op has one table of ``Backend`` declarations, one per backend, each stating what it serves
+(devices through its name, dtypes, dims, modes, head dims, features) and the callable that runs
+it, declared next to its kernels. ``not_supported_reasons`` turns a declaration and a ``Request``
+(what one call asks) into None or the sentence saying why not (the xformers pattern);
+``select_backend`` tries the backends in order of preference, or checks the one the caller asked
+for and raises with its reason.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -101,6 +104,83 @@ def why_not_device(tensor: torch.Tensor, backend: str, op: str) -> str | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What one (validated) call asks of a backend.
+
+    op: the kernel op (attnkernels::<op>) whose registration decides the cpu and cuda backends;
+    tensor: the input that decides device and dtype; dims: spatial dims (2 or 3) of a sampler;
+    mode: its interpolation name; head_dims: (E, Ev) of attention; features: what the call uses
+    beyond the plain op (attention: "mask", "dropout", "causal", "gqa"); tensors: the call's
+    tensors by name, for a backend's ``extra_reasons``.
+    """
+
+    op: str
+    tensor: torch.Tensor
+    dims: int | None = None
+    mode: str | None = None
+    head_dims: tuple[int, int] | None = None
+    features: frozenset[str] = frozenset()
+    tensors: Mapping[str, torch.Tensor | None] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One backend of one op: what it serves and the callable that runs it.
+
+    A field left None places no limit. ``extra_reasons(request)`` states what the fields cannot
+    (a limit on one device only, a kernel's launch limits). ``gradient`` is attention's backward
+    kernel, for callers that run it on their own (``attnkernels.distributed``).
+    """
+
+    name: str
+    run: Callable
+    label: str = ""
+    dtypes: tuple[torch.dtype, ...] | None = None
+    dims: tuple[int, ...] | None = None
+    modes: tuple[str, ...] | None = None
+    max_head_dim: int | None = None
+    features: frozenset[str] | None = None
+    extra_reasons: Callable[[Request], str | None] | None = None
+    gradient: Callable | None = None
+
+
+def _listed(words: Sequence[str], last: str = "or") -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {last} {words[-1]}"
+
+
+def not_supported_reasons(backend: Backend, request: Request) -> str | None:
+    """None when ``backend`` can serve ``request``, else the sentence saying why not."""
+    reason = why_not_device(request.tensor, backend.name, request.op)
+    if reason is not None:
+        return reason
+    label = backend.label or f"the {backend.name} backend"
+    dtype = request.tensor.dtype
+    if backend.dtypes is not None and dtype not in backend.dtypes:
+        return f"{label} takes {_listed([str(d).removeprefix('torch.') for d in backend.dtypes])} inputs, not {dtype}"
+    if backend.modes is not None and request.mode is not None and request.mode not in backend.modes:
+        return f"{label} has no {request.mode!r} mode"
+    if backend.dims is not None and request.dims is not None and request.dims not in backend.dims:
+        return f"{label} takes {_listed([f'{d + 2}-D' for d in backend.dims])} inputs"
+    if backend.max_head_dim is not None and request.head_dims is not None:
+        head_dim, value_dim = request.head_dims
+        if max(head_dim, value_dim) > backend.max_head_dim:
+            return f"{label} takes head dims up to {backend.max_head_dim}, got E = {head_dim} and Ev = {value_dim}"
+    if backend.features is not None and not request.features <= backend.features:
+        return f"{label} does not serve {_listed(sorted(request.features - backend.features), 'and')}"
+    if backend.extra_reasons is not None:
+        return backend.extra_reasons(request)
+    return None
+
+
+def unavailable(name: str, reason: str) -> Backend:
+    """The table entry of a backend whose module could not be imported: it serves nothing, saying why."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError(reason)
+
+    return Backend(name, run=refuse, extra_reasons=lambda request: reason)
+
+
 def preference(tensor: torch.Tensor, cuda_order: Sequence[str] = ("cuda", "triton")) -> tuple[str, ...]:
     """Backends to try for ``backend=None``, best first, for the tensor's device.
 
@@ -115,6 +195,16 @@ def preference(tensor: torch.Tensor, cuda_order: Sequence[str] = ("cuda", "trito
     if tensor.device.type == "cuda":
         return (*cuda_order, "reference")
     return ("cpu", "reference")
+
+
+def select(op: str, requested: str | None, table: Sequence[Backend], request: Request) -> Backend:
+    """The declaration of the backend that runs ``op`` for ``request``: ``requested`` if it can serve
+    it, else the first of ``preference`` that can (raises saying why each cannot)."""
+    by_name = {backend.name: backend for backend in table}
+    why_not = {name: (lambda backend=backend: not_supported_reasons(backend, request))
+               for name, backend in by_name.items()}
+    cuda_order = tuple(backend.name for backend in table if backend.name in ("cuda", "triton"))
+    return by_name[select_backend(op, requested, why_not, preference(request.tensor, cuda_order))]
 
 
 def select_backend(op: str, requested: str | None, why_not: Mapping[str, WhyNot], order: Sequence[str]) -> str:

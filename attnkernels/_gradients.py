@@ -17,6 +17,13 @@ def gradient_memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def empty_gradient_like(t: torch.Tensor, needed: bool) -> torch.Tensor:
+    """A fake kernel's stand-in for an input's gradient: its shape and the kernels' layout, or empty."""
+    if not needed:
+        return t.new_empty((0,))
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).contiguous(memory_format=gradient_memory_format(t))
+
+
 def second_order(forward, grad_output, primals, wanted, grads_of_grads):
     """Gradients of (vjp of ``forward`` at ``primals`` with ``grad_output``) against
     ``grad_output`` and ``primals``, contracted with ``grads_of_grads``.

@@ -3,9 +3,9 @@
 ``scaled_dot_product_attention`` is a drop-in replacement for torch's (same
 arguments, shapes, dtypes and errors); ``attention_with_lse`` also returns the
 log-sum-exp of every row, and ``merge_attention`` combines attention computed
-over disjoint sets of keys (split-KV decoding, ring attention). Arguments are
-validated once here, and the backend is chosen in one place
-(``_dispatch.select_backend``).
+over disjoint sets of keys (split-KV decoding, ring attention). Arguments are validated once
+here; the backend is selected from attention's table (the cuda and cpu entries here, triton's in
+``attnkernels.triton``, the reference's in ``attnkernels.reference.backends``) and run.
 """
 
 from __future__ import annotations
@@ -17,47 +17,58 @@ from collections.abc import Sequence
 import torch
 
 from . import reference
-from ._dispatch import preference, select_backend, triton_module, why_not_device
+from ._checks import check_like, check_tensor
+from ._dispatch import Backend, Request, not_supported_reasons, select, triton_module, unavailable
 from .reference.attention import accumulation_dtype, default_scale
+from .reference.backends import BACKENDS as REFERENCE_BACKENDS
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # The compiled kernels' operator; its presence per device decides the cuda and cpu backends.
 _OP = "attention"
-
-# Measured on an H100 (bench/RESULTS.md) before this order changes.
-_CUDA_ORDER = ("cuda", "triton")
+_FEATURES = frozenset({"mask", "dropout", "causal", "gqa"})
 
 
-def _triton_why_not(tensor: torch.Tensor, **details) -> str | None:
-    reason = why_not_device(tensor, "triton", _OP)
-    if reason is not None:
-        return reason
-    module = triton_module()
-    if module is None or not hasattr(module, "attention"):
-        return "the attnkernels.triton module has no attention kernel"
-    return module.why_not(_OP, tensor, **details)
+def _tensors_for_kernels(query, key, value, attn_mask):
+    """(query, key, value, mask) as the kernels take them: (B, H, L, E) with the batch dimensions
+    merged, a float mask in the accumulation dtype (the kernels add masks in it) and broadcast to
+    (B, Hq, L, S) as a view where the strides allow (the kernels read it through its strides)."""
+    batch = math.prod(query.shape[:-3])
+    q_heads, L, E = query.shape[-3:]
+    kv_heads, S = key.shape[-3], key.shape[-2]
+    q = query.reshape(batch, q_heads, L, E)
+    k = key.reshape(batch, kv_heads, S, E)
+    v = value.reshape(batch, kv_heads, S, value.shape[-1])
+    mask = attn_mask
+    if mask is not None:
+        if mask.is_floating_point() and mask.dtype != accumulation_dtype(query.dtype):
+            mask = mask.to(accumulation_dtype(query.dtype))
+        mask = mask.expand(*query.shape[:-1], S).reshape(batch, q_heads, L, S)
+    return q, k, v, mask
 
 
-# What the hand-written CUDA kernels (csrc/cuda/attention_*.cu) serve; the
-# limits restate csrc/cuda/attention_launch.h.
-_CUDA_DTYPES = (torch.float16, torch.bfloat16)
-_CUDA_MAX_HEAD_DIM = 256
+def _compiled(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """Runs attnkernels::attention (the C++ and CUDA kernels) on inputs of any batch rank."""
+    q, k, v, mask = _tensors_for_kernels(query, key, value, attn_mask)
+    seed = None
+    if dropout_p > 0:  # drawn from torch's generator, so torch.manual_seed reproduces the mask
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    out, lse = torch.ops.attnkernels.attention(q, k, v, mask, float(dropout_p), bool(is_causal), float(scale), seed)
+    return out.reshape(*query.shape[:-1], value.shape[-1]), lse.reshape(query.shape[:-1])
+
+
+def _compiled_gradient(*args):
+    return torch.ops.attnkernels.attention_backward(*args)
+
+
+# What the hand-written CUDA kernels (csrc/cuda/attention_*.cu) serve; the launch limits restate
+# csrc/cuda/attention_launch.h.
 _CUDA_MAX_SEQUENCE = 2**31 - 1 - 256
 _CUDA_MAX_GRID_YZ = 65535
 
 
-def _cuda_why_not(query, key, value, attn_mask) -> str | None:
-    reason = why_not_device(query, "cuda", _OP)
-    if reason is not None:
-        return reason
-    if query.dtype not in _CUDA_DTYPES:
-        return (f"the CUDA attention kernel takes float16 and bfloat16 inputs, got {query.dtype} "
-                "(the triton backend or the reference serves it)")
-    head_dim = max(query.shape[-1], value.shape[-1])
-    if head_dim > _CUDA_MAX_HEAD_DIM:
-        return (f"the CUDA attention kernel takes head dims up to {_CUDA_MAX_HEAD_DIM}, got E = {query.shape[-1]} "
-                f"and Ev = {value.shape[-1]}")
+def _cuda_launch_limits(request: Request) -> str | None:
+    query, key = request.tensors["query"], request.tensors["key"]
     if max(query.shape[-2], key.shape[-2]) > _CUDA_MAX_SEQUENCE:
         return f"the CUDA attention kernel takes sequences of at most {_CUDA_MAX_SEQUENCE} positions"
     batch = math.prod(query.shape[:-3])
@@ -66,14 +77,36 @@ def _cuda_why_not(query, key, value, attn_mask) -> str | None:
     return None
 
 
-def _check_tensor(op: str, name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"attnkernels.{op}: expected `{name}` to be a torch.Tensor, got {type(t).__name__}")
+_CUDA = Backend("cuda", run=_compiled, label="the CUDA attention kernel", dtypes=(torch.float16, torch.bfloat16),
+                max_head_dim=256, features=_FEATURES, extra_reasons=_cuda_launch_limits, gradient=_compiled_gradient)
+_CPU = Backend("cpu", run=_compiled, label="the CPU attention kernel", features=_FEATURES,
+               gradient=_compiled_gradient)
+
+
+def _backends() -> tuple[Backend, ...]:
+    """Attention's table, in the order tried on CUDA tensors: the hand-written CUDA kernels before
+    Triton (no GPU measurement has compared them yet), then cpu and reference."""
+    module = triton_module()
+    triton = (module.BACKENDS[_OP] if module is not None and hasattr(module, "BACKENDS")
+              else unavailable("triton", "the attnkernels.triton module has no attention kernel"))
+    return _CUDA, triton, _CPU, REFERENCE_BACKENDS[_OP]
+
+
+def _request(query, key, value, attn_mask, dropout_p: float, is_causal: bool = False) -> Request:
+    features = {name for name, used in (("mask", attn_mask is not None), ("dropout", dropout_p > 0),
+                                        ("causal", is_causal), ("gqa", key.shape[-3] != query.shape[-3])) if used}
+    return Request(_OP, query, head_dims=(query.shape[-1], value.shape[-1]), features=frozenset(features),
+                   tensors={"query": query, "key": key, "value": value, "attn_mask": attn_mask})
+
+
+def _cuda_why_not(query, key, value, attn_mask) -> str | None:
+    """Why the cuda entry cannot serve these inputs, or None."""
+    return not_supported_reasons(_CUDA, _request(query, key, value, attn_mask, 0.0))
 
 
 def check_mask_kind(op: str, attn_mask, query: torch.Tensor, is_causal: bool) -> None:
     """attn_mask is a tensor of an accepted dtype on query's device, and not given with is_causal."""
-    _check_tensor(op, "attn_mask", attn_mask)
+    check_tensor(op, "attn_mask", attn_mask)
     if is_causal:
         raise RuntimeError(f"attnkernels.{op}: `attn_mask` and `is_causal=True` cannot be used together "
                            "(fold the causal mask into attn_mask)")
@@ -83,6 +116,14 @@ def check_mask_kind(op: str, attn_mask, query: torch.Tensor, is_causal: bool) ->
     if attn_mask.device != query.device:
         raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` on the device of `query` ({query.device}), "
                            f"got {attn_mask.device}")
+
+
+def broadcasts_to(attn_mask: torch.Tensor, target: tuple[int, ...]) -> bool:
+    """Whether the mask broadcasts to exactly ``target`` (no dimension of its own is larger or extra)."""
+    try:
+        return attn_mask.dim() <= len(target) and torch.broadcast_shapes(attn_mask.shape, target) == target
+    except RuntimeError:
+        return False
 
 
 def _as_number(op: str, name: str, value) -> float:
@@ -126,17 +167,12 @@ def _prepare(op: str, query, key, value, attn_mask, dropout_p, is_causal, scale,
     results (those added to 2-D inputs).
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
-        _check_tensor(op, name, t)
+        check_tensor(op, name, t)
     if query.dtype not in _FLOATING:
         raise RuntimeError(f"attnkernels.{op}: expected `query` to be float16, bfloat16, float32 or float64, "
                            f"got {query.dtype}")
     for name, t in (("key", key), ("value", value)):
-        if t.dtype != query.dtype:
-            raise RuntimeError(f"attnkernels.{op}: expected `{name}` to have the dtype of `query` ({query.dtype}), "
-                               f"got {t.dtype}")
-        if t.device != query.device:
-            raise RuntimeError(f"attnkernels.{op}: expected `{name}` on the device of `query` ({query.device}), "
-                               f"got {t.device}")
+        check_like(op, name, t, "query", query)
     for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
         if not isinstance(flag, bool):  # "False" is truthy: refuse, as torch
             raise TypeError(f"attnkernels.{op}: expected `{name}` to be a bool, got {type(flag).__name__}")
@@ -194,55 +230,28 @@ def _prepare(op: str, query, key, value, attn_mask, dropout_p, is_causal, scale,
             raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` of shape (..., L, S) with at least 2 "
                                f"dimensions, got sizes {list(attn_mask.shape)}")
         target = (*query.shape[:-1], key.shape[-2])
-        try:
-            fits = attn_mask.dim() <= len(target) and torch.broadcast_shapes(attn_mask.shape, target) == target
-        except RuntimeError:
-            fits = False
-        if not fits:
+        if not broadcasts_to(attn_mask, target):
             raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` to broadcast to (..., heads, L, S) = "
                                f"{list(target[added:])}, got sizes {list(attn_mask.shape)}")
     return query, key, value, attn_mask, dropout_p, scale, added
 
 
-def _compiled(query, key, value, attn_mask, dropout_p, is_causal, scale):
-    """Runs attnkernels::attention (the C++/CUDA kernels) on inputs of any batch rank."""
-    batch_shape = query.shape[:-3]
-    batch = math.prod(batch_shape)
-    q_heads, L, E = query.shape[-3:]
-    kv_heads, S = key.shape[-3], key.shape[-2]
-    q = query.reshape(batch, q_heads, L, E)
-    k = key.reshape(batch, kv_heads, S, E)
-    v = value.reshape(batch, kv_heads, S, value.shape[-1])
-    mask = None
-    if attn_mask is not None:
-        mask = attn_mask
-        if mask.is_floating_point() and mask.dtype != accumulation_dtype(query.dtype):
-            mask = mask.to(accumulation_dtype(query.dtype))  # the kernels add masks in the accumulation dtype
-        # A broadcast view: the kernels read it through its strides, nothing L x S is copied
-        # unless the batch dimensions cannot be merged without a copy.
-        mask = mask.expand(*query.shape[:-1], S).reshape(batch, q_heads, L, S)
-    seed = None
-    if dropout_p > 0:  # drawn from torch's generator, so torch.manual_seed reproduces the mask
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
-    out, lse = torch.ops.attnkernels.attention(q, k, v, mask, float(dropout_p), bool(is_causal), float(scale), seed)
-    return out.reshape(*batch_shape, q_heads, L, value.shape[-1]), lse.reshape(*batch_shape, q_heads, L)
+def _select(op, query, key, value, attn_mask, dropout_p, backend, is_causal) -> Backend:
+    return select(op, backend, _backends(), _request(query, key, value, attn_mask, dropout_p, is_causal))
 
 
 def attention_backend(op: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attn_mask: torch.Tensor | None, dropout_p: float, backend: str | None) -> str:
     """The backend that computes attention for these (validated) inputs: ``backend`` if it can, else the best.
 
-    Shared with ``attnkernels.distributed``, whose backward calls the chosen backend's gradient kernel.
+    Shared with ``attnkernels.distributed``, whose backward calls the chosen backend's ``attention_gradient``.
     """
-    details = {"dtype": query.dtype, "head_dim": query.shape[-1], "value_dim": value.shape[-1],
-               "has_mask": attn_mask is not None, "dropout": dropout_p > 0}
-    why_not = {
-        "cuda": lambda: _cuda_why_not(query, key, value, attn_mask),
-        "triton": lambda: _triton_why_not(query, **details),
-        "cpu": lambda: why_not_device(query, "cpu", _OP),
-        "reference": lambda: None,
-    }
-    return select_backend(op, backend, why_not, preference(query, _CUDA_ORDER))
+    return _select(op, query, key, value, attn_mask, dropout_p, backend, False).name
+
+
+def attention_gradient(backend: str):
+    """The named backend's gradient kernel (the attention_backward op's signature), None for the reference."""
+    return next(entry.gradient for entry in _backends() if entry.name == backend)
 
 
 def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -274,12 +283,8 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 def _dispatch(op, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
-    chosen = attention_backend(op, query, key, value, attn_mask, dropout_p, backend)
-    if chosen == "reference":
-        return reference.attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if chosen == "triton":
-        return triton_module().attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    return _compiled(query, key, value, attn_mask, dropout_p, is_causal, scale)
+    chosen = _select(op, query, key, value, attn_mask, dropout_p, backend, is_causal)
+    return chosen.run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -320,8 +325,8 @@ def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) 
         raise ValueError(f"attnkernels.{op}: expected as many `lses` as `outs` (at least one), "
                          f"got {len(outs)} and {len(lses)}")
     for i, (out, lse) in enumerate(zip(outs, lses, strict=True)):
-        _check_tensor(op, f"outs[{i}]", out)
-        _check_tensor(op, f"lses[{i}]", lse)
+        check_tensor(op, f"outs[{i}]", out)
+        check_tensor(op, f"lses[{i}]", lse)
         if not out.is_floating_point() or not lse.is_floating_point():
             raise RuntimeError(f"attnkernels.{op}: expected floating-point `outs[{i}]` and `lses[{i}]`")
         if out.dim() < 1 or out.shape != outs[0].shape or lse.shape != out.shape[:-1]:

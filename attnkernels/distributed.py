@@ -27,134 +27,26 @@ full tensor and gather it back in either layout.
 from __future__ import annotations
 
 import math
-import struct
-from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from .attention import _check_tensor, _prepare, attention_backend, attention_with_lse, check_mask_kind, merge_attention
+from ._checks import check_tensor
+from ._ring import DTYPES, RING_FIELDS, UNSHARD_FIELDS, agree, float_bits, group_of, listed_shape, owned_chunks
+from ._ring import Ring as _Ring
+from ._ring import Transfer as _Transfer  # noqa: F401  (the tests' stand-in ring subclasses it)
+from .attention import (
+    _prepare,
+    _tensors_for_kernels,
+    attention_backend,
+    attention_gradient,
+    attention_with_lse,
+    broadcasts_to,
+    check_mask_kind,
+    merge_attention,
+)
 from .reference.attention import accumulation_dtype, default_scale
-
-# dtypes as small ints for the cross-rank check (attention takes the first four; shards of any)
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool, torch.uint8, torch.int8,
-           torch.int16, torch.int32, torch.int64, torch.complex64, torch.complex128)
-
-# Batch dimensions compared one by one across ranks; more are compared through their product.
-_MAX_LISTED_DIMS = 8
-
-
-# ----------------------------------------------------------------------------- the group and the layout
-
-
-def _group_of(op: str, group) -> tuple[object, int, int]:
-    """(group, this process's rank in it, its size); raises when torch.distributed is not set up."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"attnkernels.{op}: torch.distributed is not initialised; call "
-                           "torch.distributed.init_process_group first (torchrun sets up the environment for it)")
-    if group is None:
-        group = dist.group.WORLD
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise RuntimeError(f"attnkernels.{op}: this process (global rank {dist.get_rank()}) is not a member of "
-                           "`group`; call it only on the group's ranks")
-    return group, rank, dist.get_world_size(group)
-
-
-def _owned_chunks(rank: int, world: int, load_balance: bool) -> tuple[int, tuple[int, ...]]:
-    """(number of equal chunks the sequence is cut into, the chunks this rank holds, in order)."""
-    if load_balance:
-        return 2 * world, (rank, 2 * world - 1 - rank)
-    return world, (rank,)
-
-
-def _exchange_device(group) -> torch.device:
-    """Where small control tensors live: NCCL moves only CUDA tensors, gloo CPU ones."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _listed_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    """A shape as a fixed number of ints: its length, up to 8 sizes (padded with -1), the product of any more."""
-    sizes = list(shape)
-    listed = sizes[:_MAX_LISTED_DIMS] + [-1] * (_MAX_LISTED_DIMS - min(len(sizes), _MAX_LISTED_DIMS))
-    return (len(sizes), *listed, math.prod(sizes[_MAX_LISTED_DIMS:]))
-
-
-def _shown(kind: str, values: tuple[int, ...]) -> str:
-    if kind == "dtype":
-        return str(_DTYPES[values[0]]) if 0 <= values[0] < len(_DTYPES) else "another dtype"
-    if kind == "shape":
-        ndim, sizes = values[0], values[1:1 + min(values[0], _MAX_LISTED_DIMS)]
-        return str(list(sizes) + (["..."] if ndim > _MAX_LISTED_DIMS else []))
-    if kind == "float":
-        return repr(struct.unpack("<d", struct.pack("<q", values[0]))[0])
-    if kind == "bool":
-        return str(bool(values[0]))
-    return str(values[0])
-
-
-def _float_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
-
-# Each field of a call's description: (what it is called in an error, how it is shown, how many ints).
-_RING_FIELDS = {
-    "dtype": ("the dtype of query, key and value", "dtype", 1),
-    "batch": ("the batch dimensions of query", "shape", _MAX_LISTED_DIMS + 2),
-    "query_heads": ("the number of query heads", "int", 1),
-    "key_heads": ("the number of key/value heads", "int", 1),
-    "query_length": ("the query shard length (L/P)", "int", 1),
-    "key_length": ("the key/value shard length (S/P)", "int", 1),
-    "head_dim": ("the head dim E", "int", 1),
-    "value_dim": ("the value head dim Ev", "int", 1),
-    "is_causal": ("is_causal", "bool", 1),
-    "load_balance": ("load_balance", "bool", 1),
-    "enable_gqa": ("enable_gqa", "bool", 1),
-    "scale": ("the scale", "float", 1),
-    "mask": ("whether attn_mask is given", "bool", 1),
-    "mask_is_bool": ("whether attn_mask is bool", "bool", 1),
-}
-
-_UNSHARD_FIELDS = {
-    "dtype": ("the dtype of the shard", "dtype", 1),
-    "shape": ("the shape of the shard", "shape", _MAX_LISTED_DIMS + 2),
-}
-
-
-def _agree(op: str, group, rank: int, world: int, fields: dict, values: dict | None, error: Exception | None) -> None:
-    """Checks, on every rank at once, that every rank's call is valid and that all calls agree.
-
-    values: this rank's description of its call (None when its own checks failed, with ``error``).
-    One all_gather of a small int64 tensor; afterwards every rank raises, or none does, so a bad
-    input on one rank never leaves the others waiting for a transfer that never comes.
-    """
-    widths = [width for _, _, width in fields.values()]
-    row = [0 if error is None else 1]
-    for name, width in zip(fields, widths, strict=True):
-        row += list(values[name]) if values is not None else [0] * width
-    local = torch.tensor(row, dtype=torch.int64, device=_exchange_device(group))
-    gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local, group=group)
-    table = torch.stack(gathered).tolist()
-    if error is not None:
-        raise error
-    failed = [r for r in range(world) if table[r][0]]
-    if failed:
-        raise RuntimeError(f"attnkernels.{op}: rank(s) {failed} of the group rejected their inputs (their own error "
-                           "says why); every rank must pass valid inputs")
-    start = 1
-    for (title, kind, width) in fields.values():
-        column = [tuple(table[r][start:start + width]) for r in range(world)]
-        start += width
-        if any(c != column[0] for c in column):
-            seen = ", ".join(f"rank {r} has {_shown(kind, c)}" for r, c in enumerate(column))
-            raise RuntimeError(f"attnkernels.{op}: the ranks of the group disagree on {title}: {seen}. Every rank "
-                               "must pass shards of the same shapes, dtype and options (shard_sequence splits a "
-                               f"sequence evenly); this is rank {rank}")
-
 
 # ----------------------------------------------------------------------------- shard / unshard
 
@@ -168,12 +60,12 @@ def shard_sequence(x: torch.Tensor, dim: int, *, group=None, load_balance: bool 
         otherwise the r-th of P contiguous chunks. Differentiable (a copy of the slices; in a group of
         one process, ``x`` itself).
     """
-    _check_tensor("shard_sequence", "x", x)
-    group, rank, world = _group_of("shard_sequence", group)
+    check_tensor("shard_sequence", "x", x)
+    group, rank, world = group_of("shard_sequence", group)
     dim = dim % x.dim() if x.dim() > 0 else dim
     if world == 1:
         return x
-    count, mine = _owned_chunks(rank, world, load_balance)
+    count, mine = owned_chunks(rank, world, load_balance)
     length = x.shape[dim]
     if length % count:
         raise ValueError(f"attnkernels.shard_sequence: the length of `x` along dim {dim} ({length}) must be divisible "
@@ -189,18 +81,18 @@ def unshard_sequence(x: torch.Tensor, dim: int, *, group=None, load_balance: boo
     returns: (..., L, ...) on every rank. Not differentiable (a plain all_gather).
     """
     op = "unshard_sequence"
-    group, rank, world = _group_of(op, group)
+    group, rank, world = group_of(op, group)
     error, values = None, None
     try:
-        _check_tensor(op, "x", x)
+        check_tensor(op, "x", x)
         if load_balance and world > 1 and x.shape[dim] % 2:
             raise ValueError(f"attnkernels.{op}: with load_balance=True a shard holds two equal chunks, so its "
                              f"length along dim {dim} must be even, got {x.shape[dim]}")
-        dtype_code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
-        values = {"dtype": (dtype_code,), "shape": _listed_shape(x.shape)}
+        dtype_code = DTYPES.index(x.dtype) if x.dtype in DTYPES else -1
+        values = {"dtype": (dtype_code,), "shape": listed_shape(x.shape)}
     except (TypeError, ValueError, IndexError, RuntimeError) as e:
         error = e
-    _agree(op, group, rank, world, _UNSHARD_FIELDS, values, error)
+    agree(op, group, rank, world, UNSHARD_FIELDS, values, error)
     if world == 1:
         return x
     pieces = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(world)]
@@ -210,69 +102,6 @@ def unshard_sequence(x: torch.Tensor, dim: int, *, group=None, load_balance: boo
     halves = [piece.chunk(2, dim) for piece in pieces]
     # Rank r's halves are chunks r and 2P - 1 - r: the first halves in rank order, then the second ones reversed.
     return torch.cat([h[0] for h in halves] + [h[1] for h in reversed(halves)], dim)
-
-
-# ----------------------------------------------------------------------------- point-to-point transfers
-
-
-class _Transfer:
-    """Tensors on their way round the ring: ``wait()`` returns the ones received from the previous rank."""
-
-    def __init__(self, requests, sent, received):
-        self._requests, self._sent, self.received = requests, sent, received
-
-    def wait(self) -> list[torch.Tensor]:
-        for request in self._requests:
-            request.wait()
-        self._sent = None  # the send buffers may be freed only once the sends are done
-        return self.received
-
-
-class _Ring:
-    """The ring of a process group: who sends to whom, and which block of the sequence each rank owns."""
-
-    def __init__(self, group, rank: int, world: int, load_balance: bool):
-        self.group, self.rank, self.world, self.load_balance = group, rank, world, load_balance
-        # P2POp takes global ranks
-        self.next_peer = dist.get_global_rank(group, (rank + 1) % world) if world > 1 else None
-        self.previous_peer = dist.get_global_rank(group, (rank - 1) % world) if world > 1 else None
-
-    def shift(self, tensors: list[torch.Tensor]) -> _Transfer:
-        """Starts sending ``tensors`` to the next rank and receiving the previous rank's into new buffers."""
-        sent = [t.contiguous() for t in tensors]
-        received = [torch.empty_like(t) for t in sent]
-        ops = [dist.P2POp(dist.isend, t, self.next_peer, self.group) for t in sent]
-        ops += [dist.P2POp(dist.irecv, t, self.previous_peer, self.group) for t in received]
-        return _Transfer(dist.batch_isend_irecv(ops), sent, received)
-
-    def block_plan(self, source: int, query_length: int, key_length: int,
-                   is_causal: bool) -> tuple[slice, slice, bool] | None:
-        """Which of this rank's query rows attend to which keys of ``source``'s block, and whether causally.
-
-        Returns (rows, columns, causal) along the sequence dims, or None when the causal mask hides
-        the whole block. Blocks below the diagonal are attended to in full, the diagonal block
-        causally (top-left, valid because each rank's chunks keep their global order).
-        """
-        everything = slice(None)
-        if not is_causal:
-            return everything, everything, False
-        if source == self.rank:
-            return everything, everything, True
-        if not self.load_balance:
-            return (everything, everything, False) if source < self.rank else None
-        # Zig-zag: this rank holds chunks r and 2P-1-r, the source chunks s and 2P-1-s.
-        if source < self.rank:  # every query sees chunk s, no query sees chunk 2P-1-s
-            return everything, slice(0, key_length // 2), False
-        return slice(query_length // 2, None), everything, False  # only chunk 2P-1-r sees the block, all of it
-
-    def mask_columns(self, attn_mask: torch.Tensor, source: int, key_length: int) -> torch.Tensor:
-        """The columns of a (..., L/P, S) mask that belong to ``source``'s keys."""
-        if attn_mask.shape[-1] == 1 or self.world == 1:
-            return attn_mask
-        _, chunks = _owned_chunks(source, self.world, self.load_balance)
-        chunk = key_length // len(chunks)
-        parts = [attn_mask.narrow(-1, i * chunk, chunk) for i in chunks]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
 
 def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -293,34 +122,17 @@ def _mask_block(attn_mask: torch.Tensor | None, rows: slice, columns: slice) -> 
 # ----------------------------------------------------------------------------- one block's gradients
 
 
-def _as_batched(t: torch.Tensor, tail: int) -> torch.Tensor:
-    """(..., *last ``tail`` dims) as (B, *last dims), contiguous."""
-    return t.reshape(-1, *t.shape[-tail:]).contiguous()
-
-
-def _kernel_block_gradients(backend, grad_out, query, key, value, attn_mask, out, lse, is_causal, scale):
-    """dQ, dK, dV of one block from the attnkernels gradient kernel, given the *global* out and lse.
+def _kernel_block_gradients(gradient, grad_out, query, key, value, attn_mask, out, lse, is_causal, scale):
+    """dQ, dK, dV of one block from a backend's ``gradient`` kernel, given the *global* out and lse.
 
     With the global lse the kernel's probabilities are the full softmax's entries for this block,
     and with the global out its row term rowsum(dO · O) is the full one, so the block's
     gradients are exactly its share of single-process attention's.
     """
-    batch_shape = query.shape[:-3]
-    hq, length, _ = query.shape[-3:]
-    q, k, v = _as_batched(query, 3), _as_batched(key, 3), _as_batched(value, 3)
-    go, o, m = _as_batched(grad_out, 3), _as_batched(out, 3), _as_batched(lse, 2)
-    mask = None
-    if attn_mask is not None:
-        mask = attn_mask
-        if mask.is_floating_point():
-            mask = mask.to(lse.dtype)  # the kernels add masks in the accumulation dtype
-        mask = mask.expand(*batch_shape, hq, length, key.shape[-2]).reshape(q.shape[0], hq, length, key.shape[-2])
-    if backend == "triton":
-        grads = torch.ops.attnkernels.triton_attention_backward(go, None, q, k, v, mask, o, m, 0.0, is_causal, scale,
-                                                                None, False)
-    else:
-        grads = torch.ops.attnkernels.attention_backward(go, None, q, k, v, mask, o, m, 0.0, is_causal, scale, None,
-                                                         [True, True, True, False])
+    q, k, v, mask = _tensors_for_kernels(query, key, value, attn_mask)
+    go, o = (t.reshape(q.shape[:3] + t.shape[-1:]).contiguous() for t in (grad_out, out))
+    m = lse.reshape(q.shape[:3]).contiguous()
+    grads = gradient(go, None, q, k, v, mask, o, m, 0.0, is_causal, scale, None, [True, True, True, False])
     return tuple(g.reshape(t.shape) for g, t in zip(grads[:3], (query, key, value), strict=True))
 
 
@@ -350,10 +162,11 @@ def _reference_block_gradients(grad_out, query, key, value, attn_mask, out, lse,
     return grad_q, grad_k, grad_v
 
 
-def _block_gradients(backend, *args):
-    if backend == "reference":
+def _block_gradients(backend: str, *args):
+    gradient = attention_gradient(backend)
+    if gradient is None:
         return _reference_block_gradients(*args)
-    return _kernel_block_gradients(backend, *args)
+    return _kernel_block_gradients(gradient, *args)
 
 
 # ----------------------------------------------------------------------------- the ring
@@ -437,11 +250,7 @@ def _check_mask(op: str, attn_mask, query, key, is_causal: bool, world: int) -> 
         raise RuntimeError(f"attnkernels.{op}: a float `attn_mask` that requires grad is not supported (its "
                            "gradient is not computed); pass attn_mask.detach() or a bool mask")
     target = (*query.shape[:-1], key.shape[-2] * world)
-    try:
-        fits = attn_mask.dim() <= len(target) and torch.broadcast_shapes(attn_mask.shape, target) == target
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not broadcasts_to(attn_mask, target):
         raise RuntimeError(f"attnkernels.{op}: expected `attn_mask` to hold this rank's rows of the full mask, "
                            f"broadcastable to (..., heads, L/P, S) = {list(target)}, got sizes "
                            f"{list(attn_mask.shape)} (shard_sequence(full_mask, dim=-2) gives them)")
@@ -469,7 +278,7 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         attnkernels backend that computes each block (None: the best for the inputs).
     """
     op = "ring_attention"
-    group, rank, world = _group_of(op, group)
+    group, rank, world = group_of(op, group)
     error, values = None, None
     try:
         *prepared, added = _prepare(op, query, key, value, None, 0.0, False, scale, enable_gqa)
@@ -490,17 +299,17 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         scale = default_scale(query.shape[-1]) if scale is None else float(scale)
         backend = attention_backend(op, query, key, value, attn_mask, 0.0, backend)
         values = {
-            "dtype": (_DTYPES.index(query.dtype),), "batch": _listed_shape(query.shape[:-3]),
+            "dtype": (DTYPES.index(query.dtype),), "batch": listed_shape(query.shape[:-3]),
             "query_heads": (query.shape[-3],), "key_heads": (key.shape[-3],), "query_length": (query_length,),
             "key_length": (key_length,), "head_dim": (query.shape[-1],), "value_dim": (value.shape[-1],),
             "is_causal": (int(bool(is_causal)),), "load_balance": (int(bool(load_balance)),),
-            "enable_gqa": (int(bool(enable_gqa)),), "scale": (_float_bits(scale),),
+            "enable_gqa": (int(bool(enable_gqa)),), "scale": (float_bits(scale),),
             "mask": (int(attn_mask is not None),),
             "mask_is_bool": (int(attn_mask is not None and attn_mask.dtype == torch.bool),),
         }
     except (TypeError, ValueError, RuntimeError) as e:
         error = e
-    _agree(op, group, rank, world, _RING_FIELDS, values, error)
+    agree(op, group, rank, world, RING_FIELDS, values, error)
     ring = _Ring(group, rank, world, load_balance)
     return _RingAttention.apply(query, key, value, attn_mask, bool(is_causal), scale, enable_gqa, backend, ring)
 

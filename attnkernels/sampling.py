@@ -2,8 +2,8 @@
 
 Drop-in replacements for ``torch.nn.functional.grid_sample`` and
 ``affine_grid`` (same arguments, shapes, dtypes and errors), plus the fused
-sampler. Each function validates its arguments once, picks a backend in one
-place (``_dispatch.select_backend``) and calls it.
+sampler. Each function validates its arguments, selects a backend from the op's table
+(``_dispatch.select``) and runs it.
 """
 
 from __future__ import annotations
@@ -16,15 +16,33 @@ from collections.abc import Sequence
 
 import torch
 
-from . import reference
-from ._dispatch import preference, select_backend, triton_module, why_not_device
+from ._checks import check_like, check_tensor
+from ._dispatch import Backend, Request, select, triton_module, unavailable
 from ._modes import INTERPOLATIONS, PADDINGS
+from .reference.backends import BACKENDS as REFERENCE_BACKENDS
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Measured on an H100 (bench/RESULTS.md) before this order changes; until
-# then the hand-written CUDA kernels come first.
-_CUDA_ORDER = ("cuda", "triton")
+
+def _compiled(op: str):
+    """The C++ op attnkernels::<op>: its CPU and CUDA kernels serve every dtype, mode and dims the API takes."""
+    def run(*args):
+        return getattr(torch.ops.attnkernels, op)(*args)
+    return run
+
+
+_COMPILED_BACKENDS = {op: (Backend("cuda", run=_compiled(op)), Backend("cpu", run=_compiled(op)))
+                      for op in ("grid_sample", "affine_grid", "affine_grid_sample")}
+
+
+def _backends(op: str) -> tuple[Backend, ...]:
+    """The table of ``op``, in the order tried on CUDA tensors: the hand-written CUDA kernels before
+    Triton (no GPU measurement has compared them yet), then cpu and reference."""
+    cuda, cpu = _COMPILED_BACKENDS[op]
+    module = triton_module()
+    triton = (module.BACKENDS[op] if module is not None
+              else unavailable("triton", "the attnkernels.triton module could not be imported"))
+    return cuda, triton, cpu, REFERENCE_BACKENDS[op]
 
 
 def _resolve_align_corners(op: str, align_corners: bool | None) -> bool:
@@ -53,8 +71,7 @@ def _resolve_modes(op: str, mode: str, padding_mode: str) -> tuple[int, int]:
 
 
 def _check_floating(op: str, name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"attnkernels.{op}: expected `{name}` to be a torch.Tensor, got {type(t).__name__}")
+    check_tensor(op, name, t)
     if t.dtype not in _FLOATING:
         raise RuntimeError(f"attnkernels.{op}: expected `{name}` to be float16, bfloat16, float32 or float64, "
                            f"got {t.dtype}")
@@ -84,26 +101,7 @@ def _check_grid_sample(input: torch.Tensor, grid: torch.Tensor) -> None:
     if grid.shape[0] != input.shape[0]:
         raise RuntimeError(f"attnkernels.{op}: expected `grid` and `input` to have the same batch size, "
                            f"got {grid.shape[0]} and {input.shape[0]}")
-    if grid.dtype != input.dtype:
-        raise RuntimeError(f"attnkernels.{op}: expected `grid` to have the dtype of `input` ({input.dtype}), "
-                           f"got {grid.dtype}")
-    if grid.device != input.device:
-        raise RuntimeError(f"attnkernels.{op}: expected `grid` on the device of `input` ({input.device}), "
-                           f"got {grid.device}")
-
-
-def _compiled_why_not(op: str, tensor: torch.Tensor, backend: str, mode: str, dims: int) -> str | None:
-    return why_not_device(tensor, backend, op)
-
-
-def _triton_why_not(op: str, tensor: torch.Tensor, **details) -> str | None:
-    reason = why_not_device(tensor, "triton", op)
-    if reason is not None:
-        return reason
-    module = triton_module()
-    if module is None:
-        return "the attnkernels.triton module could not be imported"
-    return module.why_not(op, tensor, **details)
+    check_like(op, "grid", grid, "input", input)
 
 
 def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
@@ -122,19 +120,9 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     align = _resolve_align_corners("grid_sample", align_corners)
     _check_grid_sample(input, grid)
     _check_fits_in_memory("grid_sample", "grid", (*input.shape[:2], *grid.shape[1:-1]), input)
-    dims = input.dim() - 2
-    why_not = {
-        "cuda": lambda: _compiled_why_not("grid_sample", input, "cuda", mode, dims),
-        "triton": lambda: _triton_why_not("grid_sample", input, mode=mode, dims=dims),
-        "cpu": lambda: _compiled_why_not("grid_sample", input, "cpu", mode, dims),
-        "reference": lambda: None,
-    }
-    chosen = select_backend("grid_sample", backend, why_not, preference(input, _CUDA_ORDER))
-    if chosen == "reference":
-        return reference.grid_sample(input, grid, mode, padding_mode, align)
-    if chosen == "triton":
-        return triton_module().grid_sample(input, grid, interpolation, padding, align)
-    return torch.ops.attnkernels.grid_sample(input, grid, interpolation, padding, align)
+    request = Request("grid_sample", input, dims=input.dim() - 2, mode=mode)
+    chosen = select("grid_sample", backend, _backends("grid_sample"), request)
+    return chosen.run(input, grid, interpolation, padding, align)
 
 
 def _as_sizes(op: str, size: Sequence[int]) -> list[int]:
@@ -215,18 +203,8 @@ def affine_grid(theta: torch.Tensor, size: Sequence[int], align_corners: bool | 
     if min(size) <= 0:  # torch's rule: no empty grids
         raise ValueError(f"attnkernels.affine_grid: expected positive sizes in `size`, got {tuple(size)}")
     _check_fits_in_memory("affine_grid", "size", (size[0], *size[2:], len(size) - 2), theta)
-    why_not = {
-        "cuda": lambda: why_not_device(theta, "cuda", "affine_grid"),
-        "triton": lambda: _triton_why_not("affine_grid", theta),
-        "cpu": lambda: why_not_device(theta, "cpu", "affine_grid"),
-        "reference": lambda: None,
-    }
-    chosen = select_backend("affine_grid", backend, why_not, preference(theta, _CUDA_ORDER))
-    if chosen == "reference":
-        return reference.affine_grid(theta, size, align)
-    if chosen == "triton":
-        return triton_module().affine_grid(theta, size, align)
-    return torch.ops.attnkernels.affine_grid(theta, size, align)
+    chosen = select("affine_grid", backend, _backends("affine_grid"), Request("affine_grid", theta))
+    return chosen.run(theta, size, align)
 
 
 def affine_grid_sample(input: torch.Tensor, theta: torch.Tensor, size: Sequence[int] | None = None,
@@ -248,26 +226,10 @@ def affine_grid_sample(input: torch.Tensor, theta: torch.Tensor, size: Sequence[
     if len(size) != input.dim() or size[0] != input.shape[0] or size[1] != input.shape[1]:
         raise ValueError(f"attnkernels.{op}: expected `size` of length {input.dim()} starting with the batch and "
                          f"channels of `input` {tuple(input.shape[:2])}, got {tuple(size)}")
-    if theta.dtype != input.dtype:
-        raise RuntimeError(f"attnkernels.{op}: expected `theta` to have the dtype of `input` ({input.dtype}), "
-                           f"got {theta.dtype}")
-    if theta.device != input.device:
-        raise RuntimeError(f"attnkernels.{op}: expected `theta` on the device of `input` ({input.device}), "
-                           f"got {theta.device}")
+    check_like(op, "theta", theta, "input", input)
     _check_fits_in_memory(op, "size", size, input)
-    dims = input.dim() - 2
-    why_not = {
-        "cuda": lambda: _compiled_why_not(op, input, "cuda", mode, dims),
-        "triton": lambda: _triton_why_not(op, input, mode=mode, dims=dims),
-        "cpu": lambda: _compiled_why_not(op, input, "cpu", mode, dims),
-        "reference": lambda: None,
-    }
-    chosen = select_backend(op, backend, why_not, preference(input, _CUDA_ORDER))
-    if chosen == "reference":
-        return reference.affine_grid_sample(input, theta, size, mode, padding_mode, align)
-    if chosen == "triton":
-        return triton_module().affine_grid_sample(input, theta, size, interpolation, padding, align)
-    return torch.ops.attnkernels.affine_grid_sample(input, theta, size, interpolation, padding, align)
+    chosen = select(op, backend, _backends(op), Request(op, input, dims=input.dim() - 2, mode=mode))
+    return chosen.run(input, theta, size, interpolation, padding, align)
 
 
 __all__ = ["affine_grid", "affine_grid_sample", "grid_sample"]

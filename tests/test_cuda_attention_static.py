@@ -241,9 +241,9 @@ def test_cuda_backend_declines_what_the_kernels_do_not_serve(monkeypatch):
     # The dispatch rules of attnkernels/attention.py past the device check, on CPU tensors.
     import torch
 
-    from attnkernels import attention
+    from attnkernels import _dispatch, attention
 
-    monkeypatch.setattr(attention, "why_not_device", lambda tensor, backend, op: None)
+    monkeypatch.setattr(_dispatch, "why_not_device", lambda tensor, backend, op: None)
 
     def why_not(E=64, Ev=None, dtype=torch.bfloat16, grad=False, L=16, batch=(2,), heads=4):
         q = torch.empty(*batch, heads, L, E, dtype=dtype, requires_grad=grad)

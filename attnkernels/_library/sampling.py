@@ -1,175 +1,132 @@
-"""Fake kernels and autograd for attnkernels::grid_sample, affine_grid and affine_grid_sample.
+"""Fake kernels and autograd of the sampling ops, the same rules for every backend's ops.
 
-The forward ops' backward calls a registered backward op; each backward op is
-differentiable in turn (double backward, for gradient penalties): its
-gradient is taken through the reference implementation, which autograd can
-differentiate any number of times.
+A sampler pair is forward(input, coords, *options) -> out and
+backward(grad_output, input, coords, *options, output_mask) -> (grad_input, grad_coords),
+coords being the grid (grid_sample) or theta (affine_grid_sample). The forward's backward is the
+backward op; the backward op's own backward (double backward, for gradient penalties) is taken
+through the plain-PyTorch reference, which autograd differentiates any number of times.
+
+affine_grid is linear in theta: its backward is the transposed map, whose backward is
+affine_grid again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 from .. import reference
-from .._gradients import gradient_memory_format, second_order
-from .._modes import INTERPOLATIONS, PADDINGS
+from .._gradients import empty_gradient_like, second_order
+from .._modes import INTERPOLATION_NAMES, PADDING_NAMES
 from ._devices import check_one_device
-
-_ops = torch.ops.attnkernels
-_MODE_NAMES = {v: k for k, v in INTERPOLATIONS.items()}
-_PADDING_NAMES = {v: k for k, v in PADDINGS.items()}
+from ._names import op_name
 
 
-def _gradient_like(t: torch.Tensor, needed: bool) -> torch.Tensor:
-    if not needed:
-        return t.new_empty((0,))
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device).contiguous(memory_format=gradient_memory_format(t))
+def _grid_sample_shape(input: torch.Tensor, grid: torch.Tensor, options: Sequence) -> tuple[int, ...]:
+    return (input.shape[0], input.shape[1], *grid.shape[1:-1])
 
 
-# ----------------------------------------------------------------------------- fake kernels
+def _grid_sample_reference(input, grid, interpolation, padding, align_corners):
+    return reference.grid_sample(input, grid, INTERPOLATION_NAMES[interpolation], PADDING_NAMES[padding],
+                                 align_corners)
 
 
-@torch.library.register_fake("attnkernels::grid_sample")
-def _grid_sample_fake(input, grid, interpolation, padding, align_corners):
-    check_one_device("grid_sample", input=input, grid=grid)
-    return input.new_empty((input.shape[0], input.shape[1], *grid.shape[1:-1]))
+def _affine_grid_sample_shape(input: torch.Tensor, theta: torch.Tensor, options: Sequence) -> tuple[int, ...]:
+    return tuple(options[0])  # the size
 
 
-@torch.library.register_fake("attnkernels::grid_sample_backward")
-def _grid_sample_backward_fake(grad_output, input, grid, interpolation, padding, align_corners, output_mask):
-    check_one_device("grid_sample_backward", input=input, grid=grid, grad_output=grad_output)
-    return _gradient_like(input, output_mask[0]), (grid.new_empty(grid.shape) if output_mask[1]
-                                                   else grid.new_empty((0,)))
+def _affine_grid_sample_reference(input, theta, size, interpolation, padding, align_corners):
+    return reference.affine_grid_sample(input, theta, size, INTERPOLATION_NAMES[interpolation],
+                                        PADDING_NAMES[padding], align_corners)
 
 
-@torch.library.register_fake("attnkernels::affine_grid")
-def _affine_grid_fake(theta, size, align_corners):
+# What differs between the two sampler families: the name of coords, the output's shape, the reference.
+_FAMILIES = {
+    "grid_sample": ("grid", _grid_sample_shape, _grid_sample_reference),
+    "affine_grid_sample": ("theta", _affine_grid_sample_shape, _affine_grid_sample_reference),
+}
+
+
+def register_sampler(family: str, forward, backward) -> None:
+    """Registers fake kernels and autograd of one backend's ``family`` pair ("grid_sample" or
+    "affine_grid_sample"): ``forward`` and ``backward`` are torch OpOverloads or Triton CustomOpDefs."""
+    coords_name, output_shape, reference_forward = _FAMILIES[family]
+    forward_name, backward_name = op_name(forward), op_name(backward)
+
+    def forward_fake(input, coords, *options):
+        check_one_device(forward_name, input=input, **{coords_name: coords})
+        return input.new_empty(output_shape(input, coords, options))
+
+    def backward_fake(grad_output, input, coords, *options_and_mask):
+        check_one_device(backward_name, input=input, **{coords_name: coords}, grad_output=grad_output)
+        output_mask = options_and_mask[-1]
+        return (empty_gradient_like(input, output_mask[0]),
+                coords.new_empty(coords.shape if output_mask[1] else (0,)))
+
+    def setup(ctx, inputs, output):
+        input, coords, *options = inputs
+        ctx.save_for_backward(input, coords)
+        ctx.options = tuple(options)
+
+    def backward_of_forward(ctx, grad_output):
+        input, coords = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+        grad_input, grad_coords = backward(grad_output, input, coords, *ctx.options, mask)
+        return (grad_input if mask[0] else None, grad_coords if mask[1] else None, *(None,) * len(ctx.options))
+
+    def backward_setup(ctx, inputs, output):
+        grad_output, input, coords, *options, output_mask = inputs
+        ctx.save_for_backward(grad_output, input, coords)
+        ctx.options = tuple(options)
+        ctx.output_mask = output_mask
+
+    def double_backward(ctx, grad_grad_input, grad_grad_coords):
+        grad_output, input, coords = ctx.saved_tensors
+
+        def forward_through_reference(x, c):
+            return reference_forward(x, c, *ctx.options)
+
+        grads = second_order(forward_through_reference, grad_output, (input, coords), ctx.output_mask,
+                             (grad_grad_input, grad_grad_coords))
+        return (*grads, *(None,) * (len(ctx.options) + 1))
+
+    torch.library.register_fake(forward, forward_fake)
+    torch.library.register_fake(backward, backward_fake)
+    torch.library.register_autograd(forward, backward_of_forward, setup_context=setup)
+    torch.library.register_autograd(backward, double_backward, setup_context=backward_setup)
+
+
+def affine_grid_fake(theta, size, align_corners):
+    """theta (N, dims, dims + 1) -> grid (N, [D,] H, W, dims) for size (N, C, [D,] H, W)."""
     return theta.new_empty((size[0], *size[2:], len(size) - 2))
 
 
-@torch.library.register_fake("attnkernels::affine_grid_backward")
-def _affine_grid_backward_fake(grad_grid, size, align_corners):
-    dims = len(size) - 2
-    return grad_grid.new_empty((size[0], dims, dims + 1))
+def register_affine_grid(forward, transpose: Callable, transpose_op=None) -> None:
+    """Registers the fake kernel and autograd of one backend's affine_grid.
 
+    transpose(grad_grid, size, align_corners) -> grad_theta is the backward: a registered op
+    (``transpose_op``, given its fake kernel and autograd here too, its backward being ``forward``)
+    or plain PyTorch that autograd differentiates itself.
+    """
+    def setup(ctx, inputs, output):
+        theta, size, align_corners = inputs
+        ctx.options = (size, align_corners)
 
-@torch.library.register_fake("attnkernels::affine_grid_sample")
-def _affine_grid_sample_fake(input, theta, size, interpolation, padding, align_corners):
-    check_one_device("affine_grid_sample", input=input, theta=theta)
-    return input.new_empty(tuple(size))
+    def backward_of_forward(ctx, grad_grid):
+        return transpose(grad_grid.contiguous(), *ctx.options), None, None
 
+    torch.library.register_fake(forward, affine_grid_fake)
+    torch.library.register_autograd(forward, backward_of_forward, setup_context=setup)
+    if transpose_op is None:
+        return
 
-@torch.library.register_fake("attnkernels::affine_grid_sample_backward")
-def _affine_grid_sample_backward_fake(grad_output, input, theta, size, interpolation, padding, align_corners,
-                                      output_mask):
-    check_one_device("affine_grid_sample_backward", input=input, theta=theta, grad_output=grad_output)
-    return _gradient_like(input, output_mask[0]), (theta.new_empty(theta.shape) if output_mask[1]
-                                                   else theta.new_empty((0,)))
+    def transpose_fake(grad_grid, size, align_corners):
+        dims = len(size) - 2
+        return grad_grid.new_empty((size[0], dims, dims + 1))
 
+    def backward_of_transpose(ctx, grad_grad_theta):
+        return forward(grad_grad_theta, *ctx.options), None, None
 
-# ----------------------------------------------------------------------------- grid_sample autograd
-
-
-def _grid_sample_setup(ctx, inputs, output):
-    input, grid, interpolation, padding, align_corners = inputs
-    ctx.save_for_backward(input, grid)
-    ctx.options = (interpolation, padding, align_corners)
-
-
-def _grid_sample_backward(ctx, grad_output):
-    input, grid = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
-    grad_input, grad_grid = _ops.grid_sample_backward(grad_output, input, grid, *ctx.options, mask)
-    return (grad_input if mask[0] else None, grad_grid if mask[1] else None, None, None, None)
-
-
-torch.library.register_autograd("attnkernels::grid_sample", _grid_sample_backward, setup_context=_grid_sample_setup)
-
-
-def _grid_sample_backward_setup(ctx, inputs, output):
-    grad_output, input, grid, interpolation, padding, align_corners, output_mask = inputs
-    ctx.save_for_backward(grad_output, input, grid)
-    ctx.options = (interpolation, padding, align_corners)
-    ctx.output_mask = output_mask
-
-
-def _grid_sample_double_backward(ctx, grad_grad_input, grad_grad_grid):
-    grad_output, input, grid = ctx.saved_tensors
-    interpolation, padding, align_corners = ctx.options
-
-    def forward(x, g):
-        return reference.grid_sample(x, g, _MODE_NAMES[interpolation], _PADDING_NAMES[padding], align_corners)
-
-    grads = second_order(forward, grad_output, (input, grid), ctx.output_mask, (grad_grad_input, grad_grad_grid))
-    return (*grads, None, None, None, None)
-
-
-torch.library.register_autograd("attnkernels::grid_sample_backward", _grid_sample_double_backward,
-                                setup_context=_grid_sample_backward_setup)
-
-
-# ----------------------------------------------------------------------------- affine_grid autograd
-# affine_grid is linear in theta: its backward is the transposed map, and the
-# backward of that is affine_grid again.
-
-
-def _affine_grid_setup(ctx, inputs, output):
-    theta, size, align_corners = inputs
-    ctx.options = (size, align_corners)
-
-
-def _affine_grid_backward(ctx, grad_grid):
-    return _ops.affine_grid_backward(grad_grid.contiguous(), *ctx.options), None, None
-
-
-def _affine_grid_backward_backward(ctx, grad_grad_theta):
-    return _ops.affine_grid(grad_grad_theta, *ctx.options), None, None
-
-
-torch.library.register_autograd("attnkernels::affine_grid", _affine_grid_backward, setup_context=_affine_grid_setup)
-torch.library.register_autograd("attnkernels::affine_grid_backward", _affine_grid_backward_backward,
-                                setup_context=_affine_grid_setup)
-
-
-# ----------------------------------------------------------------------------- affine_grid_sample autograd
-
-
-def _affine_grid_sample_setup(ctx, inputs, output):
-    input, theta, size, interpolation, padding, align_corners = inputs
-    ctx.save_for_backward(input, theta)
-    ctx.options = (size, interpolation, padding, align_corners)
-
-
-def _affine_grid_sample_backward(ctx, grad_output):
-    input, theta = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
-    grad_input, grad_theta = _ops.affine_grid_sample_backward(grad_output, input, theta, *ctx.options, mask)
-    return (grad_input if mask[0] else None, grad_theta if mask[1] else None, None, None, None, None)
-
-
-torch.library.register_autograd("attnkernels::affine_grid_sample", _affine_grid_sample_backward,
-                                setup_context=_affine_grid_sample_setup)
-
-
-def _affine_grid_sample_backward_setup(ctx, inputs, output):
-    grad_output, input, theta, size, interpolation, padding, align_corners, output_mask = inputs
-    ctx.save_for_backward(grad_output, input, theta)
-    ctx.options = (size, interpolation, padding, align_corners)
-    ctx.output_mask = output_mask
-
-
-def _affine_grid_sample_double_backward(ctx, grad_grad_input, grad_grad_theta):
-    grad_output, input, theta = ctx.saved_tensors
-    size, interpolation, padding, align_corners = ctx.options
-
-    def forward(x, t):
-        return reference.affine_grid_sample(x, t, size, _MODE_NAMES[interpolation], _PADDING_NAMES[padding],
-                                            align_corners)
-
-    grads = second_order(forward, grad_output, (input, theta), ctx.output_mask,
-                          (grad_grad_input, grad_grad_theta))
-    return (*grads, None, None, None, None, None)
-
-
-torch.library.register_autograd("attnkernels::affine_grid_sample_backward", _affine_grid_sample_double_backward,
-                                setup_context=_affine_grid_sample_backward_setup)
+    torch.library.register_fake(transpose_op, transpose_fake)
+    torch.library.register_autograd(transpose_op, backward_of_transpose, setup_context=setup)

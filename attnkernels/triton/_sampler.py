@@ -89,14 +89,29 @@ def _block_of_points(OD, OH, OW, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _tap(ox, fx, sx, oy, fy, sy, oz, fz, sz, IW, IH, ID, KX: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr,
-         MODE: tl.constexpr, PADDING: tl.constexpr, ALIGN_CORNERS: tl.constexpr, VOLUMETRIC: tl.constexpr,
-         DIMS: tl.constexpr):
-    """One tap of the tensor product: (z, y, x indices, valid, weight, d weight / d gx, gy, gz)."""
-    ix, vx, wx, dwx = axis_tap(ox, fx, sx, IW, KX, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
-    iy, vy, wy, dwy = axis_tap(oy, fy, sy, IH, KY, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
-    if DIMS == 3:
-        iz, vz, wz, dwz = axis_tap(oz, fz, sz, ID, KZ, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
+def _origins(gx, gy, gz, IW, IH, ID, MODE: tl.constexpr, PADDING: tl.constexpr, ALIGN_CORNERS: tl.constexpr,
+             DIMS: tl.constexpr):
+    """(origin, fraction, slope) of each axis (x, y, z) of the points' taps; z is unused in 2-D."""
+    VOLUMETRIC: tl.constexpr = DIMS == 3
+    ox, fx, sx = axis_origin(gx, IW, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
+    oy, fy, sy = axis_origin(gy, IH, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
+    if VOLUMETRIC:
+        oz, fz, sz = axis_origin(gz, ID, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
+        return ox, fx, sx, oy, fy, sy, oz, fz, sz
+    else:
+        return ox, fx, sx, oy, fy, sy, gz, gz, gz
+
+
+@triton.jit
+def _tap(ox, fx, sx, oy, fy, sy, oz, fz, sz, IW, IH, ID, TAP: tl.constexpr, K: tl.constexpr, MODE: tl.constexpr,
+         PADDING: tl.constexpr, ALIGN_CORNERS: tl.constexpr, DIMS: tl.constexpr):
+    """Tap ``TAP`` of the tensor product of the axes' K taps (x fastest, then y, then z):
+    (z, y, x indices, valid, weight, d weight / d gx, gy, gz)."""
+    VOLUMETRIC: tl.constexpr = DIMS == 3
+    ix, vx, wx, dwx = axis_tap(ox, fx, sx, IW, TAP % K, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
+    iy, vy, wy, dwy = axis_tap(oy, fy, sy, IH, (TAP // K) % K, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
+    if VOLUMETRIC:
+        iz, vz, wz, dwz = axis_tap(oz, fz, sz, ID, TAP // (K * K), MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
         weight = wx * wy * wz
         return iz, iy, ix, vx & vy & vz, weight, dwx * wy * wz, wx * dwy * wz, wx * wy * dwz
     else:
@@ -117,36 +132,28 @@ def sample_forward_kernel(
     WIDE: int64 positions and channels, for offsets past 2**31 within one batch item."""
     VOLUMETRIC: tl.constexpr = DIMS == 3
     K: tl.constexpr = 2 if MODE == 0 else (1 if MODE == 1 else 4)
-    KZ: tl.constexpr = K if DIMS == 3 else 1
+    TAPS: tl.constexpr = K * K * (K if DIMS == 3 else 1)
     n, p, pmask, pz, py, px, P = _block_of_points(OD, OH, OW, BLOCK_P, WIDE)
     gx, gy, gz = _point_coordinates(coords_ptr, n, p, pmask, pz, py, px, OD, OH, OW, g_n, g_d, g_h, g_w, g_k,
                                     DIMS, AFFINE, ALIGN_CORNERS, ACC)
-    ox, fx, sx = axis_origin(gx, IW, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
-    oy, fy, sy = axis_origin(gy, IH, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
-    if DIMS == 3:
-        oz, fz, sz = axis_origin(gz, ID, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
-    else:
-        oz, fz, sz = gz, gz, gz  # unused: a 2-D problem has one tap along z
+    ox, fx, sx, oy, fy, sy, oz, fz, sz = _origins(gx, gy, gz, IW, IH, ID, MODE, PADDING, ALIGN_CORNERS, DIMS)
     source = input_ptr + n.to(tl.int64) * i_n
     out = out_ptr + n.to(tl.int64) * C * P
     for c0 in range(0, C, BLOCK_C):
         c = _wide(c0, WIDE) + tl.arange(0, BLOCK_C)
         cmask = c < C
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-        for kz in tl.static_range(KZ):
-            for ky in tl.static_range(K):
-                for kx in tl.static_range(K):
-                    iz, iy, ix, valid, weight, _, _, _ = _tap(
-                        ox, fx, sx, oy, fy, sy, oz, fz, sz, IW, IH, ID, kx, ky, kz,
-                        MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC, DIMS)
-                    offset = iz * i_d + iy * i_h + ix * i_w
-                    values = tl.load(source + offset[:, None] + c[None, :] * i_c,
-                                     mask=(valid & pmask)[:, None] & cmask[None, :], other=0).to(ACC)
-                    if not VOLUMETRIC:
-                        # torch's 4-D kernel multiplies a non-finite weight by a zero tap: NaN.
-                        acc += weight[:, None] * values
-                    else:
-                        acc += tl.where(valid, weight, 0.0)[:, None] * values
+        for tap in tl.static_range(TAPS):
+            iz, iy, ix, valid, weight, _, _, _ = _tap(
+                ox, fx, sx, oy, fy, sy, oz, fz, sz, IW, IH, ID, tap, K, MODE, PADDING, ALIGN_CORNERS, DIMS)
+            offset = iz * i_d + iy * i_h + ix * i_w
+            values = tl.load(source + offset[:, None] + c[None, :] * i_c,
+                             mask=(valid & pmask)[:, None] & cmask[None, :], other=0).to(ACC)
+            if not VOLUMETRIC:
+                # torch's 4-D kernel multiplies a non-finite weight by a zero tap: NaN.
+                acc += weight[:, None] * values
+            else:
+                acc += tl.where(valid, weight, 0.0)[:, None] * values
         tl.store(out + c[None, :] * P + p[:, None], acc, mask=pmask[:, None] & cmask[None, :])
 
 
@@ -164,19 +171,13 @@ def sample_backward_kernel(
     """grad_input: (N, ID, IH, IW, C) contiguous in ACC, zeroed, accumulated atomically;
     grad_coords: grad_grid (N, OD * OH * OW, DIMS) contiguous, or with AFFINE the partial theta
     gradients (N, programs along positions, DIMS * (DIMS + 1)) in ACC."""
-    VOLUMETRIC: tl.constexpr = DIMS == 3
     K: tl.constexpr = 2 if MODE == 0 else (1 if MODE == 1 else 4)
-    KZ: tl.constexpr = K if DIMS == 3 else 1
+    TAPS: tl.constexpr = K * K * (K if DIMS == 3 else 1)
     COORD_GRAD: tl.constexpr = NEED_COORDS and MODE != 1
     n, p, pmask, pz, py, px, P = _block_of_points(OD, OH, OW, BLOCK_P, WIDE)
     gx, gy, gz = _point_coordinates(coords_ptr, n, p, pmask, pz, py, px, OD, OH, OW, g_n, g_d, g_h, g_w, g_k,
                                     DIMS, AFFINE, ALIGN_CORNERS, ACC)
-    ox, fx, sx = axis_origin(gx, IW, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
-    oy, fy, sy = axis_origin(gy, IH, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
-    if DIMS == 3:
-        oz, fz, sz = axis_origin(gz, ID, MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC)
-    else:
-        oz, fz, sz = gz, gz, gz  # unused: a 2-D problem has one tap along z
+    ox, fx, sx, oy, fy, sy, oz, fz, sz = _origins(gx, gy, gz, IW, IH, ID, MODE, PADDING, ALIGN_CORNERS, DIMS)
     source = input_ptr + n.to(tl.int64) * i_n
     grad_out = grad_out_ptr + n.to(tl.int64) * o_n + pz * o_d + py * o_h + px * o_w
     grad_source = grad_input_ptr + n.to(tl.int64) * ID * IH * IW * C
@@ -188,27 +189,24 @@ def sample_backward_kernel(
         cmask = c < C
         tile_mask = pmask[:, None] & cmask[None, :]
         g = tl.load(grad_out[:, None] + c[None, :] * o_c, mask=tile_mask, other=0).to(ACC)
-        for kz in tl.static_range(KZ):
-            for ky in tl.static_range(K):
-                for kx in tl.static_range(K):
-                    iz, iy, ix, valid, weight, dwx, dwy, dwz = _tap(
-                        ox, fx, sx, oy, fy, sy, oz, fz, sz, IW, IH, ID, kx, ky, kz,
-                        MODE, PADDING, ALIGN_CORNERS, VOLUMETRIC, DIMS)
-                    tap_mask = valid[:, None] & tile_mask
-                    if NEED_INPUT:
-                        cell = (iz * IH + iy) * IW + ix
-                        tl.atomic_add(grad_source + cell[:, None] * C + c[None, :], weight[:, None] * g,
-                                      mask=tap_mask, sem="relaxed")
-                    if COORD_GRAD:
-                        offset = iz * i_d + iy * i_h + ix * i_w
-                        values = tl.load(source + offset[:, None] + c[None, :] * i_c, mask=tap_mask,
-                                         other=0).to(ACC)
-                        dot = tl.sum(values * g, axis=1)
-                        # Taps outside the input are skipped, whatever their weight.
-                        grad_x += tl.where(valid, dwx * dot, 0.0)
-                        grad_y += tl.where(valid, dwy * dot, 0.0)
-                        if DIMS == 3:
-                            grad_z += tl.where(valid, dwz * dot, 0.0)
+        for tap in tl.static_range(TAPS):
+            iz, iy, ix, valid, weight, dwx, dwy, dwz = _tap(
+                ox, fx, sx, oy, fy, sy, oz, fz, sz, IW, IH, ID, tap, K, MODE, PADDING, ALIGN_CORNERS, DIMS)
+            tap_mask = valid[:, None] & tile_mask
+            if NEED_INPUT:
+                cell = (iz * IH + iy) * IW + ix
+                tl.atomic_add(grad_source + cell[:, None] * C + c[None, :], weight[:, None] * g,
+                              mask=tap_mask, sem="relaxed")
+            if COORD_GRAD:
+                offset = iz * i_d + iy * i_h + ix * i_w
+                values = tl.load(source + offset[:, None] + c[None, :] * i_c, mask=tap_mask,
+                                 other=0).to(ACC)
+                dot = tl.sum(values * g, axis=1)
+                # Taps outside the input are skipped, whatever their weight.
+                grad_x += tl.where(valid, dwx * dot, 0.0)
+                grad_y += tl.where(valid, dwy * dot, 0.0)
+                if DIMS == 3:
+                    grad_z += tl.where(valid, dwz * dot, 0.0)
     if NEED_COORDS:
         if AFFINE:
             # d loss / d theta[n, r, a] = sum over points of grad_r * base_a (base of the last column: 1).
@@ -306,13 +304,6 @@ def input_gradient(grad_source: torch.Tensor, input: torch.Tensor) -> torch.Tens
     """The channels-last accumulation buffer (N, [D,] H, W, C) as the gradient of ``input``."""
     fmt = gradient_memory_format(input)
     return grad_source.movedim(-1, 1).to(input.dtype).contiguous(memory_format=fmt)
-
-
-def empty_gradient_like(t: torch.Tensor, needed: bool) -> torch.Tensor:
-    """A fake kernel's stand-in for ``input_gradient``: same shape and layout, or empty."""
-    if not needed:
-        return t.new_empty((0,))
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device).contiguous(memory_format=gradient_memory_format(t))
 
 
 def output_geometry(spatial: list[int]) -> tuple[int, int, int]:

@@ -3,7 +3,8 @@
 One program computes a block of output points of one batch item: the base coordinate of each axis
 (torch's linspace, evaluated from both ends), then grid = [x, y(, z), 1] · thetaᵀ, accumulated in
 float32 (float64 for float64). The backward is a small contraction written in PyTorch
-(grad_theta = grad_gridᵀ · base), differentiable again.
+(grad_theta = grad_gridᵀ · base), differentiable again; fake kernel and autograd are registered
+with the other backends' affine_grid (``attnkernels/_library/sampling.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .._library.sampling import register_affine_grid
 from ..reference.grid_sample import base_grid
 from ._sampler import accumulation_dtype, tl_dtype
 
@@ -74,28 +76,19 @@ def _affine_grid_op(theta: torch.Tensor, size: list[int], align_corners: bool) -
     return grid
 
 
-def _setup(ctx, inputs, output):
-    theta, size, align_corners = inputs
-    ctx.size, ctx.align_corners, ctx.dtype = list(size), align_corners, theta.dtype
-
-
-def _backward(ctx, grad_grid):
-    # grid[n, p, a] = sum_j theta[n, a, j] base[p, j], so grad_theta[n] = grad_grid[n]ᵀ · base.
-    size, dims = ctx.size, len(ctx.size) - 2
-    acc = accumulation_dtype(ctx.dtype)
-    base = base_grid(size, ctx.align_corners, acc, grad_grid.device).reshape(-1, dims + 1)
+def _transpose(grad_grid: torch.Tensor, size: list[int], align_corners: bool) -> torch.Tensor:
+    """The backward, in PyTorch (differentiable again): grid[n, p, a] = sum_j theta[n, a, j] base[p, j],
+    so grad_theta[n] = grad_grid[n]ᵀ · base."""
+    dims = len(size) - 2
+    acc = accumulation_dtype(grad_grid.dtype)
+    base = base_grid(size, align_corners, acc, grad_grid.device).reshape(-1, dims + 1)
     flat = grad_grid.to(acc).reshape(size[0], -1, dims)
-    return torch.matmul(flat.transpose(1, 2), base).to(ctx.dtype), None, None
+    return torch.matmul(flat.transpose(1, 2), base).to(grad_grid.dtype)
 
 
-_affine_grid_op.register_autograd(_backward, setup_context=_setup)
-
-
-@_affine_grid_op.register_fake
-def _affine_grid_fake(theta, size, align_corners):
-    return theta.new_empty((size[0], *size[2:], len(size) - 2))
+register_affine_grid(_affine_grid_op, _transpose)
 
 
 def affine_grid(theta: torch.Tensor, size: list[int], align_corners: bool) -> torch.Tensor:
-    """The hook attnkernels.affine_grid calls once it has validated the arguments."""
+    """Runs the Triton affine_grid on validated arguments."""
     return _affine_grid_op(theta, [int(s) for s in size], bool(align_corners))

@@ -1,4 +1,6 @@
-"""Fused attention on Triton, FlashAttention-2 style: ``attnkernels::triton_attention`` and its backward.
+"""The Triton kernels of fused attention, FlashAttention-2 style, and their autotuning configs.
+
+The ops that launch them (``attnkernels::triton_attention`` and its backward) are in ``attention_op``.
 
 softmax(q kᵀ · scale + mask) v without storing the (L, S) scores:
 
@@ -20,13 +22,10 @@ float64 inputs).
 
 from __future__ import annotations
 
-import math
 import os
 
-import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from ._sampler import INTERPRETER
 
@@ -145,6 +144,25 @@ def _rounded(x, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _query_block(L, Hq, GROUP, BLOCK_M: tl.constexpr):
+    """This program's block of query rows: (start_m, bh, b, h, kv_h, rows). One grid axis (x, up to
+    2**31 - 1 programs): query blocks fastest, then batch × head; query head h reads kv head h // GROUP."""
+    m_blocks = tl.cdiv(L, BLOCK_M)
+    start_m = (tl.program_id(0) % m_blocks) * BLOCK_M
+    bh = tl.program_id(0) // m_blocks
+    h = bh % Hq
+    return start_m, bh, bh // Hq, h, h // GROUP, start_m + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def _load_query(Q, b, h, rows, e, q_b, q_h, q_l, q_e, L, E, DOT_FP32: tl.constexpr):
+    """The (rows, e) query tile of head h of batch entry b as a tl.dot operand, zero past L and E."""
+    q = tl.load(Q + b.to(tl.int64) * q_b + h * q_h + rows[:, None] * q_l + e[None, :] * q_e,
+                mask=(rows[:, None] < L) & (e[None, :] < E), other=0)
+    return _operand(q, DOT_FP32)
+
+
+@triton.jit
 def _scores(q, k_t, mask_ptr, rows, cols, L, S, m_l, m_s, params_ptr,
             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
             ACC: tl.constexpr):
@@ -178,19 +196,10 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Out: (B, Hq, L, EV) contiguous; Lse: (B, Hq, L) natural log, -inf for fully masked rows."""
-    # One grid axis (x, up to 2**31 - 1 programs): query blocks fastest, then batch × head.
-    m_blocks = tl.cdiv(L, BLOCK_M)
-    start_m = (tl.program_id(0) % m_blocks) * BLOCK_M
-    bh = tl.program_id(0) // m_blocks
-    b = bh // Hq
-    h = bh % Hq
-    kv_h = h // GROUP
-    rows = start_m + tl.arange(0, BLOCK_M)
+    start_m, bh, b, h, kv_h, rows = _query_block(L, Hq, GROUP, BLOCK_M)
     e = tl.arange(0, BLOCK_E)
     ev = tl.arange(0, BLOCK_EV)
-    q = tl.load(Q + b.to(tl.int64) * q_b + h * q_h + rows[:, None] * q_l + e[None, :] * q_e,
-                mask=(rows[:, None] < L) & (e[None, :] < E), other=0)
-    q = _operand(q, DOT_FP32)
+    q = _load_query(Q, b, h, rows, e, q_b, q_h, q_l, q_e, L, E, DOT_FP32)
     k_base = K + b.to(tl.int64) * k_b + kv_h * k_h
     v_base = V + b.to(tl.int64) * v_b + kv_h * v_h
     mask_base = Mask + b.to(tl.int64) * m_b + h * m_h
@@ -328,20 +337,11 @@ def _backward_q_kernel(
     BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ (B, Hq, L, E) contiguous in ACC, and with MASK_GRAD the score gradient (B, Hq, L, S)."""
-    # One grid axis (x, up to 2**31 - 1 programs): query blocks fastest, then batch × head.
-    m_blocks = tl.cdiv(L, BLOCK_M)
-    start_m = (tl.program_id(0) % m_blocks) * BLOCK_M
-    bh = tl.program_id(0) // m_blocks
-    b = bh // Hq
-    h = bh % Hq
-    kv_h = h // GROUP
-    rows = start_m + tl.arange(0, BLOCK_M)
+    start_m, bh, b, h, kv_h, rows = _query_block(L, Hq, GROUP, BLOCK_M)
     in_rows = rows < L
     e = tl.arange(0, BLOCK_E)
     ev = tl.arange(0, BLOCK_EV)
-    q = tl.load(Q + b.to(tl.int64) * q_b + h * q_h + rows[:, None] * q_l + e[None, :] * q_e,
-                mask=in_rows[:, None] & (e[None, :] < E), other=0)
-    q = _operand(q, DOT_FP32)
+    q = _load_query(Q, b, h, rows, e, q_b, q_h, q_l, q_e, L, E, DOT_FP32)
     grad_out = tl.load(GradOut + b.to(tl.int64) * o_b + h * o_h + rows[:, None] * o_l + ev[None, :] * o_e,
                        mask=in_rows[:, None] & (ev[None, :] < EV), other=0)
     grad_out = _operand(grad_out, DOT_FP32)
@@ -382,249 +382,3 @@ def _backward_q_kernel(
     grad_q = grad_q * tl.load(Params + _SCALE)
     tl.store(GradQ + (bh.to(tl.int64) * L + rows[:, None]) * E + e[None, :], grad_q,
              mask=in_rows[:, None] & (e[None, :] < E))
-
-
-# ----------------------------------------------------------------------------- launch
-
-
-def _buckets(L: int, S: int) -> tuple[int, int]:
-    """The autotuning key's lengths: the next powers of two."""
-    return triton.next_power_of_2(L), triton.next_power_of_2(S)
-
-
-def _padded(dim: int) -> int:
-    """Head dims are padded to a power of two, at least 16 (tl.dot's smallest tile)."""
-    return max(16, triton.next_power_of_2(max(dim, 1)))
-
-
-def _dot_in_float32(dtype: torch.dtype) -> bool:
-    """Under the interpreter bfloat16 tiles go through tl.dot as float32 (see ``_operand``)."""
-    return INTERPRETER and dtype == torch.bfloat16
-
-
-def _accumulation(dtype: torch.dtype) -> tuple[torch.dtype, object, str]:
-    """(accumulation dtype, its Triton dtype, tl.dot input precision): float32 inputs use IEEE
-    float32 products, not TF32, as torch does by default."""
-    if dtype == torch.float64:
-        return torch.float64, tl.float64, "ieee"
-    return torch.float32, tl.float32, "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _params(scale: float, dropout_p: float, acc: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Per-call constants in the accumulation dtype (a Python float reaches a kernel as float32)."""
-    keep_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
-    log2e = 1.0 / math.log(2.0)
-    return torch.tensor([scale * log2e, scale, keep_scale, log2e, math.log(2.0)], dtype=acc, device=device)
-
-
-def _mask_strides(attn_mask: torch.Tensor | None) -> tuple[int, int, int, int]:
-    return tuple(attn_mask.stride()) if attn_mask is not None else (0, 0, 0, 0)
-
-
-@triton_op("attnkernels::triton_attention", mutates_args={})
-def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-                  dropout_p: float, is_causal: bool, scale: float,
-                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """query: (B, Hq, L, E); key: (B, Hkv, S, E); value: (B, Hkv, S, EV); attn_mask: None or (B, Hq, L, S)
-    (any strides, bool or float); seed: int64 (1,) when dropout_p > 0.
-    Returns out (B, Hq, L, EV) and the log-sum-exp (B, Hq, L) in the accumulation dtype."""
-    B, Hq, L, E = query.shape
-    Hkv, S, EV = key.shape[1], key.shape[2], value.shape[3]
-    acc, tl_acc, precision = _accumulation(query.dtype)
-    out = torch.empty((B, Hq, L, EV), dtype=query.dtype, device=query.device)
-    lse = torch.empty((B, Hq, L), dtype=acc, device=query.device)
-    if B * Hq * L == 0:
-        return out, lse
-    if S == 0:  # nothing to attend to: every row is fully masked
-        return out.zero_(), lse.fill_(float("-inf"))
-    has_dropout = dropout_p > 0
-    params = _params(scale, dropout_p, acc, query.device)
-
-    def grid(meta):
-        return (triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,)
-
-    wrap_triton(_forward_kernel)[grid](
-        query, key, value, attn_mask if attn_mask is not None else query, seed if has_dropout else params,
-        params, out, lse,
-        *query.stride(), *key.stride(), *value.stride(), *_mask_strides(attn_mask),
-        Hq, L, S, E, EV, Hq // Hkv, float(dropout_p), *_buckets(L, S),
-        HAS_MASK=attn_mask is not None, MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
-        IS_CAUSAL=is_causal, HAS_DROPOUT=has_dropout, PRECISION=precision, DOT_FP32=_dot_in_float32(query.dtype),
-        ACC=tl_acc, BLOCK_E=_padded(E), BLOCK_EV=_padded(EV))
-    return out, lse
-
-
-@triton_op("attnkernels::triton_attention_backward", mutates_args={})
-def _attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, query: torch.Tensor,
-                           key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-                           out: torch.Tensor, lse: torch.Tensor, dropout_p: float, is_causal: bool, scale: float,
-                           seed: torch.Tensor | None, mask_grad: bool
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients to query, key, value and (with mask_grad) the float mask, as (B, Hq, L, S) scores
-    gradient; the caller's broadcasting of the mask reduces it."""
-    B, Hq, L, E = query.shape
-    Hkv, S, EV = key.shape[1], key.shape[2], value.shape[3]
-    acc, tl_acc, precision = _accumulation(query.dtype)
-    grad_q = torch.zeros((B, Hq, L, E), dtype=acc, device=query.device)
-    grad_k = torch.zeros((B, Hkv, S, E), dtype=acc, device=query.device)
-    grad_v = torch.zeros((B, Hkv, S, EV), dtype=acc, device=query.device)
-    grad_mask = torch.zeros((B, Hq, L, S) if mask_grad else (0,), dtype=acc, device=query.device)
-    if B * Hq * L * S > 0:
-        # delta = rowsum(dO * O) (dropout included); a log-sum-exp gradient enters the same place.
-        delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
-        if grad_lse is not None:
-            delta = delta - grad_lse.to(acc)
-        delta = delta.contiguous()
-        lse = lse.contiguous()
-        has_dropout = dropout_p > 0
-        params = _params(scale, dropout_p, acc, query.device)
-        mask_arg = attn_mask if attn_mask is not None else query
-        seed_arg = seed if has_dropout else params
-        common = dict(HAS_MASK=attn_mask is not None,
-                      MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
-                      IS_CAUSAL=is_causal, HAS_DROPOUT=has_dropout, PRECISION=precision,
-                      DOT_FP32=_dot_in_float32(query.dtype), ACC=tl_acc,
-                      BLOCK_E=_padded(E), BLOCK_EV=_padded(EV))
-        strides = (*query.stride(), *key.stride(), *value.stride(), *_mask_strides(attn_mask), *grad_out.stride())
-
-        def kv_grid(meta):
-            return (triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,)
-
-        def q_grid(meta):
-            return (triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,)
-
-        wrap_triton(_backward_kv_kernel)[kv_grid](
-            query, key, value, mask_arg, seed_arg, params, grad_out, lse, delta, grad_k, grad_v, *strides,
-            Hq, Hkv, L, S, E, EV, Hq // Hkv, float(dropout_p), *_buckets(L, S), **common)
-        wrap_triton(_backward_q_kernel)[q_grid](
-            query, key, value, mask_arg, seed_arg, params, grad_out, lse, delta, grad_q, grad_mask, *strides,
-            Hq, L, S, E, EV, Hq // Hkv, float(dropout_p), *_buckets(L, S), MASK_GRAD=mask_grad, **common)
-    mask_dtype = attn_mask.dtype if mask_grad and attn_mask is not None else acc
-    return (grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), grad_mask.to(mask_dtype))
-
-
-def _setup(ctx, inputs, output):
-    query, key, value, attn_mask, dropout_p, is_causal, scale, seed = inputs
-    out, lse = output
-    ctx.save_for_backward(query, key, value, attn_mask, out, lse, seed)
-    ctx.options = (dropout_p, is_causal, scale)
-    ctx.mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
-
-
-def _backward(ctx, grad_out, grad_lse):
-    query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
-    dropout_p, is_causal, scale = ctx.options
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    grad_q, grad_k, grad_v, grad_mask = _attention_backward_op(
-        grad_out, grad_lse, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, seed, ctx.mask_grad)
-    return grad_q, grad_k, grad_v, (grad_mask if ctx.mask_grad else None), None, None, None, None
-
-
-_attention_op.register_autograd(_backward, setup_context=_setup)
-
-
-def _backward_setup(ctx, inputs, output):
-    grad_out, grad_lse, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, seed, mask_grad = inputs
-    ctx.save_for_backward(grad_out, grad_lse, query, key, value, attn_mask)
-    ctx.options = (dropout_p, is_causal, scale, mask_grad)
-
-
-def _double_backward(ctx, grad_grad_q, grad_grad_k, grad_grad_v, grad_grad_mask):
-    """Second derivatives through the plain-PyTorch reference, which autograd differentiates twice.
-
-    The backward op reads ``out`` and ``lse`` as inputs, but they are functions of q, k, v and the
-    mask: the reference recomputes them, so the total derivative lands on q, k, v and the mask
-    and none is returned for ``out`` and ``lse``.
-    """
-    grad_out, grad_lse, query, key, value, attn_mask = ctx.saved_tensors
-    dropout_p, is_causal, scale, mask_grad = ctx.options
-    if dropout_p > 0:
-        raise RuntimeError("attnkernels: the triton attention has no double backward with dropout_p > 0 "
-                           "(its dropout mask lives in the kernel's Philox stream); use dropout_p=0 or the "
-                           "reference backend")
-    from ..reference import attention_with_lse
-
-    with torch.enable_grad():
-        go = grad_out.detach().requires_grad_(True)
-        gl = None if grad_lse is None else grad_lse.detach().requires_grad_(True)
-        q, k, v = (t.detach().requires_grad_(True) for t in (query, key, value))
-        mask = attn_mask.detach().requires_grad_(True) if mask_grad else attn_mask
-        out, lse = attention_with_lse(q, k, v, mask, 0.0, is_causal, scale, q.shape[1] != k.shape[1])
-        loss = (out * go).sum()
-        if gl is not None:
-            loss = loss + torch.where(torch.isfinite(lse), lse * gl, 0.0).sum()
-        primals = [q, k, v] + ([mask] if mask_grad else [])
-        firsts = torch.autograd.grad(loss, primals, create_graph=True)
-        cotangents = [grad_grad_q, grad_grad_k, grad_grad_v] + ([grad_grad_mask] if mask_grad else [])
-        pairs = [(f, c) for f, c in zip(firsts, cotangents, strict=True) if c is not None]
-        wrt = [go] + ([gl] if gl is not None else []) + primals
-        if not pairs:
-            return (None,) * 13
-        grads = list(torch.autograd.grad([f for f, _ in pairs], wrt, [c for _, c in pairs], allow_unused=True))
-    d_go = grads.pop(0)
-    d_gl = grads.pop(0) if gl is not None else None
-    d_q, d_k, d_v = grads[:3]
-    d_mask = grads[3] if mask_grad else None
-    return d_go, d_gl, d_q, d_k, d_v, d_mask, None, None, None, None, None, None, None
-
-
-_attention_backward_op.register_autograd(_double_backward, setup_context=_backward_setup)
-
-
-@_attention_op.register_fake
-def _attention_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
-    B, Hq, L, _ = query.shape
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-    return query.new_empty((B, Hq, L, value.shape[3])), query.new_empty((B, Hq, L), dtype=acc)
-
-
-@_attention_backward_op.register_fake
-def _attention_backward_fake(grad_out, grad_lse, query, key, value, attn_mask, out, lse, dropout_p, is_causal,
-                             scale, seed, mask_grad):
-    B, Hq, L, _ = query.shape
-    if mask_grad and attn_mask is not None:
-        grad_mask = query.new_empty((B, Hq, L, key.shape[2]), dtype=attn_mask.dtype)
-    else:
-        grad_mask = query.new_empty((0,), dtype=torch.float64 if query.dtype == torch.float64 else torch.float32)
-    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_mask
-
-
-def _flatten_batch(t: torch.Tensor, batch: tuple[int, ...], tail: tuple[int, ...]) -> torch.Tensor:
-    """Broadcast ``t`` to (*batch, *tail) and merge the batch dims, as a view when the strides
-    allow (a broadcast mask stays stride 0), otherwise as a copy."""
-    t = t.expand(*batch, *tail)
-    flat = (math.prod(batch), *tail)
-    try:
-        return t.view(flat)
-    except RuntimeError:
-        return t.reshape(flat)
-
-
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-              enable_gqa: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(query keyᵀ · scale + mask) value, and the log-sum-exp of each row.
-
-    query: (..., Hq, L, E); key: (..., Hkv, S, E); value: (..., Hkv, S, Ev), Hkv dividing Hq
-    (Hkv < Hq only with enable_gqa); attn_mask: bool (True attends) or float (added), broadcastable
-    to (..., Hq, L, S); scale: None for 1 / sqrt(E).
-    Returns out (..., Hq, L, Ev) and lse (..., Hq, L), float32 (float64 for float64 inputs); a
-    fully masked row gives 0 and lse -inf. Differentiable to query, key, value and a float mask.
-    The caller validates the arguments.
-    """
-    del enable_gqa  # the head counts say it all: query head h reads KV head h // (Hq // Hkv)
-    batch = tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
-    Hq, L, E = query.shape[-3:]
-    Hkv, S = key.shape[-3], key.shape[-2]
-    q = _flatten_batch(query, batch, (Hq, L, E))
-    k = _flatten_batch(key, batch, (Hkv, S, E))
-    v = _flatten_batch(value, batch, (Hkv, S, value.shape[-1]))
-    mask = None if attn_mask is None else _flatten_batch(attn_mask, batch, (Hq, L, S))
-    if scale is None:
-        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
-    seed = None
-    if dropout_p > 0:
-        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=query.device)
-    out, lse = _attention_op(q, k, v, mask, float(dropout_p), bool(is_causal), float(scale), seed)
-    return out.view(*batch, Hq, L, out.shape[-1]), lse.view(*batch, Hq, L)
