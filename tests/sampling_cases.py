@@ -28,6 +28,13 @@ def make_grid(dims: int, dtype=torch.float64, batch=2, out=None, spread=1.25, se
     return g.to(dtype)
 
 
+def make_theta(dims: int, batch: int = 2, dtype=torch.float64, spread=0.3, seed=0) -> torch.Tensor:
+    """Near-identity affine maps with rotation, scale, shear and shift, some reaching outside the input."""
+    gen = torch.Generator().manual_seed(seed)
+    eye = torch.eye(dims, dims + 1, dtype=torch.float64)
+    return (eye + spread * torch.randn((batch, dims, dims + 1), generator=gen, dtype=torch.float64)).to(dtype)
+
+
 def torch_supports(dims: int, mode: str) -> bool:
     """torch has no 5-D bicubic (tricubic)."""
     return not (dims == 3 and mode == "bicubic")

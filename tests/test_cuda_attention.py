@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 
+import attention_cases
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,27 +46,10 @@ def randn(*shape, seed, dtype=torch.float64):
 
 
 def make_mask(kind, batch, heads, L, S, seed=1):
-    """A mask of the given kind, as a broadcast view (never materialised to (B, H, L, S))."""
-    generator = torch.Generator().manual_seed(seed)
-    if kind is None:
-        return None
-    if kind == "bool":  # (L, S), one fully masked row
-        mask = torch.rand(L, S, generator=generator) > 0.3
-        mask[L // 2] = False
-    elif kind == "bool_heads":  # (B, H, 1, S)
-        mask = torch.rand(batch, heads, 1, S, generator=generator) > 0.5
-    elif kind == "float":  # (L, S) with -inf entries and a fully -inf row
-        mask = torch.randn(L, S, dtype=torch.float64, generator=generator)
-        mask[torch.rand(L, S, generator=generator) > 0.7] = -math.inf
-        mask[-1] = -math.inf
-    elif kind == "float_full":  # (B, H, L, S), differentiable
-        mask = torch.randn(batch, heads, L, S, dtype=torch.float64, generator=generator)
-    elif kind == "band":  # query i sees keys [2i, 2i + 40): whole tiles are masked out
-        rows, cols = torch.arange(L).unsqueeze(-1), torch.arange(S)
-        mask = (cols >= 2 * rows) & (cols < 2 * rows + 40)
-    else:
-        raise ValueError(kind)
-    return mask.to(DEVICE)
+    """The shared masks (tests/attention_cases.py) on DEVICE: small broadcast shapes, never (B, H, L, S)
+    unless the kind is float_full."""
+    mask = attention_cases.make_mask(kind, (batch,), heads, L, S, seed=seed)
+    return None if mask is None else mask.to(DEVICE)
 
 
 # B, Hq, Hkv, L, S, E, Ev, mask kind, causal

@@ -2,7 +2,8 @@
 deterministic mode, 64-bit indexing, the direct ops, and the CUDA affine_grid and fused sampler.
 
 The checks every backend shares (float64, low precision, layouts, empty and non-finite inputs, random
-shapes) are written once in tests/test_grid_sample.py for every (device, backend) pair. Every test here
+shapes) are written once in tests/test_grid_sample.py and tests/test_affine.py for every (device, backend)
+pair. Every test here
 needs a GPU and an extension built with the CUDA sources (skipped otherwise). The CUDA
 kernels follow the attnkernels CPU backend exactly, including its treatment of non-finite grid values,
 which is torch's CPU behaviour (torch's own CUDA kernels treat NaN differently from its CPU kernels).
@@ -18,21 +19,19 @@ from sampling_cases import (
     LOW_PRECISION,
     MODES,
     PADDINGS,
-    all_cases,
     assert_within_torch_error,
-    case_id,
     make_grid,
     make_input,
+    make_theta,
     max_error,
     torch_supports,
 )
 
 import attnkernels
-from attnkernels import _extension, reference
+from attnkernels import _extension
 
 pytestmark = pytest.mark.cuda
 
-CASES = all_cases()
 DEVICE = "cuda"
 
 
@@ -52,10 +51,7 @@ def ours(input, grid, mode, padding, align):
 
 
 def random_theta(dims: int, batch: int, dtype=torch.float64, seed=0) -> torch.Tensor:
-    """Near-identity affine maps with some rotation, scale and shift (points partly outside [-1, 1])."""
-    gen = torch.Generator().manual_seed(seed)
-    eye = torch.eye(dims, dims + 1, dtype=torch.float64).expand(batch, dims, dims + 1)
-    return (eye + 0.35 * torch.randn((batch, dims, dims + 1), generator=gen, dtype=torch.float64)).to(dtype)
+    return make_theta(dims, batch, dtype, spread=0.35, seed=seed)
 
 
 def torch_affine_sample(input, theta, size, mode, padding, align):
@@ -270,22 +266,6 @@ def test_affine_grid_backward_large_is_accurate():
 
 def fused(input, theta, size, mode, padding, align):
     return attnkernels.affine_grid_sample(input, theta, size, mode, padding, align, backend="cuda")
-
-
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_affine_grid_sample_float64(case):
-    dims, mode, padding, align = case
-    x = cuda(make_input(dims, channels=3))
-    size = (2, 3, 4, 5, 6) if dims == 3 else (2, 3, 7, 9)
-    theta = cuda(random_theta(dims, 2))
-    mine = forward_and_grads(lambda a, t: fused(a, t, size, mode, padding, align), x, theta)
-    oracle = forward_and_grads(lambda a, t: reference.affine_grid_sample(a, t, size, mode, padding, align), x, theta)
-    for name, a, b in zip(("output", "grad_input", "grad_theta"), mine, oracle, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m, n=name: f"{n} vs reference: {m}")
-    if torch_supports(dims, mode):
-        theirs = forward_and_grads(lambda a, t: torch_affine_sample(a, t, size, mode, padding, align), x, theta)
-        for name, a, b in zip(("output", "grad_input", "grad_theta"), mine, theirs, strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m, n=name: f"{n} vs torch: {m}")
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from backends import device_backends, forward_and_grads, serve_or_skip
+from backends import ON_CPU, device_backends, forward_and_grads, serve_or_skip
 from conftest import cpu_backends
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,7 +27,7 @@ from attnkernels import reference
 
 BACKENDS = cpu_backends()
 PAIRS = device_backends()
-CPU_PAIRS = device_backends(("cpu", "cpu"), ("cpu", "reference"), ("cpu", "triton"))
+CPU_PAIRS = device_backends(*ON_CPU)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 CASES = all_cases()
 

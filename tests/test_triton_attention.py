@@ -9,29 +9,23 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from backends import triton_device_or_skip_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnkernels
-from attnkernels._dispatch import triton_installed
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if not triton_installed():
-    pytest.skip("Triton is not installed", allow_module_level=True)
-if not (INTERPRETER or torch.cuda.is_available()):
-    pytest.skip("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 for CPU tensors",
-                allow_module_level=True)
+DEVICE = triton_device_or_skip_module()
+INTERPRETER = DEVICE == "cpu"
 
 import attnkernels.triton as triton_backend  # noqa: E402  (imports triton: only after the skips)
 
 pytestmark = pytest.mark.triton  # selected by the GPU check (scripts/gpu_check.sh)
 
-DEVICE = "cpu" if INTERPRETER else "cuda"
 # The triton attention serves float64 only under the interpreter (why_not refuses it on CUDA, see
 # test_why_not). On a GPU the tests written against the float64 math run in float32, whose products
 # the kernels compute in IEEE float32 (not TF32), with a float32 tolerance.
