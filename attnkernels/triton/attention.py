@@ -155,7 +155,7 @@ def _scores(q, k_t, mask_ptr, rows, cols, L, S, m_l, m_s, params_ptr,
     if HAS_MASK:
         tile = tl.load(mask_ptr + rows[:, None] * m_l + cols[None, :] * m_s, mask=inside, other=0)
         if MASK_BOOL:
-            s = tl.where(tile != 0, s, float("-inf"))
+            s = tl.where(tile != 0, s, s + float("-inf"))  # added, as torch: a NaN or +inf score stays NaN
         else:
             s += tile.to(ACC) * tl.load(params_ptr + _LOG2E)
     keep = cols[None, :] < S

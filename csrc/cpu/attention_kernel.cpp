@@ -127,7 +127,8 @@ struct MaskView {
       acc_t* row = scores + r * ld;
       if (bools != nullptr) {
         const bool* m = bools + base;
-        for (int64_t c = 0; c < cols; ++c) row[c] = m[c * stride_s] ? row[c] : neg_inf;
+        // Hidden scores get -inf added, as torch adds a bool mask: a NaN or +inf score stays NaN.
+        for (int64_t c = 0; c < cols; ++c) row[c] = m[c * stride_s] ? row[c] : row[c] + neg_inf;
       } else {
         const acc_t* m = values + base;
         if (stride_s == 1) {
@@ -141,7 +142,44 @@ struct MaskView {
   }
 };
 
-// Top-left causal: query row i attends to keys j <= i.
+// The largest |value| of n values, +inf when one is NaN or infinite.
+template <typename T>
+double largest_magnitude(const T* values, int64_t n) {
+  double most = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = std::abs(static_cast<double>(values[i]));
+    most = x <= most ? most : (x > most ? x : std::numeric_limits<double>::infinity());  // NaN -> inf
+  }
+  return most;
+}
+
+template <typename T>
+bool any_nan(const T* values, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(static_cast<double>(values[i]))) return true;
+  }
+  return false;
+}
+
+// Whether a tile that the mask hides entirely can still change the result, so that it must be
+// computed, not skipped. torch adds the mask to the scores, so a NaN or +inf score behind it makes
+// its row NaN, and a non-finite value row behind it still gives 0 * inf = NaN. Finite q and k rows
+// whose scaled dot products cannot overflow, and finite v rows, make the tile a no-op.
+template <typename scalar_t>
+bool hidden_tile_matters(const scalar_t* q_rows, int64_t rows, const scalar_t* k_rows, const scalar_t* v_rows,
+                         int64_t cols, int64_t E, int64_t Ev, double scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  if (!(largest_magnitude(v_rows, cols * Ev) < kInf)) return true;
+  // |q . k| * scale <= E * max|q| * max|k| * scale; half the largest acc_t leaves room for rounding.
+  const double bound =
+      static_cast<double>(E) * std::abs(scale) * largest_magnitude(q_rows, rows * E) * largest_magnitude(k_rows, cols * E);
+  return !(bound < 0.5 * static_cast<double>(std::numeric_limits<acc_t>::max()));
+}
+
+// Top-left causal: query row i attends to keys j <= i. Hidden scores are set to -inf, not
+// added to: torch's fused CPU and CUDA paths skip the tiles right of the diagonal, so a NaN
+// there never reaches a row it hides from, and this kernel does the same.
 template <typename acc_t>
 void apply_causal(int64_t row0, int64_t rows, int64_t col0, int64_t cols, acc_t* scores, int64_t ld) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -240,7 +278,11 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t key_end = is_causal ? std::min(S, row0 + rows) : S;
       for (int64_t col0 = 0; col0 < key_end; col0 += Bk) {
         const int64_t cols = std::min(Bk, key_end - col0);
-        if (mask.present() && !mask.any_allowed(bh, row0, rows, col0, cols)) continue;
+        if (mask.present() && !mask.any_allowed(bh, row0, rows, col0, cols) &&
+            !hidden_tile_matters(q_data + (bh * L + row0) * E, rows, k_data + (kv * S + col0) * E,
+                                 v_data + (kv * S + col0) * Ev, cols, E, Ev, scale_d)) {
+          continue;
+        }
         const acc_t* k_tile = rows_as_acc(k_data + kv * S * E, col0, cols, E, k_buffer.data());
         const acc_t* v_tile = rows_as_acc(v_data + kv * S * Ev, col0, cols, Ev, v_buffer.data());
         gemm<acc_t>(false, true, rows, cols, E, scale, q_tile, E, k_tile, E, acc_t(0), scores.data(), Bk);
@@ -407,7 +449,16 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
             const int64_t row0 = query_block * Bq;
             const int64_t rows = std::min(Bq, L - row0);
             if (is_causal && row0 + rows - 1 < col0) continue;
-            if (mask.present() && !mask.any_allowed(bh, row0, rows, col0, cols)) continue;
+            // A hidden tile also matters to rows whose lse, delta or dO is not finite (0 * NaN).
+            if (mask.present() && !mask.any_allowed(bh, row0, rows, col0, cols) &&
+                !hidden_tile_matters(q_data + (bh * L + row0) * E, rows, k_data + (kv * S + col0) * E,
+                                     v_data + (kv * S + col0) * Ev, cols, E, Ev, scale_d) &&
+                !any_nan(lse_data + bh * L + row0, rows) &&
+                largest_magnitude(delta.data() + bh * L + row0, rows) < std::numeric_limits<double>::infinity() &&
+                largest_magnitude(grad_out_data + (bh * L + row0) * Ev, rows * Ev) <
+                    std::numeric_limits<double>::infinity()) {
+              continue;
+            }
             const acc_t* q_tile = rows_as_acc(q_data + bh * L * E, row0, rows, E, q_buffer.data());
             const acc_t* do_tile = rows_as_acc(grad_out_data + bh * L * Ev, row0, rows, Ev, do_buffer.data());
             // P = exp(scale * Q K^T + mask - lse)

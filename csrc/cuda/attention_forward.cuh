@@ -181,14 +181,16 @@ __global__ void __launch_bounds__(kThreads, forward_blocks_per_sm(D))
 
   cp_async_wait_all();  // (no tile left in flight when the block exits: none when every key is masked)
 
-  // Epilogue: a row that attends to nothing gives 0 and lse -inf.
+  // Epilogue: a row that attends to nothing (sum 0) gives 0 and lse -inf; a NaN sum gives NaN
+  // output and lse, as torch does (NaN > 0 is false, so the test is sum == 0, not sum > 0).
   T* out_head = static_cast<T*>(p.out) + bh * p.L * p.Ev;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float sum = row_sum[r];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inverse = sum > 0.0f ? 1.0f / sum : 0.0f;
+    const bool attended = !(sum == 0.0f);
+    const float inverse = attended ? 1.0f / sum : 0.0f;
     const int row = rows[r];
     if (row >= p.L) continue;
     T* out_row = out_head + static_cast<int64_t>(row) * p.Ev;
@@ -199,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, forward_blocks_per_sm(D))
         *reinterpret_cast<uint32_t*>(out_row + col) = pack2<T>(out[d][2 * r] * inverse, out[d][2 * r + 1] * inverse);
       }
     }
-    if (t == 0) p.lse[bh * p.L + row] = sum > 0.0f ? (row_max[r] + log2f(sum)) * kLn2 : negative_infinity();
+    if (t == 0) p.lse[bh * p.L + row] = attended ? (row_max[r] + log2f(sum)) * kLn2 : negative_infinity();
   }
 }
 
