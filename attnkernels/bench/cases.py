@@ -10,6 +10,7 @@ against torch before it is timed, and hands out the callable to time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -104,7 +105,7 @@ def build_cases(ops: Sequence[str], device: torch.device, dtypes: Sequence[torch
         op_sizes = sizes or (spec.quick_sizes if quick else spec.default_sizes)[device.type]
         for dtype in dtypes:
             for size in op_sizes:
-                for direction in passes:
+                for direction in (p for p in passes if p in spec.passes):
                     cases.append(Case(name, direction, int(size), dtype, device))
     return cases
 
@@ -205,7 +206,9 @@ class PreparedCase:
                 return [spec.run(inputs, backend)]
         output = spec.run(inputs, backend)
         wrt = [inputs[name] for name in spec.differentiable_inputs]
-        return [output.detach(), *torch.autograd.grad(output, wrt, self.grad_outputs[copy])]
+        with _deterministic_algorithms(spec.deterministic_backward and backend != "torch"):
+            gradients = torch.autograd.grad(output, wrt, self.grad_outputs[copy])
+        return [output.detach(), *gradients]
 
     def timed_callable(self, backend: str) -> Callable[[], object]:
         """A no-argument function for the timer: one call, rotating through the input copies."""
@@ -295,6 +298,20 @@ class PreparedCase:
             if error / allowed >= closest.max_error / closest.allowed:
                 closest = Check(True, error, allowed, detail)
         return closest
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """torch.use_deterministic_algorithms(True) inside the block when ``enabled``; else nothing changes."""
+    if not enabled or torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False, warn_only=warn_only)
 
 
 def _empty_cache(device: torch.device) -> None:

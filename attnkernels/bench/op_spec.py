@@ -36,7 +36,11 @@ class OpSpec:
     work: Callable[[Shape, torch.dtype, bool], float]  # (shape, dtype, with backward) -> bytes or FLOPs
     label: Callable[[Shape], str]
     default_sizes: dict[str, tuple[int, ...]]  # device type -> sizes
-    quick_sizes: dict[str, tuple[int, ...]]
+    quick_sizes: dict[str, tuple[int, ...]]  # an empty tuple leaves the op out of --quick runs
+    passes: tuple[str, ...] = ("fwd", "fwd+bwd")  # the passes worth measuring for this op
+    # Run our backward under torch.use_deterministic_algorithms(True) (torch's own stays as it is:
+    # its CUDA sampler backward has no deterministic version).
+    deterministic_backward: bool = False
 
     def available(self) -> bool:
         return hasattr(attnkernels, self.public_function)

@@ -1,5 +1,5 @@
 """The sampling benchmark ops: grid_sample, affine_grid and the fused affine_grid_sample, 2-D, video
-and RGB.
+(with its channel sweep, channels-last and deterministic-backward variants) and RGB.
 
 Byte counts (the floor of memory traffic; the same count for every backend, so the rate is
 comparable across them):
@@ -146,6 +146,41 @@ def _video_ops() -> list[OpSpec]:
     ]
 
 
+def _video_variant_ops() -> list[OpSpec]:
+    """The video volume's variants measured for the CUDA sampler, none of them in --quick runs:
+
+    grid_sample_video_channels: the channel sweep, C = 16, 32, 64 (the size is C) on 16 frames of
+    112 x 112 (4 volumes; one volume of 56 x 56 on the CPU).
+    grid_sample_video_channels_last: the input in channels_last_3d memory layout.
+    grid_sample_video_deterministic: our backward under torch.use_deterministic_algorithms(True)
+    (fwd+bwd only; torch's backward stays as it is, as its CUDA one has no deterministic version).
+    """
+    video_op = next(op for op in _video_ops() if op.name == "grid_sample_video")
+    make_contiguous_inputs = video_op.make_inputs
+
+    def channels_last_inputs(shape: Shape, dtype: torch.dtype, device: torch.device,
+                             generator: torch.Generator) -> Inputs:
+        inputs = make_contiguous_inputs(shape, dtype, device, generator)
+        inputs["input"] = inputs["input"].contiguous(memory_format=torch.channels_last_3d)
+        return inputs
+
+    def channel_sweep_shape(size: int, device_type: str) -> Shape:
+        side = 112 if device_type == "cuda" else 56
+        return {"N": 4 if device_type == "cuda" else 1, "C": size, "D": 16, "H": side, "W": side}
+
+    not_quick = {"cpu": (), "cuda": ()}
+    return [
+        dataclasses.replace(video_op, name="grid_sample_video_channels", shape=channel_sweep_shape,
+                            size_meaning="channels C of 16-frame video volumes",
+                            default_sizes={"cpu": (16, 32, 64), "cuda": (16, 32, 64)}, quick_sizes=not_quick),
+        dataclasses.replace(video_op, name="grid_sample_video_channels_last", make_inputs=channels_last_inputs,
+                            label=lambda s: _sampling_label(3)(s) + " channels-last", quick_sizes=not_quick),
+        dataclasses.replace(video_op, name="grid_sample_video_deterministic", passes=("fwd+bwd",),
+                            deterministic_backward=True, label=lambda s: _sampling_label(3)(s) + " deterministic",
+                            quick_sizes=not_quick),
+    ]
+
+
 def _rgb_ops() -> list[OpSpec]:
     """grid_sample_rgb: a batch of 4 RGB images (C = 3), the spatial transformer's usual input, where
     torch's 2-D kernel (vectorised over points) is strongest."""
@@ -158,4 +193,4 @@ def _rgb_ops() -> list[OpSpec]:
 
 def sampling_ops() -> list[OpSpec]:
     """Every sampling op, in the order the bench command lists them."""
-    return [*_sampling_ops(), *_video_ops(), *_rgb_ops()]
+    return [*_sampling_ops(), *_video_ops(), *_video_variant_ops(), *_rgb_ops()]
