@@ -1,6 +1,7 @@
 """attnkernels.scaled_dot_product_attention / attention_with_lse / merge_attention against torch's
 math backend and the plain-PyTorch reference, on every backend that runs on CPU tensors here
-(the argument checks are in tests/test_attention_errors.py)."""
+(the argument checks are in tests/test_attention_errors.py; the masked-row, NaN, layout, dropout-mask
+and empty-input checks, shared with CUDA tensors, in tests/test_attention_devices.py)."""
 
 from __future__ import annotations
 
@@ -141,56 +142,6 @@ def test_gradgradcheck_with_dropout():
 
 
 @pytest.mark.parametrize(("device", "backend"), PAIRS)
-def test_fully_masked_rows_give_zero_output_and_gradient(device, backend):
-    q, k, v = (t.requires_grad_() for t in make_inputs((1,), 2, 2, 6, 5, 4, 4))
-    mask = torch.full((6, 5), -math.inf, dtype=torch.float64)
-    mask[::2] = 0.0
-    mask.requires_grad_()
-    out = run(backend, attnkernels.scaled_dot_product_attention, q, k, v, mask)
-    assert (out[..., 1::2, :] == 0).all() and not out.isnan().any()
-    grad_q, grad_k, grad_v, grad_mask = gradients(out, (q, k, v, mask))
-    for grad in (grad_q, grad_k, grad_v, grad_mask):
-        assert not grad.isnan().any()
-    assert (grad_q[..., 1::2, :] == 0).all() and (grad_mask[1::2] == 0).all()
-    everything_masked = torch.zeros(6, 5, dtype=torch.bool)
-    out = run(backend, attnkernels.scaled_dot_product_attention, q, k, v, everything_masked)
-    assert (out == 0).all()
-
-
-@pytest.mark.parametrize(("device", "backend"), PAIRS)
-def test_empty_inputs(device, backend):
-    q, k, v = make_inputs((2,), 2, 2, 3, 4, 5, 6)
-    assert run(backend, attnkernels.scaled_dot_product_attention, q[:, :, :0], k, v).shape == (2, 2, 0, 6)
-    no_keys = run(backend, attnkernels.scaled_dot_product_attention, q, k[:, :, :0], v[:, :, :0])
-    assert no_keys.shape == (2, 2, 3, 6) and (no_keys == 0).all()
-    assert run(backend, attnkernels.scaled_dot_product_attention, q[:0], k[:0], v[:0]).shape == (0, 2, 3, 6)
-
-
-@pytest.mark.parametrize(("device", "backend"), PAIRS)
-def test_non_contiguous_inputs(device, backend):
-    q, k, v = make_inputs((2,), 3, 3, 9, 11, 8, 8)
-    # (batch, length, heads, dim) memory, as projections produce it
-    q_t, k_t, v_t = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
-    assert not q_t.is_contiguous()
-    mask = make_mask("float_full", (2,), 3, 9, 11).transpose(-1, -2).contiguous().transpose(-1, -2)
-    ours = run(backend, attnkernels.scaled_dot_product_attention, q_t, k_t, v_t, mask)
-    torch.testing.assert_close(ours, torch_math(q, k, v, attn_mask=mask), atol=1e-10, rtol=1e-10)
-
-
-@pytest.mark.parametrize(("device", "backend"), PAIRS)
-def test_nan_and_inf_stay_in_their_rows(device, backend):
-    q, k, v = make_inputs((1,), 1, 1, 4, 5, 4, 4)
-    q[0, 0, 1, 0] = math.nan
-    out = run(backend, attnkernels.scaled_dot_product_attention, q, k, v)
-    assert out[0, 0, 1].isnan().all()  # like torch's math backend
-    keep = [0, 2, 3]
-    torch.testing.assert_close(out[..., keep, :], torch_math(q[..., keep, :], k, v), atol=1e-10, rtol=1e-10)
-    mask = torch.zeros(4, 5, dtype=torch.float64)
-    mask[:, 2] = math.inf  # +inf scores: NaN, as in torch
-    assert run(backend, attnkernels.scaled_dot_product_attention, q, k, v, mask)[0, 0, 0].isnan().all()
-
-
-@pytest.mark.parametrize(("device", "backend"), PAIRS)
 @pytest.mark.parametrize("where", ["query", "key", "float mask"])
 def test_nan_row_gives_nan_lse_and_gradients_like_torch(device, backend, where):
     """A NaN score is not a fully masked row: lse, output and gradients are NaN where torch's are."""
@@ -285,28 +236,6 @@ def test_dropout_statistics(device, backend, p):
     for dim in (-1, -2):
         neighbours = (flat * flat.roll(1, dims=dim)).mean().item() / (p * (1 - p))
         assert abs(neighbours) < 0.05
-
-
-@pytest.mark.parametrize(("device", "backend"), PAIRS)
-def test_dropout_same_seed_same_result(device, backend):
-    a, _ = dropped_weights(backend, 0.5, seed=5)
-    b, _ = dropped_weights(backend, 0.5, seed=5)
-    c, _ = dropped_weights(backend, 0.5, seed=6)
-    assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-@pytest.mark.parametrize(("device", "backend"), PAIRS)
-def test_dropout_backward_uses_the_forward_mask(device, backend):
-    p, seed, L, S = 0.3, 21, 40, 50
-    weights, _ = dropped_weights(backend, p, seed, L, S, heads=2)
-    keep = weights != 0
-    q, k, v = (t.requires_grad_() for t in make_inputs((1,), 2, 2, L, S, 8, 8))
-    torch.manual_seed(seed)
-    ours = run(backend, attnkernels.scaled_dot_product_attention, q, k, v, dropout_p=p)
-    expected = reference.scaled_dot_product_attention(q, k, v, dropout_p=p, dropout_mask=keep)
-    torch.testing.assert_close(ours, expected, atol=1e-10, rtol=1e-10)
-    for mine, theirs in zip(gradients(ours, (q, k, v)), gradients(expected, (q, k, v)), strict=True):
-        torch.testing.assert_close(mine, theirs, atol=1e-10, rtol=1e-10)
 
 
 @needs_cpu_kernel
