@@ -4,14 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Only the C++ CPU kernels differ between variants: leave out the Triton interpreter and the pure-PyTorch
-# reference backend, which the plain `pytest` run covers.
+# Only the C++ CPU kernels differ between variants: select the cpu-cpu (device-backend) cases and leave out
+# the Triton interpreter, the pure-PyTorch reference backend and CUDA, which the plain `pytest` run covers.
 export TRITON_INTERPRET=0
 best=$(env -u ATTNKERNELS_CPU_CAPABILITY python -c "import attnkernels; print(attnkernels.cpu_capability())")
 tests=(tests/test_cpu_capability.py tests/test_grid_sample.py tests/test_affine.py tests/test_attention.py
-       tests/test_sampling_errors.py tests/test_sampling_library.py)
+       tests/test_attention_devices.py tests/test_attention_errors.py tests/test_sampling_errors.py
+       tests/test_sampling_library.py)
 for capability in default avx2 avx512; do
   echo "== CPU kernels, ${capability} variant"
-  ATTNKERNELS_CPU_CAPABILITY=$capability python -m pytest -q -p no:cacheprovider -k "not reference" "${tests[@]}" "$@"
+  ATTNKERNELS_CPU_CAPABILITY=$capability python -m pytest -q -p no:cacheprovider -k "not cpu-reference and not cpu-triton and not cuda-" "${tests[@]}" "$@"
   [ "$capability" = "$best" ] && break
 done

@@ -1,10 +1,12 @@
-"""Shared inputs and the low-precision error rule for the sampling tests."""
+"""Shared inputs, random problems (hypothesis) and the low-precision error rule for the sampling tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import torch
+from hypothesis import strategies as st
 
 MODES = ("bilinear", "nearest", "bicubic")
 PADDINGS = ("zeros", "border", "reflection")
@@ -24,6 +26,13 @@ def make_grid(dims: int, dtype=torch.float64, batch=2, out=None, spread=1.25, se
     out = out or ((3, 4, 5) if dims == 3 else (4, 5))
     g = (torch.rand((batch, *out, dims), generator=gen, dtype=torch.float64) * 2 - 1) * spread
     return g.to(dtype)
+
+
+def make_theta(dims: int, batch: int = 2, dtype=torch.float64, spread=0.3, seed=0) -> torch.Tensor:
+    """Near-identity affine maps with rotation, scale, shear and shift, some reaching outside the input."""
+    gen = torch.Generator().manual_seed(seed)
+    eye = torch.eye(dims, dims + 1, dtype=torch.float64)
+    return (eye + spread * torch.randn((batch, dims, dims + 1), generator=gen, dtype=torch.float64)).to(dtype)
 
 
 def torch_supports(dims: int, mode: str) -> bool:
@@ -55,3 +64,46 @@ def assert_within_torch_error(ours: torch.Tensor, theirs: torch.Tensor, truth: t
     ulp = torch.finfo(ours.dtype).eps * max(1.0, truth.abs().max().item())
     assert ours_err <= factor * torch_err + ulp, (
         f"{what}: error {ours_err:.3g} against float64, torch's own {torch_err:.3g} (allowed {factor}x + {ulp:.3g})")
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomCase:
+    """One drawn sampling problem: sizes, options and the seed of its input and grid."""
+
+    dims: int
+    batch: int
+    channels: int
+    in_size: tuple[int, ...]
+    out_size: tuple[int, ...]
+    mode: str
+    padding: str
+    align: bool
+    seed: int
+
+    @property
+    def input(self) -> torch.Tensor:
+        return make_input(self.dims, batch=self.batch, channels=self.channels, spatial=self.in_size, seed=self.seed)
+
+    @property
+    def grid(self) -> torch.Tensor:
+        return make_grid(self.dims, batch=self.batch, out=self.out_size, seed=self.seed + 1)
+
+
+@st.composite
+def random_case(draw, max_batch=3, max_channels=20, max_in=7, out_ranges=((1, 6), (1, 6), (1, 6)), modes=MODES,
+                paddings=PADDINGS) -> RandomCase:
+    """A RandomCase with sizes up to the bounds; `out_ranges` bounds the output's (depth, height, width).
+    5-D bicubic (which torch lacks) is drawn as bilinear."""
+    dims = draw(st.sampled_from((2, 3)))
+    mode = draw(st.sampled_from(modes))
+    return RandomCase(
+        dims=dims,
+        batch=draw(st.integers(1, max_batch)),
+        channels=draw(st.integers(1, max_channels)),
+        in_size=tuple(draw(st.integers(1, max_in)) for _ in range(dims)),
+        out_size=tuple(draw(st.integers(low, high)) for low, high in out_ranges[-dims:]),
+        mode=mode if torch_supports(dims, mode) else "bilinear",
+        padding=draw(st.sampled_from(paddings)),
+        align=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )

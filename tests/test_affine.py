@@ -5,32 +5,32 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from backends import ON_CPU, device_backends, forward_and_grads, serve_or_skip
 from conftest import cpu_backends
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sampling_cases import LOW_PRECISION, MODES, PADDINGS, assert_within_torch_error, make_input, torch_supports
+from sampling_cases import (
+    LOW_PRECISION,
+    MODES,
+    PADDINGS,
+    assert_within_torch_error,
+    make_input,
+    make_theta,
+    random_case,
+    torch_supports,
+)
 
 import attnkernels
 from attnkernels import reference
 
 BACKENDS = cpu_backends()
-
-
-def make_theta(dims: int, batch: int = 2, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
-    """Near-identity maps with rotation, scale and shift, some reaching outside the input."""
-    gen = torch.Generator().manual_seed(seed)
-    eye = torch.eye(dims, dims + 1, dtype=torch.float64)
-    theta = eye + 0.3 * torch.randn((batch, dims, dims + 1), generator=gen, dtype=torch.float64)
-    return theta.to(dtype)
+# The fused sampler is checked on every backend that has it, Triton on CUDA tensors included.
+FUSED_PAIRS = device_backends(*ON_CPU, ("cuda", "cuda"), ("cuda", "triton"))
 
 
 def run_fused(backend, *args, **kwargs):
-    try:
-        return attnkernels.affine_grid_sample(*args, backend=backend, **kwargs)
-    except RuntimeError as error:
-        if backend == "triton" and "cannot serve these inputs" in str(error):
-            pytest.skip(f"triton backend: {error}")
-        raise
+    """affine_grid_sample through attnkernels; skips when the triton backend says it cannot serve the inputs."""
+    return serve_or_skip(backend, attnkernels.affine_grid_sample, *args, **kwargs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -59,26 +59,30 @@ def test_affine_grid_gradcheck_and_double_backward(dims):
         assert torch.autograd.gradgradcheck(fn, (theta,))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), FUSED_PAIRS)
 @pytest.mark.parametrize("dims", (2, 3))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("align", (False, True))
-def test_fused_equals_affine_grid_then_grid_sample(backend, dims, mode, padding, align):
-    x = make_input(dims).requires_grad_(True)
-    theta = make_theta(dims).requires_grad_(True)
+def test_fused_equals_affine_grid_then_grid_sample(device, backend, dims, mode, padding, align):
+    """float64 against torch's two steps (the reference's for tricubic) and the reference's fused sampler."""
+    x = make_input(dims).to(device)
+    theta = make_theta(dims).to(device)
     out_size = [2, 3, *((4, 5, 6) if dims == 3 else (5, 6))]
-    ours = run_fused(backend, x, theta, out_size, mode, padding, align)
+    ours = forward_and_grads(lambda a, t: run_fused(backend, a, t, out_size, mode, padding, align), x, theta)
     if torch_supports(dims, mode):
-        expected = F.grid_sample(x, F.affine_grid(theta, out_size, align_corners=align), mode, padding, align)
+        def two_steps(a, t):
+            return F.grid_sample(a, F.affine_grid(t, out_size, align_corners=align), mode, padding, align)
     else:
-        expected = reference.grid_sample(x, reference.affine_grid(theta, out_size, align), mode, padding, align)
-    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-9)
-    grad = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    ours_grads = torch.autograd.grad(ours, (x, theta), grad)
-    expected_grads = torch.autograd.grad(expected, (x, theta), grad)
-    for a, b in zip(ours_grads, expected_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-8)
+        def two_steps(a, t):
+            return reference.grid_sample(a, reference.affine_grid(t, out_size, align), mode, padding, align)
+    fused_oracle = forward_and_grads(
+        lambda a, t: reference.affine_grid_sample(a, t, out_size, mode, padding, align), x, theta)
+    for expected in (forward_and_grads(two_steps, x, theta), fused_oracle):
+        for name, a, b, atol in zip(("output", "grad_input", "grad_theta"), ours, expected, (1e-9, 1e-8, 1e-8),
+                                    strict=True):
+            assert a.device.type == device
+            torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -90,28 +94,24 @@ def test_fused_size_defaults_to_input_shape(backend):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize(("device", "backend"), [p for p in FUSED_PAIRS if p.values[1] != "reference"])
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("dims", (2, 3))
-def test_fused_low_precision_within_twice_torch(backend, dtype, dims):
+@pytest.mark.parametrize("padding", ("zeros", "border"))
+def test_fused_low_precision_within_twice_torch(device, backend, dtype, dims, padding):
     x64 = (make_input(dims, channels=4, spatial=(6, 9, 10) if dims == 3 else (12, 13)) * 4).to(dtype).double()
-    theta64 = make_theta(dims).to(dtype).double()
+    x64 = x64.to(device)
+    theta64 = make_theta(dims).to(dtype).double().to(device)
     size = list(x64.shape)
 
     def torch_path(x, t):
-        return F.grid_sample(x, F.affine_grid(t, size, align_corners=False), align_corners=False)
+        return F.grid_sample(x, F.affine_grid(t, size, align_corners=False), padding_mode=padding,
+                             align_corners=False)
 
-    def grads(fn, x, t):
-        x = x.detach().requires_grad_(True)
-        t = t.detach().requires_grad_(True)
-        out = fn(x, t)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(out.dtype)
-        return (out, *torch.autograd.grad(out, (x, t), g))
-
-    truth = grads(torch_path, x64, theta64)
-    theirs = grads(torch_path, x64.to(dtype), theta64.to(dtype))
-    ours = grads(lambda x, t: run_fused(backend, x, t, size, align_corners=False), x64.to(dtype),
-                 theta64.to(dtype))
+    truth = forward_and_grads(torch_path, x64, theta64, seed=5)
+    theirs = forward_and_grads(torch_path, x64.to(dtype), theta64.to(dtype), seed=5)
+    ours = forward_and_grads(lambda x, t: run_fused(backend, x, t, size, padding_mode=padding, align_corners=False),
+                             x64.to(dtype), theta64.to(dtype), seed=5)
     for name, factor, a, b, t in zip(("output", "grad_input", "grad_theta"), (2, 3, 3), ours, theirs, truth,
                                      strict=True):
         assert a.dtype == dtype
@@ -161,29 +161,21 @@ def _fused_and_torch_grads(backend, x, theta, size, mode, padding, align):
     return ours, theirs
 
 
+ROW_CASES = random_case(max_batch=2, max_channels=5, max_in=9, out_ranges=((1, 3), (1, 4), (1, 40)),
+                        modes=("bilinear",), paddings=("zeros", "border"))
+
+
 @settings(max_examples=30, deadline=None)
-@given(
-    dims=st.sampled_from((2, 3)),
-    batch=st.integers(1, 2),
-    channels=st.integers(1, 5),
-    in_size=st.lists(st.integers(1, 9), min_size=3, max_size=3),
-    width=st.integers(1, 40),
-    height=st.integers(1, 4),
-    depth=st.integers(1, 3),
-    padding=st.sampled_from(("zeros", "border")),
-    align=st.booleans(),
-    scale=st.sampled_from((0.05, 0.3, 1.0, 3.0)),
-    seed=st.integers(0, 2**16),
-)
-def test_fused_bilinear_random_rows_match_torch(dims, batch, channels, in_size, width, height, depth, padding,
-                                                 align, scale, seed):
+@given(case=ROW_CASES, scale=st.sampled_from((0.05, 0.3, 1.0, 3.0)))
+def test_fused_bilinear_random_rows_match_torch(case, scale):
     """Rows of any width (1 to 40: whole tiles, tails, less than a tile) and maps from strong zoom-in
     (many points per pixel, so one tile's lanes share taps) to zoom-out far past the input."""
-    x = make_input(dims, batch=batch, channels=channels, spatial=tuple(in_size[:dims]), seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
+    dims, batch, padding, align = case.dims, case.batch, case.padding, case.align
+    x = case.input
+    gen = torch.Generator().manual_seed(case.seed + 1)
     theta = torch.eye(dims, dims + 1, dtype=torch.float64) * scale
     theta = theta + 0.2 * torch.randn((batch, dims, dims + 1), generator=gen, dtype=torch.float64)
-    size = [batch, channels, *((depth, height, width) if dims == 3 else (height, width))]
+    size = [batch, case.channels, *case.out_size]
     for backend in [b for b in BACKENDS if b in ("cpu", "reference")]:
         ours, theirs = _fused_and_torch_grads(backend, x, theta, size, "bilinear", padding, align)
         for name, a, b in zip(("output", "grad_input", "grad_theta"), ours, theirs, strict=True):

@@ -1,5 +1,7 @@
 """attnkernels.scaled_dot_product_attention / attention_with_lse / merge_attention against torch's
-math backend and the plain-PyTorch reference, on every backend that runs on CPU tensors here."""
+math backend and the plain-PyTorch reference, on every backend that runs on CPU tensors here
+(the argument checks are in tests/test_attention_errors.py; the masked-row, NaN, layout, dropout-mask
+and empty-input checks, shared with CUDA tensors, in tests/test_attention_devices.py)."""
 
 from __future__ import annotations
 
@@ -8,108 +10,30 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_cases import CASES, gradients, make_inputs, make_mask, torch_math
+from backends import ON_CPU, device_backends, serve_or_skip
 from conftest import cpu_backends
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attnkernels
 from attnkernels import reference
 from attnkernels.reference.attention import kernel_dropout_mask
 
 BACKENDS = cpu_backends()
+PAIRS = device_backends(*ON_CPU)
 HAS_CPU_KERNEL = "cpu" in BACKENDS
 needs_cpu_kernel = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="the compiled extension is not built")
 
 
 def run(backend, fn, *args, **kwargs):
     """fn(*args, backend=backend, **kwargs); skips when the backend says it cannot serve the inputs."""
-    try:
-        return fn(*args, backend=backend, **kwargs)
-    except RuntimeError as error:
-        marker = "cannot serve these inputs:"
-        if marker in str(error):
-            reason = str(error).split(marker, 1)[1].strip()
-            assert reason, "a backend that declines must say why"
-            pytest.skip(f"{backend}: {reason}")
-        raise
+    return serve_or_skip(backend, fn, *args, declines=("cpu", "reference", "triton"), **kwargs)
 
 
-def torch_math(q, k, v, **kwargs):
-    with sdpa_kernel(SDPBackend.MATH):
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
-
-
-def make_inputs(batch, q_heads, kv_heads, L, S, E, Ev, dtype=torch.float64, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(*batch, q_heads, L, E, dtype=dtype, generator=generator)
-    k = torch.randn(*batch, kv_heads, S, E, dtype=dtype, generator=generator)
-    v = torch.randn(*batch, kv_heads, S, Ev, dtype=dtype, generator=generator)
-    return q, k, v
-
-
-def make_mask(kind, batch, heads, L, S, dtype=torch.float64, seed=1):
-    """Masks of every kind and broadcast; each leaves at least one fully masked row where it can."""
-    generator = torch.Generator().manual_seed(seed)
-    if kind is None:
-        return None
-    if kind == "bool":
-        mask = torch.rand(L, S, generator=generator) > 0.3
-        mask[L // 2] = False  # a fully masked row
-        return mask
-    if kind == "bool_heads":
-        return torch.rand(*batch, heads, 1, S, generator=generator) > 0.5
-    if kind == "float":
-        mask = torch.randn(L, S, dtype=dtype, generator=generator)
-        mask[torch.rand(L, S, generator=generator) > 0.7] = -math.inf
-        mask[-1] = -math.inf
-        return mask
-    if kind == "float_full":
-        return torch.randn(*batch, heads, L, S, dtype=dtype, generator=generator)
-    if kind == "float_row":  # (1, S): torch's default SDPA refuses masks of rank < 2
-        return torch.randn(1, S, dtype=dtype, generator=generator)
-    if kind == "band":  # query i sees keys [2i, 2i + 40): whole tiles are masked out and skipped
-        rows = torch.arange(L).unsqueeze(-1)
-        cols = torch.arange(S)
-        return (cols >= 2 * rows) & (cols < 2 * rows + 40)
-    raise ValueError(kind)
-
-
-def gradients(out, inputs, seed=3):
-    grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
-    live = [t for t in inputs if t is not None and t.requires_grad]
-    return torch.autograd.grad(out, live, grad_out.to(out.dtype))
-
-
-# batch dims, Hq, Hkv, L, S, E, Ev, mask kind, causal
-CASES = {
-    "basic": ((2,), 3, 3, 17, 23, 16, 16, None, False),
-    "rank3": ((), 2, 2, 9, 11, 8, 8, None, False),
-    "rank5": ((2, 2), 2, 2, 5, 6, 4, 4, None, False),
-    "causal_L<S": ((1,), 2, 2, 7, 113, 8, 8, None, True),
-    "causal_L>S": ((1,), 2, 2, 113, 7, 8, 8, None, True),
-    "causal_long": ((1,), 1, 1, 257, 257, 16, 16, None, True),
-    "value_dim": ((2,), 2, 2, 13, 19, 12, 5, None, False),
-    "head_dim_1": ((1,), 2, 2, 7, 7, 1, 1, None, False),
-    "head_dim_7": ((1,), 2, 2, 7, 9, 7, 7, None, False),
-    "head_dim_257": ((1,), 1, 1, 7, 9, 257, 257, None, False),
-    "length_1": ((2,), 2, 2, 1, 1, 8, 8, None, False),
-    "blocks": ((1,), 1, 1, 300, 600, 8, 8, None, False),
-    "band_mask": ((1,), 2, 2, 300, 600, 8, 8, "band", False),
-    "gqa": ((2,), 6, 2, 11, 13, 8, 8, None, False),
-    "gqa_causal": ((1,), 4, 1, 70, 140, 8, 8, None, True),
-    "bool_mask": ((2,), 2, 2, 9, 13, 8, 8, "bool", False),
-    "bool_mask_heads": ((2,), 3, 3, 9, 13, 8, 8, "bool_heads", False),
-    "float_mask": ((2,), 2, 2, 9, 13, 8, 8, "float", False),
-    "float_mask_full": ((2,), 2, 2, 70, 140, 8, 8, "float_full", False),
-    "float_mask_row": ((2,), 2, 2, 9, 13, 8, 8, "float_row", False),
-    "gqa_mask": ((1,), 4, 2, 9, 13, 8, 8, "float_full", False),
-}
-
-
+@pytest.mark.parametrize(("device", "backend"), PAIRS)
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_float64_outputs_and_gradients(backend, case):
+def test_float64_outputs_and_gradients(device, backend, case):
     batch, q_heads, kv_heads, L, S, E, Ev, mask_kind, causal = CASES[case]
     q, k, v = (t.requires_grad_() for t in make_inputs(batch, q_heads, kv_heads, L, S, E, Ev))
     mask = make_mask(mask_kind, batch, q_heads, L, S)
@@ -138,8 +62,8 @@ def test_float64_outputs_and_gradients(backend, case):
             torch.testing.assert_close(mine, theirs, atol=1e-8, rtol=1e-8, msg=f"gradient of {name} vs torch")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_lse_matches_logsumexp_of_scores(backend):
+@pytest.mark.parametrize(("device", "backend"), PAIRS)
+def test_lse_matches_logsumexp_of_scores(device, backend):
     q, k, v = make_inputs((2,), 2, 2, 9, 13, 8, 8)
     mask = make_mask("float", (2,), 2, 9, 13)
     out, lse = run(backend, attnkernels.attention_with_lse, q, k, v, mask, scale=0.3)
@@ -150,11 +74,11 @@ def test_lse_matches_logsumexp_of_scores(backend):
     assert lse32.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", ["basic", "causal_long", "gqa", "float_mask_full", "bool_mask", "rank3", "rank5",
                                   "value_dim"])
-def test_low_precision_flash_attention_rule(backend, dtype, case):
+def test_low_precision_flash_attention_rule(device, backend, dtype, case):
     """Our error against float64 is at most 2x torch's own in the same dtype (3x for gradients), torch
     taking its own choice of path (its exact math path for rank 3, rank 5 and Ev != E)."""
     if backend == "triton" and case in ("rank3", "rank5", "value_dim"):
@@ -217,59 +141,9 @@ def test_gradgradcheck_with_dropout():
     assert torch.autograd.gradgradcheck(dropped, (q, k, v))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fully_masked_rows_give_zero_output_and_gradient(backend):
-    q, k, v = (t.requires_grad_() for t in make_inputs((1,), 2, 2, 6, 5, 4, 4))
-    mask = torch.full((6, 5), -math.inf, dtype=torch.float64)
-    mask[::2] = 0.0
-    mask.requires_grad_()
-    out = run(backend, attnkernels.scaled_dot_product_attention, q, k, v, mask)
-    assert (out[..., 1::2, :] == 0).all() and not out.isnan().any()
-    grad_q, grad_k, grad_v, grad_mask = gradients(out, (q, k, v, mask))
-    for grad in (grad_q, grad_k, grad_v, grad_mask):
-        assert not grad.isnan().any()
-    assert (grad_q[..., 1::2, :] == 0).all() and (grad_mask[1::2] == 0).all()
-    everything_masked = torch.zeros(6, 5, dtype=torch.bool)
-    out = run(backend, attnkernels.scaled_dot_product_attention, q, k, v, everything_masked)
-    assert (out == 0).all()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_inputs(backend):
-    q, k, v = make_inputs((2,), 2, 2, 3, 4, 5, 6)
-    assert run(backend, attnkernels.scaled_dot_product_attention, q[:, :, :0], k, v).shape == (2, 2, 0, 6)
-    no_keys = run(backend, attnkernels.scaled_dot_product_attention, q, k[:, :, :0], v[:, :, :0])
-    assert no_keys.shape == (2, 2, 3, 6) and (no_keys == 0).all()
-    assert run(backend, attnkernels.scaled_dot_product_attention, q[:0], k[:0], v[:0]).shape == (0, 2, 3, 6)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_inputs(backend):
-    q, k, v = make_inputs((2,), 3, 3, 9, 11, 8, 8)
-    # (batch, length, heads, dim) memory, as projections produce it
-    q_t, k_t, v_t = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
-    assert not q_t.is_contiguous()
-    mask = make_mask("float_full", (2,), 3, 9, 11).transpose(-1, -2).contiguous().transpose(-1, -2)
-    ours = run(backend, attnkernels.scaled_dot_product_attention, q_t, k_t, v_t, mask)
-    torch.testing.assert_close(ours, torch_math(q, k, v, attn_mask=mask), atol=1e-10, rtol=1e-10)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_and_inf_stay_in_their_rows(backend):
-    q, k, v = make_inputs((1,), 1, 1, 4, 5, 4, 4)
-    q[0, 0, 1, 0] = math.nan
-    out = run(backend, attnkernels.scaled_dot_product_attention, q, k, v)
-    assert out[0, 0, 1].isnan().all()  # like torch's math backend
-    keep = [0, 2, 3]
-    torch.testing.assert_close(out[..., keep, :], torch_math(q[..., keep, :], k, v), atol=1e-10, rtol=1e-10)
-    mask = torch.zeros(4, 5, dtype=torch.float64)
-    mask[:, 2] = math.inf  # +inf scores: NaN, as in torch
-    assert run(backend, attnkernels.scaled_dot_product_attention, q, k, v, mask)[0, 0, 0].isnan().all()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), PAIRS)
 @pytest.mark.parametrize("where", ["query", "key", "float mask"])
-def test_nan_row_gives_nan_lse_and_gradients_like_torch(backend, where):
+def test_nan_row_gives_nan_lse_and_gradients_like_torch(device, backend, where):
     """A NaN score is not a fully masked row: lse, output and gradients are NaN where torch's are."""
     q, k, v = make_inputs((1,), 1, 1, 2, 3, 4, 2)
     mask = torch.zeros(2, 3, dtype=torch.float64)
@@ -308,8 +182,8 @@ def test_reference_keeps_nan_behind_a_mask_like_torch(where):
     torch.testing.assert_close(ours.nan_to_num(7.0), expected.nan_to_num(7.0))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_merge_of_halves_equals_whole(backend):
+@pytest.mark.parametrize(("device", "backend"), PAIRS)
+def test_merge_of_halves_equals_whole(device, backend):
     q, k, v = (t.requires_grad_() for t in make_inputs((2,), 2, 2, 9, 20, 8, 6))
     mask = make_mask("float", (2,), 2, 9, 20)
     whole, whole_lse = run(backend, attnkernels.attention_with_lse, q, k, v, mask)
@@ -344,9 +218,9 @@ def dropped_weights(backend, p, seed, L=40, S=50, heads=4):
     return weights, probs
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), PAIRS)
 @pytest.mark.parametrize("p", [0.2, 0.6])
-def test_dropout_statistics(backend, p):
+def test_dropout_statistics(device, backend, p):
     weights, probs = dropped_weights(backend, p, seed=11)
     kept = weights != 0
     # Kept weights are P / (1 - p) exactly; the ratio W / P has mean 1 and variance p / (1 - p).
@@ -362,28 +236,6 @@ def test_dropout_statistics(backend, p):
     for dim in (-1, -2):
         neighbours = (flat * flat.roll(1, dims=dim)).mean().item() / (p * (1 - p))
         assert abs(neighbours) < 0.05
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dropout_same_seed_same_result(backend):
-    a, _ = dropped_weights(backend, 0.5, seed=5)
-    b, _ = dropped_weights(backend, 0.5, seed=5)
-    c, _ = dropped_weights(backend, 0.5, seed=6)
-    assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dropout_backward_uses_the_forward_mask(backend):
-    p, seed, L, S = 0.3, 21, 40, 50
-    weights, _ = dropped_weights(backend, p, seed, L, S, heads=2)
-    keep = weights != 0
-    q, k, v = (t.requires_grad_() for t in make_inputs((1,), 2, 2, L, S, 8, 8))
-    torch.manual_seed(seed)
-    ours = run(backend, attnkernels.scaled_dot_product_attention, q, k, v, dropout_p=p)
-    expected = reference.scaled_dot_product_attention(q, k, v, dropout_p=p, dropout_mask=keep)
-    torch.testing.assert_close(ours, expected, atol=1e-10, rtol=1e-10)
-    for mine, theirs in zip(gradients(ours, (q, k, v)), gradients(expected, (q, k, v)), strict=True):
-        torch.testing.assert_close(mine, theirs, atol=1e-10, rtol=1e-10)
 
 
 @needs_cpu_kernel
@@ -451,85 +303,6 @@ def test_torch_compile_inductor_with_dropout():
     torch.manual_seed(0)
     b = compiled(q, k, v)
     assert torch.equal(a, b) and (a == 0).any()
-
-
-# ----------------------------------------------------------------------------- bad inputs
-
-_Q, _K, _V = make_inputs((2,), 4, 2, 5, 6, 8, 8, dtype=torch.float32)
-BAD_INPUTS = {
-    "query rank 1": ((_Q[0, 0, 0], _K[0, 0], _V[0, 0]), {}, RuntimeError, "`query`"),
-    "unequal ranks": ((_Q, _K[0], _V[0]), {}, RuntimeError, "key"),
-    "head dims differ": ((_Q, _K[..., :7], _V), {}, RuntimeError, "head dim"),
-    "value length": ((_Q, _K, _V[..., :5, :]), {}, RuntimeError, "value"),
-    "batch does not broadcast": ((_Q, torch.cat([_K, _K[:1]]), torch.cat([_V, _V[:1]])), {"enable_gqa": True},
-                                 RuntimeError, "batch"),
-    "dtype mismatch": ((_Q, _K.double(), _V), {}, RuntimeError, "key"),
-    "integer query": ((_Q.int(), _K.int(), _V.int()), {}, RuntimeError, "query"),
-    "heads without gqa": ((_Q, _K, _V), {}, RuntimeError, "enable_gqa"),
-    "heads do not divide": ((_Q[:, :3], _K, _V), {"enable_gqa": True}, RuntimeError, "divide"),
-    "value heads do not divide": ((_Q, _K, _V[:, :1].expand(2, 3, 6, 8)), {"enable_gqa": True}, RuntimeError,
-                                  "`value` heads"),
-    "zero key heads": ((_Q, _K[:, :0], _V[:, :0]), {"enable_gqa": True}, RuntimeError, "`key` heads"),
-    "gqa without heads": ((_Q[0, 0], _K[0, 0], _V[0, 0]), {"enable_gqa": True}, RuntimeError, "heads"),
-    "is_causal a string": ((_Q, _K, _V), {"is_causal": "False", "enable_gqa": True}, TypeError, "`is_causal`"),
-    "is_causal an int": ((_Q, _K, _V), {"is_causal": 1, "enable_gqa": True}, TypeError, "`is_causal`"),
-    "enable_gqa an int": ((_Q, _K, _V), {"enable_gqa": 1}, TypeError, "`enable_gqa`"),
-    "mask of rank 1": ((_Q, _K, _V, torch.zeros(6)), {"enable_gqa": True}, RuntimeError, "`attn_mask`"),
-    "mask of rank 0": ((_Q, _K, _V, torch.tensor(0.0)), {"enable_gqa": True}, RuntimeError, "`attn_mask`"),
-    "scale a string": ((_Q, _K, _V), {"scale": "0.5", "enable_gqa": True}, TypeError, "`scale`"),
-    "dropout a 1-d tensor": ((_Q, _K, _V), {"dropout_p": torch.zeros(1), "enable_gqa": True}, TypeError,
-                             "`dropout_p`"),
-    "mask with causal": ((_Q, _K, _V, torch.zeros(5, 6)), {"is_causal": True, "enable_gqa": True}, RuntimeError,
-                         "is_causal"),
-    "mask does not broadcast": ((_Q, _K, _V, torch.zeros(4, 6)), {"enable_gqa": True}, RuntimeError, "attn_mask"),
-    "mask rank too high": ((_Q, _K, _V, torch.zeros(1, 2, 4, 5, 6)), {"enable_gqa": True}, RuntimeError,
-                           "attn_mask"),
-    "mask dtype": ((_Q, _K, _V, torch.zeros(5, 6, dtype=torch.int64)), {"enable_gqa": True}, RuntimeError,
-                   "attn_mask"),
-    "float64 mask on float32": ((_Q, _K, _V, torch.zeros(5, 6, dtype=torch.float64)), {"enable_gqa": True},
-                                RuntimeError, "attn_mask"),
-    "dropout above 1": ((_Q, _K, _V), {"dropout_p": 1.5, "enable_gqa": True}, ValueError, "dropout_p"),
-    "dropout negative": ((_Q, _K, _V), {"dropout_p": -0.1, "enable_gqa": True}, ValueError, "dropout_p"),
-    "unknown backend": ((_Q, _K, _V), {"enable_gqa": True, "backend": "gpu"}, ValueError, "backend"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_inputs_raise_naming_the_argument(case):
-    args, kwargs, error, words = BAD_INPUTS[case]
-    with pytest.raises(error, match=words):
-        attnkernels.scaled_dot_product_attention(*args, **kwargs)
-
-
-@needs_cpu_kernel
-def test_the_op_checks_its_arguments_too():
-    with pytest.raises(RuntimeError, match="is_causal"):
-        torch.ops.attnkernels.attention(_Q, _K, _V, torch.zeros(2, 4, 5, 6), 0.0, True, 1.0, None)
-    with pytest.raises(RuntimeError, match="dropout_p"):
-        torch.ops.attnkernels.attention(_Q, _K, _V, None, 1.5, False, 1.0, None)
-    with pytest.raises(RuntimeError, match="head dim"):
-        torch.ops.attnkernels.attention(_Q, _K[..., :3], _V, None, 0.0, False, 1.0, None)
-
-
-@needs_cpu_kernel
-@pytest.mark.parametrize("argument", ["key", "value", "attn_mask"])
-def test_the_op_rejects_a_tensor_on_another_device(argument):
-    """A meta tensor among CPU tensors dispatches to the fake kernel, which must refuse it, not return garbage."""
-    tensors = {"query": _Q, "key": _K, "value": _V, "attn_mask": torch.zeros(2, 4, 5, 6)}
-    tensors[argument] = tensors[argument].to("meta")
-    with pytest.raises(RuntimeError, match=f"`{argument}` on the device"):
-        torch.ops.attnkernels.attention(*tensors.values(), 0.0, False, 1.0, None)
-
-
-@needs_cpu_kernel
-@pytest.mark.parametrize("argument", ["grad_out", "key", "out", "lse"])
-def test_the_backward_op_rejects_a_tensor_on_another_device(argument):
-    out, lse = torch.ops.attnkernels.attention(_Q, _K, _V, None, 0.0, False, 1.0, None)
-    tensors = {"grad_out": torch.ones_like(out), "grad_lse": None, "query": _Q, "key": _K, "value": _V,
-               "attn_mask": None, "out": out, "lse": lse}
-    tensors[argument] = tensors[argument].to("meta")
-    with pytest.raises(RuntimeError, match=f"`{argument}` on the device"):
-        torch.ops.attnkernels.attention_backward(*tensors.values(), 0.0, False, 1.0, None, [True, True, True, False])
 
 
 # ----------------------------------------------------------------------------- random shapes

@@ -5,6 +5,8 @@ float16/bfloat16 is at most 2x the error of torch's own scaled_dot_product_atten
 dtype, plus a floor of one unit in the last place of the largest value. Every test needs a GPU and
 an extension built with the CUDA sources (skipped without a GPU). The file is sized for a tight
 GPU time budget (well under a minute on an H100/H200): small shapes, one long-sequence test.
+The masked-row, NaN, layout, dropout-mask and empty-input checks, the same on every device, are
+in tests/test_attention_devices.py.
 
 ATTNKERNELS_CUDA_ATTENTION_DRY_RUN=1 runs the same checks on CPU tensors with backend="cpu" (no
 GPU needed): a check of the tests' own logic, not of the CUDA kernels.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 
+import attention_cases
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,27 +48,10 @@ def randn(*shape, seed, dtype=torch.float64):
 
 
 def make_mask(kind, batch, heads, L, S, seed=1):
-    """A mask of the given kind, as a broadcast view (never materialised to (B, H, L, S))."""
-    generator = torch.Generator().manual_seed(seed)
-    if kind is None:
-        return None
-    if kind == "bool":  # (L, S), one fully masked row
-        mask = torch.rand(L, S, generator=generator) > 0.3
-        mask[L // 2] = False
-    elif kind == "bool_heads":  # (B, H, 1, S)
-        mask = torch.rand(batch, heads, 1, S, generator=generator) > 0.5
-    elif kind == "float":  # (L, S) with -inf entries and a fully -inf row
-        mask = torch.randn(L, S, dtype=torch.float64, generator=generator)
-        mask[torch.rand(L, S, generator=generator) > 0.7] = -math.inf
-        mask[-1] = -math.inf
-    elif kind == "float_full":  # (B, H, L, S), differentiable
-        mask = torch.randn(batch, heads, L, S, dtype=torch.float64, generator=generator)
-    elif kind == "band":  # query i sees keys [2i, 2i + 40): whole tiles are masked out
-        rows, cols = torch.arange(L).unsqueeze(-1), torch.arange(S)
-        mask = (cols >= 2 * rows) & (cols < 2 * rows + 40)
-    else:
-        raise ValueError(kind)
-    return mask.to(DEVICE)
+    """The shared masks (tests/attention_cases.py) on DEVICE: small broadcast shapes, never (B, H, L, S)
+    unless the kind is float_full."""
+    mask = attention_cases.make_mask(kind, (batch,), heads, L, S, seed=seed)
+    return None if mask is None else mask.to(DEVICE)
 
 
 # B, Hq, Hkv, L, S, E, Ev, mask kind, causal
@@ -195,51 +181,6 @@ def test_lse_and_gradient_through_lse():
         torch.testing.assert_close(mine.double(), theirs, atol=2e-2, rtol=2e-2)
 
 
-def test_fully_masked_rows_give_zero_output_and_gradient():
-    q, k, v = (randn(1, 2, 40, 64, seed=s).bfloat16().requires_grad_() for s in range(3))
-    mask = torch.ones(40, 40, dtype=torch.bool, device=DEVICE)
-    mask[3] = False
-    mask[:, 5] = False
-    out, lse = attnkernels.attention_with_lse(q, k, v, mask, backend=BACKEND)
-    assert (out[..., 3, :] == 0).all() and torch.isneginf(lse[..., 3]).all()
-    grad_q, grad_k, grad_v = torch.autograd.grad(out.sum(), (q, k, v))
-    assert (grad_q[..., 3, :] == 0).all() and not grad_q.isnan().any()
-    assert (grad_k[..., 5, :] == 0).all() and (grad_v[..., 5, :] == 0).all()
-
-
-def test_nan_and_inf_stay_in_their_rows():
-    q, k, v = (randn(1, 1, 70, 64, seed=s).bfloat16() for s in range(3))
-    q[0, 0, 1, 0] = math.nan
-    out = attnkernels.scaled_dot_product_attention(q, k, v, backend=BACKEND)
-    assert out[0, 0, 1].isnan().all()  # like torch's math backend and the cpu kernel
-    assert not out[0, 0, [0, *range(2, 70)]].isnan().any()
-    mask = torch.zeros(70, 70, device=DEVICE)
-    mask[:, 2] = math.inf  # +inf scores: NaN, as in torch
-    assert attnkernels.scaled_dot_product_attention(q, k, v, mask, backend=BACKEND)[0, 0, 0].isnan().all()
-
-
-def test_non_contiguous_inputs_and_gradients():
-    # (B, L, H, E) memory seen as (B, H, L, E), the layout of most models; a transposed grad_out.
-    q, k, v = (randn(2, 90, 4, 64, seed=s).bfloat16().transpose(1, 2) for s in range(3))
-    mask = make_mask("float_full", 2, 4, 90, 90).float().transpose(-1, -2)
-    grad_out = randn(2, 64, 4, 90, seed=4).bfloat16().permute(0, 2, 3, 1)
-    assert not q.is_contiguous() and not mask.is_contiguous() and not grad_out.is_contiguous()
-
-    def grads(fn, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, mask)]
-        out = fn(*leaves)
-        return [out, *torch.autograd.grad(out, leaves, grad_out.to(dtype))]
-
-    ours = grads(lambda q, k, v, m: attnkernels.scaled_dot_product_attention(q, k, v, m, backend=BACKEND),
-                 torch.bfloat16)
-    truth = grads(lambda q, k, v, m: reference.scaled_dot_product_attention(q, k, v, m), torch.float64)
-    contiguous = grads(lambda q, k, v, m: attnkernels.scaled_dot_product_attention(
-        q.contiguous(), k.contiguous(), v.contiguous(), m.contiguous(), backend=BACKEND), torch.bfloat16)
-    for mine, same, exact in zip(ours, contiguous, truth, strict=True):
-        torch.testing.assert_close(mine, same, atol=0, rtol=0)  # strides change nothing
-        assert (mine.double() - exact).abs().max() < 0.05 * max(1.0, exact.abs().max().item())
-
-
 # ----------------------------------------------------------------------------- dropout
 
 
@@ -264,26 +205,6 @@ def test_dropout_uses_the_cpu_kernels_generator(p):
     if _extension.has_kernel("attention", "CPU"):
         cpu_weights, _ = dropped_weights(p, seed, L, S, dtype=torch.float32, backend="cpu", device="cpu")
         assert torch.equal((cpu_weights != 0).to(DEVICE), keep)
-
-
-def test_dropout_same_seed_same_result_and_backward_regenerates_the_mask():
-    p, seed, L, S = 0.3, 21, 70, 90
-    a, _ = dropped_weights(p, seed, L, S)
-    b, _ = dropped_weights(p, seed, L, S)
-    c, _ = dropped_weights(p, seed + 1, L, S)
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    keep = a != 0
-    q, k, v = (randn(1, 2, n, 64, seed=s).bfloat16().requires_grad_() for s, n in ((0, L), (1, S), (2, S)))
-    torch.manual_seed(seed)
-    ours = attnkernels.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=BACKEND)
-    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    truth = reference.scaled_dot_product_attention(*exact, dropout_p=p, dropout_mask=keep)
-    grad_out = randn(1, 2, L, 64, seed=3)
-    mine = [ours, *torch.autograd.grad(ours, (q, k, v), grad_out.bfloat16())]
-    theirs = [truth, *torch.autograd.grad(truth, exact, grad_out)]
-    for name, m, t in zip(["out", "dq", "dk", "dv"], mine, theirs, strict=True):
-        error = (m.double() - t).abs().max().item()
-        assert error < 0.03 * max(1.0, t.abs().max().item()), (name, error)
 
 
 # ----------------------------------------------------------------------------- determinism, dispatch

@@ -1,6 +1,10 @@
-"""The hand-written CUDA sampling kernels (backend="cuda") against torch on CUDA tensors and the reference.
+"""Checks only the hand-written CUDA sampling kernels (backend="cuda") have: lane groups, atomics and the
+deterministic mode, 64-bit indexing, the direct ops, and the CUDA affine_grid and fused sampler.
 
-Every test here needs a GPU and an extension built with the CUDA sources (skipped otherwise). The CUDA
+The checks every backend shares (float64, low precision, layouts, empty and non-finite inputs, random
+shapes) are written once in tests/test_grid_sample.py and tests/test_affine.py for every (device, backend)
+pair. Every test here
+needs a GPU and an extension built with the CUDA sources (skipped otherwise). The CUDA
 kernels follow the attnkernels CPU backend exactly, including its treatment of non-finite grid values,
 which is torch's CPU behaviour (torch's own CUDA kernels treat NaN differently from its CPU kernels).
 """
@@ -10,27 +14,24 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from backends import forward_and_grads
 from sampling_cases import (
     LOW_PRECISION,
     MODES,
     PADDINGS,
-    all_cases,
     assert_within_torch_error,
-    case_id,
     make_grid,
     make_input,
+    make_theta,
     max_error,
     torch_supports,
 )
 
 import attnkernels
-from attnkernels import _extension, reference
+from attnkernels import _extension
 
 pytestmark = pytest.mark.cuda
 
-CASES = all_cases()
 DEVICE = "cuda"
 
 
@@ -49,19 +50,8 @@ def ours(input, grid, mode, padding, align):
     return attnkernels.grid_sample(input, grid, mode, padding, align, backend="cuda")
 
 
-def forward_and_grads(fn, *inputs, seed=3):
-    leaves = [t.detach().requires_grad_(True) for t in inputs]
-    out = fn(*leaves)
-    gen = torch.Generator().manual_seed(seed)
-    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=out.device, dtype=out.dtype)
-    return (out, *torch.autograd.grad(out, leaves, grad_out))
-
-
 def random_theta(dims: int, batch: int, dtype=torch.float64, seed=0) -> torch.Tensor:
-    """Near-identity affine maps with some rotation, scale and shift (points partly outside [-1, 1])."""
-    gen = torch.Generator().manual_seed(seed)
-    eye = torch.eye(dims, dims + 1, dtype=torch.float64).expand(batch, dims, dims + 1)
-    return (eye + 0.35 * torch.randn((batch, dims, dims + 1), generator=gen, dtype=torch.float64)).to(dtype)
+    return make_theta(dims, batch, dtype, spread=0.35, seed=seed)
 
 
 def torch_affine_sample(input, theta, size, mode, padding, align):
@@ -69,40 +59,6 @@ def torch_affine_sample(input, theta, size, mode, padding, align):
 
 
 # ----------------------------------------------------------------------------- grid_sample
-
-
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_float64_matches_torch_and_reference(case):
-    dims, mode, padding, align = case
-    x, g = cuda(make_input(dims)), cuda(make_grid(dims))
-    mine = forward_and_grads(lambda a, b: ours(a, b, mode, padding, align), x, g)
-    oracle = forward_and_grads(lambda a, b: reference.grid_sample(a, b, mode, padding, align), x, g)
-    for name, a, b in zip(("output", "grad_input", "grad_grid"), mine, oracle, strict=True):
-        assert a.device.type == "cuda"
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m, n=name: f"{n} vs reference: {m}")
-    if torch_supports(dims, mode):
-        theirs = forward_and_grads(lambda a, b: F.grid_sample(a, b, mode, padding, align), x, g)
-        for name, a, b in zip(("output", "grad_input", "grad_grid"), mine, theirs, strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m, n=name: f"{n} vs torch: {m}")
-
-
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-@pytest.mark.parametrize("case", [c for c in CASES if c[3] is False], ids=case_id)
-def test_low_precision_error_within_twice_torch(dtype, case):
-    dims, mode, padding, _ = case
-    if not torch_supports(dims, mode):
-        pytest.skip("torch has no 5-D bicubic (see test_tricubic_low_precision)")
-    x64 = cuda(make_input(dims, channels=40, spatial=(6, 9, 10) if dims == 3 else (12, 13))) * 4
-    g64 = cuda(make_grid(dims, out=(4, 6, 7) if dims == 3 else (9, 11)))
-    x64, g64 = x64.to(dtype).double(), g64.to(dtype).double()
-    truth = forward_and_grads(lambda a, b: F.grid_sample(a, b, mode, padding, False), x64, g64)
-    x, g = x64.to(dtype), g64.to(dtype)
-    mine = forward_and_grads(lambda a, b: ours(a, b, mode, padding, False), x, g)
-    theirs = forward_and_grads(lambda a, b: F.grid_sample(a, b, mode, padding, False), x, g)
-    for name, factor, a, b, t in zip(("output", "grad_input", "grad_grid"), (2, 3, 3), mine, theirs, truth,
-                                     strict=True):
-        assert a.dtype == dtype
-        assert_within_torch_error(a, b, t, factor, f"{name} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
@@ -139,37 +95,6 @@ def test_channel_counts_and_layouts(channels, dims, layout):
 
 
 @pytest.mark.parametrize("dims", (2, 3))
-def test_non_contiguous_and_channels_last(dims):
-    x = cuda(make_input(dims, channels=5))
-    g = cuda(make_grid(dims))
-    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
-    variants = {
-        "channels_last": x.contiguous(memory_format=fmt),
-        "transposed": x.transpose(-1, -2).contiguous().transpose(-1, -2),
-        "strided view": torch.stack([x, x], 2)[:, :, 0],
-    }
-    grid_strided = g.transpose(1, 2).contiguous().transpose(1, 2)
-    expected = F.grid_sample(x, g, "bilinear", "border", False)
-    xt = x.detach().requires_grad_(True)
-    (expected_grad,) = torch.autograd.grad(F.grid_sample(xt, g, "bilinear", "border", False).sum(), xt)
-    for name, xv in variants.items():
-        xv = xv.detach().requires_grad_(True)
-        out = ours(xv, grid_strided, "bilinear", "border", False)
-        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
-        (grad,) = torch.autograd.grad(out.sum(), xv)
-        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
-    # Same layout conventions as the CPU backend (one fake kernel serves both).
-    for xv, channels_last in ((variants["channels_last"], True), (x, False)):
-        xv = xv.detach().float().contiguous(memory_format=fmt if channels_last else torch.contiguous_format)
-        xv.requires_grad_(True)
-        out = ours(xv, g.float(), "bilinear", "zeros", False)
-        assert out.is_contiguous()
-        (grad,) = torch.autograd.grad(out.sum(), xv)
-        assert grad.is_contiguous(memory_format=fmt) == channels_last
-        assert grad.is_contiguous() == (not channels_last)
-
-
-@pytest.mark.parametrize("dims", (2, 3))
 def test_same_results_as_the_cpu_backend(dims):
     """Both compiled backends give the same values (float64), whatever the device."""
     x, g = make_input(dims, channels=6), make_grid(dims)
@@ -180,66 +105,6 @@ def test_same_results_as_the_cpu_backend(dims):
             gpu = forward_and_grads(lambda a, b, m=mode, p=padding: ours(a, b, m, p, True), cuda(x), cuda(g))
             for a, b in zip(gpu, cpu, strict=True):
                 torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-10)
-
-
-@pytest.mark.parametrize("dims", (2, 3))
-@pytest.mark.parametrize("empty", ("batch", "channels", "points"))
-def test_empty_tensors(dims, empty):
-    batch = 0 if empty == "batch" else 2
-    channels = 0 if empty == "channels" else 3
-    out_size = ((0, 2, 3) if dims == 3 else (0, 3)) if empty == "points" else None
-    x = cuda(make_input(dims, batch=batch, channels=channels)).requires_grad_(True)
-    g = cuda(make_grid(dims, batch=batch, out=out_size)).requires_grad_(True)
-    out = ours(x, g, "bilinear", "zeros", False)
-    assert out.shape == F.grid_sample(x, g, "bilinear", "zeros", False).shape
-    grad_input, grad_grid = torch.autograd.grad(out.sum(), (x, g), allow_unused=True)
-    for grad, like in ((grad_input, x), (grad_grid, g)):
-        assert grad is None or (grad.shape == like.shape and not grad.abs().sum().item())
-
-
-NON_FINITE = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 1.0, -1.0, 0.3]
-
-
-@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
-@pytest.mark.parametrize("dims", (2, 3))
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("padding", PADDINGS)
-def test_nan_and_inf_in_grid_match_torch_cpu(dtype, dims, mode, padding):
-    """Non-finite grid values give torch's CPU output, as the attnkernels CPU backend does."""
-    x = make_input(dims, dtype=dtype, batch=1, channels=2)
-    values = NON_FINITE
-    if dims == 2 and padding == "reflection":
-        # 4-D reflection of a huge coordinate is decided by rounding (csrc/grid_sample_math.h), and nvcc
-        # contracts its multiply-subtract into an FMA: the reflected point is arbitrary on every backend.
-        values = [v for v in NON_FINITE if abs(v) != 1e30]
-    pts = []
-    for axis in range(dims):
-        for v in torch.tensor(values, dtype=dtype):
-            p = torch.full((dims,), 0.25, dtype=dtype)
-            p[axis] = v
-            pts.append(p)
-    g = torch.stack(pts).reshape(1, *([1] * (dims - 1)), len(pts), dims)
-    for align in (False, True):
-        out = ours(cuda(x), cuda(g), mode, padding, align).cpu()
-        if torch_supports(dims, mode):
-            torch.testing.assert_close(out, F.grid_sample(x, g, mode, padding, align), rtol=1e-6, atol=1e-6,
-                                       equal_nan=True)
-        torch.testing.assert_close(out, attnkernels.grid_sample(x, g, mode, padding, align, backend="cpu"),
-                                   rtol=1e-6, atol=1e-6, equal_nan=True)
-
-
-@pytest.mark.parametrize("dims", (2, 3))
-def test_backward_with_non_finite_grid_does_not_crash(dims):
-    x = cuda(make_input(dims)).requires_grad_(True)
-    g = cuda(make_grid(dims)).clone()
-    g.view(-1)[::3] = float("nan")
-    g.view(-1)[1::5] = float("inf")
-    for padding in PADDINGS:
-        g_leaf = g.clone().requires_grad_(True)
-        out = ours(x, g_leaf, "bilinear", padding, False)
-        grad_input, _ = torch.autograd.grad(out.nansum(), (x, g_leaf))
-        torch.cuda.synchronize()
-        assert torch.isfinite(grad_input).all(), padding
 
 
 def contended_case(dims, dtype=torch.float32, channels=24):
@@ -361,39 +226,6 @@ def test_errors_name_the_argument():
         torch.ops.attnkernels.grid_sample_backward(go, x, cuda(g), 0, 0, False, [True, True])
 
 
-def test_default_backend_for_cuda_tensors_is_cuda():
-    x, g = cuda(make_input(2, dtype=torch.float32)), cuda(make_grid(2, dtype=torch.float32))
-    torch.testing.assert_close(attnkernels.grid_sample(x, g, align_corners=False),
-                               ours(x, g, "bilinear", "zeros", False), rtol=0, atol=0)
-
-
-@settings(max_examples=20, deadline=None)
-@given(
-    dims=st.sampled_from((2, 3)),
-    batch=st.integers(1, 3),
-    channels=st.integers(1, 40),
-    in_size=st.lists(st.integers(1, 7), min_size=3, max_size=3),
-    out_size=st.lists(st.integers(1, 9), min_size=3, max_size=3),
-    mode=st.sampled_from(MODES),
-    padding=st.sampled_from(PADDINGS),
-    align=st.booleans(),
-    channels_last=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_random_shapes_match_torch(dims, batch, channels, in_size, out_size, mode, padding, align, channels_last,
-                                   seed):
-    if not torch_supports(dims, mode):
-        mode = "bilinear"
-    x = cuda(make_input(dims, batch=batch, channels=channels, spatial=tuple(in_size[:dims]), seed=seed))
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
-    g = cuda(make_grid(dims, batch=batch, out=tuple(out_size[:dims]), seed=seed + 1))
-    theirs = forward_and_grads(lambda a, b: F.grid_sample(a, b, mode, padding, align), x, g)
-    mine = forward_and_grads(lambda a, b: ours(a, b, mode, padding, align), x, g)
-    for a, b in zip(mine, theirs, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
-
-
 # ----------------------------------------------------------------------------- affine_grid
 
 
@@ -434,22 +266,6 @@ def test_affine_grid_backward_large_is_accurate():
 
 def fused(input, theta, size, mode, padding, align):
     return attnkernels.affine_grid_sample(input, theta, size, mode, padding, align, backend="cuda")
-
-
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_affine_grid_sample_float64(case):
-    dims, mode, padding, align = case
-    x = cuda(make_input(dims, channels=3))
-    size = (2, 3, 4, 5, 6) if dims == 3 else (2, 3, 7, 9)
-    theta = cuda(random_theta(dims, 2))
-    mine = forward_and_grads(lambda a, t: fused(a, t, size, mode, padding, align), x, theta)
-    oracle = forward_and_grads(lambda a, t: reference.affine_grid_sample(a, t, size, mode, padding, align), x, theta)
-    for name, a, b in zip(("output", "grad_input", "grad_theta"), mine, oracle, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m, n=name: f"{n} vs reference: {m}")
-    if torch_supports(dims, mode):
-        theirs = forward_and_grads(lambda a, t: torch_affine_sample(a, t, size, mode, padding, align), x, theta)
-        for name, a, b in zip(("output", "grad_input", "grad_theta"), mine, theirs, strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m, n=name: f"{n} vs torch: {m}")
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)

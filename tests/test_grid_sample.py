@@ -1,10 +1,11 @@
-"""grid_sample against torch and against the reference, on every CPU backend."""
+"""grid_sample against torch and the reference, written once and run for every (device, backend) pair."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from backends import ON_CPU, device_backends, forward_and_grads, serve_or_skip
 from conftest import cpu_backends
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +18,7 @@ from sampling_cases import (
     case_id,
     make_grid,
     make_input,
+    random_case,
     torch_supports,
 )
 
@@ -24,37 +26,26 @@ import attnkernels
 from attnkernels import reference
 
 BACKENDS = cpu_backends()
+PAIRS = device_backends()
+CPU_PAIRS = device_backends(*ON_CPU)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 CASES = all_cases()
 
 
 def run(backend, input, grid, mode, padding, align):
-    """grid_sample through attnkernels, or None (with the reason checked) when the backend can't serve."""
-    try:
-        return attnkernels.grid_sample(input, grid, mode, padding, align, backend=backend)
-    except RuntimeError as error:
-        if "cannot serve these inputs" in str(error) and backend == "triton":
-            pytest.skip(f"triton backend: {error}")
-        raise
+    """grid_sample through attnkernels; skips when the triton backend says it cannot serve the inputs."""
+    return serve_or_skip(backend, attnkernels.grid_sample, input, grid, mode, padding, align)
 
 
-def forward_and_grads(fn, input, grid, seed=3):
-    input = input.detach().requires_grad_(True)
-    grid = grid.detach().requires_grad_(True)
-    out = fn(input, grid)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    grad_out = grad_out.to(out.dtype)
-    grad_input, grad_grid = torch.autograd.grad(out, (input, grid), grad_out)
-    return out, grad_input, grad_grid
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), PAIRS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_float64_matches_torch_and_reference(backend, case):
+def test_float64_matches_torch_and_reference(device, backend, case):
     dims, mode, padding, align = case
-    x, g = make_input(dims), make_grid(dims)
+    x, g = make_input(dims).to(device), make_grid(dims).to(device)
     ours = forward_and_grads(lambda a, b: run(backend, a, b, mode, padding, align), x, g)
     oracle = forward_and_grads(lambda a, b: reference.grid_sample(a, b, mode, padding, align), x, g)
     for name, a, b in zip(("output", "grad_input", "grad_grid"), ours, oracle, strict=True):
+        assert a.device.type == device
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m, n=name: f"{n} vs reference: {m}")
     if torch_supports(dims, mode):
         theirs = forward_and_grads(lambda a, b: F.grid_sample(a, b, mode, padding, align), x, g)
@@ -75,15 +66,17 @@ def test_reference_matches_torch_float64():
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize(("device", "backend"), device_backends(exclude=("reference",)))
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("case", [c for c in CASES if c[3] is False], ids=case_id)
-def test_low_precision_error_within_twice_torch(backend, dtype, case):
+def test_low_precision_error_within_twice_torch(device, backend, dtype, case):
     dims, mode, padding, _ = case
     if not torch_supports(dims, mode):
-        pytest.skip("torch has no 5-D bicubic to compare the error with")
-    x64 = make_input(dims, channels=4, spatial=(6, 9, 10) if dims == 3 else (12, 13)) * 4
-    g64 = make_grid(dims, out=(4, 6, 7) if dims == 3 else (9, 11))
+        pytest.skip("torch has no 5-D bicubic to compare the error with (see test_tricubic_low_precision)")
+    # On CUDA 40 channels reach past one lane group of the kernels.
+    channels = 40 if device == "cuda" else 4
+    x64 = make_input(dims, channels=channels, spatial=(6, 9, 10) if dims == 3 else (12, 13)).to(device) * 4
+    g64 = make_grid(dims, out=(4, 6, 7) if dims == 3 else (9, 11)).to(device)
     # Truth: float64 on the inputs rounded to the low-precision dtype.
     x64, g64 = x64.to(dtype).double(), g64.to(dtype).double()
     truth = forward_and_grads(lambda a, b: F.grid_sample(a, b, mode, padding, False), x64, g64)
@@ -96,11 +89,11 @@ def test_low_precision_error_within_twice_torch(backend, dtype, case):
         assert_within_torch_error(a, b, t, factor, f"{name} {dtype}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), PAIRS)
 @pytest.mark.parametrize("dims", (2, 3))
-def test_non_contiguous_and_channels_last(backend, dims):
-    x = make_input(dims, channels=5)
-    g = make_grid(dims)
+def test_non_contiguous_and_channels_last(device, backend, dims):
+    x = make_input(dims, channels=5).to(device)
+    g = make_grid(dims).to(device)
     fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
     variants = {
         "channels_last": x.contiguous(memory_format=fmt),
@@ -118,25 +111,29 @@ def test_non_contiguous_and_channels_last(backend, dims):
         (expected_grad,) = torch.autograd.grad(F.grid_sample(xt, g, "bilinear", "border", False).sum(), xt)
         torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
     # A channels-last input gets a channels-last gradient (as torch's fp32 CPU kernel gives), a
-    # contiguous one a contiguous gradient.
+    # contiguous one a contiguous gradient; the output is contiguous either way (one fake kernel
+    # serves the CPU and CUDA kernels).
     if backend != "reference":
         for xv, channels_last in ((variants["channels_last"], True), (x, False)):
             xv = xv.detach().float().contiguous(memory_format=fmt if channels_last else torch.contiguous_format)
             xv.requires_grad_(True)
-            (grad,) = torch.autograd.grad(run(backend, xv, g.float(), "bilinear", "zeros", False).sum(), xv)
+            out = run(backend, xv, g.float(), "bilinear", "zeros", False)
+            if device == "cuda":
+                assert out.is_contiguous()
+            (grad,) = torch.autograd.grad(out.sum(), xv)
             assert grad.is_contiguous(memory_format=fmt) == channels_last
             assert grad.is_contiguous() == (not channels_last)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), PAIRS)
 @pytest.mark.parametrize("dims", (2, 3))
 @pytest.mark.parametrize("empty", ("batch", "channels", "points"))
-def test_empty_tensors(backend, dims, empty):
+def test_empty_tensors(device, backend, dims, empty):
     batch = 0 if empty == "batch" else 2
     channels = 0 if empty == "channels" else 3
     out_size = ((0, 2, 3) if dims == 3 else (0, 3)) if empty == "points" else None
-    x = make_input(dims, batch=batch, channels=channels).requires_grad_(True)
-    g = make_grid(dims, batch=batch, out=out_size).requires_grad_(True)
+    x = make_input(dims, batch=batch, channels=channels).to(device).requires_grad_(True)
+    g = make_grid(dims, batch=batch, out=out_size).to(device).requires_grad_(True)
     out = run(backend, x, g, "bilinear", "zeros", False)
     expected = F.grid_sample(x, g, "bilinear", "zeros", False)
     assert out.shape == expected.shape
@@ -148,21 +145,32 @@ def test_empty_tensors(backend, dims, empty):
 NON_FINITE = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 1.0, -1.0, 0.3]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def huge_reflection_is_arbitrary(device, backend, dtype, dims, padding) -> bool:
+    """Whether reflecting +-1e30 has no one right answer to compare with torch's."""
+    if padding != "reflection":
+        return False
+    if device == "cuda":
+        # 4-D reflection of a huge coordinate is decided by rounding (csrc/grid_sample_math.h), and nvcc
+        # contracts its multiply-subtract into an FMA: the reflected point is arbitrary on every backend.
+        return dims == 2
+    # torch reflects +-1e30 by a rounded flip count; the reference, and the kernels in fp32, reflect
+    # exactly (see the fp32 test of huge coordinates)
+    return backend == "reference" or dtype == torch.float32
+
+
+@pytest.mark.parametrize(("device", "backend"), PAIRS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 @pytest.mark.parametrize("dims", (2, 3))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_nan_and_inf_in_grid_match_torch(backend, dtype, dims, mode, padding):
-    """Non-finite grid values give exactly torch's CPU output (torch treats 4-D and 5-D differently);
-    the reference, the oracle, follows the same rule."""
-    if not torch_supports(dims, mode):
+def test_nan_and_inf_in_grid_match_torch(device, backend, dtype, dims, mode, padding):
+    """Non-finite grid values give exactly torch's CPU output (torch treats 4-D and 5-D differently),
+    on CUDA tensors too (torch's CUDA kernels differ); the reference, the oracle, follows the same rule."""
+    if not torch_supports(dims, mode) and device == "cpu":
         pytest.skip("torch has no 5-D bicubic")
     x = make_input(dims, dtype=dtype, batch=1, channels=2)
     values = torch.tensor(NON_FINITE, dtype=dtype)
-    if padding == "reflection" and (backend == "reference" or dtype == torch.float32):
-        # torch reflects +-1e30 by a rounded flip count; the reference, and the kernels in fp32, reflect
-        # exactly (see the fp32 test of huge coordinates)
+    if huge_reflection_is_arbitrary(device, backend, dtype, dims, padding):
         values = values[values.abs() != 1e30]
     # Each value in each coordinate, with the other coordinates at ordinary points.
     pts = []
@@ -173,31 +181,37 @@ def test_nan_and_inf_in_grid_match_torch(backend, dtype, dims, mode, padding):
             pts.append(p)
     g = torch.stack(pts).reshape(1, *([1] * (dims - 1)), len(pts), dims)
     for align in (False, True):
-        expected = F.grid_sample(x, g, mode, padding, align)
-        out = run(backend, x, g, mode, padding, align)
-        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+        out = run(backend, x.to(device), g.to(device), mode, padding, align).cpu()
+        if torch_supports(dims, mode):
+            expected = F.grid_sample(x, g, mode, padding, align)
+            torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+        if device == "cuda":  # the CPU backend's rule, tricubic included
+            expected = attnkernels.grid_sample(x, g, mode, padding, align, backend="cpu")
+            torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize(("device", "backend"), device_backends(exclude=("reference",)))
 @pytest.mark.parametrize("dims", (2, 3))
-def test_backward_with_non_finite_grid_does_not_crash(backend, dims):
+def test_backward_with_non_finite_grid_does_not_crash(device, backend, dims):
     """torch's own backward can crash on NaN grids; ours returns, and bilinear input gradients stay finite."""
-    x = make_input(dims).requires_grad_(True)
-    g = make_grid(dims).clone()
+    x = make_input(dims).to(device).requires_grad_(True)
+    g = make_grid(dims).to(device)
     g.view(-1)[::3] = float("nan")
     g.view(-1)[1::5] = float("inf")
     for padding in PADDINGS:
         g_leaf = g.clone().requires_grad_(True)
         out = run(backend, x, g_leaf, "bilinear", padding, False)
         grad_input, _ = torch.autograd.grad(out.nansum(), (x, g_leaf))
+        if device == "cuda":
+            torch.cuda.synchronize()
         assert torch.isfinite(grad_input).all(), padding
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), CPU_PAIRS)
 @pytest.mark.parametrize("dims", (2, 3))
 @pytest.mark.parametrize("mode", ("bilinear", "nearest"))
 @pytest.mark.parametrize("align", (False, True))
-def test_fp32_reflection_of_huge_coordinates_is_at_least_as_right_as_torch(backend, dims, mode, align):
+def test_fp32_reflection_of_huge_coordinates_is_at_least_as_right_as_torch(device, backend, dims, mode, align):
     """Coordinates of 1e7 pixels and more: torch's float flip count rounds; ours may be no further from
     the exact reflection (float64 on the same float32 grid) than torch, at worst and on average (point by
     point the float unnormalisation, whose rounding differs from torch's, decides a few points)."""
@@ -226,9 +240,9 @@ def test_nearest_rounds_half_to_even():
         assert out.flatten().tolist() == [0.0, 2.0, 2.0, 4.0], backend
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), CPU_PAIRS)
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_tricubic_of_a_volume_constant_along_x_equals_torch_bicubic(backend, padding):
+def test_tricubic_of_a_volume_constant_along_x_equals_torch_bicubic(device, backend, padding):
     """The z and y axes of tricubic: a volume constant along x is torch's bicubic over (z, y)."""
     image = make_input(2, batch=1, channels=2, spatial=(6, 7))  # (N, C, D, H)
     volume = image.unsqueeze(-1).expand(-1, -1, -1, -1, 8).contiguous()  # (N, C, D, H, W=8)
@@ -240,10 +254,10 @@ def test_tricubic_of_a_volume_constant_along_x_equals_torch_bicubic(backend, pad
     torch.testing.assert_close(out, F.grid_sample(image, g2, "bicubic", padding, False), rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), CPU_PAIRS)
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("align", (False, True))
-def test_tricubic_of_a_volume_constant_along_z_equals_torch_bicubic(backend, padding, align):
+def test_tricubic_of_a_volume_constant_along_z_equals_torch_bicubic(device, backend, padding, align):
     """With every depth slice equal, tricubic sampling is torch's bicubic sampling of one slice."""
     image = make_input(2, batch=2, channels=3, spatial=(6, 7))
     volume = image.unsqueeze(2).expand(-1, -1, 8, -1, -1).contiguous()
@@ -256,25 +270,20 @@ def test_tricubic_of_a_volume_constant_along_z_equals_torch_bicubic(backend, pad
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=25, deadline=None)
-@given(
-    dims=st.sampled_from((2, 3)),
-    batch=st.integers(1, 3),
-    channels=st.integers(1, 20),
-    in_size=st.lists(st.integers(1, 7), min_size=3, max_size=3),
-    out_size=st.lists(st.integers(1, 6), min_size=3, max_size=3),
-    mode=st.sampled_from(MODES),
-    padding=st.sampled_from(PADDINGS),
-    align=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_random_shapes_match_torch(dims, batch, channels, in_size, out_size, mode, padding, align, seed):
-    if not torch_supports(dims, mode):
-        mode = "bilinear"
-    x = make_input(dims, batch=batch, channels=channels, spatial=tuple(in_size[:dims]), seed=seed)
-    g = make_grid(dims, batch=batch, out=tuple(out_size[:dims]), seed=seed + 1)
+@given(data=st.data(), channels_last=st.booleans())
+def test_random_shapes_match_torch(device, data, channels_last):
+    """Random shapes, modes and paddings: on CPU tensors every CPU backend, on CUDA tensors the cuda
+    backend (up to 40 channels: more than one lane group of its kernels)."""
+    bounds = dict(max_channels=40, out_ranges=((1, 9),) * 3) if device == "cuda" else {}
+    case = data.draw(random_case(**bounds))
+    dims, mode, padding, align = case.dims, case.mode, case.padding, case.align
+    x, g = case.input.to(device), case.grid.to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
     theirs = forward_and_grads(lambda a, b: F.grid_sample(a, b, mode, padding, align), x, g)
-    for backend in BACKENDS:
+    for backend in BACKENDS if device == "cpu" else ["cuda"]:
         if backend == "triton" and mode == "bicubic":
             continue
         ours = forward_and_grads(lambda a, b, be=backend: run(be, a, b, mode, padding, align), x, g)
@@ -282,9 +291,10 @@ def test_random_shapes_match_torch(dims, batch, channels, in_size, out_size, mod
             torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
 
 
-def test_default_backend_for_cpu_tensors_is_cpu():
-    x, g = make_input(2, dtype=torch.float32), make_grid(2, dtype=torch.float32)
-    expected = "cpu" if "cpu" in attnkernels.available_backends() else "reference"
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_backend_is_the_compiled_kernel_of_the_device(device):
+    x, g = make_input(2, dtype=torch.float32).to(device), make_grid(2, dtype=torch.float32).to(device)
+    expected = device if device in attnkernels.available_backends() else "reference"
     # The chosen backend gives bitwise the same result as asking for it explicitly.
     torch.testing.assert_close(attnkernels.grid_sample(x, g, align_corners=False),
                                attnkernels.grid_sample(x, g, align_corners=False, backend=expected), rtol=0, atol=0)

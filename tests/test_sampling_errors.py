@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cpu_backends
+from backends import ON_CPU, device_backends
 from sampling_cases import make_grid, make_input
 
 import attnkernels
 from attnkernels import _extension
 
-BACKENDS = cpu_backends()
 X2, G2 = make_input(2, dtype=torch.float32), make_grid(2, dtype=torch.float32)
 X3, G3 = make_input(3, dtype=torch.float32), make_grid(3, dtype=torch.float32)
 THETA2 = torch.eye(2, 3).expand(2, 2, 3)
@@ -38,15 +37,6 @@ GRID_SAMPLE_MISUSES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("misuse", GRID_SAMPLE_MISUSES, ids=lambda m: m[0])
-def test_grid_sample_misuse(backend, misuse):
-    _, kwargs, error, words = misuse
-    kwargs = {"align_corners": False, "backend": backend, **kwargs}
-    with pytest.raises(error, match=words):
-        attnkernels.grid_sample(**kwargs)
-
-
 AFFINE_MISUSES = [
     ("size of length 3", dict(theta=THETA2, size=[2, 3, 4]), ValueError, "`size`"),
     ("theta 3x4 for a 2-D size", dict(theta=torch.eye(3, 4).expand(2, 3, 4), size=[2, 3, 4, 5]), ValueError,
@@ -66,14 +56,6 @@ AFFINE_MISUSES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("misuse", AFFINE_MISUSES, ids=lambda m: m[0])
-def test_affine_grid_misuse(backend, misuse):
-    _, kwargs, error, words = misuse
-    with pytest.raises(error, match=words):
-        attnkernels.affine_grid(**{"align_corners": False, **kwargs}, backend=backend)
-
-
 FUSED_MISUSES = [
     ("size channels differ", dict(input=X2, theta=THETA2, size=[2, 4, 5, 5]), ValueError, "`size`"),
     ("size rank differs", dict(input=X2, theta=THETA2, size=[2, 3, 4, 5, 6]), ValueError, "`theta`|`size`"),
@@ -88,12 +70,19 @@ FUSED_MISUSES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("misuse", FUSED_MISUSES, ids=lambda m: m[0])
-def test_affine_grid_sample_misuse(backend, misuse):
+MISUSES = [
+    *((attnkernels.grid_sample, m) for m in GRID_SAMPLE_MISUSES),
+    *((attnkernels.affine_grid, m) for m in AFFINE_MISUSES),
+    *((attnkernels.affine_grid_sample, m) for m in FUSED_MISUSES),
+]
+
+
+@pytest.mark.parametrize(("device", "backend"), device_backends(*ON_CPU))
+@pytest.mark.parametrize(("op", "misuse"), MISUSES, ids=lambda m: m.__name__ if callable(m) else m[0])
+def test_misuse_raises_naming_the_argument(device, backend, op, misuse):
     _, kwargs, error, words = misuse
     with pytest.raises(error, match=words):
-        attnkernels.affine_grid_sample(**{"align_corners": False, **kwargs}, backend=backend)
+        op(**{"align_corners": False, "backend": backend, **kwargs})
 
 
 def test_backend_that_cannot_serve_says_why():

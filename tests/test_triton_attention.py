@@ -3,35 +3,31 @@
 Runs on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, how CI runs it) or on
 CUDA tensors on a GPU; GPU-only checks (opcheck, inductor, long sequences) carry the `cuda`
 marker. Shapes stay small: every tile operation is a numpy call under the interpreter.
+The masked-row, NaN, layout, dropout-mask and empty-input checks, the same on every device, are
+in tests/test_attention_devices.py.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from backends import triton_device_or_skip_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnkernels
-from attnkernels._dispatch import triton_installed
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if not triton_installed():
-    pytest.skip("Triton is not installed", allow_module_level=True)
-if not (INTERPRETER or torch.cuda.is_available()):
-    pytest.skip("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 for CPU tensors",
-                allow_module_level=True)
+DEVICE = triton_device_or_skip_module()
+INTERPRETER = DEVICE == "cpu"
 
 import attnkernels.triton as triton_backend  # noqa: E402  (imports triton: only after the skips)
 
 pytestmark = pytest.mark.triton  # selected by the GPU check (scripts/gpu_check.sh)
 
-DEVICE = "cpu" if INTERPRETER else "cuda"
 # The triton attention serves float64 only under the interpreter (why_not refuses it on CUDA, see
 # test_why_not). On a GPU the tests written against the float64 math run in float32, whose products
 # the kernels compute in IEEE float32 (not TF32), with a float32 tolerance.
@@ -252,49 +248,6 @@ def test_dropout_statistics_scaling_and_determinism():
     assert torch.equal(keep, again) and not torch.equal(keep, other)
     everything, out = dropout_mask(((1,), 1, 1, 5, 7), 1.0, seed=1)
     assert not everything.any() and torch.isfinite(out).all()
-
-
-@pytest.mark.parametrize("causal", (False, True))
-def test_dropout_forward_and_backward_use_the_same_mask(causal):
-    """The backward regenerates the forward's Philox numbers: gradients match the math with the mask read back."""
-    p = 0.25
-    shape = ((2,), 4, 2, 20, 24)
-    keep, _ = dropout_mask(shape, p, seed=3)
-    q, k, v = randn(2, 4, 20, 8), randn(2, 2, 24, 8, seed=1), randn(2, 2, 24, 8, seed=2)
-
-    def dropped(a, b, c):
-        torch.manual_seed(3)
-        return ours(a, b, c, causal=causal, dropout_p=p)
-
-    got = with_grads(dropped, (q, k, v))
-    expected = with_grads(lambda a, b, c: math_attention(a, b, c, causal=causal, keep=keep, dropout_p=p), (q, k, v))
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected, strict=True):
-        torch.testing.assert_close(a, b, **EXACT_TOL, msg=lambda m, n=name: f"{n}: {m}")
-
-
-def test_non_contiguous_inputs():
-    """(B, L, H, E) layouts transposed to (B, H, L, E), as attention modules produce them."""
-    q = randn(2, 13, 3, 8).transpose(1, 2)
-    k = randn(2, 15, 3, 8, seed=1).transpose(1, 2)
-    v = randn(2, 15, 3, 24, seed=2)[..., ::2].transpose(1, 2)
-    got = with_grads(lambda a, b, c: ours(a, b, c, causal=True), (q, k, v))
-    expected = with_grads(lambda a, b, c: math_attention(a, b, c, causal=True), (q, k, v))
-    for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, b, **EXACT_TOL)
-
-
-def test_empty_inputs():
-    q, k, v = randn(2, 2, 0, 8), randn(2, 2, 5, 8), randn(2, 2, 5, 4)
-    out, lse = ours(q, k, v)
-    assert out.shape == (2, 2, 0, 4) and lse.shape == (2, 2, 0)
-    q = randn(2, 2, 3, 8).requires_grad_(True)
-    k, v = randn(2, 2, 0, 8).requires_grad_(True), randn(2, 2, 0, 4).requires_grad_(True)
-    out, lse = ours(q, k, v)
-    assert not out.any() and torch.isneginf(lse).all()
-    grads = torch.autograd.grad(out.sum(), (q, k, v))
-    assert not grads[0].any() and grads[1].shape == k.shape
-    out, _ = ours(randn(0, 2, 3, 8), randn(0, 2, 4, 8), randn(0, 2, 4, 8))
-    assert out.shape == (0, 2, 3, 8)
 
 
 @settings(max_examples=6, deadline=None)

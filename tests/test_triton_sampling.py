@@ -1,52 +1,39 @@
-"""The Triton sampling kernels: the fused affine_grid_sample, the triton_ops themselves, why_not.
+"""What only the Triton sampling kernels have: tricubic, the triton_ops themselves, offsets, why_not.
 
-tests/test_grid_sample.py already runs grid_sample on every backend, triton included under
-TRITON_INTERPRET=1; this file covers what is specific to the Triton backend. It runs on CPU
+tests/test_grid_sample.py and tests/test_affine.py run the checks every backend shares, triton
+included (under TRITON_INTERPRET=1, and the fused sampler on CUDA tensors); this file covers what is
+specific to the Triton backend. It runs on CPU
 tensors under the Triton interpreter (CI) or on CUDA tensors on a GPU; GPU-only checks
 (opcheck, inductor, large shapes) carry the `cuda` marker.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
-
 import pytest
+import sampling_cases
 import torch
 import torch.nn.functional as F
+from backends import forward_and_grads, triton_device_or_skip_module
+from sampling_cases import MODES, PADDINGS
 
 import attnkernels
 from attnkernels import reference
-from attnkernels._dispatch import triton_installed
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if not triton_installed():
-    pytest.skip("Triton is not installed", allow_module_level=True)
-if not (INTERPRETER or torch.cuda.is_available()):
-    pytest.skip("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 for CPU tensors",
-                allow_module_level=True)
+DEVICE = triton_device_or_skip_module()
 
 import attnkernels.triton as triton_backend  # noqa: E402  (imports triton: only after the skips)
 
 pytestmark = pytest.mark.triton  # selected by the GPU check (scripts/gpu_check.sh)
 
-DEVICE = "cpu" if INTERPRETER else "cuda"
-MODES = ("bilinear", "nearest", "bicubic")
-PADDINGS = ("zeros", "border", "reflection")
 
-
-def make_input(dims, dtype=torch.float64, batch=2, channels=3, spatial=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+def make_input(dims, dtype=torch.float64, spatial=None, **kwargs):
+    """Smaller than the other files' inputs: every kernel launch is slow under the interpreter."""
     spatial = spatial or ((4, 5, 6) if dims == 3 else (5, 6))
-    return torch.randn((batch, channels, *spatial), generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    return sampling_cases.make_input(dims, dtype, spatial=spatial, **kwargs).to(DEVICE)
 
 
 def make_theta(dims, dtype=torch.float64, batch=2, seed=1):
-    """Near-identity maps with rotation, shear and a shift that reaches past the border."""
-    gen = torch.Generator().manual_seed(seed)
-    eye = torch.eye(dims, dims + 1, dtype=torch.float64)
-    theta = eye + 0.35 * torch.randn((batch, dims, dims + 1), generator=gen, dtype=torch.float64)
-    return theta.to(DEVICE, dtype)
+    return sampling_cases.make_theta(dims, batch, dtype, spread=0.35, seed=seed).to(DEVICE)
 
 
 def out_size(input, dims):
@@ -58,32 +45,7 @@ def torch_affine_grid_sample(x, theta, size, mode, padding, align):
 
 
 def with_grads(fn, primals, seed=5):
-    leaves = [p.detach().requires_grad_(True) for p in primals]
-    out = fn(*leaves)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return (out, *torch.autograd.grad(out, leaves, grad_out.to(out.device, out.dtype)))
-
-
-AFFINE_CASES = [c for c in itertools.product((2, 3), MODES, PADDINGS, (False, True)) if c[:2] != (3, "bicubic")]
-
-
-def affine_case_id(case):
-    dims, mode, padding, align = case
-    return f"{dims}d-{mode}-{padding}-{'align' if align else 'noalign'}"
-
-
-@pytest.mark.parametrize("case", AFFINE_CASES, ids=affine_case_id)
-def test_affine_grid_sample_float64_matches_torch_and_reference(case):
-    dims, mode, padding, align = case
-    x, theta = make_input(dims), make_theta(dims)
-    size = out_size(x, dims)
-    ours = with_grads(lambda a, t: attnkernels.affine_grid_sample(a, t, size, mode, padding, align,
-                                                                  backend="triton"), (x, theta))
-    theirs = with_grads(lambda a, t: torch_affine_grid_sample(a, t, size, mode, padding, align), (x, theta))
-    oracle = with_grads(lambda a, t: reference.affine_grid_sample(a, t, size, mode, padding, align), (x, theta))
-    for name, a, b, c in zip(("output", "grad_input", "grad_theta"), ours, theirs, oracle, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m, n=name: f"{n} vs torch: {m}")
-        torch.testing.assert_close(a, c, rtol=0, atol=1e-9, msg=lambda m, n=name: f"{n} vs reference: {m}")
+    return forward_and_grads(fn, *primals, seed=seed)
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
@@ -101,29 +63,6 @@ def test_tricubic_affine_grid_sample_matches_reference(padding):
     oracle = with_grads(lambda a, t: reference.affine_grid_sample(a, t, size, "bicubic", padding, False), (x, theta))
     for a, b in zip(ours, oracle, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
-
-
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
-@pytest.mark.parametrize("dims", (2, 3))
-def test_affine_grid_sample_low_precision_within_twice_torch_error(dtype, dims):
-    """FlashAttention's rule: our error against float64 is at most 2x torch's own in the same dtype."""
-    x64, theta64 = make_input(dims, channels=4), make_theta(dims)
-    size = out_size(x64, dims)
-    truth = with_grads(lambda a, t: torch_affine_grid_sample(a, t, size, "bilinear", "border", False), (x64, theta64))
-    x, theta = x64.to(dtype), theta64.to(dtype)
-    ours = with_grads(lambda a, t: attnkernels.affine_grid_sample(a, t, size, "bilinear", "border", False,
-                                                                  backend="triton"), (x, theta))
-    try:
-        theirs = with_grads(lambda a, t: torch_affine_grid_sample(a, t, size, "bilinear", "border", False), (x, theta))
-    except RuntimeError:  # torch without a kernel for this dtype on this device: the reference in that dtype
-        theirs = with_grads(lambda a, t: reference.affine_grid_sample(a, t, size, "bilinear", "border", False),
-                            (x, theta))
-    for name, a, b, t in zip(("output", "grad_input", "grad_theta"), ours, theirs, truth, strict=True):
-        assert a.dtype == dtype
-        ours_err = (a.double() - t).abs().max().item()
-        torch_err = (b.double() - t).abs().max().item()
-        ulp = torch.finfo(dtype).eps * max(1.0, t.abs().max().item())
-        assert ours_err <= 2 * torch_err + ulp, f"{name}: {ours_err:.3g} vs torch's {torch_err:.3g}"
 
 
 @pytest.mark.parametrize("dims", (2, 3))

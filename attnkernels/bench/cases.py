@@ -1,314 +1,36 @@
-"""The benchmark cases: the one definition shared by ``python -m attnkernels.bench``
-and the pytest-benchmark suites in ``bench/``.
+"""The benchmark cases: the one definition shared by ``python -m attnkernels.bench``,
+the pytest-benchmark suites in ``bench/`` and the GPU check's table.
 
-An *op* (``OPS``) says how to build inputs of a given size, how to run torch's
-own op and ours on a backend, and how much work one call does (bytes moved for
-the memory-bound samplers, FLOPs for attention). A *case* is an op at one size,
-dtype, device and pass (``fwd`` or ``fwd+bwd``). ``PreparedCase`` holds a case's
-inputs (several copies, so the timed calls do not all hit a warm cache), checks a
-backend's result against torch before it is timed, and hands out the callable
-to time.
-
-Byte counts (the floor of memory traffic; the same count for every backend, so
-the rate is comparable across them):
-    sampling forward:      input read once + grid read + output written
-    sampling fwd+bwd:      forward + grad_output, input and grid read again,
-                           grad_input and grad_grid written (3·input + 3·grid + 2·output)
-    affine_grid_sample:    as above with theta in place of the grid (fusion removes the grid)
-FLOP counts (FlashAttention's convention):
-    attention forward:     4·B·H·L·S·E, half when causal;  fwd+bwd: 3.5x forward
+An *op* (``OPS``: ``sampling_ops.py``, ``attention_ops.py``) says how to build inputs of a given size,
+how to run torch's own op and ours on a backend, and how much work one call does. A *case* is an op
+at one size, dtype, device and pass (``fwd`` or ``fwd+bwd``). ``PreparedCase`` holds a case's
+inputs (several copies, so the timed calls do not all hit a warm cache), checks a backend's result
+against torch before it is timed, and hands out the callable to time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 import attnkernels
 
+from .attention_ops import attention_ops
+from .op_spec import Inputs, OpSpec, Shape, randn
+from .sampling_ops import sampling_ops
+
+__all__ = ["OPS", "PASSES", "Case", "Inputs", "OpSpec", "PreparedCase", "Shape", "Unsupported", "available_ops",
+           "build_cases", "default_backends", "default_dtypes", "first_line", "usable_backends",
+           "with_implementation"]
+
 PASSES = ("fwd", "fwd+bwd")
 
-Inputs = dict[str, torch.Tensor]
-Shape = dict[str, int]
-
-
-# ----------------------------------------------------------------------------- the ops
-
-
-@dataclass(frozen=True)
-class OpSpec:
-    """How to benchmark one op. ``ours(inputs, backend)`` runs attnkernels on a backend."""
-
-    name: str
-    public_function: str  # the attnkernels function this op needs; the op is skipped without it
-    size_meaning: str  # what the --sizes number means for this op (plot x axis)
-    work_unit: str  # "B" (bytes moved) or "FLOP"
-    shape: Callable[[int, str], Shape]  # (size, device type) -> shape parameters
-    make_inputs: Callable[[Shape, torch.dtype, torch.device, torch.Generator], Inputs]
-    output_shape: Callable[[Shape], tuple[int, ...]]
-    torch_impl: Callable[[Inputs], torch.Tensor]
-    ours: Callable[[Inputs, str], torch.Tensor]
-    differentiable_inputs: tuple[str, ...]
-    work: Callable[[Shape, torch.dtype, bool], float]  # (shape, dtype, with backward) -> bytes or FLOPs
-    label: Callable[[Shape], str]
-    default_sizes: dict[str, tuple[int, ...]]  # device type -> sizes
-    quick_sizes: dict[str, tuple[int, ...]]
-
-    def available(self) -> bool:
-        return hasattr(attnkernels, self.public_function)
-
-    def run(self, inputs: Inputs, backend: str) -> torch.Tensor:
-        """One call of torch's op (backend "torch") or of ours."""
-        if backend == "torch":
-            return self.torch_impl(inputs)
-        return self.ours(inputs, backend)
-
-
-def _randn(shape: Sequence[int], dtype: torch.dtype, device: torch.device, generator: torch.Generator) -> torch.Tensor:
-    """Standard normal values drawn on ``device`` (GPU inputs are gigabytes), seeded from the CPU ``generator``."""
-    seed = int(torch.randint(1 << 62, (1,), generator=generator))
-    on_device = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(*shape, generator=on_device, device=device, dtype=torch.float32).to(dtype)
-
-
-def _near_identity_theta(batch: int, dims: int, generator: torch.Generator) -> torch.Tensor:
-    """Random affine maps close to the identity (an STN's typical output); some points land outside."""
-    eye = torch.eye(dims, dims + 1).expand(batch, dims, dims + 1)
-    return eye + 0.15 * torch.randn(batch, dims, dims + 1, generator=generator)
-
-
-def _spatial(shape: Shape, dims: int) -> tuple[int, ...]:
-    return tuple(shape[axis] for axis in "DHW"[3 - dims:])
-
-
-def _sampling_shape(batch: dict[str, int], channels: dict[str, int], dims: int) -> Callable[[int, str], Shape]:
-    def shape(size: int, device_type: str) -> Shape:
-        sides = {"D": size, "H": size, "W": size} if dims == 3 else {"H": size, "W": size}
-        return {"N": batch[device_type], "C": channels[device_type], **sides}
-    return shape
-
-
-def _sampling_label(dims: int) -> Callable[[Shape], str]:
-    return lambda s: f"N={s['N']} C={s['C']} {'x'.join(str(v) for v in _spatial(s, dims))}"
-
-
-def _sampling_bytes(dims: int, fused: bool) -> Callable[[Shape, torch.dtype, bool], float]:
-    def work(shape: Shape, dtype: torch.dtype, backward: bool) -> float:
-        element = torch.empty((), dtype=dtype).element_size()
-        points = shape["N"] * math.prod(_spatial(shape, dims))  # output size == input size here
-        image = points * shape["C"] * element
-        coordinates = shape["N"] * dims * (dims + 1) * element if fused else points * dims * element
-        if backward:
-            return 3 * image + 3 * coordinates + 2 * image
-        return image + coordinates + image
-    return work
-
-
-def _grid_inputs(dims: int) -> Callable[[Shape, torch.dtype, torch.device, torch.Generator], Inputs]:
-    def make(shape: Shape, dtype: torch.dtype, device: torch.device, generator: torch.Generator) -> Inputs:
-        size = (shape["N"], shape["C"], *_spatial(shape, dims))
-        theta = _near_identity_theta(shape["N"], dims, generator)
-        grid = F.affine_grid(theta.to(device=device, dtype=torch.float64), size, align_corners=False)
-        return {"input": _randn(size, dtype, device, generator), "grid": grid.to(dtype)}
-    return make
-
-
-def _theta_inputs(dims: int) -> Callable[[Shape, torch.dtype, torch.device, torch.Generator], Inputs]:
-    def make(shape: Shape, dtype: torch.dtype, device: torch.device, generator: torch.Generator) -> Inputs:
-        size = (shape["N"], shape["C"], *_spatial(shape, dims))
-        theta = _near_identity_theta(shape["N"], dims, generator)
-        return {"input": _randn(size, dtype, device, generator), "theta": theta.to(device=device, dtype=dtype)}
-    return make
-
-
-def _sampling_ops() -> list[OpSpec]:
-    ops = []
-    # CPU sizes keep a whole CPU run to a few minutes on 2 cores; GPU sizes fill an H100's bandwidth.
-    for dims, batch, channels, cpu_sizes, gpu_sizes in (
-        (2, {"cpu": 1, "cuda": 32}, {"cpu": 32, "cuda": 64}, (64, 128, 256), (128, 256, 512)),
-        (3, {"cpu": 2, "cuda": 4}, {"cpu": 8, "cuda": 32}, (16, 32, 48), (32, 64, 128)),
-    ):
-        common = dict(
-            size_meaning="side of the input and output (" + ("D = H = W" if dims == 3 else "H = W") + ")",
-            work_unit="B",
-            shape=_sampling_shape(batch, channels, dims),
-            output_shape=lambda s, dims=dims: (s["N"], s["C"], *_spatial(s, dims)),
-            label=_sampling_label(dims),
-            default_sizes={"cpu": cpu_sizes, "cuda": gpu_sizes},
-            quick_sizes={"cpu": (cpu_sizes[0] // 2,), "cuda": (gpu_sizes[0],)},
-        )
-        ops.append(OpSpec(
-            name=f"grid_sample_{dims}d",
-            public_function="grid_sample",
-            make_inputs=_grid_inputs(dims),
-            torch_impl=lambda x: F.grid_sample(x["input"], x["grid"], align_corners=False),
-            ours=lambda x, backend: attnkernels.grid_sample(x["input"], x["grid"], align_corners=False,
-                                                            backend=backend),
-            differentiable_inputs=("input", "grid"),
-            work=_sampling_bytes(dims, fused=False),
-            **common,
-        ))
-        ops.append(OpSpec(
-            name=f"affine_grid_sample_{dims}d",
-            public_function="affine_grid_sample",
-            make_inputs=_theta_inputs(dims),
-            # torch has no fused sampler: its equivalent is affine_grid followed by grid_sample.
-            torch_impl=lambda x: F.grid_sample(
-                x["input"], F.affine_grid(x["theta"], list(x["input"].shape), align_corners=False),
-                align_corners=False),
-            ours=lambda x, backend: attnkernels.affine_grid_sample(x["input"], x["theta"], align_corners=False,
-                                                                   backend=backend),
-            differentiable_inputs=("input", "theta"),
-            work=_sampling_bytes(dims, fused=True),
-            **common,
-        ))
-    return ops
-
-
-def _video_ops() -> list[OpSpec]:
-    """The video-volume cases of the sampling targets: D = 16 frames of H = W = size.
-
-    grid_sample_video: one volume, C = 16 (CPU; torch's 3-D kernel runs a single volume on one
-    core). affine_grid_sample_video: a batch of 4 RGB clips, fused against torch's affine_grid +
-    grid_sample.
-    """
-    def video_shape(batch: dict[str, int], channels: dict[str, int]) -> Callable[[int, str], Shape]:
-        return lambda size, device_type: {"N": batch[device_type], "C": channels[device_type], "D": 16,
-                                          "H": size, "W": size}
-
-    common = dict(
-        size_meaning="height = width of 16-frame video volumes",
-        work_unit="B",
-        output_shape=lambda s: (s["N"], s["C"], *_spatial(s, 3)),
-        label=_sampling_label(3),
-        default_sizes={"cpu": (56, 112), "cuda": (112, 224)},
-        quick_sizes={"cpu": (28,), "cuda": (112,)},
-    )
-    grid_op, fused_op = (op for op in _sampling_ops() if op.name in ("grid_sample_3d", "affine_grid_sample_3d"))
-    return [
-        dataclasses.replace(grid_op, name="grid_sample_video", shape=video_shape({"cpu": 1, "cuda": 8},
-                                                                                 {"cpu": 16, "cuda": 32}), **common),
-        dataclasses.replace(fused_op, name="affine_grid_sample_video", shape=video_shape({"cpu": 4, "cuda": 16},
-                                                                                         {"cpu": 3, "cuda": 3}),
-                            **common),
-    ]
-
-
-def _rgb_ops() -> list[OpSpec]:
-    """grid_sample_rgb: a batch of 4 RGB images (C = 3), the spatial transformer's usual input, where
-    torch's 2-D kernel (vectorised over points) is strongest."""
-    grid_op = next(op for op in _sampling_ops() if op.name == "grid_sample_2d")
-    return [dataclasses.replace(
-        grid_op, name="grid_sample_rgb", shape=_sampling_shape({"cpu": 4, "cuda": 64}, {"cpu": 3, "cuda": 3}, 2),
-        size_meaning="side of RGB images (H = W)", default_sizes={"cpu": (112, 224), "cuda": (224, 512)},
-        quick_sizes={"cpu": (56,), "cuda": (224,)})]
-
-
-# Attention: a fixed number of tokens (batch x sequence) per device, so every size does the same
-# number of rows and the FLOPs grow linearly with the sequence length.
-_ATTENTION_TOKENS = {"cpu": 2048, "cuda": 16384}
-_ATTENTION_HEADS = {"cpu": 8, "cuda": 16}
-_ATTENTION_HEAD_DIM = {"cpu": 64, "cuda": 128}
-
-
-def _attention_shape(size: int, device_type: str) -> Shape:
-    return {"B": max(1, _ATTENTION_TOKENS[device_type] // size), "H": _ATTENTION_HEADS[device_type],
-            "L": size, "S": size, "E": _ATTENTION_HEAD_DIM[device_type]}
-
-
-def _attention_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, generator: torch.Generator) -> Inputs:
-    q_shape = (shape["B"], shape["H"], shape["L"], shape["E"])
-    kv_shape = (shape["B"], shape["H"], shape["S"], shape["E"])
-    return {"query": _randn(q_shape, dtype, device, generator), "key": _randn(kv_shape, dtype, device, generator),
-            "value": _randn(kv_shape, dtype, device, generator)}
-
-
-def _attention_flops(causal: bool) -> Callable[[Shape, torch.dtype, bool], float]:
-    def work(shape: Shape, dtype: torch.dtype, backward: bool) -> float:
-        forward = 4.0 * shape["B"] * shape["H"] * shape["L"] * shape["S"] * shape["E"] * (0.5 if causal else 1.0)
-        return forward * 3.5 if backward else forward
-    return work
-
-
-def _attention_ops() -> list[OpSpec]:
-    ops = []
-    for causal in (False, True):
-        ops.append(OpSpec(
-            name="attention_causal" if causal else "attention",
-            public_function="scaled_dot_product_attention",
-            size_meaning="sequence length (L = S; batch x L fixed)",
-            work_unit="FLOP",
-            shape=_attention_shape,
-            make_inputs=_attention_inputs,
-            output_shape=lambda s: (s["B"], s["H"], s["L"], s["E"]),
-            torch_impl=lambda x, causal=causal: F.scaled_dot_product_attention(
-                x["query"], x["key"], x["value"], is_causal=causal),
-            ours=lambda x, backend, causal=causal: attnkernels.scaled_dot_product_attention(
-                x["query"], x["key"], x["value"], is_causal=causal, backend=backend),
-            differentiable_inputs=("query", "key", "value"),
-            work=_attention_flops(causal),
-            label=lambda s: f"B={s['B']} H={s['H']} L={s['L']} E={s['E']}",
-            default_sizes={"cpu": (256, 512, 1024), "cuda": (512, 1024, 2048, 4096, 8192)},
-            quick_sizes={"cpu": (128,), "cuda": (1024,)},
-        ))
-    return ops
-
-
-# FlashAttention's benchmark shapes for the CUDA kernels: 16k tokens (batch x L), model width
-# 2048 (heads = 2048 / E), head dims 64 and 128, L = 1k ... 16k; against torch's default SDPA
-# (sdpa_*) and its cuDNN backend (sdpa_cudnn_*: cuDNN takes float16/bfloat16 CUDA tensors only,
-# other cases fall back to the default, which also computes the wider-precision check).
-def _sdpa_shape(head_dim: int) -> Callable[[int, str], Shape]:
-    def shape(size: int, device_type: str) -> Shape:
-        tokens, width = (16384, 2048) if device_type == "cuda" else (1024, 256)
-        return {"B": max(1, tokens // size), "H": width // head_dim, "L": size, "S": size, "E": head_dim}
-    return shape
-
-
-def _torch_sdpa(causal: bool, cudnn: bool) -> Callable[[Inputs], torch.Tensor]:
-    def run(x: Inputs) -> torch.Tensor:
-        q, k, v = x["query"], x["key"], x["value"]
-        if cudnn and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return run
-
-
-def _sdpa_ops() -> list[OpSpec]:
-    ops = []
-    for baseline in ("sdpa", "sdpa_cudnn"):
-        for head_dim in (64, 128):
-            for causal in (False, True):
-                ops.append(OpSpec(
-                    name=f"{baseline}_hdim{head_dim}" + ("_causal" if causal else ""),
-                    public_function="scaled_dot_product_attention",
-                    size_meaning="sequence length (L = S; batch x L = 16k)",
-                    work_unit="FLOP",
-                    shape=_sdpa_shape(head_dim),
-                    make_inputs=_attention_inputs,
-                    output_shape=lambda s: (s["B"], s["H"], s["L"], s["E"]),
-                    torch_impl=_torch_sdpa(causal, cudnn=baseline == "sdpa_cudnn"),
-                    ours=lambda x, backend, causal=causal: attnkernels.scaled_dot_product_attention(
-                        x["query"], x["key"], x["value"], is_causal=causal, backend=backend),
-                    differentiable_inputs=("query", "key", "value"),
-                    work=_attention_flops(causal),
-                    label=lambda s: f"B={s['B']} H={s['H']} L={s['L']} E={s['E']}",
-                    default_sizes={"cpu": (128, 256), "cuda": (1024, 2048, 4096, 8192, 16384)},
-                    quick_sizes={"cpu": (128,), "cuda": (2048,)},
-                ))
-    return ops
-
-
-OPS: dict[str, OpSpec] = {op.name: op for op in (*_sampling_ops(), *_video_ops(), *_rgb_ops(), *_attention_ops(),
-                                                 *_sdpa_ops())}
+OPS: dict[str, OpSpec] = {op.name: op for op in (*sampling_ops(), *attention_ops())}
 
 
 def usable_backends(device: torch.device) -> list[str]:
@@ -383,7 +105,7 @@ def build_cases(ops: Sequence[str], device: torch.device, dtypes: Sequence[torch
         op_sizes = sizes or (spec.quick_sizes if quick else spec.default_sizes)[device.type]
         for dtype in dtypes:
             for size in op_sizes:
-                for direction in passes:
+                for direction in (p for p in passes if p in spec.passes):
                     cases.append(Case(name, direction, int(size), dtype, device))
     return cases
 
@@ -467,7 +189,7 @@ class PreparedCase:
             if case.backward:
                 for name in spec.differentiable_inputs:
                     inputs[name].requires_grad_(True)
-                self.grad_outputs.append(_randn(spec.output_shape(case.shape), case.dtype, case.device, generator))
+                self.grad_outputs.append(randn(spec.output_shape(case.shape), case.dtype, case.device, generator))
             self.inputs.append(inputs)
         self.copies = len(self.inputs)
 
@@ -484,7 +206,9 @@ class PreparedCase:
                 return [spec.run(inputs, backend)]
         output = spec.run(inputs, backend)
         wrt = [inputs[name] for name in spec.differentiable_inputs]
-        return [output.detach(), *torch.autograd.grad(output, wrt, self.grad_outputs[copy])]
+        with _deterministic_algorithms(spec.deterministic_backward and backend != "torch"):
+            gradients = torch.autograd.grad(output, wrt, self.grad_outputs[copy])
+        return [output.detach(), *gradients]
 
     def timed_callable(self, backend: str) -> Callable[[], object]:
         """A no-argument function for the timer: one call, rotating through the input copies."""
@@ -574,6 +298,20 @@ class PreparedCase:
             if error / allowed >= closest.max_error / closest.allowed:
                 closest = Check(True, error, allowed, detail)
         return closest
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """torch.use_deterministic_algorithms(True) inside the block when ``enabled``; else nothing changes."""
+    if not enabled or torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False, warn_only=warn_only)
 
 
 def _empty_cache(device: torch.device) -> None:
