@@ -9,10 +9,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "../sampling_checks.h"
 #include "affine_coords.h"
+#include "cpu_kernels.h"
 
 namespace attnkernels {
 namespace cpu {
@@ -31,6 +31,9 @@ void axis_sizes(at::IntArrayRef size, int64_t* out) {
   for (int64_t a = 0; a < dims; ++a) out[a] = size[size.size() - 1 - a];
 }
 
+}  // namespace
+
+// The entry points (cpu_kernels.h).
 at::Tensor affine_grid_cpu(const at::Tensor& theta, at::IntArrayRef size, bool align_corners) {
   check_affine_args(theta, size);
   at::Tensor grid = at::empty(grid_shape(size), theta.options());
@@ -98,13 +101,6 @@ at::Tensor affine_grid_backward_cpu(const at::Tensor& grad_grid, at::IntArrayRef
     else run(std::integral_constant<int, 3>{});
   });
   return grad_theta;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {
-  m.impl("affine_grid", &affine_grid_cpu);
-  m.impl("affine_grid_backward", &affine_grid_backward_cpu);
 }
 
 }  // namespace cpu

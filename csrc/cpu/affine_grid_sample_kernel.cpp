@@ -52,6 +52,9 @@ SamplerShape fused_shape(const at::Tensor& input, at::IntArrayRef size, int64_t 
   return s;
 }
 
+}  // namespace
+
+// The entry points (cpu_kernels.h).
 at::Tensor affine_grid_sample_cpu(const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef size,
                                   int64_t interpolation, int64_t padding, bool align_corners) {
   check_affine_grid_sample_args(input, theta, size, interpolation, padding);
@@ -167,14 +170,6 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
   if (!need_input) grad_input = at::empty({0}, input.options());
   if (!need_theta) grad_theta = at::empty({0}, theta.options());
   return {grad_input, grad_theta};
-}
-
-}  // namespace
-
-// Registered with torch by cpu_dispatch.cpp, for the variant chosen at run time.
-void add_affine_grid_sample_kernels(CpuKernels& table) {
-  table.affine_grid_sample = &affine_grid_sample_cpu;
-  table.affine_grid_sample_backward = &affine_grid_sample_backward_cpu;
 }
 
 }  // namespace ATTNKERNELS_CPU_ISA

@@ -55,7 +55,10 @@ SamplerShape shape_of(const at::Tensor& input, const at::Tensor& grid, int64_t p
   return s;
 }
 
-at::Tensor grid_sample_forward_cpu(const at::Tensor& input, const at::Tensor& grid, int64_t interpolation,
+}  // namespace
+
+// The entry points (cpu_kernels.h).
+at::Tensor grid_sample_cpu(const at::Tensor& input, const at::Tensor& grid, int64_t interpolation,
                                    int64_t padding, bool align_corners) {
   check_grid_sample_args(input, grid, interpolation, padding);
   const int64_t dims = input.dim() - 2;
@@ -155,14 +158,6 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& gr
   if (!need_input) grad_input = at::empty({0}, input.options());
   if (!need_grid) grad_grid = at::empty({0}, grid.options());
   return {grad_input, grad_grid};
-}
-
-}  // namespace
-
-// Registered with torch by cpu_dispatch.cpp, for the variant chosen at run time.
-void add_grid_sample_kernels(CpuKernels& table) {
-  table.grid_sample = &grid_sample_forward_cpu;
-  table.grid_sample_backward = &grid_sample_backward_cpu;
 }
 
 }  // namespace ATTNKERNELS_CPU_ISA

@@ -8,9 +8,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "../sampling_checks.h"
+#include "cuda_kernels.h"
 #include "sampler_launch.cuh"
 
 namespace attnkernels {
@@ -34,6 +34,9 @@ AffineSource<acc_t, Dims> affine_source(const at::Tensor& theta_acc, const Sampl
   return source;
 }
 
+}  // namespace
+
+// The entry points (cuda_kernels.h).
 at::Tensor affine_grid_sample_cuda(const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef size,
                                    int64_t interpolation, int64_t padding, bool align_corners) {
   check_affine_grid_sample_args(input, theta, size, interpolation, padding);
@@ -111,13 +114,6 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cuda(const at::Te
   if (!need_input) grad_input = at::empty({0}, input.options());
   if (!need_theta) grad_theta = at::empty({0}, theta.options());
   return {grad_input, grad_theta};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(attnkernels, CUDA, m) {
-  m.impl("affine_grid_sample", &affine_grid_sample_cuda);
-  m.impl("affine_grid_sample_backward", &affine_grid_sample_backward_cuda);
 }
 
 }  // namespace cuda

@@ -6,9 +6,9 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "../sampling_checks.h"
+#include "cuda_kernels.h"
 #include "sampler_launch.cuh"
 
 namespace attnkernels {
@@ -22,7 +22,10 @@ SamplerGeometry grid_geometry(const at::Tensor& input, const at::Tensor& grid, i
   return make_geometry(input, out_size, padding, align_corners);
 }
 
-at::Tensor grid_sample_forward_cuda(const at::Tensor& input, const at::Tensor& grid, int64_t interpolation,
+}  // namespace
+
+// The entry points (cuda_kernels.h).
+at::Tensor grid_sample_cuda(const at::Tensor& input, const at::Tensor& grid, int64_t interpolation,
                                     int64_t padding, bool align_corners) {
   check_grid_sample_args(input, grid, interpolation, padding);
   const c10::cuda::CUDAGuard device_guard(input.device());
@@ -100,13 +103,6 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cuda(const at::Tensor& g
   if (!need_input) grad_input = at::empty({0}, input.options());
   if (!need_grid) grad_grid = at::empty({0}, grid.options());
   return {grad_input, grad_grid};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(attnkernels, CUDA, m) {
-  m.impl("grid_sample", &grid_sample_forward_cuda);
-  m.impl("grid_sample_backward", &grid_sample_backward_cuda);
 }
 
 }  // namespace cuda
