@@ -16,13 +16,6 @@ namespace attnkernels {
 namespace cuda {
 namespace {
 
-std::vector<int64_t> grid_shape(at::IntArrayRef size) {
-  std::vector<int64_t> shape = {size[0]};
-  for (size_t d = 2; d < size.size(); ++d) shape.push_back(size[d]);
-  shape.push_back(static_cast<int64_t>(size.size()) - 2);
-  return shape;
-}
-
 template <typename acc_t, int Dims>
 AffineSource<acc_t, Dims> affine_source(const acc_t* theta, at::IntArrayRef size, bool align_corners,
                                         double* partials) {

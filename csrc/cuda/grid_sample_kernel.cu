@@ -15,13 +15,6 @@ namespace attnkernels {
 namespace cuda {
 namespace {
 
-SamplerGeometry grid_geometry(const at::Tensor& input, const at::Tensor& grid, int64_t padding, bool align_corners) {
-  const int64_t dims = input.dim() - 2;
-  int64_t out_size[3] = {1, 1, 1};
-  for (int64_t a = 0; a < dims; ++a) out_size[a] = grid.size(grid.dim() - 2 - a);
-  return make_geometry(input, out_size, padding, align_corners);
-}
-
 }  // namespace
 
 // The entry points (cuda_kernels.h).
@@ -35,7 +28,7 @@ at::Tensor grid_sample_cuda(const at::Tensor& input, const at::Tensor& grid, int
   at::Tensor out = at::empty(out_shape, input.options());
   if (out.numel() == 0) return out;
 
-  const SamplerGeometry g = grid_geometry(input, grid, padding, align_corners);
+  const SamplerShape g = grid_sample_shape(input, grid, padding, align_corners);
   const at::Tensor grid_c = grid.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -63,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cuda(const at::Tensor& g
   const bool need_input = output_mask[0];
   const bool need_grid = output_mask[1];
   const int64_t dims = input.dim() - 2;
-  const SamplerGeometry g = grid_geometry(input, grid, padding, align_corners);
+  const SamplerShape g = grid_sample_shape(input, grid, padding, align_corners);
   const bool has_work = g.batch * g.out_points > 0 && g.channels > 0;
 
   at::Tensor grad_input;
