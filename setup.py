@@ -75,7 +75,7 @@ def _extension():
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     # No -march=native: the library must run on any CPU of its architecture. The hot kernels get their
     # AVX2 and AVX-512 builds from _start_cpu_variants, chosen at run time.
-    # -Wno-psabi: the 16-channel vector values of csrc/cpu/sampler_core.h pass between inline functions only,
+    # -Wno-psabi: the 16-channel vector values of csrc/cpu/channel_blocks.h pass between inline functions only,
     # so the ABI note for 512-bit vectors on a target without AVX-512 does not apply.
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi", "-DPy_LIMITED_API=0x030a0000"]
     if _builds_cpu_variants():

@@ -7,7 +7,7 @@
 //
 // Every inline function and template of ours lives in an inline namespace
 // named after the variant. Without it, the AVX-512 object's out-of-line copy
-// of, say, a sampler_core.h template and the default object's copy would
+// of, say, a sampler_loops.h template and the default object's copy would
 // share one symbol name, and the linker would keep one of them for every
 // caller: an AVX2 machine could then run AVX-512 code and die with SIGILL.
 // Inline functions of torch and the C++ library cannot be renamed this way;

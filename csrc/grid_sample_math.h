@@ -28,11 +28,12 @@ enum class Interpolation : int64_t { Bilinear = 0, Nearest = 1, Bicubic = 2 };
 enum class Padding : int64_t { Zeros = 0, Border = 1, Reflection = 2 };
 
 // How non-finite coordinates behave, to match torch's CPU kernels:
-//  - Planar (4-D input): clipping sends NaN to the low edge, and with zero
-//    padding a non-finite weight times an out-of-range tap gives NaN.
-//  - Volumetric (5-D input): clipping sends NaN to the high edge, and taps
-//    out of range are skipped, so zero padding gives 0.
-enum class NanPolicy { Planar, Volumetric };
+//  - Sampler2d (4-D input, as torch's grid_sampler_2d): clipping sends NaN to
+//    the low edge, and with zero padding a non-finite weight times an
+//    out-of-range tap gives NaN.
+//  - Sampler3d (5-D input, as torch's grid_sampler_3d): clipping sends NaN to
+//    the high edge, and taps out of range are skipped, so zero padding gives 0.
+enum class NanPolicy { Sampler2d, Sampler3d };
 
 constexpr double kCubicA = -0.75;  // Keys' kernel parameter, as in torch.
 
@@ -58,7 +59,7 @@ ATTN_HOST_DEVICE T clip_coordinate(T x, int64_t size, T* grad) {
   *grad = T(0);
   if (x <= T(0)) return T(0);
   if (x >= high) return high;
-  return policy == NanPolicy::Planar ? T(0) : high;  // NaN
+  return policy == NanPolicy::Sampler2d ? T(0) : high;  // NaN
 }
 
 // Reflect about [low, high] = [twice_low / 2, twice_high / 2] as many times as
@@ -86,7 +87,7 @@ ATTN_HOST_DEVICE T reflect_coordinate(T x, int64_t twice_low, int64_t twice_high
     *grad = flipped ? -sign : sign;
     return T((flipped ? twice_span - extra : extra) + double(low));
   }
-  if (policy == NanPolicy::Planar) {
+  if (policy == NanPolicy::Sampler2d) {
     const T twice_span = T(twice_high - twice_low);
     const T extra = shifted - std::trunc(shifted / twice_span) * twice_span;
     const T reflected = twice_span - extra;

@@ -1,6 +1,7 @@
 // Every schema of the attnkernels operator library, in one place. Kernels are
-// registered per backend in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels
-// and autograd in attnkernels/_library/*.py.
+// registered once per backend, in csrc/cpu/cpu_dispatch.cpp and
+// csrc/cuda/cuda_registration.cu; fake kernels and autograd in
+// attnkernels/_library/*.py.
 //
 // Integer enums follow torch: interpolation 0 bilinear, 1 nearest, 2 bicubic;
 // padding 0 zeros, 1 border, 2 reflection. Backward ops take an output mask

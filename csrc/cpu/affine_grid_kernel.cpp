@@ -9,21 +9,15 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "../sampling_checks.h"
+#include "../sampler_shape.h"
 #include "affine_coords.h"
+#include "cpu_kernels.h"
 
 namespace attnkernels {
 namespace cpu {
 namespace {
-
-std::vector<int64_t> grid_shape(at::IntArrayRef size) {
-  std::vector<int64_t> shape = {size[0]};
-  for (size_t d = 2; d < size.size(); ++d) shape.push_back(size[d]);
-  shape.push_back(static_cast<int64_t>(size.size()) - 2);
-  return shape;
-}
 
 // Output sizes in axis order x, y, z.
 void axis_sizes(at::IntArrayRef size, int64_t* out) {
@@ -31,6 +25,9 @@ void axis_sizes(at::IntArrayRef size, int64_t* out) {
   for (int64_t a = 0; a < dims; ++a) out[a] = size[size.size() - 1 - a];
 }
 
+}  // namespace
+
+// The entry points (cpu_kernels.h).
 at::Tensor affine_grid_cpu(const at::Tensor& theta, at::IntArrayRef size, bool align_corners) {
   check_affine_args(theta, size);
   at::Tensor grid = at::empty(grid_shape(size), theta.options());
@@ -55,8 +52,7 @@ at::Tensor affine_grid_cpu(const at::Tensor& theta, at::IntArrayRef size, bool a
         }
       });
     };
-    if (dims == 2) run(std::integral_constant<int, 2>{});
-    else run(std::integral_constant<int, 3>{});
+    dispatch_dims(dims, run);
   });
   return grid;
 }
@@ -94,17 +90,9 @@ at::Tensor affine_grid_backward_cpu(const at::Tensor& grad_grid, at::IntArrayRef
       });
       coords.reduce_grad(slots, grad_theta.mutable_data_ptr<scalar_t>());
     };
-    if (dims == 2) run(std::integral_constant<int, 2>{});
-    else run(std::integral_constant<int, 3>{});
+    dispatch_dims(dims, run);
   });
   return grad_theta;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {
-  m.impl("affine_grid", &affine_grid_cpu);
-  m.impl("affine_grid_backward", &affine_grid_backward_cpu);
 }
 
 }  // namespace cpu

@@ -15,7 +15,8 @@
 #include "cpu_kernels.h"
 #include "affine_coords.h"
 #include "affine_rows.h"
-#include "sampler_core.h"
+#include "channels_last_layout.h"
+#include "sampler_loops.h"
 
 namespace attnkernels {
 namespace cpu {
@@ -25,39 +26,33 @@ namespace {
 // Whether the points-vectorised row path (affine_rows.h) serves this call.
 template <typename acc_t>
 bool row_path_eligible(const at::Tensor& theta_acc, const SamplerShape& s, int64_t dims, int64_t interpolation) {
-  const acc_t* t = theta_acc.const_data_ptr<acc_t>();
-  return dims == 2 ? affine_rows_eligible<acc_t, 2>(t, s, interpolation)
-                   : affine_rows_eligible<acc_t, 3>(t, s, interpolation);
+  bool eligible = false;
+  dispatch_dims(dims, [&](auto dims_tag) {
+    eligible = affine_rows_eligible<acc_t, decltype(dims_tag)::value>(theta_acc.const_data_ptr<acc_t>(), s,
+                                                                      interpolation);
+  });
+  return eligible;
 }
 
 // Calls body(dims, border) with both as compile-time constants.
 template <typename Body>
 void run_rows(int64_t dims, Padding padding, Body&& body) {
   const bool border = padding == Padding::Border;
-  auto with_dims = [&](auto dims_tag) {
+  dispatch_dims(dims, [&](auto dims_tag) {
     if (border) body(dims_tag, std::true_type{});
     else body(dims_tag, std::false_type{});
-  };
-  if (dims == 2) with_dims(std::integral_constant<int, 2>{});
-  else with_dims(std::integral_constant<int, 3>{});
+  });
 }
 
-SamplerShape fused_shape(const at::Tensor& input, at::IntArrayRef size, int64_t padding, bool align_corners) {
-  SamplerShape s;
-  read_shape(input, s);
-  const int64_t dims = input.dim() - 2;
-  for (int64_t a = 0; a < dims; ++a) s.out_size[a] = size[size.size() - 1 - a];
-  s.padding = static_cast<Padding>(padding);
-  s.align_corners = align_corners;
-  return s;
-}
+}  // namespace
 
+// The entry points (cpu_kernels.h).
 at::Tensor affine_grid_sample_cpu(const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef size,
                                   int64_t interpolation, int64_t padding, bool align_corners) {
   check_affine_grid_sample_args(input, theta, size, interpolation, padding);
   at::Tensor out = at::empty(size, input.options());
   if (out.numel() == 0) return out;
-  const SamplerShape s = fused_shape(input, size, padding, align_corners);
+  const SamplerShape s = affine_grid_sample_shape(input, size, padding, align_corners);
   const int64_t dims = input.dim() - 2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "affine_grid_sample_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -76,15 +71,12 @@ at::Tensor affine_grid_sample_cpu(const at::Tensor& input, const at::Tensor& the
     const at::Tensor source = channels_last_source<scalar_t, acc_t>(input);
     dispatch_mode(interpolation, [&](auto mode_tag) {
       constexpr Interpolation mode = decltype(mode_tag)::value;
-      if (dims == 2) {
-        AffineCoords<acc_t, 2> coords(theta_acc.const_data_ptr<acc_t>(), s.batch, s.out_size, align_corners, 0);
-        sample_forward<scalar_t, acc_t, 2, mode, NanPolicy::Planar>(s, source.const_data_ptr<acc_t>(), coords,
-                                                                    out.mutable_data_ptr<scalar_t>());
-      } else {
-        AffineCoords<acc_t, 3> coords(theta_acc.const_data_ptr<acc_t>(), s.batch, s.out_size, align_corners, 0);
-        sample_forward<scalar_t, acc_t, 3, mode, NanPolicy::Volumetric>(s, source.const_data_ptr<acc_t>(), coords,
-                                                                        out.mutable_data_ptr<scalar_t>());
-      }
+      dispatch_dims(dims, [&](auto dims_tag) {
+        constexpr int D = decltype(dims_tag)::value;
+        AffineCoords<acc_t, D> coords(theta_acc.const_data_ptr<acc_t>(), s.batch, s.out_size, align_corners, 0);
+        sample_forward<scalar_t, acc_t, D, mode, nan_policy_for<D>()>(s, source.const_data_ptr<acc_t>(), coords,
+                                                                      out.mutable_data_ptr<scalar_t>());
+      });
     });
   });
   return out;
@@ -100,8 +92,8 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
   const bool need_input = output_mask[0];
   const bool need_theta = output_mask[1];
   const int64_t dims = input.dim() - 2;
-  const SamplerShape s = fused_shape(input, size, padding, align_corners);
-  const int64_t total = s.batch * s.out_points();
+  const SamplerShape s = affine_grid_sample_shape(input, size, padding, align_corners);
+  const int64_t total = s.batch * s.out_points;
 
   at::Tensor grad_input;
   at::Tensor grad_theta;
@@ -109,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const int64_t in_elems = s.batch * s.in_points() * s.channels;
+    const int64_t in_elems = s.batch * s.in_points * s.channels;
     const int64_t copies = private_copies(total, in_elems * int64_t(sizeof(acc_t)), need_input);
     const at::Tensor theta_acc = theta.to(acc_type).contiguous();
     grad_theta = at::zeros(theta.sizes(), theta.options());
@@ -148,18 +140,14 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
     if (total > 0 && s.channels > 0) {
       dispatch_mode(interpolation, [&](auto mode_tag) {
         constexpr Interpolation mode = decltype(mode_tag)::value;
-        auto run = [&](auto dims_tag) {
+        dispatch_dims(dims, [&](auto dims_tag) {
           constexpr int D = decltype(dims_tag)::value;
-          constexpr NanPolicy policy = D == 2 ? NanPolicy::Planar : NanPolicy::Volumetric;
           AffineCoords<acc_t, D> coords(theta_acc.const_data_ptr<acc_t>(), s.batch, s.out_size, align_corners,
                                         copies);
-          sample_backward<scalar_t, acc_t, D, mode, policy>(s, source_ptr, coords,
-                                                            go.const_data_ptr<scalar_t>(), private_ptr, need_theta,
-                                                            copies);
+          sample_backward<scalar_t, acc_t, D, mode, nan_policy_for<D>()>(
+              s, source_ptr, coords, go.const_data_ptr<scalar_t>(), private_ptr, need_theta, copies);
           if (need_theta) coords.reduce_grad(copies, grad_theta.mutable_data_ptr<scalar_t>());
-        };
-        if (dims == 2) run(std::integral_constant<int, 2>{});
-        else run(std::integral_constant<int, 3>{});
+        });
       });
     }
     if (need_input) grad_input = reduce_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), copies, input, s);
@@ -167,14 +155,6 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
   if (!need_input) grad_input = at::empty({0}, input.options());
   if (!need_theta) grad_theta = at::empty({0}, theta.options());
   return {grad_input, grad_theta};
-}
-
-}  // namespace
-
-// Registered with torch by cpu_dispatch.cpp, for the variant chosen at run time.
-void add_affine_grid_sample_kernels(CpuKernels& table) {
-  table.affine_grid_sample = &affine_grid_sample_cpu;
-  table.affine_grid_sample_backward = &affine_grid_sample_backward_cpu;
 }
 
 }  // namespace ATTNKERNELS_CPU_ISA

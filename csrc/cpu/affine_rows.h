@@ -1,7 +1,7 @@
 // The fused affine_grid_sample, bilinear with zeros or border padding, vectorised
 // over output points instead of channels.
 //
-// The channel-vectorised sampler (sampler_core.h) spends its time per point
+// The channel-vectorised sampler (sampler_loops.h) spends its time per point
 // when there are few channels (RGB video: C = 3): tap indices, weights, and the
 // theta gradient are scalar work repeated for every output position. Here one
 // tile holds kLanes consecutive points of one output row; their coordinates,
@@ -31,7 +31,8 @@
 #endif
 
 #include "affine_coords.h"
-#include "sampler_core.h"
+#include "channels_last_layout.h"
+#include "sampler_loops.h"
 
 namespace attnkernels {
 namespace cpu {
@@ -73,7 +74,7 @@ inline int64_t output_rows(const SamplerShape& s) {
 // Base x coordinates padded with zeros to whole tiles.
 template <typename acc_t, int Dims>
 std::vector<acc_t> padded_base_x(const AffineCoords<acc_t, Dims>& coords, int64_t width) {
-  constexpr int L = RowTile<acc_t, Dims>::kLanes;
+  constexpr int L = PointTile<acc_t, Dims>::kLanes;
   std::vector<acc_t> bx(((width + L - 1) / L) * L, acc_t(0));
   std::copy(coords.base[0].begin(), coords.base[0].end(), bx.begin());
   return bx;
@@ -83,14 +84,14 @@ std::vector<acc_t> padded_base_x(const AffineCoords<acc_t, Dims>& coords, int64_
 template <typename scalar_t, typename acc_t, int Dims, bool border>
 void affine_rows_forward(const SamplerShape& s, const scalar_t* input, const AffineCoords<acc_t, Dims>& coords,
                          scalar_t* out) {
-  using Tile = RowTile<acc_t, Dims>;
+  using Tile = PointTile<acc_t, Dims>;
   constexpr int L = Tile::kLanes;
   constexpr int kCols = Dims + 1;
   const int64_t W = s.out_size[0];
   const int64_t H = s.out_size[1];
   const int64_t rows_per_item = output_rows<Dims>(s) / s.batch;
-  const int64_t in_plane = s.in_points();
-  const int64_t out_plane = s.out_points();
+  const int64_t in_plane = s.in_points;
+  const int64_t out_plane = s.out_points;
   const int64_t C = s.channels;
   const std::vector<acc_t> bx = padded_base_x(coords, W);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
@@ -137,11 +138,11 @@ void affine_rows_forward(const SamplerShape& s, const scalar_t* input, const Aff
 // conflict check + scatter measured slower here (7.3 ms against 6.7 ms for
 // the input gradient of 4x3x16x112x112).
 template <typename acc_t, int Dims>
-inline void scatter_tile(const RowTile<acc_t, Dims>& tile, acc_t* grads, int64_t plane_size, int64_t channels,
+inline void scatter_tile(const PointTile<acc_t, Dims>& tile, acc_t* grads, int64_t plane_size, int64_t channels,
                          const acc_t* g, int64_t count) {
-  constexpr int L = RowTile<acc_t, Dims>::kLanes;
+  constexpr int L = PointTile<acc_t, Dims>::kLanes;
   for (int64_t l = 0; l < count; ++l) {
-    for (int tap = 0; tap < RowTile<acc_t, Dims>::kTaps; ++tap) {
+    for (int tap = 0; tap < PointTile<acc_t, Dims>::kTaps; ++tap) {
       if (!tile.valid[tap][l]) continue;
       acc_t* at = grads + tile.offset[tap][l];
       const acc_t w = tile.weight[tap][l];
@@ -155,10 +156,10 @@ inline void scatter_tile(const RowTile<acc_t, Dims>& tile, acc_t* grads, int64_t
 // dweight[tap][a] * input[c][tap] (fp32). Channels go in groups of up to 4, so
 // that each tap's offsets, mask and d weights are loaded once per group.
 template <int Dims>
-inline void coordinate_grads_avx512(const RowTile<float, Dims>& tile, const float* input, int64_t plane_size,
+inline void coordinate_grads_avx512(const PointTile<float, Dims>& tile, const float* input, int64_t plane_size,
                                     int64_t channels, const float* grad_out, int64_t out_plane, int64_t count,
-                                    float (*grad_xyz)[RowTile<float, Dims>::kLanes]) {
-  using Tile = RowTile<float, Dims>;
+                                    float (*grad_xyz)[PointTile<float, Dims>::kLanes]) {
+  using Tile = PointTile<float, Dims>;
   const __mmask16 lanes = __mmask16((1u << count) - 1u);
   __m512 total[Dims];
   for (int a = 0; a < Dims; ++a) total[a] = _mm512_setzero_ps();
@@ -203,15 +204,15 @@ inline void coordinate_grads_avx512(const RowTile<float, Dims>& tile, const floa
 template <typename scalar_t, typename acc_t, int Dims, bool border>
 void affine_rows_backward(const SamplerShape& s, const scalar_t* input, AffineCoords<acc_t, Dims>& coords,
                           const scalar_t* grad_out, acc_t* private_grads, bool need_theta, int64_t copies) {
-  using Tile = RowTile<acc_t, Dims>;
+  using Tile = PointTile<acc_t, Dims>;
   constexpr int L = Tile::kLanes;
   constexpr int kCols = Dims + 1;
   const int64_t W = s.out_size[0];
   const int64_t H = s.out_size[1];
   const int64_t rows = output_rows<Dims>(s);
   const int64_t rows_per_item = rows / s.batch;
-  const int64_t in_plane = s.in_points();
-  const int64_t out_plane = s.out_points();
+  const int64_t in_plane = s.in_points;
+  const int64_t out_plane = s.out_points;
   const int64_t C = s.channels;
   const int64_t per_copy = s.batch * C * in_plane;
   const std::vector<acc_t> bx = padded_base_x(coords, W);

@@ -340,6 +340,9 @@ void check_dropout(double dropout_p) {
               dropout_p);
 }
 
+}  // namespace
+
+// The entry points (cpu_kernels.h) and the backward's body.
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& query, const at::Tensor& key,
                                                  const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                                                  double dropout_p, bool is_causal, double scale,
@@ -553,14 +556,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   auto empty = [&](bool wanted, const at::Tensor& t) { return wanted ? t : t.new_empty({0}); };
   return {empty(output_mask[0], grad_q), empty(output_mask[1], grad_k), empty(output_mask[2], grad_v),
           want_mask_grad ? grad_mask : query.new_empty({0}, query.options().dtype(acc_type))};
-}
-
-}  // namespace
-
-// Registered with torch by cpu_dispatch.cpp, for the variant chosen at run time.
-void add_attention_kernels(CpuKernels& table) {
-  table.attention = &attention_cpu;
-  table.attention_backward = &attention_backward_cpu;
 }
 
 }  // namespace ATTNKERNELS_CPU_ISA

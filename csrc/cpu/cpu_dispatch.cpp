@@ -1,5 +1,6 @@
 // Runtime choice of the CPU variant of the hot kernels (grid_sample,
-// affine_grid_sample, attention) and their registration with torch.
+// affine_grid_sample, attention), and the registration of every CPU kernel
+// with torch (the one TORCH_LIBRARY_IMPL for CPU).
 //
 // setup.py compiles the kernel files once per variant (see ../cpu_isa.h):
 // `default` (plain x86-64, or whatever the target is elsewhere), and on x86-64
@@ -13,6 +14,7 @@
 #include <cctype>
 #include <cstdlib>
 #include <string>
+#include <utility>
 
 #include "cpu_kernels.h"
 
@@ -88,21 +90,10 @@ Selection select() {
   }
   switch (chosen.capability) {
 #if defined(ATTNKERNELS_CPU_VARIANTS)
-    case Capability::Avx512:
-      avx512::add_grid_sample_kernels(chosen.kernels);
-      avx512::add_affine_grid_sample_kernels(chosen.kernels);
-      avx512::add_attention_kernels(chosen.kernels);
-      break;
-    case Capability::Avx2:
-      avx2::add_grid_sample_kernels(chosen.kernels);
-      avx2::add_affine_grid_sample_kernels(chosen.kernels);
-      avx2::add_attention_kernels(chosen.kernels);
-      break;
+    case Capability::Avx512: chosen.kernels = ATTNKERNELS_CPU_KERNELS_OF(avx512); break;
+    case Capability::Avx2: chosen.kernels = ATTNKERNELS_CPU_KERNELS_OF(avx2); break;
 #endif
-    default:
-      generic::add_grid_sample_kernels(chosen.kernels);
-      generic::add_affine_grid_sample_kernels(chosen.kernels);
-      generic::add_attention_kernels(chosen.kernels);
+    default: chosen.kernels = ATTNKERNELS_CPU_KERNELS_OF(generic);
   }
   return chosen;
 }
@@ -112,50 +103,14 @@ const Selection& selection() {
   return chosen;
 }
 
-const CpuKernels& kernels() { return selection().kernels; }
+// The kernel registered for an op: calls the chosen variant's entry in the table.
+template <auto Entry>
+struct ChosenVariant;
 
-at::Tensor grid_sample(const at::Tensor& input, const at::Tensor& grid, int64_t interpolation, int64_t padding,
-                       bool align_corners) {
-  return kernels().grid_sample(input, grid, interpolation, padding, align_corners);
-}
-
-std::tuple<at::Tensor, at::Tensor> grid_sample_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                                        const at::Tensor& grid, int64_t interpolation,
-                                                        int64_t padding, bool align_corners,
-                                                        std::array<bool, 2> output_mask) {
-  return kernels().grid_sample_backward(grad_output, input, grid, interpolation, padding, align_corners,
-                                        output_mask);
-}
-
-at::Tensor affine_grid_sample(const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef size,
-                              int64_t interpolation, int64_t padding, bool align_corners) {
-  return kernels().affine_grid_sample(input, theta, size, interpolation, padding, align_corners);
-}
-
-std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward(const at::Tensor& grad_output,
-                                                               const at::Tensor& input, const at::Tensor& theta,
-                                                               at::IntArrayRef size, int64_t interpolation,
-                                                               int64_t padding, bool align_corners,
-                                                               std::array<bool, 2> output_mask) {
-  return kernels().affine_grid_sample_backward(grad_output, input, theta, size, interpolation, padding,
-                                               align_corners, output_mask);
-}
-
-std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                                             const std::optional<at::Tensor>& attn_mask, double dropout_p,
-                                             bool is_causal, double scale,
-                                             const std::optional<at::Tensor>& dropout_seed) {
-  return kernels().attention(query, key, value, attn_mask, dropout_p, is_causal, scale, dropout_seed);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& query,
-    const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& attn_mask, const at::Tensor& out,
-    const at::Tensor& lse, double dropout_p, bool is_causal, double scale,
-    const std::optional<at::Tensor>& dropout_seed, std::array<bool, 4> output_mask) {
-  return kernels().attention_backward(grad_out, grad_lse, query, key, value, attn_mask, out, lse, dropout_p,
-                                      is_causal, scale, dropout_seed, output_mask);
-}
+template <typename Result, typename... Args, Result (*CpuKernels::*Entry)(Args...)>
+struct ChosenVariant<Entry> {
+  static Result call(Args... args) { return (selection().kernels.*Entry)(std::forward<Args>(args)...); }
+};
 
 }  // namespace
 
@@ -163,13 +118,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
 const char* cpu_capability_name() { return name_of(selection().capability); }
 const char* cpu_capability_note() { return selection().note.c_str(); }
 
+// Every CPU kernel of the library is registered here.
 TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {
-  m.impl("grid_sample", &grid_sample);
-  m.impl("grid_sample_backward", &grid_sample_backward);
-  m.impl("affine_grid_sample", &affine_grid_sample);
-  m.impl("affine_grid_sample_backward", &affine_grid_sample_backward);
-  m.impl("attention", &attention);
-  m.impl("attention_backward", &attention_backward);
+  m.impl("grid_sample", &ChosenVariant<&CpuKernels::grid_sample>::call);
+  m.impl("grid_sample_backward", &ChosenVariant<&CpuKernels::grid_sample_backward>::call);
+  m.impl("affine_grid", &affine_grid_cpu);
+  m.impl("affine_grid_backward", &affine_grid_backward_cpu);
+  m.impl("affine_grid_sample", &ChosenVariant<&CpuKernels::affine_grid_sample>::call);
+  m.impl("affine_grid_sample_backward", &ChosenVariant<&CpuKernels::affine_grid_sample_backward>::call);
+  m.impl("attention", &ChosenVariant<&CpuKernels::attention>::call);
+  m.impl("attention_backward", &ChosenVariant<&CpuKernels::attention_backward>::call);
 }
 
 }  // namespace cpu

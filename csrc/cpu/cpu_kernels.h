@@ -1,50 +1,48 @@
-// The torch-facing CPU kernels of one CPU variant (see ../cpu_isa.h), as a
-// table that csrc/cpu/cpu_dispatch.cpp fills from the variant chosen at run
-// time. Plain function pointers: this type has no inline code, so it is the
-// same in every variant's translation unit.
+// The CPU kernels' entry points. The hot ones (grid_sample, affine_grid_sample,
+// attention) are compiled once per CPU variant (see ../cpu_isa.h), each copy in
+// its variant's namespace (attnkernels::cpu::generic / avx2 / avx512), and
+// csrc/cpu/cpu_dispatch.cpp gathers one variant's into a CpuKernels table,
+// chosen at run time; affine_grid is compiled once. cpu_dispatch.cpp is the one
+// place that registers CPU kernels with torch.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-
-#include <array>
-#include <cstdint>
-#include <optional>
-#include <tuple>
+#include "../kernel_signatures.h"
 
 namespace attnkernels {
 namespace cpu {
 
+// One variant's hot kernels. Plain function pointers: this type has no inline
+// code, so it is the same in every variant's translation unit.
 struct CpuKernels {
-  at::Tensor (*grid_sample)(const at::Tensor& input, const at::Tensor& grid, int64_t interpolation, int64_t padding,
-                            bool align_corners) = nullptr;
-  std::tuple<at::Tensor, at::Tensor> (*grid_sample_backward)(const at::Tensor& grad_output, const at::Tensor& input,
-                                                             const at::Tensor& grid, int64_t interpolation,
-                                                             int64_t padding, bool align_corners,
-                                                             std::array<bool, 2> output_mask) = nullptr;
-  at::Tensor (*affine_grid_sample)(const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef size,
-                                   int64_t interpolation, int64_t padding, bool align_corners) = nullptr;
-  std::tuple<at::Tensor, at::Tensor> (*affine_grid_sample_backward)(
-      const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef size,
-      int64_t interpolation, int64_t padding, bool align_corners, std::array<bool, 2> output_mask) = nullptr;
-  std::tuple<at::Tensor, at::Tensor> (*attention)(const at::Tensor& query, const at::Tensor& key,
-                                                  const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-                                                  double dropout_p, bool is_causal, double scale,
-                                                  const std::optional<at::Tensor>& dropout_seed) = nullptr;
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*attention_backward)(
-      const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& query,
-      const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-      const at::Tensor& out, const at::Tensor& lse, double dropout_p, bool is_causal, double scale,
-      const std::optional<at::Tensor>& dropout_seed, std::array<bool, 4> output_mask) = nullptr;
+  GridSampleKernel* grid_sample = nullptr;
+  GridSampleBackwardKernel* grid_sample_backward = nullptr;
+  AffineGridSampleKernel* affine_grid_sample = nullptr;
+  AffineGridSampleBackwardKernel* affine_grid_sample_backward = nullptr;
+  AttentionKernel* attention = nullptr;
+  AttentionBackwardKernel* attention_backward = nullptr;
 };
 
-// Each kernel file defines these in its variant's namespace
-// (attnkernels::cpu::generic / avx2 / avx512).
-#define ATTNKERNELS_DECLARE_CPU_KERNELS(isa)     \
-  namespace isa {                                \
-  void add_grid_sample_kernels(CpuKernels&);     \
-  void add_affine_grid_sample_kernels(CpuKernels&); \
-  void add_attention_kernels(CpuKernels&);       \
+// The entry points each kernel file defines in the variant namespace `isa`.
+#define ATTNKERNELS_DECLARE_CPU_KERNELS(isa)                \
+  namespace isa {                                           \
+  GridSampleKernel grid_sample_cpu;                         \
+  GridSampleBackwardKernel grid_sample_backward_cpu;        \
+  AffineGridSampleKernel affine_grid_sample_cpu;            \
+  AffineGridSampleBackwardKernel affine_grid_sample_backward_cpu; \
+  AttentionKernel attention_cpu;                            \
+  AttentionBackwardKernel attention_backward_cpu;           \
   }
+
+// The table of the variant `isa`.
+#define ATTNKERNELS_CPU_KERNELS_OF(isa)                                                                    \
+  CpuKernels {                                                                                             \
+    &isa::grid_sample_cpu, &isa::grid_sample_backward_cpu, &isa::affine_grid_sample_cpu,                   \
+        &isa::affine_grid_sample_backward_cpu, &isa::attention_cpu, &isa::attention_backward_cpu           \
+  }
+
+// csrc/cpu/affine_grid_kernel.cpp (one build for every variant: it is not hot).
+AffineGridKernel affine_grid_cpu;
+AffineGridBackwardKernel affine_grid_backward_cpu;
 
 }  // namespace cpu
 }  // namespace attnkernels

@@ -13,7 +13,8 @@
 #include "../sampling_checks.h"
 #include "cpu_kernels.h"
 #include "planar_sampler.h"
-#include "sampler_core.h"
+#include "channels_last_layout.h"
+#include "sampler_loops.h"
 
 namespace attnkernels {
 namespace cpu {
@@ -45,17 +46,10 @@ struct StoredGrid {
   const acc_t* points_at(int64_t index) const { return grid + index * Dims; }
 };
 
-SamplerShape shape_of(const at::Tensor& input, const at::Tensor& grid, int64_t padding, bool align_corners) {
-  SamplerShape s;
-  read_shape(input, s);
-  const int64_t dims = input.dim() - 2;
-  for (int64_t a = 0; a < dims; ++a) s.out_size[a] = grid.size(grid.dim() - 2 - a);
-  s.padding = static_cast<Padding>(padding);
-  s.align_corners = align_corners;
-  return s;
-}
+}  // namespace
 
-at::Tensor grid_sample_forward_cpu(const at::Tensor& input, const at::Tensor& grid, int64_t interpolation,
+// The entry points (cpu_kernels.h).
+at::Tensor grid_sample_cpu(const at::Tensor& input, const at::Tensor& grid, int64_t interpolation,
                                    int64_t padding, bool align_corners) {
   check_grid_sample_args(input, grid, interpolation, padding);
   const int64_t dims = input.dim() - 2;
@@ -64,18 +58,16 @@ at::Tensor grid_sample_forward_cpu(const at::Tensor& input, const at::Tensor& gr
   at::Tensor out = at::empty(out_shape, input.options());
   if (out.numel() == 0) return out;
 
-  const SamplerShape s = shape_of(input, grid, padding, align_corners);
+  const SamplerShape s = grid_sample_shape(input, grid, padding, align_corners);
 #if defined(__AVX512F__)
   if (input.scalar_type() == at::kFloat && grid.scalar_type() == at::kFloat && planar_forward_applies(s, interpolation)) {
     const at::Tensor planar = input.contiguous();
     const at::Tensor points = grid.contiguous();
-    if (dims == 2) {
-      planar_forward<2, NanPolicy::Planar>(s, planar.const_data_ptr<float>(), points.const_data_ptr<float>(),
-                                           out.mutable_data_ptr<float>());
-    } else {
-      planar_forward<3, NanPolicy::Volumetric>(s, planar.const_data_ptr<float>(), points.const_data_ptr<float>(),
-                                               out.mutable_data_ptr<float>());
-    }
+    dispatch_dims(dims, [&](auto dims_tag) {
+      constexpr int D = decltype(dims_tag)::value;
+      planar_forward<D, nan_policy_for<D>()>(s, planar.const_data_ptr<float>(), points.const_data_ptr<float>(),
+                                             out.mutable_data_ptr<float>());
+    });
     return out;
   }
 #endif
@@ -86,15 +78,12 @@ at::Tensor grid_sample_forward_cpu(const at::Tensor& input, const at::Tensor& gr
     const at::Tensor grid_acc = grid.to(acc_type).contiguous();
     dispatch_mode(interpolation, [&](auto mode_tag) {
       constexpr Interpolation mode = decltype(mode_tag)::value;
-      if (dims == 2) {
-        StoredGrid<acc_t, 2> coords{grid_acc.const_data_ptr<acc_t>(), nullptr, s.out_points()};
-        sample_forward<scalar_t, acc_t, 2, mode, NanPolicy::Planar>(s, source.const_data_ptr<acc_t>(), coords,
-                                                                    out.mutable_data_ptr<scalar_t>());
-      } else {
-        StoredGrid<acc_t, 3> coords{grid_acc.const_data_ptr<acc_t>(), nullptr, s.out_points()};
-        sample_forward<scalar_t, acc_t, 3, mode, NanPolicy::Volumetric>(s, source.const_data_ptr<acc_t>(), coords,
-                                                                        out.mutable_data_ptr<scalar_t>());
-      }
+      dispatch_dims(dims, [&](auto dims_tag) {
+        constexpr int D = decltype(dims_tag)::value;
+        StoredGrid<acc_t, D> coords{grid_acc.const_data_ptr<acc_t>(), nullptr, s.out_points};
+        sample_forward<scalar_t, acc_t, D, mode, nan_policy_for<D>()>(s, source.const_data_ptr<acc_t>(), coords,
+                                                                      out.mutable_data_ptr<scalar_t>());
+      });
     });
   });
   return out;
@@ -109,15 +98,15 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& gr
   const bool need_input = output_mask[0];
   const bool need_grid = output_mask[1];
   const int64_t dims = input.dim() - 2;
-  const SamplerShape s = shape_of(input, grid, padding, align_corners);
-  const int64_t total = s.batch * s.out_points();
+  const SamplerShape s = grid_sample_shape(input, grid, padding, align_corners);
+  const int64_t total = s.batch * s.out_points;
 
   at::Tensor grad_input;
   at::Tensor grad_grid;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const int64_t in_elems = s.batch * s.in_points() * s.channels;
+    const int64_t in_elems = s.batch * s.in_points * s.channels;
     const int64_t copies = private_copies(total, in_elems * int64_t(sizeof(acc_t)), need_input);
     std::vector<int64_t> private_shape = {copies, s.batch};
     for (int64_t d = 2; d < input.dim(); ++d) private_shape.push_back(input.size(d));
@@ -135,17 +124,12 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& gr
       acc_t* grad_grid_ptr = need_grid ? grad_grid_acc.mutable_data_ptr<acc_t>() : nullptr;
       dispatch_mode(interpolation, [&](auto mode_tag) {
         constexpr Interpolation mode = decltype(mode_tag)::value;
-        if (dims == 2) {
-          StoredGrid<acc_t, 2> coords{grid_acc.const_data_ptr<acc_t>(), grad_grid_ptr, s.out_points()};
-          sample_backward<scalar_t, acc_t, 2, mode, NanPolicy::Planar>(
-              s, source_ptr, coords, go.const_data_ptr<scalar_t>(), private_ptr, need_grid,
-              copies);
-        } else {
-          StoredGrid<acc_t, 3> coords{grid_acc.const_data_ptr<acc_t>(), grad_grid_ptr, s.out_points()};
-          sample_backward<scalar_t, acc_t, 3, mode, NanPolicy::Volumetric>(
-              s, source_ptr, coords, go.const_data_ptr<scalar_t>(), private_ptr, need_grid,
-              copies);
-        }
+        dispatch_dims(dims, [&](auto dims_tag) {
+          constexpr int D = decltype(dims_tag)::value;
+          StoredGrid<acc_t, D> coords{grid_acc.const_data_ptr<acc_t>(), grad_grid_ptr, s.out_points};
+          sample_backward<scalar_t, acc_t, D, mode, nan_policy_for<D>()>(
+              s, source_ptr, coords, go.const_data_ptr<scalar_t>(), private_ptr, need_grid, copies);
+        });
       });
     }
     if (need_input) grad_input = reduce_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), copies, input, s);
@@ -155,14 +139,6 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& gr
   if (!need_input) grad_input = at::empty({0}, input.options());
   if (!need_grid) grad_grid = at::empty({0}, grid.options());
   return {grad_input, grad_grid};
-}
-
-}  // namespace
-
-// Registered with torch by cpu_dispatch.cpp, for the variant chosen at run time.
-void add_grid_sample_kernels(CpuKernels& table) {
-  table.grid_sample = &grid_sample_forward_cpu;
-  table.grid_sample_backward = &grid_sample_backward_cpu;
 }
 
 }  // namespace ATTNKERNELS_CPU_ISA

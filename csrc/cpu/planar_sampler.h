@@ -2,11 +2,11 @@
 // AVX-512), vectorised over points and reading the input in its own
 // (N, C, [D,] H, W) layout.
 //
-// With 1 to 4 channels the channel-vectorised sampler (sampler_core.h) does
+// With 1 to 4 channels the channel-vectorised sampler (sampler_loops.h) does
 // little vector work per point and pays for a channels-last copy of the input;
 // torch's 2-D kernel, vectorised over points, was ~2x faster on RGB images.
 // Here each group of 16 consecutive output points gets its taps as vectors
-// (RowTile::build_from_points_avx512) and each channel is one masked gather
+// (PointTile::build_from_points_avx512) and each channel is one masked gather
 // per tap and one contiguous store. A group with a non-finite or far-out
 // coordinate is sampled point by point with the same NaN rules as the general
 // sampler.
@@ -18,7 +18,7 @@
 #include <algorithm>
 
 #include "point_tile.h"
-#include "sampler_core.h"
+#include "sampler_loops.h"
 
 namespace attnkernels {
 namespace cpu {
@@ -30,17 +30,17 @@ constexpr int64_t kPlanarMaxChannels = 4;
 // Whether planar_forward serves this call.
 inline bool planar_forward_applies(const SamplerShape& s, int64_t interpolation) {
   return s.channels <= kPlanarMaxChannels && static_cast<Interpolation>(interpolation) == Interpolation::Bilinear &&
-         s.padding != Padding::Reflection && s.in_points() <= RowTile<float, 2>::kMaxTilePoints;
+         s.padding != Padding::Reflection && s.in_points <= PointTile<float, 2>::kMaxTilePoints;
 }
 
 // out[n, c, p] for every output position; `input` (N, C, ...) contiguous fp32,
 // `grid` (N, out_points, Dims) contiguous fp32.
 template <int Dims, NanPolicy policy>
 void planar_forward(const SamplerShape& s, const float* input, const float* grid, float* out) {
-  using Tile = RowTile<float, Dims>;
-  const int64_t P = s.out_points();
+  using Tile = PointTile<float, Dims>;
+  const int64_t P = s.out_points;
   const int64_t C = s.channels;
-  const int64_t plane = s.in_points();
+  const int64_t plane = s.in_points;
   const int64_t groups_per_item = (P + kPointGroup - 1) / kPointGroup;
   SamplerShape one_channel = s;  // per-point fallback: offsets within one plane
   one_channel.channels = 1;

@@ -1,6 +1,6 @@
 // Taps of a tile of consecutive output points computed as vectors: the
 // points-vectorised fused sampler (affine_rows.h) builds them from theta, and
-// grid_sample's general loops (sampler_core.h) from stored grid points.
+// grid_sample's general loops (sampler_loops.h) from stored grid points.
 #pragma once
 
 #include "../cpu_isa.h"
@@ -12,7 +12,7 @@
 #include <immintrin.h>
 #endif
 
-#include "sampler_shape.h"
+#include "../sampler_shape.h"
 
 namespace attnkernels {
 namespace cpu {
@@ -22,7 +22,7 @@ inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 // offset within an input plane, the weight, whether it lies inside the input,
 // and (for the backward) d weight / d normalised coordinate per axis.
 template <typename acc_t, int Dims>
-struct RowTile {
+struct PointTile {
   static constexpr int kLanes = 64 / int(sizeof(acc_t));  // one 512-bit vector
   static constexpr int kTaps = 1 << Dims;
   // Largest |normalised coordinate| that build_from_points_avx512 takes: it

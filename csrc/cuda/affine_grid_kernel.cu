@@ -7,21 +7,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "../sampling_checks.h"
+#include "cuda_kernels.h"
 #include "sampler_launch.cuh"
 
 namespace attnkernels {
 namespace cuda {
 namespace {
-
-std::vector<int64_t> grid_shape(at::IntArrayRef size) {
-  std::vector<int64_t> shape = {size[0]};
-  for (size_t d = 2; d < size.size(); ++d) shape.push_back(size[d]);
-  shape.push_back(static_cast<int64_t>(size.size()) - 2);
-  return shape;
-}
 
 template <typename acc_t, int Dims>
 AffineSource<acc_t, Dims> affine_source(const acc_t* theta, at::IntArrayRef size, bool align_corners,
@@ -34,6 +27,9 @@ AffineSource<acc_t, Dims> affine_source(const acc_t* theta, at::IntArrayRef size
   return source;
 }
 
+}  // namespace
+
+// The entry points (cuda_kernels.h).
 at::Tensor affine_grid_cuda(const at::Tensor& theta, at::IntArrayRef size, bool align_corners) {
   check_affine_args(theta, size);
   const c10::cuda::CUDAGuard device_guard(theta.device());
@@ -85,13 +81,6 @@ at::Tensor affine_grid_backward_cuda(const at::Tensor& grad_grid, at::IntArrayRe
     });
   });
   return partials.view({size[0], tiles_per_item, dims, dims + 1}).sum(1).to(grad_grid.scalar_type());
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(attnkernels, CUDA, m) {
-  m.impl("affine_grid", &affine_grid_cuda);
-  m.impl("affine_grid_backward", &affine_grid_backward_cuda);
 }
 
 }  // namespace cuda

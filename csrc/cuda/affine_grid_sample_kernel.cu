@@ -8,24 +8,17 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "../sampling_checks.h"
+#include "cuda_kernels.h"
 #include "sampler_launch.cuh"
 
 namespace attnkernels {
 namespace cuda {
 namespace {
 
-SamplerGeometry fused_geometry(const at::Tensor& input, at::IntArrayRef size, int64_t padding, bool align_corners) {
-  const int64_t dims = input.dim() - 2;
-  int64_t out_size[3] = {1, 1, 1};
-  for (int64_t a = 0; a < dims; ++a) out_size[a] = size[size.size() - 1 - a];
-  return make_geometry(input, out_size, padding, align_corners);
-}
-
 template <typename acc_t, int Dims>
-AffineSource<acc_t, Dims> affine_source(const at::Tensor& theta_acc, const SamplerGeometry& g, double* partials) {
+AffineSource<acc_t, Dims> affine_source(const at::Tensor& theta_acc, const SamplerShape& g, double* partials) {
   AffineSource<acc_t, Dims> source{};
   source.theta = theta_acc.const_data_ptr<acc_t>();
   for (int a = 0; a < 3; ++a) source.out_size[a] = g.out_size[a];
@@ -34,13 +27,16 @@ AffineSource<acc_t, Dims> affine_source(const at::Tensor& theta_acc, const Sampl
   return source;
 }
 
+}  // namespace
+
+// The entry points (cuda_kernels.h).
 at::Tensor affine_grid_sample_cuda(const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef size,
                                    int64_t interpolation, int64_t padding, bool align_corners) {
   check_affine_grid_sample_args(input, theta, size, interpolation, padding);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::Tensor out = at::empty(size, input.options());
   if (out.numel() == 0) return out;
-  const SamplerGeometry g = fused_geometry(input, size, padding, align_corners);
+  const SamplerShape g = affine_grid_sample_shape(input, size, padding, align_corners);
   const int64_t dims = input.dim() - 2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "affine_grid_sample_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -67,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cuda(const at::Te
   const bool need_input = output_mask[0];
   const bool need_theta = output_mask[1];
   const int64_t dims = input.dim() - 2;
-  const SamplerGeometry g = fused_geometry(input, size, padding, align_corners);
+  const SamplerShape g = affine_grid_sample_shape(input, size, padding, align_corners);
   const bool has_work = g.batch * g.out_points > 0 && g.channels > 0;
 
   at::Tensor grad_input;
@@ -111,13 +107,6 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cuda(const at::Te
   if (!need_input) grad_input = at::empty({0}, input.options());
   if (!need_theta) grad_theta = at::empty({0}, theta.options());
   return {grad_input, grad_theta};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(attnkernels, CUDA, m) {
-  m.impl("affine_grid_sample", &affine_grid_sample_cuda);
-  m.impl("affine_grid_sample_backward", &affine_grid_sample_backward_cuda);
 }
 
 }  // namespace cuda

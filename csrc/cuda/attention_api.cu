@@ -16,13 +16,13 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
 #include <optional>
 
 #include "attention_kernels.h"
+#include "cuda_kernels.h"
 
 namespace attnkernels {
 namespace cuda_attention {
@@ -172,6 +172,9 @@ at::Tensor narrow_head_dim(const at::Tensor& t, int64_t width) {
   return t.size(-1) == width ? t : t.narrow(-1, 0, width).contiguous();
 }
 
+}  // namespace
+
+// The entry points (cuda_kernels.h).
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& query, const at::Tensor& key,
                                                   const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                                                   double dropout_p, bool is_causal, double scale,
@@ -283,13 +286,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
           wanted_or_empty(output_mask[1], narrow_head_dim(grad_k, shape.E), key),
           wanted_or_empty(output_mask[2], narrow_head_dim(grad_v, shape.Ev), value),
           want_mask_grad ? grad_mask : query.new_empty({0}, query.options().dtype(acc_type))};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(attnkernels, CUDA, m) {
-  m.impl("attention", &attention_cuda);
-  m.impl("attention_backward", &attention_backward_cuda);
 }
 
 }  // namespace cuda_attention

@@ -1,11 +1,5 @@
 // Backward kernels for head dims up to 128 (one file per bucket: they compile in parallel).
 #include "attention_backward.cuh"
+#include "attention_kernels.h"
 
-namespace attnkernels {
-namespace cuda_attention {
-
-template void run_attention_backward<__half, 128>(const AttentionParams&, bool, cudaStream_t);
-template void run_attention_backward<__nv_bfloat16, 128>(const AttentionParams&, bool, cudaStream_t);
-
-}  // namespace cuda_attention
-}  // namespace attnkernels
+ATTNKERNELS_ATTENTION_BACKWARD_INSTANCES(128)

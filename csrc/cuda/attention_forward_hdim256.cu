@@ -1,11 +1,5 @@
 // Forward kernels for head dims up to 256 (one file per bucket: they compile in parallel).
 #include "attention_forward.cuh"
+#include "attention_kernels.h"
 
-namespace attnkernels {
-namespace cuda_attention {
-
-template void run_attention_forward<__half, 256>(const AttentionParams&, cudaStream_t);
-template void run_attention_forward<__nv_bfloat16, 256>(const AttentionParams&, cudaStream_t);
-
-}  // namespace cuda_attention
-}  // namespace attnkernels
+ATTNKERNELS_ATTENTION_FORWARD_INSTANCES(256)

@@ -28,3 +28,20 @@ void run_attention_backward_preprocess(const T* grad_out, const T* out, const fl
 
 }  // namespace cuda_attention
 }  // namespace attnkernels
+
+// The explicit instantiations of one head-dim bucket D, for both dtypes: the
+// whole body of attention_forward_hdim<D>.cu / attention_backward_hdim<D>.cu.
+#define ATTNKERNELS_ATTENTION_FORWARD_INSTANCES(D)                                                       \
+  namespace attnkernels {                                                                               \
+  namespace cuda_attention {                                                                            \
+  template void run_attention_forward<__half, D>(const AttentionParams&, cudaStream_t);                 \
+  template void run_attention_forward<__nv_bfloat16, D>(const AttentionParams&, cudaStream_t);          \
+  }                                                                                                     \
+  }
+#define ATTNKERNELS_ATTENTION_BACKWARD_INSTANCES(D)                                                      \
+  namespace attnkernels {                                                                               \
+  namespace cuda_attention {                                                                            \
+  template void run_attention_backward<__half, D>(const AttentionParams&, bool, cudaStream_t);          \
+  template void run_attention_backward<__nv_bfloat16, D>(const AttentionParams&, bool, cudaStream_t);   \
+  }                                                                                                     \
+  }

@@ -6,23 +6,19 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "../sampling_checks.h"
+#include "cuda_kernels.h"
 #include "sampler_launch.cuh"
 
 namespace attnkernels {
 namespace cuda {
 namespace {
 
-SamplerGeometry grid_geometry(const at::Tensor& input, const at::Tensor& grid, int64_t padding, bool align_corners) {
-  const int64_t dims = input.dim() - 2;
-  int64_t out_size[3] = {1, 1, 1};
-  for (int64_t a = 0; a < dims; ++a) out_size[a] = grid.size(grid.dim() - 2 - a);
-  return make_geometry(input, out_size, padding, align_corners);
-}
+}  // namespace
 
-at::Tensor grid_sample_forward_cuda(const at::Tensor& input, const at::Tensor& grid, int64_t interpolation,
+// The entry points (cuda_kernels.h).
+at::Tensor grid_sample_cuda(const at::Tensor& input, const at::Tensor& grid, int64_t interpolation,
                                     int64_t padding, bool align_corners) {
   check_grid_sample_args(input, grid, interpolation, padding);
   const c10::cuda::CUDAGuard device_guard(input.device());
@@ -32,7 +28,7 @@ at::Tensor grid_sample_forward_cuda(const at::Tensor& input, const at::Tensor& g
   at::Tensor out = at::empty(out_shape, input.options());
   if (out.numel() == 0) return out;
 
-  const SamplerGeometry g = grid_geometry(input, grid, padding, align_corners);
+  const SamplerShape g = grid_sample_shape(input, grid, padding, align_corners);
   const at::Tensor grid_c = grid.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -60,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cuda(const at::Tensor& g
   const bool need_input = output_mask[0];
   const bool need_grid = output_mask[1];
   const int64_t dims = input.dim() - 2;
-  const SamplerGeometry g = grid_geometry(input, grid, padding, align_corners);
+  const SamplerShape g = grid_sample_shape(input, grid, padding, align_corners);
   const bool has_work = g.batch * g.out_points > 0 && g.channels > 0;
 
   at::Tensor grad_input;
@@ -100,13 +96,6 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cuda(const at::Tensor& g
   if (!need_input) grad_input = at::empty({0}, input.options());
   if (!need_grid) grad_grid = at::empty({0}, grid.options());
   return {grad_input, grad_grid};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(attnkernels, CUDA, m) {
-  m.impl("grid_sample", &grid_sample_forward_cuda);
-  m.impl("grid_sample_backward", &grid_sample_backward_cuda);
 }
 
 }  // namespace cuda

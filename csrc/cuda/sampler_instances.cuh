@@ -23,21 +23,21 @@ using Theta = AffineSource<at::opmath_type<S>, D>;
 // One (scalar type, dims, mode): the forward launcher for both coordinate sources.
 #define ATTNKERNELS_SAMPLER_FORWARD(S, D, M)                                                                 \
   template void launch_forward<S, at::opmath_type<S>, D, M, StoredGrid<S, D>>(                              \
-      const SamplerGeometry&, const at::Tensor&, const StoredGrid<S, D>&, at::Tensor&);                     \
+      const SamplerShape&, const at::Tensor&, const StoredGrid<S, D>&, at::Tensor&);                     \
   template void launch_forward<S, at::opmath_type<S>, D, M, Theta<S, D>>(                                   \
-      const SamplerGeometry&, const at::Tensor&, const Theta<S, D>&, at::Tensor&);
+      const SamplerShape&, const at::Tensor&, const Theta<S, D>&, at::Tensor&);
 
 // One (scalar type, dims, mode): the atomic and the deterministic backward for both sources.
 #define ATTNKERNELS_SAMPLER_BACKWARD(S, D, M)                                                                   \
   template void launch_backward<S, at::opmath_type<S>, D, M, StoredGrid<S, D>>(                                \
-      const SamplerGeometry&, const at::Tensor&, const StoredGrid<S, D>&, const at::Tensor&, at::opmath_type<S>*, \
+      const SamplerShape&, const at::Tensor&, const StoredGrid<S, D>&, const at::Tensor&, at::opmath_type<S>*, \
       bool);                                                                                                    \
   template void launch_backward<S, at::opmath_type<S>, D, M, Theta<S, D>>(                                     \
-      const SamplerGeometry&, const at::Tensor&, const Theta<S, D>&, const at::Tensor&, at::opmath_type<S>*, bool); \
+      const SamplerShape&, const at::Tensor&, const Theta<S, D>&, const at::Tensor&, at::opmath_type<S>*, bool); \
   template void deterministic_input_grad<S, at::opmath_type<S>, D, M, StoredGrid<S, D>>(                       \
-      const SamplerGeometry&, const StoredGrid<S, D>&, const at::Tensor&, at::Tensor&);                        \
+      const SamplerShape&, const StoredGrid<S, D>&, const at::Tensor&, at::Tensor&);                        \
   template void deterministic_input_grad<S, at::opmath_type<S>, D, M, Theta<S, D>>(                            \
-      const SamplerGeometry&, const Theta<S, D>&, const at::Tensor&, at::Tensor&);
+      const SamplerShape&, const Theta<S, D>&, const at::Tensor&, at::Tensor&);
 
 // Every (dims, mode) pair of one direction for scalar type S.
 #define ATTNKERNELS_SAMPLER_EVERY_MODE(DIRECTION, S)          \

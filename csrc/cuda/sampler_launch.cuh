@@ -1,4 +1,4 @@
-// Host-side launchers of the CUDA sampling kernels (sampler_device.cuh), shared
+// Host-side launchers of the CUDA sampling kernels (sampler_kernels.cuh), shared
 // by grid_sample and the fused affine_grid_sample: kernel and index-type
 // choice, launch shapes, the deterministic input-gradient path, and the
 // conversion of the channels-last gradient buffer to the input's layout.
@@ -16,7 +16,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "sampler_device.cuh"
+#include "sampler_kernels.cuh"
 
 namespace attnkernels {
 namespace cuda {
@@ -30,8 +30,6 @@ inline int64_t item_extent(const at::Tensor& t) {
   return extent;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Blocks for a grid-stride loop over `tiles` (the kernels loop when capped).
 inline unsigned int blocks_for(int64_t tiles) {
   return static_cast<unsigned int>(std::min<int64_t>(tiles, int64_t(1) << 30));
@@ -44,32 +42,12 @@ inline int group_log2_for(int64_t channels) {
   return log2;
 }
 
-inline int64_t sampler_tiles_per_item(const SamplerGeometry& g) {
+inline int64_t sampler_tiles_per_item(const SamplerShape& g) {
   return ceil_div(g.out_points, kPointsPerSamplerTile);
 }
 
-// `out_size` in axis order x, y, z.
-inline SamplerGeometry make_geometry(const at::Tensor& input, const int64_t* out_size, int64_t padding,
-                                     bool align_corners) {
-  SamplerGeometry g{};
-  const int64_t dims = input.dim() - 2;
-  g.batch = input.size(0);
-  g.channels = input.size(1);
-  g.in_points = 1;
-  g.out_points = 1;
-  for (int64_t a = 0; a < 3; ++a) {
-    g.in_size[a] = a < dims ? input.size(input.dim() - 1 - a) : 1;
-    g.out_size[a] = a < dims ? out_size[a] : 1;
-    g.in_points *= g.in_size[a];
-    g.out_points *= g.out_size[a];
-  }
-  g.padding = static_cast<Padding>(padding);
-  g.align_corners = align_corners;
-  return g;
-}
-
 // Whether every per-item offset of the sampling kernels fits in int32.
-inline bool item_offsets_fit_int32(const SamplerGeometry& g, const at::Tensor& input) {
+inline bool item_offsets_fit_int32(const SamplerShape& g, const at::Tensor& input) {
   return fits_int32(item_extent(input)) && fits_int32(g.channels * g.out_points) &&
          fits_int32(g.channels * g.in_points) && fits_int32(g.out_points + kPointsPerSamplerTile);
 }
@@ -87,60 +65,24 @@ InputView<scalar_t, index_t> input_view(const at::Tensor& input) {
   return view;
 }
 
-// Calls `body` with the interpolation mode as a compile-time constant.
-template <typename Body>
-void dispatch_mode(int64_t mode, Body&& body) {
-  switch (static_cast<Interpolation>(mode)) {
-    case Interpolation::Bilinear:
-      body(std::integral_constant<Interpolation, Interpolation::Bilinear>{});
-      break;
-    case Interpolation::Nearest:
-      body(std::integral_constant<Interpolation, Interpolation::Nearest>{});
-      break;
-    case Interpolation::Bicubic:
-      body(std::integral_constant<Interpolation, Interpolation::Bicubic>{});
-      break;
-    default:
-      TORCH_CHECK(false, "attnkernels: interpolation must be 0 (bilinear), 1 (nearest) or 2 (bicubic), got ", mode);
-  }
-}
-
-// Calls `body` with the number of spatial dimensions (2 or 3) as a compile-time constant.
-template <typename Body>
-void dispatch_dims(int64_t dims, Body&& body) {
-  if (dims == 2) {
-    body(std::integral_constant<int, 2>{});
-  } else {
-    TORCH_CHECK(dims == 3, "attnkernels: expected 2 or 3 spatial dimensions, got ", dims);
-    body(std::integral_constant<int, 3>{});
-  }
-}
-
-// 4-D input follows torch's planar CPU kernel for non-finite coordinates,
-// 5-D input its volumetric one, exactly as the attnkernels CPU backend.
-template <int Dims>
-constexpr NanPolicy nan_policy_for() {
-  return Dims == 2 ? NanPolicy::Planar : NanPolicy::Volumetric;
-}
-
 // The kernel launchers. Declared here and defined in sampler_launch_impl.cuh, which only the
 // instantiation units (sampler_instances_*.cu, one per dtype and direction) include: the op files
 // stay light, and the kernels compile in parallel, one unit per job.
 
 // out (N, C, P) contiguous, not empty.
 template <typename scalar_t, typename acc_t, int Dims, Interpolation mode, typename Source>
-void launch_forward(const SamplerGeometry& g, const at::Tensor& input, const Source& source, at::Tensor& out);
+void launch_forward(const SamplerShape& g, const at::Tensor& input, const Source& source, at::Tensor& out);
 
 // The atomic backward (sample_backward_kernel). grad_out (N, C, P) contiguous;
 // grad_buffer (N, in_points, C) zeroed, or null for no input gradient.
 template <typename scalar_t, typename acc_t, int Dims, Interpolation mode, typename Source>
-void launch_backward(const SamplerGeometry& g, const at::Tensor& input, const Source& source,
+void launch_backward(const SamplerShape& g, const at::Tensor& input, const Source& source,
                      const at::Tensor& grad_out, acc_t* grad_buffer, bool need_coords);
 
-// The bitwise-reproducible input gradient (see sampler_device.cuh): keys,
+// The bitwise-reproducible input gradient (see sampler_kernels.cuh): keys,
 // a stable sort, and one writer per (input position, channel).
 template <typename scalar_t, typename acc_t, int Dims, Interpolation mode, typename Source>
-void deterministic_input_grad(const SamplerGeometry& g, const Source& source, const at::Tensor& grad_out,
+void deterministic_input_grad(const SamplerShape& g, const Source& source, const at::Tensor& grad_out,
                               at::Tensor& grad_buffer);
 
 // Whether the input gradient must be bitwise reproducible.

@@ -11,7 +11,7 @@ namespace cuda {
 
 // out (N, C, P) contiguous, not empty.
 template <typename scalar_t, typename acc_t, int Dims, Interpolation mode, typename Source>
-void launch_forward(const SamplerGeometry& g, const at::Tensor& input, const Source& source, at::Tensor& out) {
+void launch_forward(const SamplerShape& g, const at::Tensor& input, const Source& source, at::Tensor& out) {
   constexpr NanPolicy policy = nan_policy_for<Dims>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
@@ -43,7 +43,7 @@ void launch_forward(const SamplerGeometry& g, const at::Tensor& input, const Sou
 // The atomic backward (sample_backward_kernel). grad_out (N, C, P) contiguous;
 // grad_buffer (N, in_points, C) zeroed, or null for no input gradient.
 template <typename scalar_t, typename acc_t, int Dims, Interpolation mode, typename Source>
-void launch_backward(const SamplerGeometry& g, const at::Tensor& input, const Source& source,
+void launch_backward(const SamplerShape& g, const at::Tensor& input, const Source& source,
                      const at::Tensor& grad_out, acc_t* grad_buffer, bool need_coords) {
   constexpr NanPolicy policy = nan_policy_for<Dims>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -65,10 +65,10 @@ void launch_backward(const SamplerGeometry& g, const at::Tensor& input, const So
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The bitwise-reproducible input gradient (see sampler_device.cuh): keys,
+// The bitwise-reproducible input gradient (see sampler_kernels.cuh): keys,
 // a stable sort, and one writer per (input position, channel).
 template <typename scalar_t, typename acc_t, int Dims, Interpolation mode, typename Source>
-void deterministic_input_grad(const SamplerGeometry& g, const Source& source, const at::Tensor& grad_out,
+void deterministic_input_grad(const SamplerShape& g, const Source& source, const at::Tensor& grad_out,
                               at::Tensor& grad_buffer) {
   constexpr NanPolicy policy = nan_policy_for<Dims>();
   constexpr int kTaps = PointTaps<acc_t, Dims, mode, policy>::kCount;

@@ -1,0 +1,122 @@
+// Layout conversions around the CPU sampling loops: the channels-last copy of
+// the input that they read, and the reduction of their private input-gradient
+// copies (channels-last) back to the gradient's layout.
+#pragma once
+
+#include "../cpu_isa.h"
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../sampler_shape.h"
+
+namespace attnkernels {
+namespace cpu {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
+
+// The input as a channels-last contiguous tensor of the accumulation type:
+// (N, C, [D,] H, W) -> (N, [D,] H, W, C). Free when it already is one; a
+// contiguous input is transposed (and converted) in one tiled pass.
+template <typename scalar_t, typename acc_t>
+at::Tensor channels_last_source(const at::Tensor& input) {
+  std::vector<int64_t> order = {0};
+  for (int64_t d = 2; d < input.dim(); ++d) order.push_back(d);
+  order.push_back(1);
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  if (!input.is_contiguous() || input.size(1) == 1) {
+    return input.to(acc_type).permute(order).contiguous();
+  }
+  const int64_t N = input.size(0);
+  const int64_t C = input.size(1);
+  const int64_t S = input.numel() / std::max<int64_t>(1, N * C);
+  std::vector<int64_t> shape;
+  for (int64_t d : order) shape.push_back(input.size(d));
+  at::Tensor source = at::empty(shape, input.options().dtype(acc_type));
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  acc_t* out = source.mutable_data_ptr<acc_t>();
+  constexpr int64_t kTile = 16;
+  const int64_t tiles_per_item = (S + kTile - 1) / kTile;
+  at::parallel_for(0, N * tiles_per_item, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / tiles_per_item;
+      const int64_t p0 = (t - n * tiles_per_item) * kTile;
+      const int64_t width = std::min(kTile, S - p0);
+      acc_t* rows = out + (n * S + p0) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* src = in + (n * C + c) * S + p0;
+        for (int64_t j = 0; j < width; ++j) rows[j * C + c] = static_cast<acc_t>(src[j]);
+      }
+    }
+  });
+  return source;
+}
+
+// Whether the input gradient is returned channels-last: for a channels-last
+// input that is not also contiguous (mirrored by the fake kernels).
+inline bool gradient_channels_last(const at::Tensor& input) {
+  const auto format = input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  return !input.is_contiguous() && input.is_contiguous(format);
+}
+
+// out[i] = sum over r of copies_ptr[r * per_copy + i], in the output's dtype:
+// private gradient copies whose layout is already the gradient's.
+template <typename scalar_t, typename acc_t>
+void sum_private_copies(const acc_t* copies_ptr, int64_t copies, int64_t per_copy, scalar_t* out) {
+  at::parallel_for(0, per_copy, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t v = copies_ptr[i];
+      for (int64_t r = 1; r < copies; ++r) v += copies_ptr[r * per_copy + i];
+      out[i] = static_cast<scalar_t>(v);
+    }
+  });
+}
+
+// Sums the private copies (copies, N, [D,] H, W, C) into the input gradient,
+// in the input's dtype and in one pass that also transposes to (N, C, ...)
+// unless the gradient is channels-last.
+template <typename scalar_t, typename acc_t>
+at::Tensor reduce_private_grads(const acc_t* copies_ptr, int64_t copies, const at::Tensor& input,
+                                const SamplerShape& s) {
+  const bool channels_last = gradient_channels_last(input);
+  const auto format = !channels_last      ? at::MemoryFormat::Contiguous
+                      : input.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                         : at::MemoryFormat::ChannelsLast3d;
+  at::Tensor grad = at::empty(input.sizes(), input.options().memory_format(format));
+  scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+  const int64_t S = s.in_points;
+  const int64_t C = s.channels;
+  const int64_t per_copy = s.batch * S * C;
+  if (channels_last) {
+    sum_private_copies(copies_ptr, copies, per_copy, out);
+    return grad;
+  }
+  // Transpose (N, S, C) -> (N, C, S) in tiles of kTile positions: the reads of a
+  // tile stay in L1, and each channel's writes are one contiguous run.
+  constexpr int64_t kTile = 16;
+  const int64_t tiles_per_item = (S + kTile - 1) / kTile;
+  at::parallel_for(0, s.batch * tiles_per_item, 64, [&](int64_t begin, int64_t end) {
+    acc_t tile[kTile];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / tiles_per_item;
+      const int64_t p0 = (t - n * tiles_per_item) * kTile;
+      const int64_t width = std::min(kTile, S - p0);
+      const acc_t* rows = copies_ptr + (n * S + p0) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t j = 0; j < width; ++j) tile[j] = rows[j * C + c];
+        for (int64_t r = 1; r < copies; ++r) {
+          for (int64_t j = 0; j < width; ++j) tile[j] += rows[r * per_copy + j * C + c];
+        }
+        scalar_t* dst = out + (n * C + c) * S + p0;
+        for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<scalar_t>(tile[j]);
+      }
+    }
+  });
+  return grad;
+}
+
+}  // namespace ATTNKERNELS_CPU_ISA
+}  // namespace cpu
+}  // namespace attnkernels
