@@ -27,7 +27,9 @@
 #include <vector>
 
 #include "../cpu_isa.h"
+#include "../attention_checks.h"
 #include "attention_math.h"
+#include "attention_tiles.h"
 #include "cpu_kernels.h"
 
 namespace attnkernels {
@@ -35,200 +37,22 @@ namespace cpu {
 inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 namespace {
 
-// Tile sizes (rows of queries x rows of keys), chosen by bench/bench_attention.py
-// on a 2-core AVX-512 machine: large enough for BLAS efficiency, small enough
+// Tile sizes (rows of queries x rows of keys), chosen with the bench command's attention
+// cases on a 2-core AVX-512 machine: large enough for BLAS efficiency, small enough
 // that a tile and its operands stay in L2.
 constexpr int64_t kForwardQueryBlock = 256;
 constexpr int64_t kForwardKeyBlock = 512;
 constexpr int64_t kBackwardQueryBlock = 128;
 constexpr int64_t kBackwardKeyBlock = 256;
 
-struct Shape {
-  int64_t batch, q_heads, kv_heads, group, L, S, E, Ev;
-};
+using Shape = AttentionShape;
 
-Shape shape_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "attnkernels::attention: expected query, key and value of rank 4 (batch, heads, length, dim), got ",
-              q.sizes(), ", ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0),
-              "attnkernels::attention: expected query, key and value to have the same batch size, got ", q.sizes(),
-              ", ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(v.size(1) == k.size(1), "attnkernels::attention: expected key and value to have the same number of "
-              "heads, got ", k.size(1), " and ", v.size(1));
-  // Zero heads everywhere is an empty attention, as in torch.
-  TORCH_CHECK(k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0, "attnkernels::attention: expected the ",
-              "number of key and value heads (", k.size(1), ") to divide the number of query heads (", q.size(1), ")");
-  TORCH_CHECK(k.size(3) == q.size(3), "attnkernels::attention: expected key's head dim (", k.size(3),
-              ") to equal query's (", q.size(3), ")");
-  TORCH_CHECK(v.size(2) == k.size(2), "attnkernels::attention: expected value's length (", v.size(2),
-              ") to equal key's (", k.size(2), ")");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "attnkernels::attention: expected query, key and value of one dtype, got ", q.scalar_type(), ", ",
-              k.scalar_type(), " and ", v.scalar_type());
+// The shared checks, and the dtypes these kernels serve.
+Shape checked_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const Shape shape = attention_shape(q, k, v);
   TORCH_CHECK(at::isFloatingType(q.scalar_type()),
               "attnkernels::attention: expected floating-point query, key and value, got ", q.scalar_type());
-  const int64_t group = k.size(1) > 0 ? q.size(1) / k.size(1) : 1;
-  return Shape{q.size(0), q.size(1), k.size(1), group, q.size(2), k.size(2), q.size(3), v.size(3)};
-}
-
-// Read access to the (B, Hq, L, S) mask through its strides.
-template <typename acc_t>
-struct MaskView {
-  const bool* bools = nullptr;
-  const acc_t* values = nullptr;
-  int64_t heads = 1, stride_b = 0, stride_h = 0, stride_l = 0, stride_s = 0;
-
-  MaskView(const std::optional<at::Tensor>& mask, const Shape& shape) {
-    if (!mask.has_value()) return;
-    const at::Tensor& m = *mask;
-    TORCH_CHECK(m.dim() == 4 && m.size(0) == shape.batch && m.size(1) == shape.q_heads && m.size(2) == shape.L &&
-                    m.size(3) == shape.S,
-                "attnkernels::attention: expected attn_mask of shape (", shape.batch, ", ", shape.q_heads, ", ",
-                shape.L, ", ", shape.S, ") (broadcast views allowed), got ", m.sizes());
-    if (m.scalar_type() == at::kBool) {
-      bools = m.const_data_ptr<bool>();
-    } else {
-      TORCH_CHECK(m.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
-                  "attnkernels::attention: expected a bool attn_mask or one of dtype ",
-                  c10::CppTypeToScalarType<acc_t>::value, " (the accumulation dtype), got ", m.scalar_type());
-      values = m.const_data_ptr<acc_t>();
-    }
-    heads = shape.q_heads;
-    stride_b = m.stride(0);
-    stride_h = m.stride(1);
-    stride_l = m.stride(2);
-    stride_s = m.stride(3);
-  }
-
-  bool present() const { return bools != nullptr || values != nullptr; }
-  bool is_float() const { return values != nullptr; }
-
-  int64_t offset(int64_t bh, int64_t row, int64_t col) const {
-    return (bh / heads) * stride_b + (bh % heads) * stride_h + row * stride_l + col * stride_s;
-  }
-
-  // Whether any entry of the tile lets attention through (else the tile is skipped).
-  bool any_allowed(int64_t bh, int64_t row0, int64_t rows, int64_t col0, int64_t cols) const {
-    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t base = offset(bh, row0 + r, col0);
-      for (int64_t c = 0; c < cols; ++c) {
-        if (bools != nullptr ? bools[base + c * stride_s] : !(values[base + c * stride_s] == neg_inf)) return true;
-      }
-    }
-    return false;
-  }
-
-  void apply(int64_t bh, int64_t row0, int64_t rows, int64_t col0, int64_t cols, acc_t* scores, int64_t ld) const {
-    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t base = offset(bh, row0 + r, col0);
-      acc_t* row = scores + r * ld;
-      if (bools != nullptr) {
-        const bool* m = bools + base;
-        // Hidden scores get -inf added, as torch adds a bool mask: a NaN or +inf score stays NaN.
-        for (int64_t c = 0; c < cols; ++c) row[c] = m[c * stride_s] ? row[c] : row[c] + neg_inf;
-      } else {
-        const acc_t* m = values + base;
-        if (stride_s == 1) {
-#pragma omp simd
-          for (int64_t c = 0; c < cols; ++c) row[c] += m[c];
-        } else {
-          for (int64_t c = 0; c < cols; ++c) row[c] += m[c * stride_s];
-        }
-      }
-    }
-  }
-};
-
-// The largest |value| of n values, +inf when one is NaN or infinite.
-template <typename T>
-double largest_magnitude(const T* values, int64_t n) {
-  double most = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double x = std::abs(static_cast<double>(values[i]));
-    most = x <= most ? most : (x > most ? x : std::numeric_limits<double>::infinity());  // NaN -> inf
-  }
-  return most;
-}
-
-template <typename T>
-bool any_nan(const T* values, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    if (std::isnan(static_cast<double>(values[i]))) return true;
-  }
-  return false;
-}
-
-// Whether a tile that the mask hides entirely can still change the result, so that it must be
-// computed, not skipped. torch adds the mask to the scores, so a NaN or +inf score behind it makes
-// its row NaN, and a non-finite value row behind it still gives 0 * inf = NaN. Finite q and k rows
-// whose scaled dot products cannot overflow, and finite v rows, make the tile a no-op.
-template <typename scalar_t>
-bool hidden_tile_matters(const scalar_t* q_rows, int64_t rows, const scalar_t* k_rows, const scalar_t* v_rows,
-                         int64_t cols, int64_t E, int64_t Ev, double scale) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr double kInf = std::numeric_limits<double>::infinity();
-  if (!(largest_magnitude(v_rows, cols * Ev) < kInf)) return true;
-  // |q . k| * scale <= E * max|q| * max|k| * scale; half the largest acc_t leaves room for rounding.
-  const double bound =
-      static_cast<double>(E) * std::abs(scale) * largest_magnitude(q_rows, rows * E) * largest_magnitude(k_rows, cols * E);
-  return !(bound < 0.5 * static_cast<double>(std::numeric_limits<acc_t>::max()));
-}
-
-// Top-left causal: query row i attends to keys j <= i. Hidden scores are set to -inf, not
-// added to: torch's fused CPU and CUDA paths skip the tiles right of the diagonal, so a NaN
-// there never reaches a row it hides from, and this kernel does the same.
-template <typename acc_t>
-void apply_causal(int64_t row0, int64_t rows, int64_t col0, int64_t cols, acc_t* scores, int64_t ld) {
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t first_hidden = std::max<int64_t>(0, row0 + r + 1 - col0);
-    for (int64_t c = first_hidden; c < cols; ++c) scores[r * ld + c] = neg_inf;
-  }
-}
-
-// Rows [row0, row0 + rows) of a row-major (.., width) matrix as acc_t: the
-// tensor's own memory when no conversion is needed, else converted into `buffer`.
-template <typename scalar_t, typename acc_t>
-const acc_t* rows_as_acc(const scalar_t* base, int64_t row0, int64_t rows, int64_t width, acc_t* buffer) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return base + row0 * width;
-  } else {
-    const scalar_t* src = base + row0 * width;
-    for (int64_t i = 0; i < rows * width; ++i) buffer[i] = static_cast<acc_t>(src[i]);
-    return buffer;
-  }
-}
-
-// Dropout of a (rows x cols) tile of probabilities: keep with probability 1 - p,
-// scaled by 1 / (1 - p). `first` is the flat (B, Hq, L, S) index of the tile's corner.
-template <typename acc_t>
-void apply_dropout(const DropoutMask& dropout, acc_t keep_scale, uint64_t first, int64_t S, int64_t rows,
-                   int64_t cols, acc_t* tile, int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint64_t row_first = first + static_cast<uint64_t>(r * S);
-    acc_t* row = tile + r * ld;
-#pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) row[c] = dropout.keep(row_first + c) ? row[c] * keep_scale : acc_t(0);
-  }
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Runs run(task) for task in [0, tasks) on torch's intra-op threads, handing
-// tasks out one at a time: causal tiles differ in cost, and on a shared machine
-// a core may be slowed by other work, so a static split would leave one idle.
-// make_state() builds each thread's scratch buffers once.
-template <typename MakeState, typename Run>
-void parallel_tasks(int64_t tasks, MakeState make_state, Run run) {
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    auto state = make_state();
-    for (int64_t task = next.fetch_add(1); task < tasks; task = next.fetch_add(1)) run(task, state);
-  });
+  return shape;
 }
 
 // ----------------------------------------------------------------------------- forward
@@ -278,11 +102,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t key_end = is_causal ? std::min(S, row0 + rows) : S;
       for (int64_t col0 = 0; col0 < key_end; col0 += Bk) {
         const int64_t cols = std::min(Bk, key_end - col0);
-        if (mask.present() && !mask.any_allowed(bh, row0, rows, col0, cols) &&
-            !hidden_tile_matters(q_data + (bh * L + row0) * E, rows, k_data + (kv * S + col0) * E,
-                                 v_data + (kv * S + col0) * Ev, cols, E, Ev, scale_d)) {
-          continue;
-        }
+        if (hidden_and_inert(mask, shape, bh, kv, row0, rows, col0, cols, q_data, k_data, v_data, scale_d)) continue;
         const acc_t* k_tile = rows_as_acc(k_data + kv * S * E, col0, cols, E, k_buffer.data());
         const acc_t* v_tile = rows_as_acc(v_data + kv * S * Ev, col0, cols, Ev, v_buffer.data());
         gemm<acc_t>(false, true, rows, cols, E, scale, q_tile, E, k_tile, E, acc_t(0), scores.data(), Bk);
@@ -328,18 +148,6 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
 }
 
-int64_t seed_of(const std::optional<at::Tensor>& dropout_seed, double dropout_p) {
-  if (dropout_p <= 0) return 0;
-  TORCH_CHECK(dropout_seed.has_value() && dropout_seed->numel() == 1 && dropout_seed->scalar_type() == at::kLong,
-              "attnkernels::attention: dropout_p > 0 needs a one-element int64 dropout_seed tensor");
-  return dropout_seed->item<int64_t>();
-}
-
-void check_dropout(double dropout_p) {
-  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "attnkernels::attention: expected dropout_p in [0, 1), got ",
-              dropout_p);
-}
-
 }  // namespace
 
 // The entry points (cpu_kernels.h) and the backward's body.
@@ -347,11 +155,12 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& query, const 
                                                  const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                                                  double dropout_p, bool is_causal, double scale,
                                                  const std::optional<at::Tensor>& dropout_seed) {
-  const Shape shape = shape_of(query, key, value);
+  const Shape shape = checked_shape(query, key, value);
   check_dropout(dropout_p);
+  check_attention_mask(attn_mask, shape, query, at::toOpMathType(query.scalar_type()));
   TORCH_CHECK(!(is_causal && attn_mask.has_value()),
               "attnkernels::attention: attn_mask and is_causal=True cannot be used together");
-  const int64_t seed = seed_of(dropout_seed, dropout_p);
+  const int64_t seed = dropout_seed_of(dropout_seed, dropout_p);
   const at::ScalarType acc_type = at::toOpMathType(query.scalar_type());
   at::Tensor out = at::empty({shape.batch, shape.q_heads, shape.L, shape.Ev}, query.options());
   at::Tensor lse = at::empty({shape.batch, shape.q_heads, shape.L}, query.options().dtype(acc_type));
@@ -453,13 +262,8 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
             const int64_t rows = std::min(Bq, L - row0);
             if (is_causal && row0 + rows - 1 < col0) continue;
             // A hidden tile also matters to rows whose lse, delta or dO is not finite (0 * NaN).
-            if (mask.present() && !mask.any_allowed(bh, row0, rows, col0, cols) &&
-                !hidden_tile_matters(q_data + (bh * L + row0) * E, rows, k_data + (kv * S + col0) * E,
-                                     v_data + (kv * S + col0) * Ev, cols, E, Ev, scale_d) &&
-                !any_nan(lse_data + bh * L + row0, rows) &&
-                largest_magnitude(delta.data() + bh * L + row0, rows) < std::numeric_limits<double>::infinity() &&
-                largest_magnitude(grad_out_data + (bh * L + row0) * Ev, rows * Ev) <
-                    std::numeric_limits<double>::infinity()) {
+            if (hidden_and_inert(mask, shape, bh, kv, row0, rows, col0, cols, q_data, k_data, v_data, scale_d) &&
+                gradient_rows_finite(lse_data, delta.data(), grad_out_data, bh * L + row0, rows, Ev)) {
               continue;
             }
             const acc_t* q_tile = rows_as_acc(q_data + bh * L * E, row0, rows, E, q_buffer.data());
@@ -520,9 +324,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& attn_mask, const at::Tensor& out,
     const at::Tensor& lse, double dropout_p, bool is_causal, double scale,
     const std::optional<at::Tensor>& dropout_seed, std::array<bool, 4> output_mask) {
-  const Shape shape = shape_of(query, key, value);
+  const Shape shape = checked_shape(query, key, value);
   check_dropout(dropout_p);
-  const int64_t seed = seed_of(dropout_seed, dropout_p);
+  check_attention_mask(attn_mask, shape, query, at::toOpMathType(query.scalar_type()));
+  const int64_t seed = dropout_seed_of(dropout_seed, dropout_p);
   const at::ScalarType acc_type = at::toOpMathType(query.scalar_type());
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({shape.batch, shape.q_heads, shape.L,
                                                                                   shape.Ev}),

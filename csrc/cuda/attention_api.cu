@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "../attention_checks.h"
 #include "attention_kernels.h"
 #include "cuda_kernels.h"
 
@@ -28,33 +29,16 @@ namespace attnkernels {
 namespace cuda_attention {
 namespace {
 
-struct Shape {
-  int64_t batch, q_heads, kv_heads, L, S, E, Ev;
-};
+using Shape = AttentionShape;
 
+// The shared checks, then what the CUDA kernels alone need.
 Shape checked_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "attnkernels::attention: expected query, key and value of rank 4 (batch, heads, length, dim), got ",
-              q.sizes(), ", ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0),
-              "attnkernels::attention: expected query, key and value to have the same batch size, got ", q.sizes(),
-              ", ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(v.size(1) == k.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-              "attnkernels::attention: expected key and value to have the same number of heads, dividing the "
-              "query's, got ", q.size(1), ", ", k.size(1), " and ", v.size(1));
-  TORCH_CHECK(k.size(3) == q.size(3), "attnkernels::attention: expected key's head dim (", k.size(3),
-              ") to equal query's (", q.size(3), ")");
-  TORCH_CHECK(v.size(2) == k.size(2), "attnkernels::attention: expected value's length (", v.size(2),
-              ") to equal key's (", k.size(2), ")");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "attnkernels::attention: expected query, key and value of one dtype, got ", q.scalar_type(), ", ",
-              k.scalar_type(), " and ", v.scalar_type());
+  const Shape shape = attention_shape(q, k, v);
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "attnkernels::attention: the CUDA kernel takes float16 or bfloat16 inputs, got ", q.scalar_type(),
               "; use backend='triton' or backend='reference' for other dtypes");
-  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(),
-              "attnkernels::attention: expected query, key and value on one CUDA device, got ", q.device(), ", ",
-              k.device(), " and ", v.device());
+  TORCH_CHECK(q.is_cuda(), "attnkernels::attention: expected query, key and value on a CUDA device, got ",
+              q.device());
   TORCH_CHECK(forward_head_dim_bucket(q.size(3), v.size(3)) != 0, "attnkernels::attention: the CUDA kernel takes ",
               "head dims up to ", kMaxHeadDim, ", got E = ", q.size(3), " and Ev = ", v.size(3),
               "; use backend='triton' or backend='reference'");
@@ -64,7 +48,7 @@ Shape checked_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   TORCH_CHECK(q.size(2) <= kMaxSequence && k.size(2) <= kMaxSequence,
               "attnkernels::attention: the CUDA kernel takes sequences of at most ", kMaxSequence,
               " positions, got L = ", q.size(2), " and S = ", k.size(2));
-  return Shape{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  return shape;
 }
 
 // The layout the kernels read: head dim padded with zeros to a multiple of 8,
@@ -76,32 +60,6 @@ at::Tensor kernel_layout(const at::Tensor& t) {
   const bool usable = t.stride(3) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 &&
                       reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
   return usable ? t : t.contiguous();
-}
-
-void check_mask(const std::optional<at::Tensor>& mask, const Shape& shape, const at::Tensor& q) {
-  if (!mask.has_value()) return;
-  const at::Tensor& m = *mask;
-  TORCH_CHECK(m.dim() == 4 && m.size(0) == shape.batch && m.size(1) == shape.q_heads && m.size(2) == shape.L &&
-                  m.size(3) == shape.S,
-              "attnkernels::attention: expected attn_mask of shape (", shape.batch, ", ", shape.q_heads, ", ", shape.L,
-              ", ", shape.S, ") (broadcast views allowed), got ", m.sizes());
-  TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat,
-              "attnkernels::attention: expected a bool attn_mask or one of dtype float32 (the accumulation dtype), "
-              "got ", m.scalar_type());
-  TORCH_CHECK(m.device() == q.device(), "attnkernels::attention: expected attn_mask on ", q.device(), ", got ",
-              m.device());
-}
-
-void check_dropout(double dropout_p) {
-  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "attnkernels::attention: expected dropout_p in [0, 1), got ",
-              dropout_p);
-}
-
-int64_t seed_of(const std::optional<at::Tensor>& dropout_seed, double dropout_p) {
-  if (dropout_p <= 0) return 0;
-  TORCH_CHECK(dropout_seed.has_value() && dropout_seed->numel() == 1 && dropout_seed->scalar_type() == at::kLong,
-              "attnkernels::attention: dropout_p > 0 needs a one-element int64 dropout_seed tensor");
-  return dropout_seed->item<int64_t>();
 }
 
 // The parameters shared by the forward and the backward.
@@ -124,7 +82,7 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   p.batch = static_cast<int>(shape.batch);
   p.q_heads = static_cast<int>(shape.q_heads);
   p.kv_heads = static_cast<int>(shape.kv_heads);
-  p.group = static_cast<int>(shape.q_heads / shape.kv_heads);
+  p.group = static_cast<int>(shape.group);
   p.L = shape.L;
   p.S = shape.S;
   p.E = static_cast<int>(q.size(3));  // padded
@@ -181,10 +139,10 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& query, const
                                                   const std::optional<at::Tensor>& dropout_seed) {
   const Shape shape = checked_shape(query, key, value);
   check_dropout(dropout_p);
-  check_mask(attn_mask, shape, query);
+  check_attention_mask(attn_mask, shape, query, at::kFloat);
   TORCH_CHECK(!(is_causal && attn_mask.has_value()),
               "attnkernels::attention: attn_mask and is_causal=True cannot be used together");
-  const int64_t seed = seed_of(dropout_seed, dropout_p);
+  const int64_t seed = dropout_seed_of(dropout_seed, dropout_p);
   const c10::cuda::CUDAGuard device_guard(query.device());
   const int64_t E_padded = padded_head_dim(shape.E), Ev_padded = padded_head_dim(shape.Ev);
   at::Tensor out = at::empty({shape.batch, shape.q_heads, shape.L, Ev_padded}, query.options());
@@ -212,8 +170,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
     const std::optional<at::Tensor>& dropout_seed, std::array<bool, 4> output_mask) {
   const Shape shape = checked_shape(query, key, value);
   check_dropout(dropout_p);
-  check_mask(attn_mask, shape, query);
-  const int64_t seed = seed_of(dropout_seed, dropout_p);
+  check_attention_mask(attn_mask, shape, query, at::kFloat);
+  const int64_t seed = dropout_seed_of(dropout_seed, dropout_p);
   TORCH_CHECK(backward_head_dim_bucket(shape.E, shape.Ev) != 0,
               "attnkernels::attention_backward: the CUDA kernel takes head dims up to ", kMaxBackwardHeadDim,
               ", got E = ", shape.E, " and Ev = ", shape.Ev, "; use backend='triton' or backend='reference'");
