@@ -25,6 +25,7 @@ DEVICE = triton_device_or_skip_module()
 INTERPRETER = DEVICE == "cpu"
 
 import attnkernels.triton as triton_backend  # noqa: E402  (imports triton: only after the skips)
+from attnkernels.triton import attention_op  # noqa: E402
 
 pytestmark = pytest.mark.triton  # selected by the GPU check (scripts/gpu_check.sh)
 
@@ -215,10 +216,13 @@ def test_gradgradcheck_float64():
     leaves = [t.requires_grad_(True) for t in (q, k, v, mask)]
     assert torch.autograd.gradgradcheck(lambda a, b, c, m: ours(a, b, c, m), leaves, fast_mode=True)
     assert torch.autograd.gradgradcheck(lambda a, b, c: ours(a, b, c, causal=True)[0], leaves[:3], fast_mode=True)
-    out = ours(*leaves[:3], dropout_p=0.5)[0]
-    (grad_q,) = torch.autograd.grad(out.sum(), leaves[0], create_graph=True)
-    with pytest.raises(RuntimeError, match="no double backward with dropout"):
-        grad_q.sum().backward()
+
+    def dropped(a, b, c):
+        torch.manual_seed(0)  # the same dropout mask at every evaluation
+        return ours(a, b, c, dropout_p=0.5)[0]
+
+    # The double backward rebuilds the kernels' Philox mask (attention_op.dropout_mask).
+    assert torch.autograd.gradgradcheck(dropped, leaves[:3], fast_mode=True)
 
 
 def dropout_mask(shape, p, seed):
@@ -231,6 +235,16 @@ def dropout_mask(shape, p, seed):
     torch.manual_seed(seed)
     out, _ = triton_backend.attention(q, k, v, None, p, False, None, hq != hkv)
     return out > 0, out
+
+
+def test_dropout_mask_rebuilds_the_kernels_mask():
+    """The double backward's mask is the one the kernels drew (GQA, lengths not multiples of a block)."""
+    p = 0.4
+    keep, _ = dropout_mask(((2,), 2, 1, 37, 45), p, seed=5)
+    torch.manual_seed(5)  # the seed the attention call drew
+    kernel_seed = int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=DEVICE))
+    rebuilt = attention_op.dropout_mask(kernel_seed, (2, 2, 37, 45), p, torch.device(DEVICE))
+    assert rebuilt.dtype == torch.bool and torch.equal(rebuilt, keep.reshape(2, 2, 37, 45))
 
 
 def test_dropout_statistics_scaling_and_determinism():

@@ -8,8 +8,7 @@ accumulation dtype.
 
 The backward op's own backward (double backward, for gradient penalties) recomputes attention
 with the plain-PyTorch reference, which autograd differentiates twice. With dropout it needs the
-kernel's dropout mask, rebuilt from the seed by the backend's ``dropout_mask`` function; a backend
-whose generator the reference cannot reproduce passes None and a reason, raised then.
+kernel's dropout mask, rebuilt from the seed by the backend's ``dropout_mask`` function.
 """
 
 from __future__ import annotations
@@ -107,11 +106,10 @@ def _second_order(ctx, grad_grads, keep):
     return grad_go, grad_gl, grad_q, grad_k, grad_v, grad_mask, *(None,) * 7
 
 
-def register_attention(forward, backward, *, dropout_mask: DropoutMask | None,
-                       no_dropout_mask: str | None = None) -> None:
+def register_attention(forward, backward, *, dropout_mask: DropoutMask) -> None:
     """Registers fake kernels and autograd of one backend's attention pair (torch OpOverloads or
     Triton CustomOpDefs). ``dropout_mask`` rebuilds the kernels' dropout mask from the seed for the
-    double backward; None (with the reason ``no_dropout_mask``) refuses a double backward with dropout."""
+    double backward."""
     def backward_of_forward(ctx, grad_out, grad_lse):
         query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
         mask_has_grad = attn_mask is not None and attn_mask.is_floating_point()
@@ -130,8 +128,6 @@ def register_attention(forward, backward, *, dropout_mask: DropoutMask | None,
         dropout_p = ctx.options[0]
         keep = None
         if dropout_p > 0:
-            if dropout_mask is None:
-                raise RuntimeError(no_dropout_mask)
             keep = dropout_mask(int(seed.item()), (*query.shape[:3], key.shape[2]), dropout_p, query.device)
         return _second_order(ctx, (grad_grad_q, grad_grad_k, grad_grad_v, grad_grad_mask), keep)
 

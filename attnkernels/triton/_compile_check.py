@@ -68,6 +68,9 @@ def attention_cases(everything: bool):
             yield ("_backward_kv_kernel", {**grads, "GradK": acc, "GradV": acc}, dict(backward, SIZE_ONE=True), 4, 2)
             yield ("_backward_q_kernel", {**grads, "GradQ": acc, "GradMask": acc},
                    dict(backward, MASK_GRAD=not mask_bool, SIZE_ONE=True), 4, 2)
+    # The double backward's dropout mask (the kernels' Philox draw), with lengths of 1 too.
+    yield ("_dropout_keep_kernel", {"Seed": "*i64", "Keep": "*u8"}, dict(BLOCK_M=32, BLOCK_N=32), 4, 1)
+    yield ("_dropout_keep_kernel", {"Seed": "*i64", "Keep": "*u8"}, dict(BLOCK_M=32, BLOCK_N=32, SIZE_ONE=True), 4, 1)
 
 
 def autotune_config_cases():
@@ -147,6 +150,7 @@ def main(argv=None) -> int:
         "_forward_kernel": attention._forward_kernel.fn,  # the autotuner wraps the JIT function
         "_backward_kv_kernel": attention._backward_kv_kernel.fn,
         "_backward_q_kernel": attention._backward_q_kernel.fn,
+        "_dropout_keep_kernel": attention._dropout_keep_kernel,
         "sample_forward_kernel": sampler.sample_forward_kernel,
         "sample_backward_kernel": sampler.sample_backward_kernel,
     }

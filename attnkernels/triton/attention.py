@@ -119,6 +119,18 @@ def _keep(seed, bh, rows, cols, dropout_p):
 
 
 @triton.jit
+def _dropout_keep_kernel(Seed, Keep, L, S, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep: (B * Hq, L, S) uint8, 1 where the attention kernels keep a weight (the same ``_keep``), for
+    the double backward, which recomputes attention through the reference with this mask."""
+    bh = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(tl.load(Seed), bh, rows, cols, dropout_p)
+    inside = (rows[:, None] < L) & (cols[None, :] < S)
+    tl.store(Keep + bh.to(tl.int64) * L * S + rows[:, None] * S + cols[None, :], keep.to(tl.uint8), mask=inside)
+
+
+@triton.jit
 def _uniform(x):
     """uint32 random bits to a float32 in [0, 1)."""
     return (x >> 8).to(tl.float32) * (1.0 / 16777216.0)

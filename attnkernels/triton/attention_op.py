@@ -2,8 +2,8 @@
 the kernels of ``attention``, and the function the public API calls.
 
 Fake kernels and autograd are attention's shared ones (``attnkernels/_library/attention.py``). The
-double backward with dropout is refused: the kernels draw their dropout mask from Triton's Philox
-stream, which the reference cannot rebuild (the cpu and cuda kernels use a counter-based hash it can).
+double backward with dropout needs the kernels' mask: they draw it from Triton's Philox stream, so
+``dropout_mask`` rebuilds it with the same ``_keep`` in a small kernel of its own.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch.library import triton_op, wrap_triton
 
 from .._library.attention import register_attention
 from ._sampler import INTERPRETER
-from .attention import _backward_kv_kernel, _backward_q_kernel, _forward_kernel
+from .attention import _backward_kv_kernel, _backward_q_kernel, _dropout_keep_kernel, _forward_kernel
 
 
 def _buckets(L: int, S: int) -> tuple[int, int]:
@@ -138,11 +138,20 @@ def _attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor | None
     return (*(g if wanted else g.new_empty((0,)) for g, wanted in zip(grads, output_mask[:3], strict=True)), grad_mask)
 
 
-register_attention(
-    _attention_op, _attention_backward_op, dropout_mask=None,
-    no_dropout_mask="attnkernels: the triton attention has no double backward with dropout_p > 0 (its dropout mask "
-                    "comes from Triton's Philox stream, which the reference does not reproduce); use dropout_p=0 "
-                    "or the cpu, cuda or reference backend")
+def dropout_mask(seed: int, shape: tuple[int, int, int, int], dropout_p: float,
+                 device: torch.device) -> torch.Tensor:
+    """The kernels' dropout mask for ``seed``: (B, Hq, L, S) bool, True where a weight is kept."""
+    batch, heads, L, S = shape
+    keep = torch.empty((batch * heads, L, S), dtype=torch.uint8, device=device)
+    if keep.numel() > 0:
+        block = 32
+        _dropout_keep_kernel[(batch * heads, triton.cdiv(L, block), triton.cdiv(S, block))](
+            torch.tensor([seed], dtype=torch.int64, device=device), keep, L, S, float(dropout_p),
+            BLOCK_M=block, BLOCK_N=block)
+    return keep.view(shape).bool()
+
+
+register_attention(_attention_op, _attention_backward_op, dropout_mask=dropout_mask)
 
 
 def _flatten_batch(t: torch.Tensor, batch: tuple[int, ...], tail: tuple[int, ...]) -> torch.Tensor:
