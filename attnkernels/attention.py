@@ -251,7 +251,11 @@ def attention_backend(op: str, query: torch.Tensor, key: torch.Tensor, value: to
 
 def attention_gradient(backend: str):
     """The named backend's gradient kernel (the attention_backward op's signature), None for the reference."""
-    return next(entry.gradient for entry in _backends() if entry.name == backend)
+    for entry in _backends():
+        if entry.name == backend:
+            return entry.gradient
+    raise ValueError(f"attnkernels: no attention backend named {backend!r}; expected one of "
+                     f"{[entry.name for entry in _backends()]}")
 
 
 def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 import tempfile
 import traceback
 
@@ -34,6 +35,9 @@ def free_port() -> int:
 def _entry(rank: int, world: int, port: int, backend: str, check_name: str, failures: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo's connections on 127.0.0.1
     torch.set_num_threads(1)  # a few processes share a couple of cores
+    # A rank that dies in C++ (an abort, a signal) leaves no Python traceback: keep its stderr for the report.
+    stderr_file = open(os.path.join(failures, f"rank{rank}.stderr"), "w")
+    os.dup2(stderr_file.fileno(), 2)
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
@@ -42,18 +46,33 @@ def _entry(rank: int, world: int, port: int, backend: str, check_name: str, fail
         device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
         globals()[check_name](rank, world, device)
         dist.barrier()
+        dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(failures, f"rank{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
         raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # End without interpreter finalisation: gloo's worker threads outlive destroy_process_group, and one
+    # that frees a finished collective's buffers while the interpreter finalises aborts the process
+    # ("terminate called without an active exception") after a good run (examples/torchrun_exit.py).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _report(failures: str) -> str:
+    """Every rank's traceback, and the stderr of every rank that wrote any (the only trace of a C++ abort)."""
+    parts = []
+    for name in sorted(os.listdir(failures)):
+        with open(os.path.join(failures, name)) as f:
+            text = f.read().strip()
+        if text:
+            parts.append(f"--- {name}\n{text[-4000:]}")
+    return "\n".join(parts) or "(no rank wrote a traceback or anything on stderr)"
 
 
 def run_group(world: int, check_name: str, backend: str = "gloo", timeout_s: float = 120.0) -> None:
     """Runs ``check_name(rank, world, device)`` on ``world`` spawned processes; raises with every
-    failing rank's traceback, or when the group does not finish within ``timeout_s``."""
+    failing rank's traceback and stderr, or when the group does not finish within ``timeout_s``."""
     with tempfile.TemporaryDirectory() as failures:
         context = mp.start_processes(_entry, args=(world, free_port(), backend, check_name, failures), nprocs=world,
                                      join=False, start_method="spawn")
@@ -70,8 +89,7 @@ def run_group(world: int, check_name: str, backend: str = "gloo", timeout_s: flo
             for process in context.processes:
                 if process.is_alive():
                     process.kill()
-            reports = [open(os.path.join(failures, name)).read() for name in sorted(os.listdir(failures))]
-            raise AssertionError(f"{check_name} failed:\n" + "\n".join(reports)) from e
+            raise AssertionError(f"{check_name} failed:\n{_report(failures)}") from e
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -258,3 +276,16 @@ def check_four_processes(rank: int, world: int, device) -> None:
 def check_one_process(rank: int, world: int, device) -> None:
     check_matches_sdpa(rank, world, device)
     check_subgroups(rank, world, device)
+
+
+def check_raises_on_last_rank(rank: int, world: int, device) -> None:
+    """For the runner's own test: a Python failure on one rank."""
+    if rank == world - 1:
+        raise ValueError("deliberate failure on the last rank")
+
+
+def check_aborts_on_last_rank(rank: int, world: int, device) -> None:
+    """For the runner's own test: a C++-style death (SIGABRT) on one rank, with a line on stderr."""
+    if rank == world - 1:
+        print("deliberate abort on the last rank", file=sys.stderr, flush=True)
+        os.abort()

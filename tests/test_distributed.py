@@ -31,6 +31,13 @@ def test_four_processes_match_sdpa():
     run_group(4, "check_four_processes", timeout_s=180)
 
 
+@pytest.mark.parametrize("check, evidence", [("check_raises_on_last_rank", "deliberate failure on the last rank"),
+                                             ("check_aborts_on_last_rank", "deliberate abort on the last rank")])
+def test_a_failing_rank_fails_the_group_with_its_traceback_or_stderr(check, evidence):
+    with pytest.raises(AssertionError, match=evidence):
+        run_group(2, check, timeout_s=60)
+
+
 def test_import_attnkernels_leaves_distributed_unloaded():
     code = "import sys, attnkernels; assert 'attnkernels.distributed' not in sys.modules; attnkernels.ring_attention"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -130,3 +137,12 @@ def test_ring_benchmark_report_and_argument_errors(capsys):
     assert "hidden   50% of the transfer time" in bench.report(args, results)  # 0.5 + 0.2 - 0.6 = half of 0.2
     results["transfers only forward"] = 0.01
     assert "too small to measure" in bench.report(args, results)
+
+
+def test_ring_benchmark_runs_two_processes(capsys):
+    from attnkernels.bench import ring as bench
+
+    assert bench.main(["--nproc", "2", "--length", "64", "--heads", "2", "--head-dim", "16", "--repeat", "1"]) == 0
+    report = capsys.readouterr().out
+    for line in ("one process", "ring", "compute only", "transfers only"):
+        assert line in report

@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .. import attention_with_lse
+from ..attention import attention_backend
 from ..distributed import _Ring, _RingAttention, _Transfer, ring_attention, shard_sequence
 from ..reference.attention import accumulation_dtype, default_scale
 
@@ -115,8 +116,11 @@ def _rank_main(rank: int, world: int, port: int, args, result_path: str) -> None
         def ring_fn(q_, k_, v_):
             return ring_attention(q_, k_, v_, is_causal=args.causal)
 
+        # the backend ring_attention picks for these shards, so that both time the same block kernels
+        backend = attention_backend("ring_attention", q, k, v, None, 0.0, None)
+
         def compute_fn(q_, k_, v_):
-            return _RingAttention.apply(q_, k_, v_, None, args.causal, scale, False, None, local)
+            return _RingAttention.apply(q_, k_, v_, None, args.causal, scale, False, backend, local)
 
         acc = accumulation_dtype(q.dtype)
         gradients = [torch.zeros(k.shape, dtype=acc, device=device), torch.zeros(v.shape, dtype=acc, device=device)]
@@ -151,6 +155,11 @@ def _rank_main(rank: int, world: int, port: int, args, result_path: str) -> None
                 json.dump(results, f)
     finally:
         dist.destroy_process_group()
+    # End without interpreter finalisation: gloo's worker threads outlive destroy_process_group, and one
+    # that frees a finished collective's buffers while the interpreter finalises can abort the process.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
