@@ -161,7 +161,8 @@ def _fused_and_torch_grads(backend, x, theta, size, mode, padding, align):
     return ours, theirs
 
 
-ROW_CASES = random_case(max_batch=2, max_channels=5, max_in=9, out_ranges=((1, 3), (1, 4), (1, 40)),
+# up to 8 channels: the input gradient is scattered planar up to 4 channels, channels-last above
+ROW_CASES = random_case(max_batch=2, max_channels=8, max_in=9, out_ranges=((1, 3), (1, 4), (1, 40)),
                         modes=("bilinear",), paddings=("zeros", "border"))
 
 
@@ -185,12 +186,13 @@ def test_fused_bilinear_random_rows_match_torch(case, scale):
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @pytest.mark.parametrize("padding", ("zeros", "border"))
 @pytest.mark.parametrize("dims", (2, 3))
-def test_fused_fp32_rows_within_twice_torch(backend, padding, dims):
+@pytest.mark.parametrize("channels", (3, 6))  # the cpu kernel's planar and channels-last gradient scatter
+def test_fused_fp32_rows_within_twice_torch(backend, padding, dims, channels):
     """fp32 lanes (16 to a tile) on rows of 37 points (two whole tiles and a tail), against float64
     by the FlashAttention rule, as the low-precision test above does on shorter rows."""
-    x64 = (make_input(dims, channels=3, spatial=(5, 9, 23) if dims == 3 else (9, 23)) * 2).float().double()
+    x64 = (make_input(dims, channels=channels, spatial=(5, 9, 23) if dims == 3 else (9, 23)) * 2).float().double()
     theta64 = make_theta(dims).float().double()
-    size = [2, 3, *((4, 5, 37) if dims == 3 else (5, 37))]
+    size = [2, channels, *((4, 5, 37) if dims == 3 else (5, 37))]
     truth = _fused_and_torch_grads("reference", x64, theta64, size, "bilinear", padding, False)[1]
     ours, theirs = _fused_and_torch_grads(backend, x64.float(), theta64.float(), size, "bilinear", padding, False)
     for name, factor, a, b, t in zip(("output", "grad_input", "grad_theta"), (2, 3, 3), ours, theirs, truth,
@@ -201,8 +203,9 @@ def test_fused_fp32_rows_within_twice_torch(backend, padding, dims):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "reference")])
 @pytest.mark.parametrize("dims", (2, 3))
-def test_fused_gradient_keeps_channels_last_layout(backend, dims):
-    x = make_input(dims, channels=4).contiguous(
+@pytest.mark.parametrize("channels", (4, 6))
+def test_fused_gradient_keeps_channels_last_layout(backend, dims, channels):
+    x = make_input(dims, channels=channels).contiguous(
         memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d).requires_grad_(True)
     theta = make_theta(dims).requires_grad_(True)
     out = run_fused(backend, x, theta, align_corners=False)

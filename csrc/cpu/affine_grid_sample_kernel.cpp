@@ -119,7 +119,9 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
             need_input ? private_grads.mutable_data_ptr<acc_t>() : nullptr, need_theta, copies);
         if (need_theta) coords.reduce_grad(copies, grad_theta.mutable_data_ptr<scalar_t>());
       });
-      if (need_input) {
+      if (need_input && scatter_channels_last(s.channels)) {
+        grad_input = reduce_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), copies, input, s);
+      } else if (need_input) {
         grad_input = reduce_planar_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), copies, input);
         if (gradient_channels_last(input)) {
           grad_input = grad_input.contiguous(dims == 2 ? at::MemoryFormat::ChannelsLast

@@ -151,6 +151,31 @@ inline void scatter_tile(const PointTile<acc_t, Dims>& tile, acc_t* grads, int64
   }
 }
 
+// The same scatter into channels-last gradients: grads[offset * channels + c]
+// += weight * g[lane * channels + c], a contiguous run of channels per tap.
+// With many channels the planar scatter's channel stride (a whole plane) maps
+// every channel of a tap to the same cache set; this layout does not.
+template <typename acc_t, int Dims>
+inline void scatter_tile_channels_last(const PointTile<acc_t, Dims>& tile, acc_t* grads, int64_t channels,
+                                       const acc_t* g, int64_t count) {
+  for (int64_t l = 0; l < count; ++l) {
+    const acc_t* lane_grad = g + l * channels;
+    for (int tap = 0; tap < PointTile<acc_t, Dims>::kTaps; ++tap) {
+      if (!tile.valid[tap][l]) continue;
+      acc_t* at = grads + int64_t(tile.offset[tap][l]) * channels;
+      const acc_t w = tile.weight[tap][l];
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) at[c] += w * lane_grad[c];
+    }
+  }
+}
+
+// Up to this many channels the input gradient is scattered planar (N, C, points);
+// above, channels-last (N, points, C) and transposed once at the end.
+constexpr int64_t kPlanarScatterMaxChannels = 4;
+
+inline bool scatter_channels_last(int64_t channels) { return channels > kPlanarScatterMaxChannels; }
+
 #if defined(__AVX512F__)
 // grad_xyz[a][lane] += sum over channels c of g[c][lane] * sum over taps of
 // dweight[tap][a] * input[c][tap] (fp32). Channels go in groups of up to 4, so
@@ -199,8 +224,9 @@ inline void coordinate_grads_avx512(const PointTile<float, Dims>& tile, const fl
 #endif
 
 // Backward over `copies` contiguous row ranges: range r scatters weight *
-// grad_output into its own (N, C, in_points) slice of `private_grads` (when
-// given) and adds its theta gradient to slot r of `coords`.
+// grad_output into its own slice of `private_grads` (when given), (N, C,
+// in_points) or, when scatter_channels_last(C), (N, in_points, C), and adds its
+// theta gradient to slot r of `coords`.
 template <typename scalar_t, typename acc_t, int Dims, bool border>
 void affine_rows_backward(const SamplerShape& s, const scalar_t* input, AffineCoords<acc_t, Dims>& coords,
                           const scalar_t* grad_out, acc_t* private_grads, bool need_theta, int64_t copies) {
@@ -216,6 +242,7 @@ void affine_rows_backward(const SamplerShape& s, const scalar_t* input, AffineCo
   const int64_t C = s.channels;
   const int64_t per_copy = s.batch * C * in_plane;
   const std::vector<acc_t> bx = padded_base_x(coords, W);
+  const bool channels_last = scatter_channels_last(C);
   at::parallel_for(0, copies, 1, [&](int64_t first, int64_t last) {
     Tile tile;
     std::vector<acc_t> tile_grads(C * L);  // grad_output of the tile, channel-major
@@ -237,7 +264,13 @@ void affine_rows_backward(const SamplerShape& s, const scalar_t* input, AffineCo
           acc_t grad_xyz[Dims][L] = {};
           // Two channel loops: the scatters first, then the gathers for the coordinate gradient
           // (interleaving them measured 30% slower than the two apart).
-          if (grads != nullptr) {
+          if (grads != nullptr && channels_last) {
+            for (int64_t c = 0; c < C; ++c) {
+              const scalar_t* go = grad_out + (n * C + c) * out_plane + within * W + x0;
+              for (int64_t l = 0; l < count; ++l) tile_grads[l * C + c] = static_cast<acc_t>(go[l]);
+            }
+            scatter_tile_channels_last(tile, grads + n * C * in_plane, C, tile_grads.data(), count);
+          } else if (grads != nullptr) {
             for (int64_t c = 0; c < C; ++c) {
               const scalar_t* go = grad_out + (n * C + c) * out_plane + within * W + x0;
               for (int l = 0; l < L; ++l) tile_grads[c * L + l] = l < count ? static_cast<acc_t>(go[l]) : acc_t(0);
