@@ -123,10 +123,6 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
         grad_input = reduce_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), copies, input, s);
       } else if (need_input) {
         grad_input = reduce_planar_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), copies, input);
-        if (gradient_channels_last(input)) {
-          grad_input = grad_input.contiguous(dims == 2 ? at::MemoryFormat::ChannelsLast
-                                                       : at::MemoryFormat::ChannelsLast3d);
-        }
       }
       return;
     }

@@ -74,6 +74,18 @@ void sum_private_copies(const acc_t* copies_ptr, int64_t copies, int64_t per_cop
   });
 }
 
+// Sums the private copies (copies, N, C, in_points) into the input gradient, in
+// the input's dtype (channels-last when gradient_channels_last(input)).
+template <typename scalar_t, typename acc_t>
+at::Tensor reduce_planar_private_grads(const acc_t* copies_ptr, int64_t copies, const at::Tensor& input) {
+  at::Tensor grad = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  sum_private_copies(copies_ptr, copies, grad.numel(), grad.mutable_data_ptr<scalar_t>());
+  if (gradient_channels_last(input)) {
+    grad = grad.contiguous(input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
+  }
+  return grad;
+}
+
 // Sums the private copies (copies, N, [D,] H, W, C) into the input gradient,
 // in the input's dtype and in one pass that also transposes to (N, C, ...)
 // unless the gradient is channels-last.

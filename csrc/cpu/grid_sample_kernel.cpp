@@ -46,6 +46,36 @@ struct StoredGrid {
   const acc_t* points_at(int64_t index) const { return grid + index * Dims; }
 };
 
+// The backward of planar_sampler.h when it serves the call (fp32, few channels,
+// bilinear, zeros or border): sets both gradients (an unrequested one empty)
+// and returns true.
+bool try_planar_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& grid,
+                         int64_t interpolation, const SamplerShape& s, bool need_input, bool need_grid,
+                         at::Tensor& grad_input, at::Tensor& grad_grid) {
+  const int64_t total = s.batch * s.out_points;
+  if (input.scalar_type() != at::kFloat || grid.scalar_type() != at::kFloat || total == 0 || s.channels == 0 ||
+      !planar_applies(s, interpolation)) {
+    return false;
+  }
+  const at::Tensor points = grid.contiguous();
+  const at::Tensor planar = input.contiguous();
+  const at::Tensor go = grad_output.contiguous();
+  const int64_t in_elems = s.batch * s.channels * s.in_points;
+  const int64_t copies = private_copies(total, in_elems * int64_t(sizeof(float)), need_input);
+  at::Tensor private_grads = need_input ? at::zeros({copies * in_elems}, input.options()) : at::Tensor();
+  grad_grid = need_grid ? at::empty(grid.sizes(), grid.options()) : at::empty({0}, grid.options());
+  dispatch_dims(input.dim() - 2, [&](auto dims_tag) {
+    constexpr int D = decltype(dims_tag)::value;
+    planar_backward<D, nan_policy_for<D>()>(s, planar.const_data_ptr<float>(), points.const_data_ptr<float>(),
+                                            go.const_data_ptr<float>(),
+                                            need_input ? private_grads.mutable_data_ptr<float>() : nullptr,
+                                            need_grid ? grad_grid.mutable_data_ptr<float>() : nullptr, copies);
+  });
+  grad_input = need_input ? reduce_planar_private_grads<float>(private_grads.const_data_ptr<float>(), copies, input)
+                          : at::empty({0}, input.options());
+  return true;
+}
+
 }  // namespace
 
 // The entry points (cpu_kernels.h).
@@ -59,8 +89,7 @@ at::Tensor grid_sample_cpu(const at::Tensor& input, const at::Tensor& grid, int6
   if (out.numel() == 0) return out;
 
   const SamplerShape s = grid_sample_shape(input, grid, padding, align_corners);
-#if defined(__AVX512F__)
-  if (input.scalar_type() == at::kFloat && grid.scalar_type() == at::kFloat && planar_forward_applies(s, interpolation)) {
+  if (input.scalar_type() == at::kFloat && grid.scalar_type() == at::kFloat && planar_applies(s, interpolation)) {
     const at::Tensor planar = input.contiguous();
     const at::Tensor points = grid.contiguous();
     dispatch_dims(dims, [&](auto dims_tag) {
@@ -70,7 +99,6 @@ at::Tensor grid_sample_cpu(const at::Tensor& input, const at::Tensor& grid, int6
     });
     return out;
   }
-#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
@@ -103,6 +131,9 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& gr
 
   at::Tensor grad_input;
   at::Tensor grad_grid;
+  if (try_planar_backward(grad_output, input, grid, interpolation, s, need_input, need_grid, grad_input, grad_grid)) {
+    return {grad_input, grad_grid};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;

@@ -1,24 +1,29 @@
-// grid_sample's forward for a few channels (fp32, bilinear, zeros or border,
-// AVX-512), vectorised over points and reading the input in its own
+// grid_sample for a few channels (fp32, bilinear, zeros or border), forward and
+// backward, vectorised over points and reading the input in its own
 // (N, C, [D,] H, W) layout.
 //
 // With 1 to 4 channels the channel-vectorised sampler (sampler_loops.h) does
-// little vector work per point and pays for a channels-last copy of the input;
-// torch's 2-D kernel, vectorised over points, was ~2x faster on RGB images.
-// Here each group of 16 consecutive output points gets its taps as vectors
-// (PointTile::build_from_points_avx512) and each channel is one masked gather
-// per tap and one contiguous store. A group with a non-finite or far-out
-// coordinate is sampled point by point with the same NaN rules as the general
-// sampler.
+// little vector work per point and pays for a channels-last copy of the input
+// (and, backward, a channels-last gradient transposed at the end); torch's 2-D
+// kernel, vectorised over points, was ~2x faster on RGB images. Here each
+// group of consecutive output points gets its taps as vectors (PointTile, from
+// the stored grid) and each channel is one masked gather per tap and one
+// contiguous store; the backward scatters per tap into planar private copies
+// of the input gradient. A group with a non-finite or far-out coordinate goes
+// point by point, with the general sampler's NaN rules and, for its other
+// points, the tiles' arithmetic (so a point's results never depend on its
+// neighbours).
 #pragma once
 
 #include "../cpu_isa.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "point_tile.h"
 #include "sampler_loops.h"
+#include "tile_backward.h"
 
 namespace attnkernels {
 namespace cpu {
@@ -26,11 +31,17 @@ inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
 constexpr int64_t kPlanarMaxChannels = 4;
 
-#if defined(__AVX512F__)
-// Whether planar_forward serves this call.
-inline bool planar_forward_applies(const SamplerShape& s, int64_t interpolation) {
+// Whether the planar kernels can serve these arguments (fp32 input and grid
+// are the caller's check): only the vectorised variants build tiles.
+inline bool planar_applies(const SamplerShape& s, int64_t interpolation) {
+#if defined(__AVX512F__) || defined(__AVX2__)
   return s.channels <= kPlanarMaxChannels && static_cast<Interpolation>(interpolation) == Interpolation::Bilinear &&
          s.padding != Padding::Reflection && s.in_points <= PointTile<float, 2>::kMaxTilePoints;
+#else
+  (void)s;
+  (void)interpolation;
+  return false;
+#endif
 }
 
 // out[n, c, p] for every output position; `input` (N, C, ...) contiguous fp32,
@@ -55,8 +66,15 @@ void planar_forward(const SamplerShape& s, const float* input, const float* grid
       const float* item = input + n * C * plane;
       float* dst = out + n * C * P + p0;
       if (build_tile(tile, points, count, s, false)) {
-        const __mmask16 lanes = __mmask16((1u << count) - 1u);
-        for (int64_t c = 0; c < C; ++c) _mm512_mask_storeu_ps(dst + c * P, lanes, tile.sample_avx512(item + c * plane));
+        for (int64_t c = 0; c < C; ++c) {
+#if defined(__AVX512F__)
+          _mm512_mask_storeu_ps(dst + c * P, __mmask16((1u << count) - 1u), tile.sample_avx512(item + c * plane));
+#else
+          float acc[Tile::kLanes];
+          tile.sample(item + c * plane, acc);
+          std::copy(acc, acc + count, dst + c * P);
+#endif
+        }
         continue;
       }
       for (int64_t j = 0; j < count; ++j) {
@@ -71,7 +89,85 @@ void planar_forward(const SamplerShape& s, const float* input, const float* grid
     }
   });
 }
-#endif
+
+// The backward of one point that the tiles decline, with the general sampler's
+// NaN rules (taps that are not valid skipped) and tile_backward's order of
+// operations. `grad_out` is at the point in channel 0; `grads` and `grad_xyz`
+// as in tile_backward, for this point.
+template <int Dims, NanPolicy policy>
+inline void planar_point_backward(const float* point, const SamplerShape& one_channel, const float* input,
+                                  const float* grad_out, int64_t out_plane, int64_t C, float* grads, float* grad_xyz) {
+  const int64_t plane = one_channel.in_points;
+  PointTaps<float, Dims, Interpolation::Bilinear> taps;
+  taps.template build<policy>(point, one_channel);
+  for (int t = 0; t < taps.kCount; ++t) {
+    if (!taps.valid[t] || grads == nullptr) continue;
+    for (int64_t c = 0; c < C; ++c) grads[c * plane + taps.offset[t]] += taps.weight[t] * grad_out[c * out_plane];
+  }
+  if (grad_xyz == nullptr) return;
+  for (int64_t c = 0; c < C; ++c) {
+    float direction[Dims] = {};
+    for (int t = 0; t < taps.kCount; ++t) {
+      if (!taps.valid[t]) continue;
+      const float value = input[c * plane + taps.offset[t]];
+      for (int a = 0; a < Dims; ++a) direction[a] += taps.dweight[t][a] * value;
+    }
+    for (int a = 0; a < Dims; ++a) grad_xyz[a] += direction[a] * grad_out[c * out_plane];
+  }
+}
+
+// The backward over `copies` contiguous ranges of point groups: range r
+// scatters weight * grad_output into its own (N, C, in_points) slice of
+// `private_grads` (zeroed; when given), and every point's d loss / d coordinate
+// goes to `grad_grid` (N, out_points, Dims) when given. `input`, `grid` and
+// `grad_out` contiguous.
+template <int Dims, NanPolicy policy>
+void planar_backward(const SamplerShape& s, const float* input, const float* grid, const float* grad_out,
+                     float* private_grads, float* grad_grid, int64_t copies) {
+  using Tile = PointTile<float, Dims>;
+  constexpr int L = Tile::kLanes;
+  const int64_t P = s.out_points;
+  const int64_t C = s.channels;
+  const int64_t plane = s.in_points;
+  const int64_t groups_per_item = (P + L - 1) / L;
+  const int64_t groups = s.batch * groups_per_item;
+  const int64_t per_copy = s.batch * C * plane;
+  SamplerShape one_channel = s;  // per-point fallback: offsets within one plane
+  one_channel.channels = 1;
+  at::parallel_for(0, copies, 1, [&](int64_t first, int64_t last) {
+    Tile tile;
+    float tile_grads[kPlanarMaxChannels * L];
+    for (int64_t r = first; r < last; ++r) {
+      float* grads = private_grads == nullptr ? nullptr : private_grads + r * per_copy;
+      for (int64_t group = groups * r / copies; group < groups * (r + 1) / copies; ++group) {
+        const int64_t n = group / groups_per_item;
+        const int64_t p0 = (group - n * groups_per_item) * L;
+        const int64_t count = std::min<int64_t>(L, P - p0);
+        const float* points = grid + (n * P + p0) * Dims;
+        const float* item_input = input + n * C * plane;
+        const float* item_grad_out = grad_out + n * C * P + p0;
+        float* item_grads = grads == nullptr ? nullptr : grads + n * C * plane;
+        float* dst = grad_grid == nullptr ? nullptr : grad_grid + (n * P + p0) * Dims;
+        if (!build_tile(tile, points, count, s, grad_grid != nullptr)) {
+          for (int64_t j = 0; j < count; ++j) {
+            float grad_xyz[Dims] = {};
+            planar_point_backward<Dims, policy>(points + j * Dims, one_channel, item_input, item_grad_out + j, P, C,
+                                                item_grads, grad_xyz);
+            for (int a = 0; dst != nullptr && a < Dims; ++a) dst[j * Dims + a] = grad_xyz[a];
+          }
+          continue;
+        }
+        float grad_xyz[Dims][L] = {};
+        tile_backward<float, float, Dims>(tile, item_input, plane, item_grad_out, P, C, count, item_grads, tile_grads,
+                                          dst == nullptr ? nullptr : grad_xyz);
+        if (dst == nullptr) continue;
+        for (int64_t l = 0; l < count; ++l) {
+          for (int a = 0; a < Dims; ++a) dst[l * Dims + a] = grad_xyz[a][l];
+        }
+      }
+    }
+  });
+}
 
 }  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu

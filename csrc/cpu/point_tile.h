@@ -85,6 +85,22 @@ struct PointTile {
     return true;
   }
 
+  // acc[lane] = the bilinear sample of one input plane at the tile's points: the
+  // sum over taps of weight * value, taps outside the input skipped (plain loops;
+  // sample_avx512 in intrinsics).
+  template <typename scalar_t>
+  void sample(const scalar_t* plane, acc_t* acc) const {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) acc[l] = acc_t(0);
+    for (int tap = 0; tap < kTaps; ++tap) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        const acc_t value = static_cast<acc_t>(plane[offset[tap][l]]);
+        acc[l] += valid[tap][l] ? weight[tap][l] * value : acc_t(0);
+      }
+    }
+  }
+
   // The taps from normalised coordinates, in plain loops: taps_from_coords_avx512's operations in its order.
   template <bool border, bool with_dweight>
   void taps_from_coords(const acc_t (&coords)[Dims][kLanes], const SamplerShape& s) {
