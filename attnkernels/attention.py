@@ -18,7 +18,7 @@ import torch
 
 from . import reference
 from ._checks import broadcast_shapes, check_like, check_tensor
-from ._dispatch import Backend, Request, not_supported_reasons, select, triton_module, unavailable
+from ._dispatch import Backend, Request, backend_table, not_supported_reasons, select, triton_module, unavailable
 from .reference.attention import accumulation_dtype, default_scale
 from .reference.backends import BACKENDS as REFERENCE_BACKENDS
 
@@ -93,16 +93,26 @@ _CPU = Backend("cpu", run=_compiled, label="the CPU attention kernel", features=
 def _backends() -> tuple[Backend, ...]:
     """Attention's table, in the order tried on CUDA tensors: the hand-written CUDA kernels before
     Triton (no GPU measurement has compared them yet), then cpu and reference."""
+    return backend_table(_OP, _build_backends)
+
+
+def _build_backends() -> tuple[Backend, ...]:
     module = triton_module()
     triton = (module.BACKENDS[_OP] if module is not None and hasattr(module, "BACKENDS")
               else unavailable("triton", "the attnkernels.triton module has no attention kernel"))
     return _CUDA, triton, _CPU, REFERENCE_BACKENDS[_OP]
 
 
+_NO_FEATURES: frozenset[str] = frozenset()
+
+
 def _request(query, key, value, attn_mask, dropout_p: float, is_causal: bool = False) -> Request:
-    features = {name for name, used in (("mask", attn_mask is not None), ("dropout", dropout_p > 0),
-                                        ("causal", is_causal), ("gqa", key.shape[-3] != query.shape[-3])) if used}
-    return Request(_OP, query, head_dims=(query.shape[-1], value.shape[-1]), features=frozenset(features),
+    gqa = key.shape[-3] != query.shape[-3]
+    features = _NO_FEATURES
+    if attn_mask is not None or dropout_p > 0 or is_causal or gqa:
+        features = frozenset(name for name, used in (("mask", attn_mask is not None), ("dropout", dropout_p > 0),
+                                                     ("causal", is_causal), ("gqa", gqa)) if used)
+    return Request(_OP, query, head_dims=(query.shape[-1], value.shape[-1]), features=features,
                    tensors={"query": query, "key": key, "value": value, "attn_mask": attn_mask})
 
 

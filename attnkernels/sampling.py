@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from ._checks import check_like, check_tensor
-from ._dispatch import Backend, Request, select, triton_module, unavailable
+from ._dispatch import Backend, Request, backend_table, select, triton_module, unavailable
 from ._modes import INTERPOLATIONS, PADDINGS
 from .reference.backends import BACKENDS as REFERENCE_BACKENDS
 
@@ -38,6 +38,10 @@ _COMPILED_BACKENDS = {op: (Backend("cuda", run=_compiled(op)), Backend("cpu", ru
 def _backends(op: str) -> tuple[Backend, ...]:
     """The table of ``op``, in the order tried on CUDA tensors: the hand-written CUDA kernels before
     Triton (no GPU measurement has compared them yet), then cpu and reference."""
+    return backend_table(op, lambda: _build_backends(op))
+
+
+def _build_backends(op: str) -> tuple[Backend, ...]:
     cuda, cpu = _COMPILED_BACKENDS[op]
     module = triton_module()
     triton = (module.BACKENDS[op] if module is not None
