@@ -58,14 +58,16 @@ def _compiled(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
     seed = None
     if dropout_p > 0:  # drawn from torch's generator, so torch.manual_seed reproduces the mask
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
-    out, lse = torch.ops.attnkernels.attention(q, k, v, mask, float(dropout_p), bool(is_causal), float(scale), seed)
+    # The op's one overload, named: calling the overload packet resolves the overload on every call.
+    out, lse = torch.ops.attnkernels.attention.default(q, k, v, mask, float(dropout_p), bool(is_causal),
+                                                       float(scale), seed)
     if query.dim() == 4:
         return out, lse
     return out.reshape(*query.shape[:-1], value.shape[-1]), lse.reshape(query.shape[:-1])
 
 
 def _compiled_gradient(*args):
-    return torch.ops.attnkernels.attention_backward(*args)
+    return torch.ops.attnkernels.attention_backward.default(*args)
 
 
 # What the hand-written CUDA kernels (csrc/cuda/attention_*.cu) serve; the launch limits restate
