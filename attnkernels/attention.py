@@ -247,12 +247,12 @@ def _prepare(op: str, query, key, value, attn_mask, dropout_p, is_causal, scale,
             raise RuntimeError(f"attnkernels.{op}: expected `query`, `key` and `value` to have the same number of "
                                f"heads or heads that broadcast, got {q_heads}, {k_heads} and {v_heads} "
                                "(pass enable_gqa=True for grouped query attention)") from None
+    q_batch, k_batch, v_batch = q_shape[:-3], k_shape[:-3], v_shape[:-3]
     try:
-        batch = broadcast_shapes(q_shape[:-3], k_shape[:-3], v_shape[:-3])
+        batch = q_batch if q_batch == k_batch == v_batch else broadcast_shapes(q_batch, k_batch, v_batch)
     except RuntimeError:
-        raise RuntimeError(f"attnkernels.{op}: expected the batch dimensions of `key` {list(k_shape[:-3])} and "
-                           f"`value` {list(v_shape[:-3])} to broadcast with those of `query` "
-                           f"{list(q_shape[:-3])}") from None
+        raise RuntimeError(f"attnkernels.{op}: expected the batch dimensions of `key` {list(k_batch)} and "
+                           f"`value` {list(v_batch)} to broadcast with those of `query` {list(q_batch)}") from None
     query = _expand(query, (*batch, heads, *q_shape[-2:]))
     key = _expand(key, (*batch, kv_heads, *k_shape[-2:]))
     value = _expand(value, (*batch, kv_heads, *v_shape[-2:]))
