@@ -1,6 +1,9 @@
-"""Argument checks shared by the public sampling and attention functions, with torch's wording."""
+"""Argument checks shared by the public sampling and attention functions, with torch's wording, and the
+shape broadcasting they use."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -18,3 +21,25 @@ def check_like(op: str, name: str, t: torch.Tensor, like_name: str, like: torch.
     if t.device != like.device:
         raise RuntimeError(f"attnkernels.{op}: expected `{name}` on the device of `{like_name}` ({like.device}), "
                            f"got {t.device}")
+
+
+def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
+    """``torch.broadcast_shapes`` as a tuple; raises RuntimeError when the shapes do not broadcast.
+
+    Plain-int sizes are broadcast here: torch's goes through its symbolic-shape machinery, about
+    10 us a call. Any other size (a SymInt under torch.compile) goes to torch's, which knows how to
+    guard on it.
+    """
+    result = [1] * max(map(len, shapes), default=0)
+    for shape in shapes:
+        offset = len(result) - len(shape)
+        for i, size in enumerate(shape):
+            if not isinstance(size, int):
+                return tuple(torch.broadcast_shapes(*shapes))
+            current = result[offset + i]
+            if size == current or size == 1:
+                continue
+            if current != 1:
+                raise RuntimeError(f"shapes {', '.join(str(list(s)) for s in shapes)} do not broadcast")
+            result[offset + i] = size
+    return tuple(result)

@@ -4,8 +4,8 @@ Each op has one table of ``Backend`` declarations, one per backend, each stating
 (devices through its name, dtypes, dims, modes, head dims, features) and the callable that runs
 it, declared next to its kernels. ``not_supported_reasons`` turns a declaration and a ``Request``
 (what one call asks) into None or the sentence saying why not (the xformers pattern);
-``select_backend`` tries the backends in order of preference, or checks the one the caller asked
-for and raises with its reason.
+``select`` tries the backends in order of preference, or checks the one the caller asked for and
+raises with its reason.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import types
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 
 from . import _extension
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
-
-WhyNot = Callable[[], "str | None"]
 
 
 # Read once at import (torch.compile traces plain constants without graph breaks).
@@ -104,8 +104,7 @@ def why_not_device(tensor: torch.Tensor, backend: str, op: str) -> str | None:
     return None
 
 
-@dataclasses.dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """What one (validated) call asks of a backend.
 
     op: the kernel op (attnkernels::<op>) whose registration decides the cpu and cuda backends;
@@ -113,6 +112,8 @@ class Request:
     mode: its interpolation name; head_dims: (E, Ev) of attention; features: what the call uses
     beyond the plain op (attention: "mask", "dropout", "causal", "gqa"); tensors: the call's
     tensors by name, for a backend's ``extra_reasons``.
+
+    A named tuple: one is built on every call, and a frozen dataclass takes twice as long to build.
     """
 
     op: str
@@ -121,7 +122,7 @@ class Request:
     mode: str | None = None
     head_dims: tuple[int, int] | None = None
     features: frozenset[str] = frozenset()
-    tensors: Mapping[str, torch.Tensor | None] = dataclasses.field(default_factory=dict)
+    tensors: Mapping[str, torch.Tensor | None] = types.MappingProxyType({})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +146,10 @@ class Backend:
     gradient: Callable | None = None
 
 
+def _label(backend: Backend) -> str:
+    return backend.label or f"the {backend.name} backend"
+
+
 def _listed(words: Sequence[str], last: str = "or") -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {last} {words[-1]}"
 
@@ -154,20 +159,20 @@ def not_supported_reasons(backend: Backend, request: Request) -> str | None:
     reason = why_not_device(request.tensor, backend.name, request.op)
     if reason is not None:
         return reason
-    label = backend.label or f"the {backend.name} backend"
-    dtype = request.tensor.dtype
-    if backend.dtypes is not None and dtype not in backend.dtypes:
-        return f"{label} takes {_listed([str(d).removeprefix('torch.') for d in backend.dtypes])} inputs, not {dtype}"
+    if backend.dtypes is not None and request.tensor.dtype not in backend.dtypes:
+        return (f"{_label(backend)} takes {_listed([str(d).removeprefix('torch.') for d in backend.dtypes])} "
+                f"inputs, not {request.tensor.dtype}")
     if backend.modes is not None and request.mode is not None and request.mode not in backend.modes:
-        return f"{label} has no {request.mode!r} mode"
+        return f"{_label(backend)} has no {request.mode!r} mode"
     if backend.dims is not None and request.dims is not None and request.dims not in backend.dims:
-        return f"{label} takes {_listed([f'{d + 2}-D' for d in backend.dims])} inputs"
+        return f"{_label(backend)} takes {_listed([f'{d + 2}-D' for d in backend.dims])} inputs"
     if backend.max_head_dim is not None and request.head_dims is not None:
         head_dim, value_dim = request.head_dims
         if max(head_dim, value_dim) > backend.max_head_dim:
-            return f"{label} takes head dims up to {backend.max_head_dim}, got E = {head_dim} and Ev = {value_dim}"
+            return (f"{_label(backend)} takes head dims up to {backend.max_head_dim}, "
+                    f"got E = {head_dim} and Ev = {value_dim}")
     if backend.features is not None and not request.features <= backend.features:
-        return f"{label} does not serve {_listed(sorted(request.features - backend.features), 'and')}"
+        return f"{_label(backend)} does not serve {_listed(sorted(request.features - backend.features), 'and')}"
     if backend.extra_reasons is not None:
         return backend.extra_reasons(request)
     return None
@@ -192,38 +197,57 @@ def preference(tensor: torch.Tensor, cuda_order: Sequence[str] = ("cuda", "trito
     """
     if torch._C._are_functorch_transforms_active():
         return ("reference",)
-    if tensor.device.type == "cuda":
+    if tensor.is_cuda:
         return (*cuda_order, "reference")
     return ("cpu", "reference")
 
 
+# Each op's table, built on first use by ``backend_table``.
+_TABLES: dict[str, tuple[Backend, ...]] = {}
+
+
+def backend_table(op: str, build: Callable[[], Sequence[Backend]]) -> tuple[Backend, ...]:
+    """``op``'s table of backends, built by ``build()`` on the first call and kept: it depends on the
+    process only. Built on first use rather than at import, since building it imports
+    attnkernels.triton (and Triton)."""
+    table = _TABLES.get(op)
+    if table is None:
+        table = _TABLES[op] = tuple(build())
+    return table
+
+
+def _entry(table: Sequence[Backend], name: str) -> Backend | None:
+    for backend in table:
+        if backend.name == name:
+            return backend
+    return None
+
+
 def select(op: str, requested: str | None, table: Sequence[Backend], request: Request) -> Backend:
     """The declaration of the backend that runs ``op`` for ``request``: ``requested`` if it can serve
-    it, else the first of ``preference`` that can (raises saying why each cannot)."""
-    by_name = {backend.name: backend for backend in table}
-    why_not = {name: (lambda backend=backend: not_supported_reasons(backend, request))
-               for name, backend in by_name.items()}
-    cuda_order = tuple(backend.name for backend in table if backend.name in ("cuda", "triton"))
-    return by_name[select_backend(op, requested, why_not, preference(request.tensor, cuda_order))]
+    it, else the first of ``preference`` that can (raises saying why each cannot).
 
-
-def select_backend(op: str, requested: str | None, why_not: Mapping[str, WhyNot], order: Sequence[str]) -> str:
-    """The backend that runs ``op``: ``requested`` if it can, else the first of ``order`` that can."""
+    A backend's reasons are worked out only when it is tried, so the common call, served by the
+    first backend tried, asks one backend only.
+    """
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"attnkernels.{op}: `backend` must be one of {', '.join(BACKENDS)} or None, "
                              f"got {requested!r}")
-        check = why_not.get(requested)
-        reason = f"{op} has no {requested} implementation" if check is None else check()
+        backend = _entry(table, requested)
+        reason = (f"{op} has no {requested} implementation" if backend is None
+                  else not_supported_reasons(backend, request))
         if reason is not None:
             raise RuntimeError(f"attnkernels.{op}: the {requested!r} backend cannot serve these inputs: {reason}")
-        return requested
+        return backend
+    cuda_order = (tuple(backend.name for backend in table if backend.name in ("cuda", "triton"))
+                  if request.tensor.is_cuda else ())  # only CUDA tensors try them
     reasons = []
-    for name in order:
-        check = why_not.get(name)
-        reason = f"no {name} implementation" if check is None else check()
+    for name in preference(request.tensor, cuda_order):
+        backend = _entry(table, name)
+        reason = f"no {name} implementation" if backend is None else not_supported_reasons(backend, request)
         if reason is None:
-            return name
+            return backend
         reasons.append(f"{name}: {reason}")
     raise RuntimeError(f"attnkernels.{op}: no backend can serve these inputs ({'; '.join(reasons)})")
 

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from . import reference
-from ._checks import check_like, check_tensor
-from ._dispatch import Backend, Request, not_supported_reasons, select, triton_module, unavailable
+from ._checks import broadcast_shapes, check_like, check_tensor
+from ._dispatch import Backend, Request, backend_table, not_supported_reasons, select, triton_module, unavailable
 from .reference.attention import accumulation_dtype, default_scale
 from .reference.backends import BACKENDS as REFERENCE_BACKENDS
 
@@ -36,14 +36,19 @@ def _tensors_for_kernels(query, key, value, attn_mask):
     batch = math.prod(query.shape[:-3])
     q_heads, L, E = query.shape[-3:]
     kv_heads, S = key.shape[-3], key.shape[-2]
-    q = query.reshape(batch, q_heads, L, E)
-    k = key.reshape(batch, kv_heads, S, E)
-    v = value.reshape(batch, kv_heads, S, value.shape[-1])
+    # 4-D inputs are already in the kernels' form (a reshape to the same shape costs a view)
+    q = query if query.dim() == 4 else query.reshape(batch, q_heads, L, E)
+    k = key if key.dim() == 4 else key.reshape(batch, kv_heads, S, E)
+    v = value if value.dim() == 4 else value.reshape(batch, kv_heads, S, value.shape[-1])
     mask = attn_mask
     if mask is not None:
         if mask.is_floating_point() and mask.dtype != accumulation_dtype(query.dtype):
             mask = mask.to(accumulation_dtype(query.dtype))
-        mask = mask.expand(*query.shape[:-1], S).reshape(batch, q_heads, L, S)
+        full = (*query.shape[:-1], S)
+        if mask.shape != full:
+            mask = mask.expand(full)
+        if mask.dim() != 4:
+            mask = mask.reshape(batch, q_heads, L, S)
     return q, k, v, mask
 
 
@@ -53,12 +58,16 @@ def _compiled(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
     seed = None
     if dropout_p > 0:  # drawn from torch's generator, so torch.manual_seed reproduces the mask
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
-    out, lse = torch.ops.attnkernels.attention(q, k, v, mask, float(dropout_p), bool(is_causal), float(scale), seed)
+    # The op's one overload, named: calling the overload packet resolves the overload on every call.
+    out, lse = torch.ops.attnkernels.attention.default(q, k, v, mask, float(dropout_p), bool(is_causal),
+                                                       float(scale), seed)
+    if query.dim() == 4:
+        return out, lse
     return out.reshape(*query.shape[:-1], value.shape[-1]), lse.reshape(query.shape[:-1])
 
 
 def _compiled_gradient(*args):
-    return torch.ops.attnkernels.attention_backward(*args)
+    return torch.ops.attnkernels.attention_backward.default(*args)
 
 
 # What the hand-written CUDA kernels (csrc/cuda/attention_*.cu) serve; the launch limits restate
@@ -86,16 +95,26 @@ _CPU = Backend("cpu", run=_compiled, label="the CPU attention kernel", features=
 def _backends() -> tuple[Backend, ...]:
     """Attention's table, in the order tried on CUDA tensors: the hand-written CUDA kernels before
     Triton (no GPU measurement has compared them yet), then cpu and reference."""
+    return backend_table(_OP, _build_backends)
+
+
+def _build_backends() -> tuple[Backend, ...]:
     module = triton_module()
     triton = (module.BACKENDS[_OP] if module is not None and hasattr(module, "BACKENDS")
               else unavailable("triton", "the attnkernels.triton module has no attention kernel"))
     return _CUDA, triton, _CPU, REFERENCE_BACKENDS[_OP]
 
 
+_NO_FEATURES: frozenset[str] = frozenset()
+
+
 def _request(query, key, value, attn_mask, dropout_p: float, is_causal: bool = False) -> Request:
-    features = {name for name, used in (("mask", attn_mask is not None), ("dropout", dropout_p > 0),
-                                        ("causal", is_causal), ("gqa", key.shape[-3] != query.shape[-3])) if used}
-    return Request(_OP, query, head_dims=(query.shape[-1], value.shape[-1]), features=frozenset(features),
+    gqa = key.shape[-3] != query.shape[-3]
+    features = _NO_FEATURES
+    if attn_mask is not None or dropout_p > 0 or is_causal or gqa:
+        features = frozenset(name for name, used in (("mask", attn_mask is not None), ("dropout", dropout_p > 0),
+                                                     ("causal", is_causal), ("gqa", gqa)) if used)
+    return Request(_OP, query, head_dims=(query.shape[-1], value.shape[-1]), features=features,
                    tensors={"query": query, "key": key, "value": value, "attn_mask": attn_mask})
 
 
@@ -121,13 +140,15 @@ def check_mask_kind(op: str, attn_mask, query: torch.Tensor, is_causal: bool) ->
 def broadcasts_to(attn_mask: torch.Tensor, target: tuple[int, ...]) -> bool:
     """Whether the mask broadcasts to exactly ``target`` (no dimension of its own is larger or extra)."""
     try:
-        return attn_mask.dim() <= len(target) and torch.broadcast_shapes(attn_mask.shape, target) == target
+        return attn_mask.dim() <= len(target) and broadcast_shapes(attn_mask.shape, target) == tuple(target)
     except RuntimeError:
         return False
 
 
 def _as_number(op: str, name: str, value) -> float:
     """A Python float from a number as torch's argument parser takes it (bool, numpy scalar, 0-d tensor)."""
+    if type(value) is float:  # the common case, first: this runs on every call
+        return value
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.is_complex():
             raise TypeError(f"attnkernels.{op}: expected `{name}` to be a number or a 0-d real tensor, "
@@ -157,6 +178,11 @@ def _heads_for_gqa(op: str, query, key, value):
     return (key.repeat_interleave(q_heads // k_heads, dim=-3), value.repeat_interleave(q_heads // v_heads, dim=-3))
 
 
+def _expand(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``t.expand(shape)``, or ``t`` itself when it has that shape already (expand costs a view)."""
+    return t if t.shape == shape else t.expand(shape)
+
+
 def _prepare(op: str, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """Checks the arguments and brings them to the form every backend takes, with torch's semantics.
 
@@ -176,53 +202,60 @@ def _prepare(op: str, query, key, value, attn_mask, dropout_p, is_causal, scale,
     for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
         if not isinstance(flag, bool):  # "False" is truthy: refuse, as torch
             raise TypeError(f"attnkernels.{op}: expected `{name}` to be a bool, got {type(flag).__name__}")
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.dim() < 2:
+    # Shapes read once: each .shape and .dim() is a call into torch, and this runs on every call.
+    q_shape, k_shape, v_shape = query.shape, key.shape, value.shape
+    for name, shape in (("query", q_shape), ("key", k_shape), ("value", v_shape)):
+        if len(shape) < 2:
             raise RuntimeError(f"attnkernels.{op}: expected `{name}` of shape (..., L, E) with at least 2 "
-                               f"dimensions, got sizes {list(t.shape)}")
-    if enable_gqa and min(query.dim(), key.dim(), value.dim()) < 3:
+                               f"dimensions, got sizes {list(shape)}")
+    if enable_gqa and min(len(q_shape), len(k_shape), len(v_shape)) < 3:
         raise RuntimeError(f"attnkernels.{op}: enable_gqa=True needs `query`, `key` and `value` with a heads "
                            "dimension (..., heads, L, E)")
-    if key.shape[-1] != query.shape[-1]:
-        raise RuntimeError(f"attnkernels.{op}: expected `key` to have the head dim of `query` ({query.shape[-1]}), "
-                           f"got sizes {list(key.shape)}")
-    if value.shape[-2] != key.shape[-2]:
-        raise RuntimeError(f"attnkernels.{op}: expected `value` to have the length of `key` ({key.shape[-2]}), "
-                           f"got sizes {list(value.shape)}")
+    if k_shape[-1] != q_shape[-1]:
+        raise RuntimeError(f"attnkernels.{op}: expected `key` to have the head dim of `query` ({q_shape[-1]}), "
+                           f"got sizes {list(k_shape)}")
+    if v_shape[-2] != k_shape[-2]:
+        raise RuntimeError(f"attnkernels.{op}: expected `value` to have the length of `key` ({k_shape[-2]}), "
+                           f"got sizes {list(v_shape)}")
     dropout_p = _as_number(op, "dropout_p", dropout_p)
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"attnkernels.{op}: expected `dropout_p` to be a number in [0, 1], got {dropout_p!r}")
     if scale is not None:
         scale = _as_number(op, "scale", scale)
 
-    rank = max(query.dim(), key.dim(), value.dim(), 3)
-    added = rank - max(query.dim(), key.dim(), value.dim())  # leading dimensions the results drop
-    query, key, value = (t.reshape((1,) * (rank - t.dim()) + tuple(t.shape)) for t in (query, key, value))
-    if enable_gqa and (key.shape[-3] != query.shape[-3] or value.shape[-3] != query.shape[-3]):
+    dims = max(len(q_shape), len(k_shape), len(v_shape))
+    rank = max(dims, 3)
+    added = rank - dims  # leading dimensions the results drop
+    if len(q_shape) != rank or len(k_shape) != rank or len(v_shape) != rank:
+        query, key, value = (t if t.dim() == rank else t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
+                             for t in (query, key, value))
+        q_shape, k_shape, v_shape = query.shape, key.shape, value.shape
+    if enable_gqa and (k_shape[-3] != q_shape[-3] or v_shape[-3] != q_shape[-3]):
         key, value = _heads_for_gqa(op, query, key, value)
+        k_shape, v_shape = key.shape, value.shape
     # Every dimension before (L, E) broadcasts, heads included. Key and value heads that divide
     # the query's (grouped with enable_gqa, or one head broadcast) go to the kernels as they are.
-    q_heads, k_heads, v_heads = query.shape[-3], key.shape[-3], value.shape[-3]
+    q_heads, k_heads, v_heads = q_shape[-3], k_shape[-3], v_shape[-3]
     grouped = k_heads == v_heads and (k_heads == q_heads or (
         k_heads > 0 and q_heads % k_heads == 0 and (enable_gqa or k_heads == 1)))
     if grouped:
         heads, kv_heads = q_heads, k_heads
     else:
         try:
-            heads = kv_heads = torch.broadcast_shapes((q_heads,), (k_heads,), (v_heads,))[0]
+            heads = kv_heads = broadcast_shapes((q_heads,), (k_heads,), (v_heads,))[0]
         except RuntimeError:
             raise RuntimeError(f"attnkernels.{op}: expected `query`, `key` and `value` to have the same number of "
                                f"heads or heads that broadcast, got {q_heads}, {k_heads} and {v_heads} "
                                "(pass enable_gqa=True for grouped query attention)") from None
+    q_batch, k_batch, v_batch = q_shape[:-3], k_shape[:-3], v_shape[:-3]
     try:
-        batch = tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
+        batch = q_batch if q_batch == k_batch == v_batch else broadcast_shapes(q_batch, k_batch, v_batch)
     except RuntimeError:
-        raise RuntimeError(f"attnkernels.{op}: expected the batch dimensions of `key` {list(key.shape[:-3])} and "
-                           f"`value` {list(value.shape[:-3])} to broadcast with those of `query` "
-                           f"{list(query.shape[:-3])}") from None
-    query = query.expand(*batch, heads, *query.shape[-2:])
-    key = key.expand(*batch, kv_heads, *key.shape[-2:])
-    value = value.expand(*batch, kv_heads, *value.shape[-2:])
+        raise RuntimeError(f"attnkernels.{op}: expected the batch dimensions of `key` {list(k_batch)} and "
+                           f"`value` {list(v_batch)} to broadcast with those of `query` {list(q_batch)}") from None
+    query = _expand(query, (*batch, heads, *q_shape[-2:]))
+    key = _expand(key, (*batch, kv_heads, *k_shape[-2:]))
+    value = _expand(value, (*batch, kv_heads, *v_shape[-2:]))
 
     if attn_mask is not None:
         check_mask_kind(op, attn_mask, query, is_causal)

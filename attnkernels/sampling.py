@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from ._checks import check_like, check_tensor
-from ._dispatch import Backend, Request, select, triton_module, unavailable
+from ._dispatch import Backend, Request, backend_table, select, triton_module, unavailable
 from ._modes import INTERPOLATIONS, PADDINGS
 from .reference.backends import BACKENDS as REFERENCE_BACKENDS
 
@@ -27,7 +27,8 @@ _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _compiled(op: str):
     """The C++ op attnkernels::<op>: its CPU and CUDA kernels serve every dtype, mode and dims the API takes."""
     def run(*args):
-        return getattr(torch.ops.attnkernels, op)(*args)
+        # Its one overload, named: calling the overload packet resolves the overload on every call.
+        return getattr(torch.ops.attnkernels, op).default(*args)
     return run
 
 
@@ -38,6 +39,10 @@ _COMPILED_BACKENDS = {op: (Backend("cuda", run=_compiled(op)), Backend("cpu", ru
 def _backends(op: str) -> tuple[Backend, ...]:
     """The table of ``op``, in the order tried on CUDA tensors: the hand-written CUDA kernels before
     Triton (no GPU measurement has compared them yet), then cpu and reference."""
+    return backend_table(op, lambda: _build_backends(op))
+
+
+def _build_backends(op: str) -> tuple[Backend, ...]:
     cuda, cpu = _COMPILED_BACKENDS[op]
     module = triton_module()
     triton = (module.BACKENDS[op] if module is not None
@@ -79,28 +84,30 @@ def _check_floating(op: str, name: str, t: torch.Tensor) -> None:
 
 def _check_sampled_input(op: str, input: torch.Tensor) -> None:
     _check_floating(op, "input", input)
-    if input.dim() not in (4, 5):
+    shape = input.shape
+    if len(shape) not in (4, 5):
         raise RuntimeError(f"attnkernels.{op}: expected `input` of shape (N, C, H, W) or (N, C, D, H, W), "
-                           f"got sizes {list(input.shape)}")
-    if any(s == 0 for s in input.shape[2:]):
+                           f"got sizes {list(shape)}")
+    if 0 in shape[2:]:
         raise RuntimeError(f"attnkernels.{op}: expected `input` to have non-empty spatial dimensions, "
-                           f"got sizes {list(input.shape)}")
+                           f"got sizes {list(shape)}")
 
 
 def _check_grid_sample(input: torch.Tensor, grid: torch.Tensor) -> None:
     op = "grid_sample"
     _check_sampled_input(op, input)
     _check_floating(op, "grid", grid)
-    if grid.dim() != input.dim():
-        raise RuntimeError(f"attnkernels.{op}: expected `grid` to have {input.dim()} dimensions like `input`, "
-                           f"got sizes {list(grid.shape)}")
-    dims = input.dim() - 2
-    if grid.shape[-1] != dims:
+    input_shape, grid_shape = input.shape, grid.shape
+    if len(grid_shape) != len(input_shape):
+        raise RuntimeError(f"attnkernels.{op}: expected `grid` to have {len(input_shape)} dimensions like `input`, "
+                           f"got sizes {list(grid_shape)}")
+    dims = len(input_shape) - 2
+    if grid_shape[-1] != dims:
         raise RuntimeError(f"attnkernels.{op}: expected `grid` to have size {dims} in its last dimension, "
-                           f"got sizes {list(grid.shape)}")
-    if grid.shape[0] != input.shape[0]:
+                           f"got sizes {list(grid_shape)}")
+    if grid_shape[0] != input_shape[0]:
         raise RuntimeError(f"attnkernels.{op}: expected `grid` and `input` to have the same batch size, "
-                           f"got {grid.shape[0]} and {input.shape[0]}")
+                           f"got {grid_shape[0]} and {input_shape[0]}")
     check_like(op, "grid", grid, "input", input)
 
 
@@ -119,14 +126,17 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     interpolation, padding = _resolve_modes("grid_sample", mode, padding_mode)
     align = _resolve_align_corners("grid_sample", align_corners)
     _check_grid_sample(input, grid)
-    _check_fits_in_memory("grid_sample", "grid", (*input.shape[:2], *grid.shape[1:-1]), input)
-    request = Request("grid_sample", input, dims=input.dim() - 2, mode=mode)
+    input_shape = input.shape
+    _check_fits_in_memory("grid_sample", "grid", (*input_shape[:2], *grid.shape[1:-1]), input)
+    request = Request("grid_sample", input, dims=len(input_shape) - 2, mode=mode)
     chosen = select("grid_sample", backend, _backends("grid_sample"), request)
     return chosen.run(input, grid, interpolation, padding, align)
 
 
 def _as_sizes(op: str, size: Sequence[int]) -> list[int]:
     """The entries of ``size`` as ints; floats are refused (4.9 is not a size), as torch refuses them."""
+    if type(size) in (tuple, list, torch.Size) and all(type(s) is int for s in size):
+        return list(size)  # the common case, first: this runs on every call
     if isinstance(size, torch.Tensor) or not isinstance(size, Sequence):
         raise TypeError(f"attnkernels.{op}: expected `size` to be a sequence of ints, got {type(size).__name__}")
     for s in size:
@@ -162,8 +172,9 @@ def _check_fits_in_memory(op: str, name: str, shape: Sequence[int], like: torch.
     intermediates piece by piece, and the first ones fit, so without this check it runs
     the machine out of memory instead of raising.
     """
-    if any(isinstance(s, torch.SymInt) for s in shape):
-        return
+    for size in shape:
+        if isinstance(size, torch.SymInt):
+            return
     elements = math.prod(shape)
     needed = elements * like.element_size()
     available = _device_memory(like.device)
@@ -180,12 +191,13 @@ def _check_affine(op: str, theta: torch.Tensor, size: Sequence[int]) -> list[int
         raise ValueError(f"attnkernels.{op}: expected `size` of length 4 (N, C, H, W) or 5 (N, C, D, H, W), "
                          f"got {tuple(size)}")
     dims = len(size) - 2
-    if theta.dim() != 3 or tuple(theta.shape[1:]) != (dims, dims + 1):
+    theta_shape = theta.shape
+    if len(theta_shape) != 3 or tuple(theta_shape[1:]) != (dims, dims + 1):
         raise ValueError(f"attnkernels.{op}: expected `theta` of shape (N, {dims}, {dims + 1}) for size "
-                         f"{tuple(size)}, got {tuple(theta.shape)}")
-    if theta.shape[0] != size[0]:
+                         f"{tuple(size)}, got {tuple(theta_shape)}")
+    if theta_shape[0] != size[0]:
         raise ValueError(f"attnkernels.{op}: expected `theta` to have the batch size size[0] = {size[0]}, "
-                         f"got {theta.shape[0]}")
+                         f"got {theta_shape[0]}")
     if min(size[2:]) <= 0:
         raise ValueError(f"attnkernels.{op}: expected positive spatial sizes in `size`, got {tuple(size)}")
     return size
@@ -222,13 +234,14 @@ def affine_grid_sample(input: torch.Tensor, theta: torch.Tensor, size: Sequence[
     interpolation, padding = _resolve_modes(op, mode, padding_mode)
     align = _resolve_align_corners(op, align_corners)
     _check_sampled_input(op, input)
-    size = _check_affine(op, theta, input.shape if size is None else size)
-    if len(size) != input.dim() or size[0] != input.shape[0] or size[1] != input.shape[1]:
-        raise ValueError(f"attnkernels.{op}: expected `size` of length {input.dim()} starting with the batch and "
-                         f"channels of `input` {tuple(input.shape[:2])}, got {tuple(size)}")
+    input_shape = input.shape
+    size = _check_affine(op, theta, input_shape if size is None else size)
+    if len(size) != len(input_shape) or size[0] != input_shape[0] or size[1] != input_shape[1]:
+        raise ValueError(f"attnkernels.{op}: expected `size` of length {len(input_shape)} starting with the batch "
+                         f"and channels of `input` {tuple(input_shape[:2])}, got {tuple(size)}")
     check_like(op, "theta", theta, "input", input)
     _check_fits_in_memory(op, "size", size, input)
-    chosen = select(op, backend, _backends(op), Request(op, input, dims=input.dim() - 2, mode=mode))
+    chosen = select(op, backend, _backends(op), Request(op, input, dims=len(input_shape) - 2, mode=mode))
     return chosen.run(input, theta, size, interpolation, padding, align)
 
 

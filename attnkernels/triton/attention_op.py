@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .._checks import broadcast_shapes
 from .._library.attention import register_attention
 from ._sampler import INTERPRETER
 from .attention import _backward_kv_kernel, _backward_q_kernel, _dropout_keep_kernel, _forward_kernel
@@ -178,7 +179,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
     The caller validates the arguments.
     """
     del enable_gqa  # the head counts say it all: query head h reads KV head h // (Hq // Hkv)
-    batch = tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
+    batch = broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
     Hq, L, E = query.shape[-3:]
     Hkv, S = key.shape[-3], key.shape[-2]
     q = _flatten_batch(query, batch, (Hq, L, E))
