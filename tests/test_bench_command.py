@@ -267,3 +267,20 @@ def test_kernel_crashing_while_timed_is_reported_alone(monkeypatch, tmp_path):
     records = {r["backend"]: r for r in _records(tmp_path)}
     assert records["cpu"]["status"] == "error" and "simulated crash" in records["cpu"]["detail"]
     assert records["torch"]["status"] == "ok" and records["torch"]["time_s"] > 0
+
+
+def test_attention_limit_of_16_bit_cases_is_the_faster_of_their_matmul_and_float32s():
+    from types import SimpleNamespace
+
+    from attnkernels.bench.runner import MachineLimits
+
+    limits = MachineLimits(copy_bytes_per_s=4e10, matmul_flop_per_s={"float16": 3e9, "bfloat16": 4e11, "float32": 2e11})
+
+    def case(dtype, unit="FLOP"):
+        return SimpleNamespace(spec=SimpleNamespace(work_unit=unit), dtype=dtype,
+                               dtype_name=str(dtype).removeprefix("torch."))
+
+    assert limits.for_case(case(torch.float16)) == 2e11  # no float16 matrix unit: float32's rate
+    assert limits.for_case(case(torch.bfloat16)) == 4e11
+    assert limits.for_case(case(torch.float32)) == 2e11
+    assert limits.for_case(case(torch.float16, "B")) == 4e10

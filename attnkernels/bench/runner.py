@@ -49,15 +49,25 @@ class MachineLimits:
     matmul_flop_per_s: dict[str, float]  # per dtype name
 
     def for_case(self, case: Case) -> float | None:
+        """The case's limit: copy bandwidth for sampling; for attention the matmul rate in its dtype or,
+        for 16-bit dtypes, float32's where that is higher (a CPU without float16 matrix instructions runs
+        torch's float16 matmul at a few GFLOP/s, while a kernel may compute in float32)."""
         if case.spec.work_unit == "B":
             return self.copy_bytes_per_s
-        return self.matmul_flop_per_s.get(case.dtype_name)
+        own = self.matmul_flop_per_s.get(case.dtype_name)
+        if case.dtype in (torch.float16, torch.bfloat16) and own is not None:
+            return max(own, self.matmul_flop_per_s.get("float32", 0.0))
+        return own
 
 
 def measure_limits(device: torch.device, cases: Sequence[Case], budget: timing.TimingBudget,
                    small: bool = False) -> MachineLimits:
-    """Copy bandwidth, and matrix throughput in each dtype that a FLOP-counted case uses."""
-    dtypes = sorted({case.dtype for case in cases if case.spec.work_unit == "FLOP"}, key=str)
+    """Copy bandwidth, and matrix throughput in each dtype that a FLOP-counted case uses (and in
+    float32 with 16-bit ones, their limit where it is higher)."""
+    dtypes = {case.dtype for case in cases if case.spec.work_unit == "FLOP"}
+    if dtypes & {torch.float16, torch.bfloat16}:
+        dtypes.add(torch.float32)
+    dtypes = sorted(dtypes, key=str)
     return MachineLimits(
         copy_bytes_per_s=timing.copy_bandwidth(device, budget, small),
         matmul_flop_per_s={str(d).removeprefix("torch."): timing.matmul_throughput(device, d, budget, small)
