@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from attnkernels import _extension
 from attnkernels.bench import cases, main
 
 # --device cpu: on a GPU machine the default device is cuda, and these runs are about the command.
@@ -284,3 +285,21 @@ def test_attention_limit_of_16_bit_cases_is_the_faster_of_their_matmul_and_float
     assert limits.for_case(case(torch.bfloat16)) == 4e11
     assert limits.for_case(case(torch.float32)) == 2e11
     assert limits.for_case(case(torch.float16, "B")) == 4e10
+
+
+@pytest.mark.skipif(not _extension.has_extension(), reason="the compiled extension is not built")
+def test_torch_is_not_run_where_it_is_known_to_crash_and_ours_is_checked_against_the_wider_reference():
+    from attnkernels.bench.cases import Case, PreparedCase, Unsupported
+    from attnkernels.bench.runner import Record, _check
+
+    case = Case("grid_sample_2d", "fwd+bwd", 256, torch.bfloat16, torch.device("cpu"))
+    prepared = PreparedCase(case, copies=1)
+    assert "reads outside" in prepared.expected().torch_fails
+    assert prepared.check("cpu").ok
+    record = Record(case.op, case.direction, case.size, case.label, case.dtype_name, "cpu", "torch", status="error",
+                    detail="", work=case.work, work_unit=case.spec.work_unit)
+    with pytest.raises(Unsupported, match="torch not run"):
+        _check(prepared, record)
+    # below the size where torch fails, torch runs as the baseline
+    small = PreparedCase(Case("grid_sample_2d", "fwd", 128, torch.bfloat16, torch.device("cpu")), copies=1)
+    assert small.expected().torch_fails is None

@@ -41,6 +41,9 @@ class OpSpec:
     # Run our backward under torch.use_deterministic_algorithms(True) (torch's own stays as it is:
     # its CUDA sampler backward has no deterministic version).
     deterministic_backward: bool = False
+    # Why torch's op cannot be run on this (shape, dtype, device), or None: a known torch bug that
+    # crashes the process. Ours is then checked against the wider-dtype reference alone.
+    torch_fails: Callable[[Shape, torch.dtype, torch.device], str | None] | None = None
 
     def available(self) -> bool:
         return hasattr(attnkernels, self.public_function)

@@ -119,6 +119,8 @@ def _check(prepared: PreparedCase, record: Record) -> bool:
     """Check ``record.backend`` against torch (torch: compute the reference); whether to time it."""
     if record.backend == "torch":
         expected = prepared.expected()
+        if expected.torch_fails is not None:
+            raise Unsupported(f"torch not run: {expected.torch_fails}")
         record.max_error = max(expected.torch_error, default=0.0)
         record.detail = "baseline"
         return True
