@@ -2,7 +2,7 @@
 FlashAttention's shapes against torch's SDPA default and cuDNN.
 
 FLOP counts (FlashAttention's convention):
-    attention forward:     4·B·H·L·S·E, half when causal;  fwd+bwd: 3.5x forward
+    attention forward:     4·B·H·L·S·E, half when causal;  fwd+bwd: 3.5x forward; bwd: 2.5x
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ the pytest-benchmark suites in ``bench/`` and the GPU check's table.
 
 An *op* (``OPS``: ``sampling_ops.py``, ``attention_ops.py``) says how to build inputs of a given size,
 how to run torch's own op and ours on a backend, and how much work one call does. A *case* is an op
-at one size, dtype, device and pass (``fwd`` or ``fwd+bwd``). ``PreparedCase`` holds a case's
+at one size, dtype, device and pass (``fwd``, ``fwd+bwd``, or ``bwd``: the backward alone, timed from
+a forward done beforehand). ``PreparedCase`` holds a case's
 inputs (several copies, so the timed calls do not all hit a warm cache), checks a backend's result
 against torch before it is timed, and hands out the callable to time.
 """
@@ -24,11 +25,12 @@ from .attention_ops import attention_ops
 from .op_spec import Inputs, OpSpec, Shape, randn
 from .sampling_ops import sampling_ops
 
-__all__ = ["OPS", "PASSES", "Case", "Inputs", "OpSpec", "PreparedCase", "Shape", "Unsupported", "available_ops",
-           "build_cases", "default_backends", "default_dtypes", "first_line", "usable_backends",
+__all__ = ["DEFAULT_PASSES", "OPS", "PASSES", "Case", "Inputs", "OpSpec", "PreparedCase", "Shape", "Unsupported",
+           "available_ops", "build_cases", "default_backends", "default_dtypes", "first_line", "usable_backends",
            "with_implementation"]
 
-PASSES = ("fwd", "fwd+bwd")
+DEFAULT_PASSES = ("fwd", "fwd+bwd")
+PASSES = (*DEFAULT_PASSES, "bwd")
 
 OPS: dict[str, OpSpec] = {op.name: op for op in (*sampling_ops(), *attention_ops())}
 
@@ -61,7 +63,7 @@ class Case:
     """One op at one size, dtype, device and pass."""
 
     op: str
-    direction: str  # "fwd" or "fwd+bwd"
+    direction: str  # "fwd", "fwd+bwd" or "bwd"
     size: int
     dtype: torch.dtype
     device: torch.device
@@ -72,7 +74,8 @@ class Case:
 
     @property
     def backward(self) -> bool:
-        return self.direction == "fwd+bwd"
+        """Whether the case computes gradients (checked as output and gradients, fwd+bwd or bwd)."""
+        return self.direction != "fwd"
 
     @property
     def shape(self) -> Shape:
@@ -84,6 +87,8 @@ class Case:
 
     @property
     def work(self) -> float:
+        if self.direction == "bwd":  # what the backward adds to the forward
+            return self.spec.work(self.shape, self.dtype, True) - self.spec.work(self.shape, self.dtype, False)
         return self.spec.work(self.shape, self.dtype, self.backward)
 
     @property
@@ -214,9 +219,25 @@ class PreparedCase:
     def timed_callable(self, backend: str) -> Callable[[], object]:
         """A no-argument function for the timer: one call, rotating through the input copies."""
         order: Iterator[int] = iter(range(1 << 62))
+        if self.case.direction == "bwd":
+            return self._timed_backward(backend, order)
 
         def run() -> object:
             return self.call(backend, next(order) % self.copies)
+        return run
+
+    def _timed_backward(self, backend: str, order: Iterator[int]) -> Callable[[], object]:
+        """The backward alone: each copy's forward is run once here, its graph kept for the timed calls."""
+        spec = self.case.spec
+        graphs = []
+        for copy, inputs in enumerate(self.inputs):
+            output = spec.run(inputs, backend)
+            graphs.append((output, [inputs[name] for name in spec.differentiable_inputs], self.grad_outputs[copy]))
+
+        def run() -> object:
+            output, wrt, grad_output = graphs[next(order) % len(graphs)]
+            with _deterministic_algorithms(spec.deterministic_backward and backend != "torch"):
+                return torch.autograd.grad(output, wrt, grad_output, retain_graph=True)
         return run
 
     def _wider_call(self, batch: int | None = None) -> list[torch.Tensor]:

@@ -13,7 +13,17 @@ from pathlib import Path
 import torch
 
 from . import report, timing
-from .cases import OPS, PASSES, Case, available_ops, build_cases, default_backends, default_dtypes, usable_backends
+from .cases import (
+    DEFAULT_PASSES,
+    OPS,
+    PASSES,
+    Case,
+    available_ops,
+    build_cases,
+    default_backends,
+    default_dtypes,
+    usable_backends,
+)
 from .runner import measure_limits, run_cases
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -53,8 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", default=None,
                         help="comma-separated sizes: the side of the image or volume for sampling, the sequence "
                              "length for attention (default: per device)")
-    parser.add_argument("--pass", dest="passes", default=",".join(PASSES),
-                        help="fwd, fwd+bwd, or both comma-separated (default: both)")
+    parser.add_argument("--pass", dest="passes", default=",".join(DEFAULT_PASSES),
+                        help="comma-separated passes: fwd, fwd+bwd, bwd (the backward alone, after a forward "
+                             "outside the timing) (default: fwd,fwd+bwd)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when a GPU is visible, else cpu")
     parser.add_argument("--quick", action="store_true", help="one small size per op and short timing")

@@ -37,7 +37,7 @@ class OpSpec:
     label: Callable[[Shape], str]
     default_sizes: dict[str, tuple[int, ...]]  # device type -> sizes
     quick_sizes: dict[str, tuple[int, ...]]  # an empty tuple leaves the op out of --quick runs
-    passes: tuple[str, ...] = ("fwd", "fwd+bwd")  # the passes worth measuring for this op
+    passes: tuple[str, ...] = ("fwd", "fwd+bwd", "bwd")  # the passes worth measuring for this op
     # Run our backward under torch.use_deterministic_algorithms(True) (torch's own stays as it is:
     # its CUDA sampler backward has no deterministic version).
     deterministic_backward: bool = False

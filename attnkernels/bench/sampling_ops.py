@@ -6,6 +6,7 @@ comparable across them):
     sampling forward:      input read once + grid read + output written
     sampling fwd+bwd:      forward + grad_output, input and grid read again,
                            grad_input and grad_grid written (3·input + 3·grid + 2·output)
+    sampling bwd:          what fwd+bwd adds to the forward (2·input + 2·grid + output)
     affine_grid_sample:    as above with theta in place of the grid (fusion removes the grid)
 """
 
@@ -186,7 +187,7 @@ def _video_variant_ops() -> list[OpSpec]:
                             default_sizes={"cpu": (16, 32, 64), "cuda": (16, 32, 64)}, quick_sizes=not_quick),
         dataclasses.replace(video_op, name="grid_sample_video_channels_last", make_inputs=channels_last_inputs,
                             label=lambda s: _sampling_label(3)(s) + " channels-last", quick_sizes=not_quick),
-        dataclasses.replace(video_op, name="grid_sample_video_deterministic", passes=("fwd+bwd",),
+        dataclasses.replace(video_op, name="grid_sample_video_deterministic", passes=("fwd+bwd", "bwd"),
                             deterministic_backward=True, label=lambda s: _sampling_label(3)(s) + " deterministic",
                             quick_sizes=not_quick),
     ]
