@@ -115,6 +115,11 @@ void affine_rows_forward(const SamplerShape& s, const scalar_t* input, const Aff
             _mm512_mask_storeu_ps(dst, __mmask16((1u << count) - 1u), tile.sample_avx512(plane));
             continue;
           }
+#elif defined(ATTNKERNELS_TILES_AVX2)
+          if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+            sample_avx2(tile, plane, dst, count);
+            continue;
+          }
 #endif
           acc_t acc[L];
           tile.sample(plane, acc);

@@ -13,6 +13,7 @@
 #endif
 
 #include "../sampler_shape.h"
+#include "point_tile_avx2.h"
 
 namespace attnkernels {
 namespace cpu {
@@ -45,6 +46,11 @@ struct PointTile {
       build_avx512<border, with_dweight>(t, bx, by, bz, s);
       return;
     }
+#elif defined(ATTNKERNELS_TILES_AVX2)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      build_avx2<border, with_dweight>(*this, t, bx, by, bz, s);
+      return;
+    }
 #endif
     constexpr int kCols = Dims + 1;
     acc_t coords[Dims][kLanes];
@@ -67,8 +73,9 @@ struct PointTile {
   }
 
   // Taps of the first `count` (1..kLanes) points whose normalised coordinates
-  // are stored interleaved (x, y[, z]) from `points`, in plain loops (the AVX2
-  // variant vectorises them); build_from_points_avx512 documents the contract.
+  // are stored interleaved (x, y[, z]) from `points`, in plain loops
+  // (build_from_points_avx512 and build_from_points_avx2 in intrinsics; the
+  // former documents the contract).
   template <bool border, bool with_dweight>
   bool build_from_points(const acc_t* points, int64_t count, const SamplerShape& s) {
     acc_t coords[Dims][kLanes];
@@ -87,7 +94,7 @@ struct PointTile {
 
   // acc[lane] = the bilinear sample of one input plane at the tile's points: the
   // sum over taps of weight * value, taps outside the input skipped (plain loops;
-  // sample_avx512 in intrinsics).
+  // sample_avx512 and sample_avx2 in intrinsics).
   template <typename scalar_t>
   void sample(const scalar_t* plane, acc_t* acc) const {
 #pragma omp simd
