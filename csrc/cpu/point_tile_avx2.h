@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "../sampler_shape.h"
 
@@ -194,27 +195,45 @@ inline bool build_from_points_avx2(PointTile<float, Dims>& tile, const float* po
   return true;
 }
 
-// Half `half` of the bilinear samples of one input plane at the tile's points:
+// The bilinear samples of `channels` input planes (`plane_size` apart from
+// `planes`) at the tile's first `count` points: dst[c * dst_stride + lane] =
 // the sum over taps of weight * value, taps outside the input skipped (as 0).
+// Channels go in groups of up to 4, so that each tap's offsets, mask and
+// weights are loaded once per group; each channel sums in tap order.
 template <int Dims>
-inline __m256 sample_half_avx2(const PointTile<float, Dims>& tile, const float* plane, int half) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int tap = 0; tap < PointTile<float, Dims>::kTaps; ++tap) {
-    const __m256 inside = _mm256_castsi256_ps(inside_avx2(tile, tap, half));
-    const __m256i offset = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile.offset[tap] + 8 * half));
-    const __m256 value = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), plane, offset, inside, 4);
-    acc = _mm256_add_ps(acc, _mm256_and_ps(inside, _mm256_mul_ps(_mm256_loadu_ps(tile.weight[tap] + 8 * half), value)));
-  }
-  return acc;
-}
-
-// dst[0 .. count) = the tile's first `count` samples of one input plane.
-template <int Dims>
-inline void sample_avx2(const PointTile<float, Dims>& tile, const float* plane, float* dst, int64_t count) {
+inline void sample_avx2(const PointTile<float, Dims>& tile, const float* planes, int64_t plane_size,
+                        int64_t channels, float* dst, int64_t dst_stride, int64_t count) {
   for (int h = 0; h < 2 && 8 * h < count; ++h) {
-    const __m256 v = sample_half_avx2(tile, plane, h);
-    if (count >= 8 * (h + 1)) _mm256_storeu_ps(dst + 8 * h, v);
-    else _mm256_maskstore_ps(dst + 8 * h, first_lanes_avx2(count, h), v);
+    const bool whole = count >= 8 * (h + 1);
+    const __m256i lanes = first_lanes_avx2(count, h);
+    auto group = [&](int64_t c0, auto size_tag) {
+      constexpr int K = decltype(size_tag)::value;
+      __m256 acc[K];
+      for (int k = 0; k < K; ++k) acc[k] = _mm256_setzero_ps();
+      for (int tap = 0; tap < PointTile<float, Dims>::kTaps; ++tap) {
+        const __m256 inside = _mm256_castsi256_ps(inside_avx2(tile, tap, h));
+        const __m256i offset = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile.offset[tap] + 8 * h));
+        const __m256 weight = _mm256_loadu_ps(tile.weight[tap] + 8 * h);
+        for (int k = 0; k < K; ++k) {
+          const __m256 value =
+              _mm256_mask_i32gather_ps(_mm256_setzero_ps(), planes + (c0 + k) * plane_size, offset, inside, 4);
+          acc[k] = _mm256_add_ps(acc[k], _mm256_and_ps(inside, _mm256_mul_ps(weight, value)));
+        }
+      }
+      for (int k = 0; k < K; ++k) {
+        float* at = dst + (c0 + k) * dst_stride + 8 * h;
+        if (whole) _mm256_storeu_ps(at, acc[k]);
+        else _mm256_maskstore_ps(at, lanes, acc[k]);
+      }
+    };
+    int64_t c0 = 0;
+    for (; c0 + 4 <= channels; c0 += 4) group(c0, std::integral_constant<int, 4>{});
+    switch (channels - c0) {
+      case 3: group(c0, std::integral_constant<int, 3>{}); break;
+      case 2: group(c0, std::integral_constant<int, 2>{}); break;
+      case 1: group(c0, std::integral_constant<int, 1>{}); break;
+      default: break;
+    }
   }
 }
 
