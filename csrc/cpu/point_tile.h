@@ -250,17 +250,38 @@ struct PointTile {
     return _mm512_test_epi32_mask(inside, inside);
   }
 
-  // The bilinear samples of one input plane at the tile's points: the sum over
-  // taps of weight * value, taps outside the input skipped (taken as 0).
-  __m512 sample_avx512(const float* plane) const {
-    __m512 acc = _mm512_setzero_ps();
-    for (int tap = 0; tap < kTaps; ++tap) {
-      const __mmask16 inside = inside_avx512(tap);
-      const __m512 value =
-          _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, _mm512_loadu_si512(offset[tap]), plane, 4);
-      acc = _mm512_add_ps(acc, _mm512_maskz_mul_ps(inside, _mm512_loadu_ps(weight[tap]), value));
+  // The bilinear samples of `channels` input planes (`plane_size` apart from
+  // `planes`) at the tile's first `count` points: dst[c * dst_stride + lane] =
+  // the sum over taps of weight * value, taps outside the input skipped (taken
+  // as 0). Channels go in groups of up to 4, so that each tap's offsets, mask
+  // and weights are loaded once per group; each channel sums in tap order.
+  void sample_avx512(const float* planes, int64_t plane_size, int64_t channels, float* dst, int64_t dst_stride,
+                     int64_t count) const {
+    const __mmask16 lanes = __mmask16((1u << count) - 1u);
+    auto group = [&](int64_t c0, auto size_tag) {
+      constexpr int K = decltype(size_tag)::value;
+      __m512 acc[K];
+      for (int k = 0; k < K; ++k) acc[k] = _mm512_setzero_ps();
+      for (int tap = 0; tap < kTaps; ++tap) {
+        const __mmask16 inside = inside_avx512(tap);
+        const __m512i offsets = _mm512_loadu_si512(offset[tap]);
+        const __m512 weights = _mm512_loadu_ps(weight[tap]);
+        for (int k = 0; k < K; ++k) {
+          const __m512 value =
+              _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, offsets, planes + (c0 + k) * plane_size, 4);
+          acc[k] = _mm512_add_ps(acc[k], _mm512_maskz_mul_ps(inside, weights, value));
+        }
+      }
+      for (int k = 0; k < K; ++k) _mm512_mask_storeu_ps(dst + (c0 + k) * dst_stride, lanes, acc[k]);
+    };
+    int64_t c0 = 0;
+    for (; c0 + 4 <= channels; c0 += 4) group(c0, std::integral_constant<int, 4>{});
+    switch (channels - c0) {
+      case 3: group(c0, std::integral_constant<int, 3>{}); break;
+      case 2: group(c0, std::integral_constant<int, 2>{}); break;
+      case 1: group(c0, std::integral_constant<int, 1>{}); break;
+      default: break;
     }
-    return acc;
   }
 
   // The taps from normalised coordinates (one vector per axis).

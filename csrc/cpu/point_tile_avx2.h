@@ -48,7 +48,7 @@ inline void taps_from_coords_avx2(PointTile<float, Dims>& tile, const __m256 (&c
                                   const SamplerShape& s) {
   static_assert(Dims == 2 || Dims == 3, "tiles hold 2-D or 3-D taps");
   const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 half_of = _mm256_set1_ps(0.5f);  // x * 0.5 is x / 2, bit for bit
+  const __m256 two = _mm256_set1_ps(2.0f);  // GCC divides by it as a multiply by 0.5 (exact, the same result)
   const __m256 zero = _mm256_setzero_ps();
   const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(int32_t(0x80000000u)));
   const __m256i ones = _mm256_set1_epi32(1);
@@ -67,9 +67,9 @@ inline void taps_from_coords_avx2(PointTile<float, Dims>& tile, const __m256 (&c
       const __m256 vlast = _mm256_set1_ps(last);
       // unnormalize(): align_corners: (v + 1) / 2 * last; else ((v + 1) * size - 1) / 2.
       __m256 x = s.align_corners
-                     ? _mm256_mul_ps(_mm256_mul_ps(_mm256_add_ps(v, one), half_of), vlast)
-                     : _mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_add_ps(v, one), _mm256_set1_ps(float(size))), one),
-                                     half_of);
+                     ? _mm256_mul_ps(_mm256_div_ps(_mm256_add_ps(v, one), two), vlast)
+                     : _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_add_ps(v, one), _mm256_set1_ps(float(size))), one),
+                                     two);
       __m256 slope = _mm256_set1_ps(scale);
       if constexpr (border) {
         const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), _mm256_cmp_ps(x, vlast, _CMP_LT_OQ));
