@@ -107,15 +107,21 @@ void affine_rows_forward(const SamplerShape& s, const scalar_t* input, const Aff
       for (int64_t x0 = 0; x0 < W; x0 += L) {
         const int64_t count = std::min<int64_t>(L, W - x0);
         tile.template build<border, false>(t, bx.data() + x0, by, bz, s);
+#if defined(__AVX512F__) || defined(ATTNKERNELS_TILES_AVX2)
+        if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+          const float* planes = input + n * C * in_plane;
+          float* dst = out + n * C * out_plane + within * W + x0;
+#if defined(__AVX512F__)
+          tile.sample_avx512(planes, in_plane, C, dst, out_plane, count);
+#else
+          sample_avx2(tile, planes, in_plane, C, dst, out_plane, count);
+#endif
+          continue;
+        }
+#endif
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t* plane = input + (n * C + c) * in_plane;
           scalar_t* dst = out + (n * C + c) * out_plane + within * W + x0;
-#if defined(__AVX512F__)
-          if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-            _mm512_mask_storeu_ps(dst, __mmask16((1u << count) - 1u), tile.sample_avx512(plane));
-            continue;
-          }
-#endif
           acc_t acc[L];
           tile.sample(plane, acc);
           for (int64_t l = 0; l < count; ++l) dst[l] = static_cast<scalar_t>(acc[l]);

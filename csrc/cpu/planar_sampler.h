@@ -66,15 +66,17 @@ void planar_forward(const SamplerShape& s, const float* input, const float* grid
       const float* item = input + n * C * plane;
       float* dst = out + n * C * P + p0;
       if (build_tile(tile, points, count, s, false)) {
-        for (int64_t c = 0; c < C; ++c) {
 #if defined(__AVX512F__)
-          _mm512_mask_storeu_ps(dst + c * P, __mmask16((1u << count) - 1u), tile.sample_avx512(item + c * plane));
+        tile.sample_avx512(item, plane, C, dst, P, count);
+#elif defined(ATTNKERNELS_TILES_AVX2)
+        sample_avx2(tile, item, plane, C, dst, P, count);
 #else
+        for (int64_t c = 0; c < C; ++c) {
           float acc[Tile::kLanes];
           tile.sample(item + c * plane, acc);
           std::copy(acc, acc + count, dst + c * P);
-#endif
         }
+#endif
         continue;
       }
       for (int64_t j = 0; j < count; ++j) {

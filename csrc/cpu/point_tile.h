@@ -13,6 +13,7 @@
 #endif
 
 #include "../sampler_shape.h"
+#include "point_tile_avx2.h"
 
 namespace attnkernels {
 namespace cpu {
@@ -45,6 +46,11 @@ struct PointTile {
       build_avx512<border, with_dweight>(t, bx, by, bz, s);
       return;
     }
+#elif defined(ATTNKERNELS_TILES_AVX2)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      build_avx2<border, with_dweight>(*this, t, bx, by, bz, s);
+      return;
+    }
 #endif
     constexpr int kCols = Dims + 1;
     acc_t coords[Dims][kLanes];
@@ -67,8 +73,9 @@ struct PointTile {
   }
 
   // Taps of the first `count` (1..kLanes) points whose normalised coordinates
-  // are stored interleaved (x, y[, z]) from `points`, in plain loops (the AVX2
-  // variant vectorises them); build_from_points_avx512 documents the contract.
+  // are stored interleaved (x, y[, z]) from `points`, in plain loops
+  // (build_from_points_avx512 and build_from_points_avx2 in intrinsics; the
+  // former documents the contract).
   template <bool border, bool with_dweight>
   bool build_from_points(const acc_t* points, int64_t count, const SamplerShape& s) {
     acc_t coords[Dims][kLanes];
@@ -87,7 +94,7 @@ struct PointTile {
 
   // acc[lane] = the bilinear sample of one input plane at the tile's points: the
   // sum over taps of weight * value, taps outside the input skipped (plain loops;
-  // sample_avx512 in intrinsics).
+  // sample_avx512 and sample_avx2 in intrinsics).
   template <typename scalar_t>
   void sample(const scalar_t* plane, acc_t* acc) const {
 #pragma omp simd
@@ -243,17 +250,38 @@ struct PointTile {
     return _mm512_test_epi32_mask(inside, inside);
   }
 
-  // The bilinear samples of one input plane at the tile's points: the sum over
-  // taps of weight * value, taps outside the input skipped (taken as 0).
-  __m512 sample_avx512(const float* plane) const {
-    __m512 acc = _mm512_setzero_ps();
-    for (int tap = 0; tap < kTaps; ++tap) {
-      const __mmask16 inside = inside_avx512(tap);
-      const __m512 value =
-          _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, _mm512_loadu_si512(offset[tap]), plane, 4);
-      acc = _mm512_add_ps(acc, _mm512_maskz_mul_ps(inside, _mm512_loadu_ps(weight[tap]), value));
+  // The bilinear samples of `channels` input planes (`plane_size` apart from
+  // `planes`) at the tile's first `count` points: dst[c * dst_stride + lane] =
+  // the sum over taps of weight * value, taps outside the input skipped (taken
+  // as 0). Channels go in groups of up to 4, so that each tap's offsets, mask
+  // and weights are loaded once per group; each channel sums in tap order.
+  void sample_avx512(const float* planes, int64_t plane_size, int64_t channels, float* dst, int64_t dst_stride,
+                     int64_t count) const {
+    const __mmask16 lanes = __mmask16((1u << count) - 1u);
+    auto group = [&](int64_t c0, auto size_tag) {
+      constexpr int K = decltype(size_tag)::value;
+      __m512 acc[K];
+      for (int k = 0; k < K; ++k) acc[k] = _mm512_setzero_ps();
+      for (int tap = 0; tap < kTaps; ++tap) {
+        const __mmask16 inside = inside_avx512(tap);
+        const __m512i offsets = _mm512_loadu_si512(offset[tap]);
+        const __m512 weights = _mm512_loadu_ps(weight[tap]);
+        for (int k = 0; k < K; ++k) {
+          const __m512 value =
+              _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, offsets, planes + (c0 + k) * plane_size, 4);
+          acc[k] = _mm512_add_ps(acc[k], _mm512_maskz_mul_ps(inside, weights, value));
+        }
+      }
+      for (int k = 0; k < K; ++k) _mm512_mask_storeu_ps(dst + (c0 + k) * dst_stride, lanes, acc[k]);
+    };
+    int64_t c0 = 0;
+    for (; c0 + 4 <= channels; c0 += 4) group(c0, std::integral_constant<int, 4>{});
+    switch (channels - c0) {
+      case 3: group(c0, std::integral_constant<int, 3>{}); break;
+      case 2: group(c0, std::integral_constant<int, 2>{}); break;
+      case 1: group(c0, std::integral_constant<int, 1>{}); break;
+      default: break;
     }
-    return acc;
   }
 
   // The taps from normalised coordinates (one vector per axis).

@@ -69,7 +69,7 @@ bool build_tile(PointTile<float, Dims>& tile, const float* points, int64_t count
 #if defined(__AVX512F__)
     return tile.template build_from_points_avx512<kBorder, kDweight>(points, count, s);
 #else
-    return tile.template build_from_points<kBorder, kDweight>(points, count, s);
+    return build_from_points_avx2<kBorder, kDweight>(tile, points, count, s);
 #endif
   };
   const bool border = s.padding == Padding::Border;

@@ -109,6 +109,61 @@ inline void coordinate_grads_avx512(const PointTile<float, Dims>& tile, const fl
 }
 #endif
 
+#if defined(ATTNKERNELS_TILES_AVX2)
+// coordinate_grads_avx512 in AVX2, one 8-lane half of the tile after the other.
+// Channels go in groups of up to 4 (2 in 3-D, to fit the 16 registers).
+template <int Dims>
+inline void coordinate_grads_avx2(const PointTile<float, Dims>& tile, const float* input, int64_t plane_size,
+                                  int64_t channels, const float* grad_out, int64_t out_plane, int64_t count,
+                                  float (*grad_xyz)[PointTile<float, Dims>::kLanes]) {
+  using Tile = PointTile<float, Dims>;
+  constexpr int kGroup = Dims == 2 ? 4 : 2;
+  for (int h = 0; h < 2; ++h) {
+    if (8 * h >= count) {  // no lanes in this half
+      for (int a = 0; a < Dims; ++a) _mm256_storeu_ps(grad_xyz[a] + 8 * h, _mm256_setzero_ps());
+      continue;
+    }
+    const __m256i lanes = first_lanes_avx2(count, h);
+    __m256 total[Dims];
+    for (int a = 0; a < Dims; ++a) total[a] = _mm256_setzero_ps();
+    auto group = [&](int64_t c0, auto size_tag) {
+      constexpr int K = decltype(size_tag)::value;
+      __m256 sums[K][Dims];
+      for (int k = 0; k < K; ++k) {
+        for (int a = 0; a < Dims; ++a) sums[k][a] = _mm256_setzero_ps();
+      }
+      for (int tap = 0; tap < Tile::kTaps; ++tap) {
+        const __m256 inside = _mm256_castsi256_ps(inside_avx2(tile, tap, h));
+        const __m256i offset = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile.offset[tap] + 8 * h));
+        __m256 dweight[Dims];
+        for (int a = 0; a < Dims; ++a) dweight[a] = _mm256_loadu_ps(tile.dweight[tap][a] + 8 * h);
+        for (int k = 0; k < K; ++k) {
+          const __m256 value =
+              _mm256_mask_i32gather_ps(_mm256_setzero_ps(), input + (c0 + k) * plane_size, offset, inside, 4);
+          for (int a = 0; a < Dims; ++a) sums[k][a] = _mm256_add_ps(sums[k][a], _mm256_mul_ps(dweight[a], value));
+        }
+      }
+      for (int k = 0; k < K; ++k) {
+        const __m256 grad = _mm256_maskload_ps(grad_out + (c0 + k) * out_plane + 8 * h, lanes);
+        for (int a = 0; a < Dims; ++a) total[a] = _mm256_add_ps(total[a], _mm256_mul_ps(sums[k][a], grad));
+      }
+    };
+    int64_t c0 = 0;
+    for (; c0 + kGroup <= channels; c0 += kGroup) group(c0, std::integral_constant<int, kGroup>{});
+    switch (channels - c0) {
+      case 3: group(c0, std::integral_constant<int, 3>{}); break;
+      case 2: group(c0, std::integral_constant<int, 2>{}); break;
+      case 1: group(c0, std::integral_constant<int, 1>{}); break;
+      default: break;
+    }
+    // Lanes past the row end: grad is 0 there, but 0 * (a value of an arbitrary point) may be NaN.
+    for (int a = 0; a < Dims; ++a) {
+      _mm256_storeu_ps(grad_xyz[a] + 8 * h, _mm256_and_ps(_mm256_castsi256_ps(lanes), total[a]));
+    }
+  }
+}
+#endif
+
 // One tile's backward for batch item n. `input` and `grad_out` point at item n
 // (grad_out at the tile's first point) in the (C, points) layout; `grads`, when
 // given, at item n of an input-gradient buffer laid out (C, in_points) or, when
@@ -140,6 +195,11 @@ inline void tile_backward(const PointTile<acc_t, Dims>& tile, const scalar_t* in
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
     coordinate_grads_avx512(tile, input, in_plane, C, grad_out, out_plane, count, grad_xyz);
+    return;
+  }
+#elif defined(ATTNKERNELS_TILES_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    coordinate_grads_avx2(tile, input, in_plane, C, grad_out, out_plane, count, grad_xyz);
     return;
   }
 #endif
