@@ -5,6 +5,7 @@ Runs in seconds: tiny sizes and the --quick timing budget. Speed is never assert
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -323,3 +324,13 @@ def test_backward_pass_times_the_backward_alone(monkeypatch):
     assert len(first) == 2 and first[0].shape == prepared.inputs[0]["input"].shape
     torch.testing.assert_close(third[0], first[0])  # copies rotate: the third call is the first copy again
     assert not torch.equal(second[0], first[0])
+
+
+def test_a_result_too_large_for_its_dtype_must_be_its_infinity():
+    from attnkernels.bench.cases import _error_against
+
+    reference = torch.tensor([1.0e5, 2.0, -1.0e5], dtype=torch.float32)  # beyond float16's 65504
+    assert _error_against(torch.tensor([float("inf"), 2.0, -float("inf")], dtype=torch.float16), reference) == 0.0
+    assert _error_against(torch.tensor([65504.0, 2.0, -float("inf")], dtype=torch.float16), reference) > 3e4
+    assert _error_against(torch.tensor([-float("inf"), 2.0, -float("inf")], dtype=torch.float16), reference) == math.inf
+    assert math.isnan(_error_against(torch.tensor([float("nan"), 2.0, 0.0], dtype=torch.float16), reference))

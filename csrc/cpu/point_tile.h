@@ -13,6 +13,35 @@
 #endif
 
 #include "../sampler_shape.h"
+
+namespace attnkernels {
+namespace cpu {
+inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
+
+// Calls group(c0, std::integral_constant<int, K>{}) for the channels in groups of
+// K = kGroup (at most 4) from c0 = 0, then once for those left: the vectorised
+// tile loops load a tap's offsets, mask and weights once per group of channels.
+template <int kGroup = 4, typename Group>
+inline void for_channel_groups(int64_t channels, Group&& group) {
+  static_assert(kGroup >= 1 && kGroup <= 4, "groups of 1 to 4 channels");
+  int64_t c0 = 0;
+  for (; c0 + kGroup <= channels; c0 += kGroup) group(c0, std::integral_constant<int, kGroup>{});
+  const int64_t left = channels - c0;
+  if constexpr (kGroup > 3) {
+    if (left == 3) return group(c0, std::integral_constant<int, 3>{});
+  }
+  if constexpr (kGroup > 2) {
+    if (left == 2) return group(c0, std::integral_constant<int, 2>{});
+  }
+  if constexpr (kGroup > 1) {
+    if (left == 1) group(c0, std::integral_constant<int, 1>{});
+  }
+}
+
+}  // namespace ATTNKERNELS_CPU_ISA
+}  // namespace cpu
+}  // namespace attnkernels
+
 #include "point_tile_avx2.h"
 
 namespace attnkernels {
@@ -274,14 +303,7 @@ struct PointTile {
       }
       for (int k = 0; k < K; ++k) _mm512_mask_storeu_ps(dst + (c0 + k) * dst_stride, lanes, acc[k]);
     };
-    int64_t c0 = 0;
-    for (; c0 + 4 <= channels; c0 += 4) group(c0, std::integral_constant<int, 4>{});
-    switch (channels - c0) {
-      case 3: group(c0, std::integral_constant<int, 3>{}); break;
-      case 2: group(c0, std::integral_constant<int, 2>{}); break;
-      case 1: group(c0, std::integral_constant<int, 1>{}); break;
-      default: break;
-    }
+    for_channel_groups(channels, group);
   }
 
   // The taps from normalised coordinates (one vector per axis).

@@ -226,14 +226,7 @@ inline void sample_avx2(const PointTile<float, Dims>& tile, const float* planes,
         else _mm256_maskstore_ps(at, lanes, acc[k]);
       }
     };
-    int64_t c0 = 0;
-    for (; c0 + 4 <= channels; c0 += 4) group(c0, std::integral_constant<int, 4>{});
-    switch (channels - c0) {
-      case 3: group(c0, std::integral_constant<int, 3>{}); break;
-      case 2: group(c0, std::integral_constant<int, 2>{}); break;
-      case 1: group(c0, std::integral_constant<int, 1>{}); break;
-      default: break;
-    }
+    for_channel_groups(channels, group);
   }
 }
 

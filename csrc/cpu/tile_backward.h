@@ -96,14 +96,7 @@ inline void coordinate_grads_avx512(const PointTile<float, Dims>& tile, const fl
       for (int a = 0; a < Dims; ++a) total[a] = _mm512_add_ps(total[a], _mm512_mul_ps(sums[k][a], grad));
     }
   };
-  int64_t c0 = 0;
-  for (; c0 + 4 <= channels; c0 += 4) group(c0, std::integral_constant<int, 4>{});
-  switch (channels - c0) {
-    case 3: group(c0, std::integral_constant<int, 3>{}); break;
-    case 2: group(c0, std::integral_constant<int, 2>{}); break;
-    case 1: group(c0, std::integral_constant<int, 1>{}); break;
-    default: break;
-  }
+  for_channel_groups(channels, group);
   // Lanes past the row end: grad is 0 there, but 0 * (a value of an arbitrary point) may be NaN.
   for (int a = 0; a < Dims; ++a) _mm512_storeu_ps(grad_xyz[a], _mm512_maskz_mov_ps(lanes, total[a]));
 }
@@ -148,14 +141,7 @@ inline void coordinate_grads_avx2(const PointTile<float, Dims>& tile, const floa
         for (int a = 0; a < Dims; ++a) total[a] = _mm256_add_ps(total[a], _mm256_mul_ps(sums[k][a], grad));
       }
     };
-    int64_t c0 = 0;
-    for (; c0 + kGroup <= channels; c0 += kGroup) group(c0, std::integral_constant<int, kGroup>{});
-    switch (channels - c0) {
-      case 3: group(c0, std::integral_constant<int, 3>{}); break;
-      case 2: group(c0, std::integral_constant<int, 2>{}); break;
-      case 1: group(c0, std::integral_constant<int, 1>{}); break;
-      default: break;
-    }
+    for_channel_groups<kGroup>(channels, group);
     // Lanes past the row end: grad is 0 there, but 0 * (a value of an arbitrary point) may be NaN.
     for (int a = 0; a < Dims; ++a) {
       _mm256_storeu_ps(grad_xyz[a] + 8 * h, _mm256_and_ps(_mm256_castsi256_ps(lanes), total[a]));
