@@ -4,14 +4,7 @@
 // (affine_rows.h) and grid_sample with few channels (planar_sampler.h).
 #pragma once
 
-#include "../cpu_isa.h"
-#include <cstdint>
-#include <type_traits>
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
+// point_tile.h brings the variant's intrinsics headers, <cstdint> and <type_traits>.
 #include "point_tile.h"
 
 namespace attnkernels {
