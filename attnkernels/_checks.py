@@ -30,7 +30,10 @@ def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
     10 us a call. Any other size (a SymInt under torch.compile) goes to torch's, which knows how to
     guard on it.
     """
-    result = [1] * max(map(len, shapes), default=0)
+    rank = 0
+    for shape in shapes:  # a plain loop: torch 2.11's dynamo cannot trace max() over a map
+        rank = max(rank, len(shape))
+    result = [1] * rank
     for shape in shapes:
         offset = len(result) - len(shape)
         for i, size in enumerate(shape):
