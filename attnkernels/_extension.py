@@ -36,7 +36,9 @@ if _C is not None:
 
 
 def cpu_capability() -> str | None:
-    """The CPU variant of the compiled kernels in use: ``"default"``, ``"avx2"`` or ``"avx512"``.
+    """The CPU variant of the compiled kernels in use: ``"default"``, ``"avx2"``, ``"avx512"`` or ``"avx512_bf16"``.
+
+    ``"avx512_bf16"`` is the avx512 variant with bfloat16 attention on the AVX512-BF16 dot products.
 
     The best one this CPU runs, unless the environment variable ``ATTNKERNELS_CPU_CAPABILITY`` (read once,
     at import) names a lower one. None when the compiled extension is not loaded.

@@ -60,7 +60,7 @@ PyObject* cpu_capability_note(PyObject*, PyObject*) {
 }
 
 PyMethodDef module_methods[] = {
-    {"cpu_capability", cpu_capability, METH_NOARGS, "The CPU variant of the kernels in use: default, avx2 or avx512."},
+    {"cpu_capability", cpu_capability, METH_NOARGS, "The CPU variant of the kernels in use: default, avx2, avx512 or avx512_bf16."},
     {"cpu_capability_note", cpu_capability_note, METH_NOARGS,
      "Why the variant in use is not the one ATTNKERNELS_CPU_CAPABILITY asks for ('' when it is)."},
     {nullptr, nullptr, 0, nullptr},

@@ -19,7 +19,7 @@ import attnkernels
 
 pytestmark = pytest.mark.skipif(not attnkernels._extension.has_extension(), reason="the extension is not built")
 
-ORDER = ("default", "avx2", "avx512")
+ORDER = ("default", "avx2", "avx512", "avx512_bf16")
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -44,7 +44,9 @@ def best_for_this_cpu() -> str:
         return "default"
     if not {"avx2", "fma", "f16c"} <= flags:
         return "default"
-    return "avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else "avx2"
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx2"
+    return "avx512_bf16" if "avx512_bf16" in flags else "avx512"
 
 
 def run_python(code: str, capability: str | None) -> subprocess.CompletedProcess:
@@ -94,18 +96,19 @@ def test_forcing_a_variant_this_cpu_runs_uses_it(capability):
 
 def test_forcing_a_variant_this_cpu_lacks_warns_and_uses_the_best():
     best = best_for_this_cpu()
-    if best == "avx512":
+    if best == "avx512_bf16":
         pytest.skip("this CPU runs every variant")
-    result = run_python(REPORT, "avx512")
+    result = run_python(REPORT, "avx512_bf16")
     assert reported(result) == best
-    assert "ATTNKERNELS_CPU_CAPABILITY=avx512 cannot be used" in result.stderr
+    assert "ATTNKERNELS_CPU_CAPABILITY=avx512_bf16 cannot be used" in result.stderr
     assert f"using the best available variant, '{best}'" in result.stderr
 
 
 def test_an_unknown_variant_name_warns_and_uses_the_best():
     result = run_python(REPORT, "avx9000")
     assert reported(result) == best_for_this_cpu()
-    assert "ATTNKERNELS_CPU_CAPABILITY=avx9000 is not one of 'default', 'avx2', 'avx512'" in result.stderr
+    expected = "ATTNKERNELS_CPU_CAPABILITY=avx9000 is not one of 'default', 'avx2', 'avx512', 'avx512_bf16'"
+    assert expected in result.stderr
 
 
 def exported_functions() -> list[tuple[str, str]]:

@@ -3,7 +3,11 @@
 // Forward: each task takes one block of queries of one (batch, head) and runs
 // over blocks of keys with an online softmax, so the L x S score matrix is
 // never built; it saves the output and the per-row log-sum-exp (lse). The
-// tile products QK^T and PV go to the BLAS that torch ships (sgemm/dgemm).
+// tile products QK^T and PV go to the BLAS that torch ships (sgemm/dgemm) on
+// float32 (float64) copies of the rows, or, for bfloat16 on a CPU with
+// AVX512-BF16, to the dot-product tiles of bf16_dot.h (the probabilities and
+// score gradients rounded to bfloat16 for their products, as torch's own CPU
+// flash attention does; accumulation in float32).
 //
 // Backward: recomputes each score tile from q, k and the saved lse. A task owns
 // a set of key blocks of one (batch, kv head): it accumulates their dK, dV over
@@ -30,6 +34,7 @@
 #include "../attention_checks.h"
 #include "attention_math.h"
 #include "attention_tiles.h"
+#include "bf16_dot.h"
 #include "cpu_kernels.h"
 
 namespace attnkernels {
@@ -55,14 +60,200 @@ Shape checked_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   return shape;
 }
 
+// ----------------------------------------------------------------------------- tile products
+
+// The forward's products on acc_t copies of the rows, through BLAS.
+template <typename scalar_t>
+struct BlasForwardTiles {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+  int64_t E, Ev;
+  std::vector<acc_t> q_buffer, k_buffer, v_buffer;
+  const acc_t *q_tile = nullptr, *k_tile = nullptr, *v_tile = nullptr;
+
+  BlasForwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
+      : E(E), Ev(Ev), q_buffer(kConvert ? query_block * E : 0), k_buffer(kConvert ? key_block * E : 0),
+        v_buffer(kConvert ? key_block * Ev : 0) {}
+
+  // q: (rows, E) contiguous.
+  void load_queries(const scalar_t* q, int64_t rows) { q_tile = rows_as_acc(q, 0, rows, E, q_buffer.data()); }
+  // k: (cols, E), v: (cols, Ev), contiguous.
+  void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
+    k_tile = rows_as_acc(k, 0, cols, E, k_buffer.data());
+    v_tile = rows_as_acc(v, 0, cols, Ev, v_buffer.data());
+  }
+  // scores (rows x cols, row stride ld) = scale * Q K^T
+  void scores(int64_t rows, int64_t cols, acc_t scale, acc_t* out, int64_t ld) {
+    gemm<acc_t>(false, true, rows, cols, E, scale, q_tile, E, k_tile, E, acc_t(0), out, ld);
+  }
+  // accum (rows x Ev) += probs V, probs (rows x cols, row stride ld)
+  void add_values(int64_t rows, int64_t cols, const acc_t* probs, int64_t ld, acc_t* accum) {
+    gemm<acc_t>(false, false, rows, Ev, cols, acc_t(1), probs, ld, v_tile, Ev, acc_t(1), accum, Ev);
+  }
+};
+
+// The backward's products on acc_t copies of the rows, through BLAS; it owns the key block's dK, dV.
+template <typename scalar_t>
+struct BlasBackwardTiles {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+  int64_t E, Ev;
+  std::vector<acc_t> q_buffer, do_buffer, k_buffer, v_buffer, dk, dv;
+  const acc_t *q_tile = nullptr, *do_tile = nullptr, *k_tile = nullptr, *v_tile = nullptr;
+
+  BlasBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
+      : E(E), Ev(Ev), q_buffer(kConvert ? query_block * E : 0), do_buffer(kConvert ? query_block * Ev : 0),
+        k_buffer(kConvert ? key_block * E : 0), v_buffer(kConvert ? key_block * Ev : 0), dk(key_block * E),
+        dv(key_block * Ev) {}
+
+  // k: (cols, E), v: (cols, Ev), contiguous; clears dK, dV.
+  void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
+    k_tile = rows_as_acc(k, 0, cols, E, k_buffer.data());
+    v_tile = rows_as_acc(v, 0, cols, Ev, v_buffer.data());
+    std::fill(dk.begin(), dk.end(), acc_t(0));
+    std::fill(dv.begin(), dv.end(), acc_t(0));
+  }
+  // q: (rows, E), grad_out: (rows, Ev), contiguous.
+  void load_queries(const scalar_t* q, const scalar_t* grad_out, int64_t rows) {
+    q_tile = rows_as_acc(q, 0, rows, E, q_buffer.data());
+    do_tile = rows_as_acc(grad_out, 0, rows, Ev, do_buffer.data());
+  }
+  // out (rows x cols, row stride ld) = scale * Q K^T
+  void scores(int64_t rows, int64_t cols, acc_t scale, acc_t* out, int64_t ld) {
+    gemm<acc_t>(false, true, rows, cols, E, scale, q_tile, E, k_tile, E, acc_t(0), out, ld);
+  }
+  // out (rows x cols) = dO V^T
+  void grad_probs(int64_t rows, int64_t cols, acc_t* out, int64_t ld) {
+    gemm<acc_t>(false, true, rows, cols, Ev, acc_t(1), do_tile, Ev, v_tile, Ev, acc_t(0), out, ld);
+  }
+  // dV += P^T dO
+  void add_grad_values(int64_t rows, int64_t cols, const acc_t* probs, int64_t ld) {
+    gemm<acc_t>(true, false, cols, Ev, rows, acc_t(1), probs, ld, do_tile, Ev, acc_t(1), dv.data(), Ev);
+  }
+  // dK += scale * dS^T Q
+  void add_grad_keys(int64_t rows, int64_t cols, const acc_t* grad_scores, int64_t ld, acc_t scale) {
+    gemm<acc_t>(true, false, cols, E, rows, scale, grad_scores, ld, q_tile, E, acc_t(1), dk.data(), E);
+  }
+  // dq (rows x E, contiguous) += scale * dS K
+  void add_grad_queries(int64_t rows, int64_t cols, const acc_t* grad_scores, int64_t ld, acc_t scale, acc_t* dq) {
+    gemm<acc_t>(false, false, rows, E, cols, scale, grad_scores, ld, k_tile, E, acc_t(1), dq, E);
+  }
+  // grad_k: (cols, E), grad_v: (cols, Ev) of the key block.
+  void store_key_grads(scalar_t* grad_k, scalar_t* grad_v, int64_t cols) const {
+    for (int64_t i = 0; i < cols * E; ++i) grad_k[i] = static_cast<scalar_t>(dk[i]);
+    for (int64_t i = 0; i < cols * Ev; ++i) grad_v[i] = static_cast<scalar_t>(dv[i]);
+  }
+};
+
+#if defined(ATTNKERNELS_CPU_AVX512)
+// bfloat16 products on the AVX512-BF16 dot-product tiles (bf16_dot.h); E and Ev even, so that
+// the query and gradient rows serve as left operands as they are.
+struct DotForwardTiles {
+  using scalar_t = c10::BFloat16;
+  int64_t E, Ev;
+  const scalar_t* q_rows = nullptr;
+  std::vector<uint32_t> keys_packed, values_packed;
+  std::vector<scalar_t> probs_rounded;
+
+  DotForwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
+      : E(E), Ev(Ev), keys_packed(pair_count(E) * packed_width(key_block)),
+        values_packed(pair_count(key_block) * packed_width(Ev)), probs_rounded(query_block * 2 * pair_count(key_block)) {}
+
+  void load_queries(const scalar_t* q, int64_t) { q_rows = q; }
+  void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
+    pack_pairs_from_rows(k, cols, E, E, keys_packed.data());
+    pack_pairs_from_columns(v, cols, Ev, Ev, values_packed.data());
+  }
+  void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld) {
+    dot_product(rows, cols, E / 2, q_rows, E, 2, keys_packed.data(), packed_width(cols), scale, false, out, ld);
+  }
+  void add_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, float* accum) {
+    round_rows(probs, rows, cols, ld, probs_rounded.data());
+    const int64_t pairs = pair_count(cols);
+    dot_product(rows, Ev, pairs, probs_rounded.data(), 2 * pairs, 2, values_packed.data(), packed_width(Ev), 1.0f,
+                true, accum, Ev);
+  }
+};
+
+// dK and dV are accumulated transposed, (E x key_block) and (Ev x key_block): their products
+// reduce over the query rows, which the packed right operands (P, dS) pair up.
+struct DotBackwardTiles {
+  using scalar_t = c10::BFloat16;
+  int64_t E, Ev, key_block;
+  const scalar_t *q_rows = nullptr, *do_rows = nullptr;
+  std::vector<uint32_t> keys_by_rows, values_by_rows, keys_by_columns, queries_by_columns, grad_out_by_columns,
+      operand_packed;
+  std::vector<scalar_t> grad_scores_rounded;
+  std::vector<float> dk_t, dv_t;
+
+  DotBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
+      : E(E), Ev(Ev), key_block(key_block), keys_by_rows(pair_count(E) * packed_width(key_block)),
+        values_by_rows(pair_count(Ev) * packed_width(key_block)),
+        keys_by_columns(pair_count(key_block) * packed_width(E)),
+        queries_by_columns(pair_count(query_block) * packed_width(E)),
+        grad_out_by_columns(pair_count(query_block) * packed_width(Ev)),
+        operand_packed(pair_count(query_block) * packed_width(key_block)),
+        grad_scores_rounded(query_block * 2 * pair_count(key_block)), dk_t(E * key_block), dv_t(Ev * key_block) {}
+
+  void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
+    pack_pairs_from_rows(k, cols, E, E, keys_by_rows.data());
+    pack_pairs_from_rows(v, cols, Ev, Ev, values_by_rows.data());
+    pack_pairs_from_columns(k, cols, E, E, keys_by_columns.data());
+    std::fill(dk_t.begin(), dk_t.end(), 0.0f);
+    std::fill(dv_t.begin(), dv_t.end(), 0.0f);
+  }
+  void load_queries(const scalar_t* q, const scalar_t* grad_out, int64_t rows) {
+    q_rows = q;
+    do_rows = grad_out;
+    pack_pairs_from_columns(q, rows, E, E, queries_by_columns.data());
+    pack_pairs_from_columns(grad_out, rows, Ev, Ev, grad_out_by_columns.data());
+  }
+  void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld) {
+    dot_product(rows, cols, E / 2, q_rows, E, 2, keys_by_rows.data(), packed_width(cols), scale, false, out, ld);
+  }
+  void grad_probs(int64_t rows, int64_t cols, float* out, int64_t ld) {
+    dot_product(rows, cols, Ev / 2, do_rows, Ev, 2, values_by_rows.data(), packed_width(cols), 1.0f, false, out, ld);
+  }
+  // dV^T (Ev x cols) += dO^T P: the left operand's pair (t, e) is word (t, e) of grad_out_by_columns.
+  void add_grad_values(int64_t rows, int64_t cols, const float* probs, int64_t ld) {
+    pack_pairs_from_columns(probs, rows, cols, ld, operand_packed.data());
+    dot_product(Ev, cols, pair_count(rows), reinterpret_cast<const scalar_t*>(grad_out_by_columns.data()), 2,
+                2 * packed_width(Ev), operand_packed.data(), packed_width(cols), 1.0f, true, dv_t.data(), key_block);
+  }
+  // dK^T (E x cols) += scale * Q^T dS
+  void add_grad_keys(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale) {
+    pack_pairs_from_columns(grad_scores, rows, cols, ld, operand_packed.data());
+    dot_product(E, cols, pair_count(rows), reinterpret_cast<const scalar_t*>(queries_by_columns.data()), 2,
+                2 * packed_width(E), operand_packed.data(), packed_width(cols), scale, true, dk_t.data(), key_block);
+  }
+  // dq (rows x E) += scale * dS K
+  void add_grad_queries(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale, float* dq) {
+    round_rows(grad_scores, rows, cols, ld, grad_scores_rounded.data());
+    const int64_t pairs = pair_count(cols);
+    dot_product(rows, E, pairs, grad_scores_rounded.data(), 2 * pairs, 2, keys_by_columns.data(), packed_width(E),
+                scale, true, dq, E);
+  }
+  void store_key_grads(scalar_t* grad_k, scalar_t* grad_v, int64_t cols) const {
+    for (int64_t j = 0; j < cols; ++j) {
+      for (int64_t e = 0; e < E; ++e) grad_k[j * E + e] = static_cast<scalar_t>(dk_t[e * key_block + j]);
+      for (int64_t e = 0; e < Ev; ++e) grad_v[j * Ev + e] = static_cast<scalar_t>(dv_t[e * key_block + j]);
+    }
+  }
+};
+
+// Whether the dot-product tiles serve bfloat16 inputs of this shape.
+bool use_dot_tiles(const Shape& shape) {
+  return shape.E % 2 == 0 && shape.Ev % 2 == 0 && bf16_dot_products_enabled();
+}
+#endif
+
 // ----------------------------------------------------------------------------- forward
 
-template <typename scalar_t>
+template <typename scalar_t, typename Tiles>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& mask_tensor, const Shape& shape, double scale_d, bool is_causal,
                   double dropout_p, int64_t seed, at::Tensor& out, at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
   const MaskView<acc_t> mask(mask_tensor, shape);
   const DropoutMask dropout(seed, dropout_p);
   const bool use_dropout = dropout_p > 0;
@@ -80,21 +271,21 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
   struct Scratch {
-    std::vector<acc_t> scores, accum, row_max, row_sum, q_buffer, k_buffer, v_buffer;
+    std::vector<acc_t> scores, accum, row_max, row_sum;
+    Tiles tiles;
   };
   auto make_scratch = [&] {
     return Scratch{std::vector<acc_t>(Bq * Bk), std::vector<acc_t>(Bq * Ev), std::vector<acc_t>(Bq),
-                   std::vector<acc_t>(Bq), std::vector<acc_t>(convert ? Bq * E : 0),
-                   std::vector<acc_t>(convert ? Bk * E : 0), std::vector<acc_t>(convert ? Bk * Ev : 0)};
+                   std::vector<acc_t>(Bq), Tiles(Bq, Bk, E, Ev)};
   };
   parallel_tasks(batch * q_heads * query_blocks, make_scratch, [&](int64_t task, Scratch& scratch) {
-    auto& [scores, accum, row_max, row_sum, q_buffer, k_buffer, v_buffer] = scratch;
+    auto& [scores, accum, row_max, row_sum, tiles] = scratch;
     {
       const int64_t bh = task / query_blocks;
       const int64_t row0 = (task % query_blocks) * Bq;
       const int64_t rows = std::min(Bq, L - row0);
       const int64_t kv = (bh / q_heads) * kv_heads + (bh % q_heads) / group;
-      const acc_t* q_tile = rows_as_acc(q_data + bh * L * E, row0, rows, E, q_buffer.data());
+      tiles.load_queries(q_data + (bh * L + row0) * E, rows);
       std::fill(row_max.begin(), row_max.end(), neg_inf);
       std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
       std::fill(accum.begin(), accum.end(), acc_t(0));
@@ -103,9 +294,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       for (int64_t col0 = 0; col0 < key_end; col0 += Bk) {
         const int64_t cols = std::min(Bk, key_end - col0);
         if (hidden_and_inert(mask, shape, bh, kv, row0, rows, col0, cols, q_data, k_data, v_data, scale_d)) continue;
-        const acc_t* k_tile = rows_as_acc(k_data + kv * S * E, col0, cols, E, k_buffer.data());
-        const acc_t* v_tile = rows_as_acc(v_data + kv * S * Ev, col0, cols, Ev, v_buffer.data());
-        gemm<acc_t>(false, true, rows, cols, E, scale, q_tile, E, k_tile, E, acc_t(0), scores.data(), Bk);
+        tiles.load_keys(k_data + (kv * S + col0) * E, v_data + (kv * S + col0) * Ev, cols);
+        tiles.scores(rows, cols, scale, scores.data(), Bk);
         if (mask.present()) mask.apply(bh, row0, rows, col0, cols, scores.data(), Bk);
         if (is_causal && col0 + cols - 1 > row0) apply_causal(row0, rows, col0, cols, scores.data(), Bk);
         // Online softmax: rescale what was accumulated under the old row maximum.
@@ -130,8 +320,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           const uint64_t first = static_cast<uint64_t>((bh * L + row0) * S + col0);
           apply_dropout(dropout, keep_scale, first, S, rows, cols, scores.data(), Bk);
         }
-        gemm<acc_t>(false, false, rows, Ev, cols, acc_t(1), scores.data(), Bk, v_tile, Ev, acc_t(1), accum.data(),
-                    Ev);
+        tiles.add_values(rows, cols, scores.data(), Bk, accum.data());
       }
       for (int64_t r = 0; r < rows; ++r) {
         const acc_t sum = row_sum[r];
@@ -167,14 +356,25 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& query, const 
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "attention_cpu", [&] {
-    forward_impl<scalar_t>(q, k, v, attn_mask, shape, scale, is_causal, dropout_p, seed, out, lse);
+#if defined(ATTNKERNELS_CPU_AVX512)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (use_dot_tiles(shape)) {
+        forward_impl<scalar_t, DotForwardTiles>(q, k, v, attn_mask, shape, scale, is_causal, dropout_p, seed, out, lse);
+        return;
+      }
+    }
+#endif
+    {
+      forward_impl<scalar_t, BlasForwardTiles<scalar_t>>(q, k, v, attn_mask, shape, scale, is_causal, dropout_p, seed,
+                                                         out, lse);
+    }
   });
   return {out, lse};
 }
 
 // ----------------------------------------------------------------------------- backward
 
-template <typename scalar_t>
+template <typename scalar_t, typename Tiles>
 void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
                    const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask_tensor,
                    const at::Tensor& out, const at::Tensor& lse, const Shape& shape, double scale_d, bool is_causal,
@@ -230,16 +430,14 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   acc_t* grad_mask_data = grad_mask.defined() ? grad_mask.mutable_data_ptr<acc_t>() : nullptr;
 
   struct Scratch {
-    std::vector<acc_t> probs, grad_probs, dk, dv, q_buffer, do_buffer, k_buffer, v_buffer;
+    std::vector<acc_t> probs, grad_probs;
+    Tiles tiles;
   };
   auto make_scratch = [&] {
-    return Scratch{std::vector<acc_t>(Bq * Bk), std::vector<acc_t>(Bq * Bk), std::vector<acc_t>(Bk * E),
-                   std::vector<acc_t>(Bk * Ev), std::vector<acc_t>(convert ? Bq * E : 0),
-                   std::vector<acc_t>(convert ? Bq * Ev : 0), std::vector<acc_t>(convert ? Bk * E : 0),
-                   std::vector<acc_t>(convert ? Bk * Ev : 0)};
+    return Scratch{std::vector<acc_t>(Bq * Bk), std::vector<acc_t>(Bq * Bk), Tiles(Bq, Bk, E, Ev)};
   };
   parallel_tasks(pairs * shares, make_scratch, [&](int64_t task, Scratch& scratch) {
-    auto& [probs, grad_probs, dk, dv, q_buffer, do_buffer, k_buffer, v_buffer] = scratch;
+    auto& [probs, grad_probs, tiles] = scratch;
     {
       const int64_t kv = task / shares;  // b * kv_heads + hkv
       const int64_t share = task % shares;
@@ -249,10 +447,7 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
       for (int64_t key_block = share; key_block < key_blocks; key_block += shares) {
         const int64_t col0 = key_block * Bk;
         const int64_t cols = std::min(Bk, S - col0);
-        const acc_t* k_tile = rows_as_acc(k_data + kv * S * E, col0, cols, E, k_buffer.data());
-        const acc_t* v_tile = rows_as_acc(v_data + kv * S * Ev, col0, cols, Ev, v_buffer.data());
-        std::fill(dk.begin(), dk.end(), acc_t(0));
-        std::fill(dv.begin(), dv.end(), acc_t(0));
+        tiles.load_keys(k_data + (kv * S + col0) * E, v_data + (kv * S + col0) * Ev, cols);
         for (int64_t hq = hkv * group; hq < (hkv + 1) * group; ++hq) {
           const int64_t bh = b * q_heads + hq;
           // Causal: rows before col0 see none of these keys.
@@ -266,10 +461,9 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
                 gradient_rows_finite(lse_data, delta.data(), grad_out_data, bh * L + row0, rows, Ev)) {
               continue;
             }
-            const acc_t* q_tile = rows_as_acc(q_data + bh * L * E, row0, rows, E, q_buffer.data());
-            const acc_t* do_tile = rows_as_acc(grad_out_data + bh * L * Ev, row0, rows, Ev, do_buffer.data());
+            tiles.load_queries(q_data + (bh * L + row0) * E, grad_out_data + (bh * L + row0) * Ev, rows);
             // P = exp(scale * Q K^T + mask - lse)
-            gemm<acc_t>(false, true, rows, cols, E, scale, q_tile, E, k_tile, E, acc_t(0), probs.data(), Bk);
+            tiles.scores(rows, cols, scale, probs.data(), Bk);
             if (mask.present()) mask.apply(bh, row0, rows, col0, cols, probs.data(), Bk);
             if (is_causal && col0 + cols - 1 > row0) apply_causal(row0, rows, col0, cols, probs.data(), Bk);
             for (int64_t r = 0; r < rows; ++r) {
@@ -282,8 +476,7 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
               exp_shifted_sum(row, cols, row_lse);
             }
             // dP = dO V^T, through the dropout mask when there is one.
-            gemm<acc_t>(false, true, rows, cols, Ev, acc_t(1), do_tile, Ev, v_tile, Ev, acc_t(0),
-                        grad_probs.data(), Bk);
+            tiles.grad_probs(rows, cols, grad_probs.data(), Bk);
             const uint64_t first = static_cast<uint64_t>((bh * L + row0) * S + col0);
             if (use_dropout) apply_dropout(dropout, keep_scale, first, S, rows, cols, grad_probs.data(), Bk);
             // dS = P * (dP - delta), computed in place over grad_probs.
@@ -296,23 +489,18 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
             }
             // dV += (P after dropout)^T dO
             if (use_dropout) apply_dropout(dropout, keep_scale, first, S, rows, cols, probs.data(), Bk);
-            gemm<acc_t>(true, false, cols, Ev, rows, acc_t(1), probs.data(), Bk, do_tile, Ev, acc_t(1), dv.data(),
-                        Ev);
+            tiles.add_grad_values(rows, cols, probs.data(), Bk);
             if (grad_mask_data != nullptr) {
               for (int64_t r = 0; r < rows; ++r) {
                 std::copy(grad_probs.data() + r * Bk, grad_probs.data() + r * Bk + cols,
                           grad_mask_data + (bh * L + row0 + r) * S + col0);
               }
             }
-            gemm<acc_t>(true, false, cols, E, rows, scale, grad_probs.data(), Bk, q_tile, E, acc_t(1), dk.data(), E);
-            gemm<acc_t>(false, false, rows, E, cols, scale, grad_probs.data(), Bk, k_tile, E, acc_t(1),
-                        dq_share + (bh * L + row0) * E, E);
+            tiles.add_grad_keys(rows, cols, grad_probs.data(), Bk, scale);
+            tiles.add_grad_queries(rows, cols, grad_probs.data(), Bk, scale, dq_share + (bh * L + row0) * E);
           }
         }
-        scalar_t* dk_out = grad_k_data + (kv * S + col0) * E;
-        scalar_t* dv_out = grad_v_data + (kv * S + col0) * Ev;
-        for (int64_t i = 0; i < cols * E; ++i) dk_out[i] = static_cast<scalar_t>(dk[i]);
-        for (int64_t i = 0; i < cols * Ev; ++i) dv_out[i] = static_cast<scalar_t>(dv[i]);
+        tiles.store_key_grads(grad_k_data + (kv * S + col0) * E, grad_v_data + (kv * S + col0) * Ev, cols);
       }
     }
   });
@@ -354,8 +542,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     std::optional<at::Tensor> gl;
     if (grad_lse.has_value()) gl = grad_lse->contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "attention_backward_cpu", [&] {
-      backward_impl<scalar_t>(go, gl, q, k, v, attn_mask, o, l, shape, scale, is_causal, dropout_p, seed, grad_q,
-                              grad_k, grad_v, grad_mask);
+#if defined(ATTNKERNELS_CPU_AVX512)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (use_dot_tiles(shape)) {
+          backward_impl<scalar_t, DotBackwardTiles>(go, gl, q, k, v, attn_mask, o, l, shape, scale, is_causal,
+                                                    dropout_p, seed, grad_q, grad_k, grad_v, grad_mask);
+          return;
+        }
+      }
+#endif
+      {
+        backward_impl<scalar_t, BlasBackwardTiles<scalar_t>>(go, gl, q, k, v, attn_mask, o, l, shape, scale,
+                                                             is_causal, dropout_p, seed, grad_q, grad_k, grad_v,
+                                                             grad_mask);
+      }
     });
   }
   auto empty = [&](bool wanted, const at::Tensor& t) { return wanted ? t : t.new_empty({0}); };

@@ -4,11 +4,13 @@
 //
 // setup.py compiles the kernel files once per variant (see ../cpu_isa.h):
 // `default` (plain x86-64, or whatever the target is elsewhere), and on x86-64
-// `avx2` (AVX2 + FMA + F16C) and `avx512` (AVX-512 F/BW/VL/DQ). This file is
+// `avx2` (AVX2 + FMA + F16C) and `avx512` (AVX-512 F/BW/VL/DQ). The capability
+// `avx512_bf16` is the avx512 variant with its bfloat16 attention products on
+// the AVX512-BF16 dot-product instruction (csrc/cpu/bf16_dot.h). This file is
 // compiled with the plain flags only: it must run on every CPU, to find out
 // which variant the CPU can run. The choice is made once, at the first call:
-// the best variant the CPU supports, or a lower one named by the environment
-// variable ATTNKERNELS_CPU_CAPABILITY (default, avx2, avx512).
+// the best capability the CPU supports, or a lower one named by the environment
+// variable ATTNKERNELS_CPU_CAPABILITY (default, avx2, avx512, avx512_bf16).
 #include <torch/library.h>
 
 #include <cctype>
@@ -29,10 +31,11 @@ ATTNKERNELS_DECLARE_CPU_KERNELS(avx512)
 
 namespace {
 
-enum class Capability { Default = 0, Avx2 = 1, Avx512 = 2 };
+enum class Capability { Default = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 
 const char* name_of(Capability capability) {
   switch (capability) {
+    case Capability::Avx512Bf16: return "avx512_bf16";
     case Capability::Avx512: return "avx512";
     case Capability::Avx2: return "avx2";
     default: return "default";
@@ -47,6 +50,7 @@ Capability best_supported() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx2 && avx512 && __builtin_cpu_supports("avx512bf16")) return Capability::Avx512Bf16;
   if (avx2 && avx512) return Capability::Avx512;
   if (avx2) return Capability::Avx2;
 #endif
@@ -68,15 +72,18 @@ Selection select() {
     std::string name(requested);
     for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
     const std::string use = std::string("; using the best available variant, '") + name_of(best) + "'.";
-    if (name == "default" || name == "avx2" || name == "avx512") {
-      const Capability wanted =
-          name == "avx512" ? Capability::Avx512 : name == "avx2" ? Capability::Avx2 : Capability::Default;
+    if (name == "default" || name == "avx2" || name == "avx512" || name == "avx512_bf16") {
+      const Capability wanted = name == "avx512_bf16" ? Capability::Avx512Bf16
+                                : name == "avx512"    ? Capability::Avx512
+                                : name == "avx2"      ? Capability::Avx2
+                                                      : Capability::Default;
       if (wanted <= best) {
         chosen.capability = wanted;
       } else {
 #if defined(ATTNKERNELS_CPU_VARIANTS)
-        const char* why = wanted == Capability::Avx512 ? "this CPU lacks AVX-512 (F, BW, VL and DQ)"
-                                                       : "this CPU lacks AVX2, FMA or F16C";
+        const char* why = wanted == Capability::Avx512Bf16 ? "this CPU lacks AVX-512 (F, BW, VL and DQ) or AVX512-BF16"
+                          : wanted == Capability::Avx512 ? "this CPU lacks AVX-512 (F, BW, VL and DQ)"
+                                                         : "this CPU lacks AVX2, FMA or F16C";
 #else
         const char* why = "this build of attnkernels has only the default CPU variant (it was not built for x86-64)";
 #endif
@@ -85,11 +92,12 @@ Selection select() {
       }
     } else {
       chosen.note = "attnkernels: ATTNKERNELS_CPU_CAPABILITY=" + std::string(requested) +
-                    " is not one of 'default', 'avx2', 'avx512'" + use;
+                    " is not one of 'default', 'avx2', 'avx512', 'avx512_bf16'" + use;
     }
   }
   switch (chosen.capability) {
 #if defined(ATTNKERNELS_CPU_VARIANTS)
+    case Capability::Avx512Bf16:
     case Capability::Avx512: chosen.kernels = ATTNKERNELS_CPU_KERNELS_OF(avx512); break;
     case Capability::Avx2: chosen.kernels = ATTNKERNELS_CPU_KERNELS_OF(avx2); break;
 #endif
@@ -117,6 +125,7 @@ struct ChosenVariant<Entry> {
 // For attnkernels.cpu_capability() (csrc/ops.cpp).
 const char* cpu_capability_name() { return name_of(selection().capability); }
 const char* cpu_capability_note() { return selection().note.c_str(); }
+bool bf16_dot_products_enabled() { return selection().capability == Capability::Avx512Bf16; }
 
 // Every CPU kernel of the library is registered here.
 TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {

@@ -1,0 +1,173 @@
+// Unit test of csrc/cpu/bf16_dot.h (the AVX512-BF16 tile products of the CPU attention kernels)
+// against plain double loops on the same bfloat16 values, over random shapes that cover every
+// row and column tail and odd reduction lengths. Built by tests/test_bf16_dot.py with the avx512
+// variant's flags; prints "skip" and exits 0 on a CPU without AVX512-BF16.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "cpu/bf16_dot.h"
+
+using attnkernels::cpu::avx512::dot_product;
+using attnkernels::cpu::avx512::pack_pairs_from_columns;
+using attnkernels::cpu::avx512::pack_pairs_from_rows;
+using attnkernels::cpu::avx512::packed_width;
+using attnkernels::cpu::avx512::pair_count;
+using attnkernels::cpu::avx512::round_rows;
+using BF16 = c10::BFloat16;
+
+namespace {
+
+std::mt19937 rng(1234);
+int failures = 0;
+
+std::vector<float> random_floats(int64_t n) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> out(n);
+  for (auto& x : out) x = normal(rng);
+  return out;
+}
+
+// Scratch buffers start as NaN, as reused ones may hold anything: a pad a packer fails to zero shows.
+constexpr uint32_t kNaNPair = 0x7FC07FC0u;
+std::vector<uint32_t> packed_buffer(int64_t k, int64_t n) {
+  return std::vector<uint32_t>(pair_count(k) * packed_width(n), kNaNPair);
+}
+
+std::vector<BF16> to_bf16(const std::vector<float>& x) {
+  std::vector<BF16> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = BF16(x[i]);
+  return out;
+}
+
+// got (m x n, row stride ldc) against want = alpha * sum_p a(i, p) b(p, j) (+ base) in double.
+template <typename A, typename B>
+void check(const char* what, int64_t m, int64_t n, int64_t k, A a, B b, float alpha, const std::vector<float>& base,
+           const std::vector<float>& got, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      double want = 0, magnitude = 0;
+      for (int64_t p = 0; p < k; ++p) {
+        want += static_cast<double>(a(i, p)) * static_cast<double>(b(p, j));
+        magnitude += std::abs(static_cast<double>(a(i, p)) * static_cast<double>(b(p, j)));
+      }
+      want = want * alpha + (base.empty() ? 0.0 : base[i * ldc + j]);
+      const double error = std::abs(got[i * ldc + j] - want);
+      if (!(error <= 1e-5 * (std::abs(alpha) * magnitude + 1.0))) {
+        if (failures++ < 10) {
+          std::printf("FAIL %s m=%lld n=%lld k=%lld at (%lld, %lld): got %g want %g\n", what, (long long)m,
+                      (long long)n, (long long)k, (long long)i, (long long)j, got[i * ldc + j], want);
+        }
+        return;
+      }
+    }
+  }
+}
+
+// C = A X^T with X (n x k) packed by rows, A (m x k) bfloat16 rows used in place (k even: QK^T,
+// dO V^T), or float32 rows rounded to bfloat16 (any k).
+void rows_times_rows(int64_t m, int64_t n, int64_t k, bool in_place) {
+  const auto a_float = random_floats(m * k);
+  const auto a = to_bf16(a_float), x = to_bf16(random_floats(n * k));
+  std::vector<BF16> a_rounded(m * 2 * pair_count(k), BF16(NAN));
+  round_rows(a_float.data(), m, k, k, a_rounded.data());
+  auto packed = packed_buffer(k, n);
+  pack_pairs_from_rows(x.data(), n, k, k, packed.data());
+  const int64_t ldc = n + 3;
+  std::vector<float> c(m * ldc, 7.0f);
+  if (in_place) {
+    dot_product(m, n, k / 2, a.data(), k, 2, packed.data(), packed_width(n), 0.5f, false, c.data(), ldc);
+  } else {
+    dot_product(m, n, pair_count(k), a_rounded.data(), 2 * pair_count(k), 2, packed.data(), packed_width(n), 0.5f,
+                false, c.data(), ldc);
+  }
+  check("rows x rows", m, n, k, [&](int64_t i, int64_t p) { return float(a[i * k + p]); },
+        [&](int64_t p, int64_t j) { return float(x[j * k + p]); }, 0.5f, {}, c, ldc);
+}
+
+// C += A X with A float32 rows rounded to bfloat16 (any k) and X (k x n) packed by columns: PV, dS K.
+template <typename T>
+void rounded_rows_times_columns(int64_t m, int64_t n, int64_t k) {
+  const auto a = random_floats(m * k);
+  const auto x_float = random_floats(k * n);
+  std::vector<T> x(x_float.begin(), x_float.end());
+  std::vector<BF16> a_rounded(m * 2 * pair_count(k), BF16(NAN));
+  round_rows(a.data(), m, k, k, a_rounded.data());
+  auto packed = packed_buffer(k, n);
+  pack_pairs_from_columns(x.data(), k, n, n, packed.data());
+  const int64_t ldc = n;
+  auto base = random_floats(m * ldc);
+  auto c = base;
+  dot_product(m, n, pair_count(k), a_rounded.data(), 2 * pair_count(k), 2, packed.data(), packed_width(n), 1.5f, true,
+              c.data(), ldc);
+  check("rounded rows x columns", m, n, k, [&](int64_t i, int64_t p) { return float(BF16(a[i * k + p])); },
+        [&](int64_t p, int64_t j) { return float(BF16(float(x[p * n + j]))); }, 1.5f, base, c, ldc);
+}
+
+// C += Y^T X with Y (k x m) and X (k x n) both packed by columns, Y read as the left operand
+// through strides: dV^T += dO^T P, dK^T += Q^T dS.
+void columns_times_columns(int64_t m, int64_t n, int64_t k) {
+  const auto y = to_bf16(random_floats(k * m));
+  const auto x = random_floats(k * n);
+  auto y_packed = packed_buffer(k, m), x_packed = packed_buffer(k, n);
+  pack_pairs_from_columns(y.data(), k, m, m, y_packed.data());
+  pack_pairs_from_columns(x.data(), k, n, n, x_packed.data());
+  const int64_t ldc = n + 1;
+  auto base = random_floats(m * ldc);
+  auto c = base;
+  dot_product(m, n, pair_count(k), reinterpret_cast<const BF16*>(y_packed.data()), 2, 2 * packed_width(m),
+              x_packed.data(), packed_width(n), -1.0f, true, c.data(), ldc);
+  check("columns x columns", m, n, k, [&](int64_t i, int64_t p) { return float(y[p * m + i]); },
+        [&](int64_t p, int64_t j) { return float(BF16(x[p * n + j])); }, -1.0f, base, c, ldc);
+}
+
+// A NaN or infinity in one row of A reaches that row of C only.
+void non_finite_stays_in_its_row() {
+  const int64_t m = 9, n = 40, k = 6;
+  auto a = to_bf16(random_floats(m * k));
+  const auto x = to_bf16(random_floats(n * k));
+  a[3 * k + 1] = BF16(NAN);
+  a[5 * k + 4] = BF16(INFINITY);
+  auto packed = packed_buffer(k, n);
+  pack_pairs_from_rows(x.data(), n, k, k, packed.data());
+  std::vector<float> c(m * n);
+  dot_product(m, n, k / 2, a.data(), k, 2, packed.data(), packed_width(n), 1.0f, false, c.data(), n);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      const bool finite = std::isfinite(c[i * n + j]);
+      if (finite != (i != 3 && i != 5) || (i == 3 && !std::isnan(c[i * n + j]))) {
+        if (failures++ < 10) std::printf("FAIL non-finite row %lld col %lld: %g\n", (long long)i, (long long)j, c[i * n + j]);
+        return;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512bw")) {
+    std::printf("skip: this CPU has no AVX512-BF16\n");
+    return 0;
+  }
+  std::uniform_int_distribution<int64_t> rows(1, 37), cols(1, 100), depth(1, 70);
+  for (int trial = 0; trial < 60; ++trial) {
+    const int64_t m = rows(rng), n = cols(rng), k = depth(rng);
+    rows_times_rows(m, n, 2 * ((k + 1) / 2), true);
+    rows_times_rows(m, n, k, false);
+    rounded_rows_times_columns<BF16>(m, n, k);
+    rounded_rows_times_columns<float>(m, n, k);
+    columns_times_columns(m, n, k);
+  }
+  for (int64_t k : {1, 2, 31, 32, 33, 64, 512}) {  // the attention tiles' shapes and their edges
+    rounded_rows_times_columns<BF16>(8, 64, k);
+    columns_times_columns(64, 256, k);
+  }
+  rows_times_rows(256, 512, 64, true);
+  non_finite_stays_in_its_row();
+  std::printf(failures == 0 ? "ok\n" : "%d failures\n", failures);
+  return failures == 0 ? 0 : 1;
+}

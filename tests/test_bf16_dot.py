@@ -1,0 +1,82 @@
+"""The AVX512-BF16 tile products of the CPU attention kernels (csrc/cpu/bf16_dot.h), unit-tested in C++
+(tests/cpp/bf16_dot_test.cpp) against double loops on the same bfloat16 values, built with the avx512
+variant's flags; and bfloat16 attention on random shapes, whose products use those tiles when
+attnkernels.cpu_capability() is "avx512_bf16", held to the FlashAttention rule against torch."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from attention_cases import gradients
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnkernels
+
+ROOT = Path(__file__).resolve().parents[1]
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+AVX512_FLAGS = ["-DATTNKERNELS_CPU_AVX512", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                "-mavx512dq"]
+
+
+@pytest.mark.skipif(not X86 or shutil.which("g++") is None, reason="needs x86-64 and g++")
+def test_dot_tiles_cpp_unit_test(tmp_path):
+    from torch.utils.cpp_extension import include_paths
+
+    binary = tmp_path / "bf16_dot_test"
+    # C++17: the oldest standard the extension is built with (torch 2.11).
+    build = subprocess.run(["g++", "-std=c++17", "-O1", *AVX512_FLAGS, "-I", str(ROOT / "csrc"), "-I",
+                            include_paths()[0], str(ROOT / "tests" / "cpp" / "bf16_dot_test.cpp"), "-o", str(binary)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    if run.stdout.startswith("skip"):
+        pytest.skip(run.stdout.strip())
+    assert run.stdout.strip() == "ok"
+
+
+needs_cpu_kernel = pytest.mark.skipif(not attnkernels._extension.has_extension(),
+                                      reason="the compiled extension is not built")
+
+
+@needs_cpu_kernel
+@settings(max_examples=15, deadline=None)
+@given(L=st.integers(1, 300), S=st.integers(1, 600), E=st.sampled_from([2, 6, 16, 30, 64, 80, 128]),
+       Ev=st.sampled_from([2, 14, 32, 64, 96]), group=st.sampled_from([1, 2]), causal=st.booleans(),
+       mask_kind=st.sampled_from([None, "bool", "float"]))
+def test_bfloat16_random_shapes_keep_the_flash_attention_rule(L, S, E, Ev, group, causal, mask_kind):
+    """Every row and column tail of the tiles (L, S up to two blocks), even head dims of any size."""
+    generator = torch.Generator().manual_seed(L * 1000 + S)
+    q64 = torch.randn(1, 2 * group, L, E, generator=generator, dtype=torch.float64)
+    k64 = torch.randn(1, 2, S, E, generator=generator, dtype=torch.float64)
+    v64 = torch.randn(1, 2, S, Ev, generator=generator, dtype=torch.float64)
+    mask = None
+    if not causal and mask_kind == "bool":
+        mask = torch.rand(L, S, generator=generator) > 0.3
+        mask[:, 0] = True  # fully masked rows are tested elsewhere; here they would only make NaN truths
+    elif not causal and mask_kind == "float":
+        mask = torch.randn(L, S, generator=generator, dtype=torch.float64)
+
+    def run_in(dtype, fn):
+        q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
+        m = mask if mask is None or mask.dtype == torch.bool else mask.to(dtype)
+        out = fn(q, k, v, m)
+        return [out, *gradients(out, (q, k, v))]
+
+    kwargs = {"is_causal": causal and mask is None, "enable_gqa": group > 1}
+    ours = run_in(torch.bfloat16, lambda q, k, v, m: attnkernels.scaled_dot_product_attention(
+        q, k, v, m, backend="cpu", **kwargs))
+    theirs = run_in(torch.bfloat16, lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
+    exact = run_in(torch.float64, lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
+    for index, (mine, torchs, truth) in enumerate(zip(ours, theirs, exact, strict=True)):
+        assert mine.dtype == torch.bfloat16 and not mine.isnan().any()
+        our_error = (mine.double() - truth).abs().max().item()
+        torch_error = (torchs.double() - truth).abs().nan_to_num(0).max().item()
+        assert our_error <= (2 if index == 0 else 3) * torch_error + 1e-3, (index, our_error, torch_error)
