@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the CPU-kernel tests under every CPU variant of the kernels that this machine can run (default, avx2,
 # avx512: see csrc/cpu/cpu_dispatch.cpp), each forced with ATTNKERNELS_CPU_CAPABILITY. Extra arguments go to pytest.
+# The capability avx512_bf16 (the avx512 variant with bfloat16 attention on AVX512-BF16) is not repeated here:
+# where the CPU has it, it is the best capability, the one the plain `pytest` run uses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

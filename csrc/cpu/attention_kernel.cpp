@@ -156,8 +156,8 @@ struct DotForwardTiles {
   std::vector<scalar_t> probs_rounded;
 
   DotForwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
-      : E(E), Ev(Ev), keys_packed(pair_count(E) * packed_width(key_block)),
-        values_packed(pair_count(key_block) * packed_width(Ev)), probs_rounded(query_block * 2 * pair_count(key_block)) {}
+      : E(E), Ev(Ev), keys_packed(packed_size(E, key_block)),
+        values_packed(packed_size(key_block, Ev)), probs_rounded(query_block * 2 * pair_count(key_block)) {}
 
   void load_queries(const scalar_t* q, int64_t) { q_rows = q; }
   void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
@@ -165,18 +165,19 @@ struct DotForwardTiles {
     pack_pairs_from_columns(v, cols, Ev, Ev, values_packed.data());
   }
   void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld) {
-    dot_product(rows, cols, E / 2, q_rows, E, 2, keys_packed.data(), packed_width(cols), scale, false, out, ld);
+    dot_product(rows, cols, E / 2, q_rows, E, 2, keys_packed.data(), scale, false, out, ld);
   }
   void add_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, float* accum) {
     round_rows(probs, rows, cols, ld, probs_rounded.data());
     const int64_t pairs = pair_count(cols);
-    dot_product(rows, Ev, pairs, probs_rounded.data(), 2 * pairs, 2, values_packed.data(), packed_width(Ev), 1.0f,
+    dot_product(rows, Ev, pairs, probs_rounded.data(), 2 * pairs, 2, values_packed.data(), 1.0f,
                 true, accum, Ev);
   }
 };
 
 // dK and dV are accumulated transposed, (E x key_block) and (Ev x key_block): their products
-// reduce over the query rows, which the packed right operands (P, dS) pair up.
+// reduce over the query rows, which the packed right operands (P, dS) pair up, and Q and dO,
+// packed the same way in rows, are read transposed as the left operands.
 struct DotBackwardTiles {
   using scalar_t = c10::BFloat16;
   int64_t E, Ev, key_block;
@@ -187,12 +188,10 @@ struct DotBackwardTiles {
   std::vector<float> dk_t, dv_t;
 
   DotBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
-      : E(E), Ev(Ev), key_block(key_block), keys_by_rows(pair_count(E) * packed_width(key_block)),
-        values_by_rows(pair_count(Ev) * packed_width(key_block)),
-        keys_by_columns(pair_count(key_block) * packed_width(E)),
-        queries_by_columns(pair_count(query_block) * packed_width(E)),
-        grad_out_by_columns(pair_count(query_block) * packed_width(Ev)),
-        operand_packed(pair_count(query_block) * packed_width(key_block)),
+      : E(E), Ev(Ev), key_block(key_block), keys_by_rows(packed_size(E, key_block)),
+        values_by_rows(packed_size(Ev, key_block)), keys_by_columns(packed_size(key_block, E)),
+        queries_by_columns(packed_size(query_block, E)), grad_out_by_columns(packed_size(query_block, Ev)),
+        operand_packed(packed_size(query_block, key_block)),
         grad_scores_rounded(query_block * 2 * pair_count(key_block)), dk_t(E * key_block), dv_t(Ev * key_block) {}
 
   void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
@@ -205,32 +204,32 @@ struct DotBackwardTiles {
   void load_queries(const scalar_t* q, const scalar_t* grad_out, int64_t rows) {
     q_rows = q;
     do_rows = grad_out;
-    pack_pairs_from_columns(q, rows, E, E, queries_by_columns.data());
-    pack_pairs_from_columns(grad_out, rows, Ev, Ev, grad_out_by_columns.data());
+    pack_pairs_from_columns(q, rows, E, E, queries_by_columns.data(), PairLayout::kRows);
+    pack_pairs_from_columns(grad_out, rows, Ev, Ev, grad_out_by_columns.data(), PairLayout::kRows);
   }
   void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld) {
-    dot_product(rows, cols, E / 2, q_rows, E, 2, keys_by_rows.data(), packed_width(cols), scale, false, out, ld);
+    dot_product(rows, cols, E / 2, q_rows, E, 2, keys_by_rows.data(), scale, false, out, ld);
   }
   void grad_probs(int64_t rows, int64_t cols, float* out, int64_t ld) {
-    dot_product(rows, cols, Ev / 2, do_rows, Ev, 2, values_by_rows.data(), packed_width(cols), 1.0f, false, out, ld);
+    dot_product(rows, cols, Ev / 2, do_rows, Ev, 2, values_by_rows.data(), 1.0f, false, out, ld);
   }
   // dV^T (Ev x cols) += dO^T P: the left operand's pair (t, e) is word (t, e) of grad_out_by_columns.
   void add_grad_values(int64_t rows, int64_t cols, const float* probs, int64_t ld) {
     pack_pairs_from_columns(probs, rows, cols, ld, operand_packed.data());
     dot_product(Ev, cols, pair_count(rows), reinterpret_cast<const scalar_t*>(grad_out_by_columns.data()), 2,
-                2 * packed_width(Ev), operand_packed.data(), packed_width(cols), 1.0f, true, dv_t.data(), key_block);
+                2 * packed_width(Ev), operand_packed.data(), 1.0f, true, dv_t.data(), key_block);
   }
   // dK^T (E x cols) += scale * Q^T dS
   void add_grad_keys(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale) {
     pack_pairs_from_columns(grad_scores, rows, cols, ld, operand_packed.data());
     dot_product(E, cols, pair_count(rows), reinterpret_cast<const scalar_t*>(queries_by_columns.data()), 2,
-                2 * packed_width(E), operand_packed.data(), packed_width(cols), scale, true, dk_t.data(), key_block);
+                2 * packed_width(E), operand_packed.data(), scale, true, dk_t.data(), key_block);
   }
   // dq (rows x E) += scale * dS K
   void add_grad_queries(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale, float* dq) {
     round_rows(grad_scores, rows, cols, ld, grad_scores_rounded.data());
     const int64_t pairs = pair_count(cols);
-    dot_product(rows, E, pairs, grad_scores_rounded.data(), 2 * pairs, 2, keys_by_columns.data(), packed_width(E),
+    dot_product(rows, E, pairs, grad_scores_rounded.data(), 2 * pairs, 2, keys_by_columns.data(),
                 scale, true, dq, E);
   }
   void store_key_grads(scalar_t* grad_k, scalar_t* grad_v, int64_t cols) const {

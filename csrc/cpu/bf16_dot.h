@@ -6,8 +6,9 @@
 //
 // vdpbf16ps adds, in each of 16 float32 lanes j, a[2i] * b[2i] + a[2i + 1] * b[2i + 1]: the
 // products run over pairs of the reduction index. So the right operand B (k x n) is packed as
-// (k / 2) rows of n 32-bit words, word (p, j) = (B[2p][j], B[2p + 1][j]), each packed row padded
-// to a multiple of kDotColumns, and the left operand is read as one 32-bit pair (A[i][2p],
+// 32-bit words (p, j) = (B[2p][j], B[2p + 1][j]), in panels of kDotColumns columns (the last
+// one padded), each panel's pair_count(k) rows of kDotColumns words contiguous: the register
+// tile reads its panel front to back. The left operand is read as one 32-bit pair (A[i][2p],
 // A[i][2p + 1]) at a time, broadcast to every lane, from any layout with a fixed stride per row
 // and per pair. An odd reduction length ends with a pair whose second element is zero in both.
 #pragma once
@@ -35,20 +36,48 @@ constexpr int kDotRows = 8;
 
 inline int64_t packed_width(int64_t n) { return (n + kDotColumns - 1) / kDotColumns * kDotColumns; }
 inline int64_t pair_count(int64_t k) { return (k + 1) / 2; }
+// Words of a packed B (k x n).
+inline int64_t packed_size(int64_t k, int64_t n) { return pair_count(k) * packed_width(n); }
+// Where word (p, j) of a packed B with `pairs` rows lives.
+inline int64_t packed_index(int64_t pairs, int64_t p, int64_t j) {
+  return (j / kDotColumns) * pairs * kDotColumns + p * kDotColumns + j % kDotColumns;
+}
 
 inline uint16_t bf16_bits(c10::BFloat16 x) { return x.x; }
 
 // Packs B from rows of X where the reduction index runs along the row: B[r][j] = X[j][r],
-// X (n x k, row stride ld). out: pair_count(k) rows of packed_width(n) words.
-inline void pack_pairs_from_rows(const c10::BFloat16* x, int64_t n, int64_t k, int64_t ld, uint32_t* out) {
-  const int64_t width = packed_width(n), pairs = pair_count(k), whole = k / 2;
-  for (int64_t j = 0; j < n; ++j) {
-    const c10::BFloat16* row = x + j * ld;
-    for (int64_t p = 0; p < whole; ++p) {
-      out[p * width + j] = static_cast<uint32_t>(bf16_bits(row[2 * p])) |
-                           (static_cast<uint32_t>(bf16_bits(row[2 * p + 1])) << 16);
+// X (n x k, row stride ld). out: packed_size(k, n) words. Whole panels of even-length rows
+// gather a pair from each of 16 rows at once; the rest goes word by word.
+ATTNKERNELS_BF16_TARGET inline void pack_pairs_from_rows(const c10::BFloat16* x, int64_t n, int64_t k, int64_t ld,
+                                                         uint32_t* out) {
+  const int64_t pairs = pair_count(k), whole = k / 2;
+  for (int64_t j0 = 0; j0 < n; j0 += kDotColumns) {
+    const int64_t columns = std::min<int64_t>(kDotColumns, n - j0);
+    uint32_t* panel = out + packed_index(pairs, 0, j0);
+    const c10::BFloat16* rows = x + j0 * ld;
+    if (columns == kDotColumns && ld % 2 == 0 && 16 * ld < (int64_t(1) << 30)) {
+      // Word offsets of the panel's rows; 32-bit indices (scaled by 2 bytes) fit by the test above.
+      const __m512i row_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2,
+                                                                      1, 0),
+                                                     _mm512_set1_epi32(static_cast<int>(ld / 2)));
+      for (int64_t p = 0; p < whole; ++p) {
+        const void* first = rows + 2 * p;
+        const void* second = rows + 16 * ld + 2 * p;
+        _mm512_storeu_si512(panel + p * kDotColumns, _mm512_i32gather_epi32(row_offsets, first, 4));
+        _mm512_storeu_si512(panel + p * kDotColumns + 16, _mm512_i32gather_epi32(row_offsets, second, 4));
+      }
+    } else {
+      for (int64_t p = 0; p < whole; ++p) {
+        for (int64_t j = 0; j < columns; ++j) {
+          uint32_t word;
+          std::memcpy(&word, rows + j * ld + 2 * p, sizeof(word));
+          panel[p * kDotColumns + j] = word;
+        }
+      }
     }
-    if (pairs > whole) out[whole * width + j] = bf16_bits(row[k - 1]);
+    if (pairs > whole) {
+      for (int64_t j = 0; j < columns; ++j) panel[whole * kDotColumns + j] = bf16_bits(rows[j * ld + k - 1]);
+    }
   }
 }
 
@@ -83,19 +112,26 @@ ATTNKERNELS_BF16_TARGET inline __m512i load_bf16x32(const float* row, int64_t n)
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));  // rounds to nearest even; NaN stays NaN
 }
 
+// How pack_pairs_from_columns lays its words out: in panels (a right operand), or as rows of
+// packed_width(n) words (a left operand read transposed: A(i, p) = word (p, i), so that
+// a_row = 2 and a_pair = 2 * packed_width(n) elements).
+enum class PairLayout { kPanels, kRows };
+
 // Packs B from X (k x n, row stride ld) where the reduction index runs down the columns:
 // word (p, j) = (X[2p][j], X[2p + 1][j]). T: c10::BFloat16, or float (rounded to bfloat16).
 template <typename T>
-ATTNKERNELS_BF16_TARGET void pack_pairs_from_columns(const T* x, int64_t k, int64_t n, int64_t ld, uint32_t* out) {
-  const int64_t width = packed_width(n);
-  for (int64_t p = 0; p < pair_count(k); ++p) {
+ATTNKERNELS_BF16_TARGET void pack_pairs_from_columns(const T* x, int64_t k, int64_t n, int64_t ld, uint32_t* out,
+                                                     PairLayout layout = PairLayout::kPanels) {
+  static_assert(kDotColumns == 32, "a packed panel row is the 32 words interleave32 writes");
+  const int64_t pairs = pair_count(k), width = packed_width(n);
+  for (int64_t p = 0; p < pairs; ++p) {
     const T* low = x + 2 * p * ld;
     const bool has_high = 2 * p + 1 < k;
     for (int64_t j = 0; j < n; j += 32) {
       const int64_t count = std::min<int64_t>(32, n - j);
       const __m512i lo = load_bf16x32(low + j, count);
       const __m512i hi = has_high ? load_bf16x32(low + ld + j, count) : _mm512_setzero_si512();
-      interleave32(lo, hi, out + p * width + j, count);
+      interleave32(lo, hi, out + (layout == PairLayout::kPanels ? packed_index(pairs, p, j) : p * width + j), count);
     }
   }
 }
@@ -115,16 +151,17 @@ ATTNKERNELS_BF16_TARGET inline void round_rows(const float* x, int64_t rows, int
 }
 
 // C (kRows x up to 32 columns) = alpha * A B (+ C when accumulate).
+// b: the panel (pairs rows of kDotColumns words).
 template <int kRows>
 ATTNKERNELS_BF16_TARGET void dot_tile(int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
-                                      const uint32_t* b, int64_t ldb, int64_t columns, float alpha, bool accumulate,
-                                      float* c, int64_t ldc) {
+                                      const uint32_t* b, int64_t columns, float alpha, bool accumulate, float* c,
+                                      int64_t ldc) {
   __m512 acc[kRows][2];
   for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   const bool two = columns > 16;
   for (int64_t p = 0; p < pairs; ++p) {
-    const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + p * ldb));
-    const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + p * ldb + 16));
+    const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + p * kDotColumns));
+    const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + p * kDotColumns + 16));
     const c10::BFloat16* a_p = a + p * a_pair;
     for (int r = 0; r < kRows; ++r) {
       int32_t pair;
@@ -151,27 +188,28 @@ ATTNKERNELS_BF16_TARGET void dot_tile(int64_t pairs, const c10::BFloat16* a, int
 
 // C (m x n, float32, row stride ldc) = alpha * A B (+ C when accumulate), the reduction over
 // `pairs` pairs. A(i, p) is the pair of bfloat16 at a + i * a_row + p * a_pair (in elements);
-// b is packed (pairs rows of ldb >= packed_width(n) words).
+// b is a packed B of `pairs` rows and n columns.
 ATTNKERNELS_BF16_TARGET inline void dot_product(int64_t m, int64_t n, int64_t pairs, const c10::BFloat16* a,
-                                                int64_t a_row, int64_t a_pair, const uint32_t* b, int64_t ldb,
-                                                float alpha, bool accumulate, float* c, int64_t ldc) {
+                                                int64_t a_row, int64_t a_pair, const uint32_t* b, float alpha,
+                                                bool accumulate, float* c, int64_t ldc) {
   for (int64_t j = 0; j < n; j += kDotColumns) {
     const int64_t columns = std::min<int64_t>(kDotColumns, n - j);
+    const uint32_t* panel = b + packed_index(pairs, 0, j);
     int64_t i = 0;
     for (; i + kDotRows <= m; i += kDotRows) {
-      dot_tile<kDotRows>(pairs, a + i * a_row, a_row, a_pair, b + j, ldb, columns, alpha, accumulate,
-                         c + i * ldc + j, ldc);
+      dot_tile<kDotRows>(pairs, a + i * a_row, a_row, a_pair, panel, columns, alpha, accumulate, c + i * ldc + j,
+                         ldc);
     }
     const c10::BFloat16* a_i = a + i * a_row;
     float* c_i = c + i * ldc + j;
     switch (m - i) {
-      case 7: dot_tile<7>(pairs, a_i, a_row, a_pair, b + j, ldb, columns, alpha, accumulate, c_i, ldc); break;
-      case 6: dot_tile<6>(pairs, a_i, a_row, a_pair, b + j, ldb, columns, alpha, accumulate, c_i, ldc); break;
-      case 5: dot_tile<5>(pairs, a_i, a_row, a_pair, b + j, ldb, columns, alpha, accumulate, c_i, ldc); break;
-      case 4: dot_tile<4>(pairs, a_i, a_row, a_pair, b + j, ldb, columns, alpha, accumulate, c_i, ldc); break;
-      case 3: dot_tile<3>(pairs, a_i, a_row, a_pair, b + j, ldb, columns, alpha, accumulate, c_i, ldc); break;
-      case 2: dot_tile<2>(pairs, a_i, a_row, a_pair, b + j, ldb, columns, alpha, accumulate, c_i, ldc); break;
-      case 1: dot_tile<1>(pairs, a_i, a_row, a_pair, b + j, ldb, columns, alpha, accumulate, c_i, ldc); break;
+      case 7: dot_tile<7>(pairs, a_i, a_row, a_pair, panel, columns, alpha, accumulate, c_i, ldc); break;
+      case 6: dot_tile<6>(pairs, a_i, a_row, a_pair, panel, columns, alpha, accumulate, c_i, ldc); break;
+      case 5: dot_tile<5>(pairs, a_i, a_row, a_pair, panel, columns, alpha, accumulate, c_i, ldc); break;
+      case 4: dot_tile<4>(pairs, a_i, a_row, a_pair, panel, columns, alpha, accumulate, c_i, ldc); break;
+      case 3: dot_tile<3>(pairs, a_i, a_row, a_pair, panel, columns, alpha, accumulate, c_i, ldc); break;
+      case 2: dot_tile<2>(pairs, a_i, a_row, a_pair, panel, columns, alpha, accumulate, c_i, ldc); break;
+      case 1: dot_tile<1>(pairs, a_i, a_row, a_pair, panel, columns, alpha, accumulate, c_i, ldc); break;
       default: break;
     }
   }

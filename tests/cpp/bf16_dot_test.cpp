@@ -14,6 +14,7 @@ using attnkernels::cpu::avx512::dot_product;
 using attnkernels::cpu::avx512::pack_pairs_from_columns;
 using attnkernels::cpu::avx512::pack_pairs_from_rows;
 using attnkernels::cpu::avx512::packed_width;
+using attnkernels::cpu::avx512::PairLayout;
 using attnkernels::cpu::avx512::pair_count;
 using attnkernels::cpu::avx512::round_rows;
 using BF16 = c10::BFloat16;
@@ -78,9 +79,9 @@ void rows_times_rows(int64_t m, int64_t n, int64_t k, bool in_place) {
   const int64_t ldc = n + 3;
   std::vector<float> c(m * ldc, 7.0f);
   if (in_place) {
-    dot_product(m, n, k / 2, a.data(), k, 2, packed.data(), packed_width(n), 0.5f, false, c.data(), ldc);
+    dot_product(m, n, k / 2, a.data(), k, 2, packed.data(), 0.5f, false, c.data(), ldc);
   } else {
-    dot_product(m, n, pair_count(k), a_rounded.data(), 2 * pair_count(k), 2, packed.data(), packed_width(n), 0.5f,
+    dot_product(m, n, pair_count(k), a_rounded.data(), 2 * pair_count(k), 2, packed.data(), 0.5f,
                 false, c.data(), ldc);
   }
   check("rows x rows", m, n, k, [&](int64_t i, int64_t p) { return float(a[i * k + p]); },
@@ -100,7 +101,7 @@ void rounded_rows_times_columns(int64_t m, int64_t n, int64_t k) {
   const int64_t ldc = n;
   auto base = random_floats(m * ldc);
   auto c = base;
-  dot_product(m, n, pair_count(k), a_rounded.data(), 2 * pair_count(k), 2, packed.data(), packed_width(n), 1.5f, true,
+  dot_product(m, n, pair_count(k), a_rounded.data(), 2 * pair_count(k), 2, packed.data(), 1.5f, true,
               c.data(), ldc);
   check("rounded rows x columns", m, n, k, [&](int64_t i, int64_t p) { return float(BF16(a[i * k + p])); },
         [&](int64_t p, int64_t j) { return float(BF16(float(x[p * n + j]))); }, 1.5f, base, c, ldc);
@@ -112,13 +113,13 @@ void columns_times_columns(int64_t m, int64_t n, int64_t k) {
   const auto y = to_bf16(random_floats(k * m));
   const auto x = random_floats(k * n);
   auto y_packed = packed_buffer(k, m), x_packed = packed_buffer(k, n);
-  pack_pairs_from_columns(y.data(), k, m, m, y_packed.data());
+  pack_pairs_from_columns(y.data(), k, m, m, y_packed.data(), PairLayout::kRows);
   pack_pairs_from_columns(x.data(), k, n, n, x_packed.data());
   const int64_t ldc = n + 1;
   auto base = random_floats(m * ldc);
   auto c = base;
   dot_product(m, n, pair_count(k), reinterpret_cast<const BF16*>(y_packed.data()), 2, 2 * packed_width(m),
-              x_packed.data(), packed_width(n), -1.0f, true, c.data(), ldc);
+              x_packed.data(), -1.0f, true, c.data(), ldc);
   check("columns x columns", m, n, k, [&](int64_t i, int64_t p) { return float(y[p * m + i]); },
         [&](int64_t p, int64_t j) { return float(BF16(x[p * n + j])); }, -1.0f, base, c, ldc);
 }
@@ -133,7 +134,7 @@ void non_finite_stays_in_its_row() {
   auto packed = packed_buffer(k, n);
   pack_pairs_from_rows(x.data(), n, k, k, packed.data());
   std::vector<float> c(m * n);
-  dot_product(m, n, k / 2, a.data(), k, 2, packed.data(), packed_width(n), 1.0f, false, c.data(), n);
+  dot_product(m, n, k / 2, a.data(), k, 2, packed.data(), 1.0f, false, c.data(), n);
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n; ++j) {
       const bool finite = std::isfinite(c[i * n + j]);
