@@ -4,10 +4,11 @@
 // over blocks of keys with an online softmax, so the L x S score matrix is
 // never built; it saves the output and the per-row log-sum-exp (lse). The
 // tile products QK^T and PV go to the BLAS that torch ships (sgemm/dgemm) on
-// float32 (float64) copies of the rows, or, for bfloat16 on a CPU with
-// AVX512-BF16, to the dot-product tiles of bf16_dot.h (the probabilities and
-// score gradients rounded to bfloat16 for their products, as torch's own CPU
-// flash attention does; accumulation in float32).
+// float32 (float64) copies of the rows, or, in the avx512 variant, to the
+// register tiles of dot_tiles.h: float32 on FMAs, and bfloat16 on a CPU with
+// AVX512-BF16 on its dot products (the probabilities and score gradients
+// rounded to bfloat16 for their products, as torch's own CPU flash attention
+// does; accumulation in float32).
 //
 // Backward: recomputes each score tile from q, k and the saved lse. A task owns
 // a set of key blocks of one (batch, kv head): it accumulates their dK, dV over
@@ -34,7 +35,7 @@
 #include "../attention_checks.h"
 #include "attention_math.h"
 #include "attention_tiles.h"
-#include "bf16_dot.h"
+#include "dot_tiles.h"
 #include "cpu_kernels.h"
 
 namespace attnkernels {
@@ -146,103 +147,110 @@ struct BlasBackwardTiles {
 };
 
 #if defined(ATTNKERNELS_CPU_AVX512)
-// bfloat16 products on the AVX512-BF16 dot-product tiles (bf16_dot.h); E and Ev even, so that
-// the query and gradient rows serve as left operands as they are.
+// The products on the register tiles of dot_tiles.h: bfloat16 on the AVX512-BF16 dot products
+// (E and Ev even, so that query and gradient rows are left operands as they are), float32 on
+// FMAs. The probabilities and score gradients are left operands in float32 rows (rounded to
+// bfloat16 for the dot products).
+template <typename T>
 struct DotForwardTiles {
-  using scalar_t = c10::BFloat16;
+  using Ops = DotOps<T>;
+  using Word = typename Ops::Word;
   int64_t E, Ev;
-  const scalar_t* q_rows = nullptr;
-  std::vector<uint32_t> keys_packed, values_packed;
-  std::vector<scalar_t> probs_rounded;
+  const T* q_rows = nullptr;
+  std::vector<Word> keys_packed, values_packed;
+  std::vector<T> probs_buffer;
 
   DotForwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
-      : E(E), Ev(Ev), keys_packed(packed_size(E, key_block)),
-        values_packed(packed_size(key_block, Ev)), probs_rounded(query_block * 2 * pair_count(key_block)) {}
+      : E(E), Ev(Ev), keys_packed(Ops::packed_size(E, key_block)), values_packed(Ops::packed_size(key_block, Ev)),
+        probs_buffer(Ops::left_buffer_size(query_block, key_block)) {}
 
-  void load_queries(const scalar_t* q, int64_t) { q_rows = q; }
-  void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
-    pack_pairs_from_rows(k, cols, E, E, keys_packed.data());
-    pack_pairs_from_columns(v, cols, Ev, Ev, values_packed.data());
+  void load_queries(const T* q, int64_t) { q_rows = q; }
+  void load_keys(const T* k, const T* v, int64_t cols) {
+    Ops::pack_rows(k, cols, E, E, keys_packed.data());
+    Ops::pack_columns(v, cols, Ev, Ev, values_packed.data());
   }
   void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld) {
-    dot_product(rows, cols, E / 2, q_rows, E, 2, keys_packed.data(), scale, false, out, ld);
+    Ops::product(rows, cols, E, Ops::rows(q_rows, E), keys_packed.data(), scale, false, out, ld);
   }
   void add_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, float* accum) {
-    round_rows(probs, rows, cols, ld, probs_rounded.data());
-    const int64_t pairs = pair_count(cols);
-    dot_product(rows, Ev, pairs, probs_rounded.data(), 2 * pairs, 2, values_packed.data(), 1.0f,
-                true, accum, Ev);
+    Ops::product(rows, Ev, cols, Ops::rounded(probs, rows, cols, ld, probs_buffer.data()), values_packed.data(), 1.0f,
+                 true, accum, Ev);
   }
 };
 
 // dK and dV are accumulated transposed, (E x key_block) and (Ev x key_block): their products
-// reduce over the query rows, which the packed right operands (P, dS) pair up, and Q and dO,
-// packed the same way in rows, are read transposed as the left operands.
+// reduce over the query rows, so P and dS are the packed right operands, and Q and dO are read
+// transposed as the left ones.
+template <typename T>
 struct DotBackwardTiles {
-  using scalar_t = c10::BFloat16;
+  using Ops = DotOps<T>;
+  using Word = typename Ops::Word;
   int64_t E, Ev, key_block;
-  const scalar_t *q_rows = nullptr, *do_rows = nullptr;
-  std::vector<uint32_t> keys_by_rows, values_by_rows, keys_by_columns, queries_by_columns, grad_out_by_columns,
+  const T *q_rows = nullptr, *do_rows = nullptr;
+  std::vector<Word> keys_by_rows, values_by_rows, keys_by_columns, queries_transposed, grad_out_transposed,
       operand_packed;
-  std::vector<scalar_t> grad_scores_rounded;
+  std::vector<T> grad_scores_buffer;
   std::vector<float> dk_t, dv_t;
+  LeftOperand<T> queries_left{}, grad_out_left{};
 
   DotBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
-      : E(E), Ev(Ev), key_block(key_block), keys_by_rows(packed_size(E, key_block)),
-        values_by_rows(packed_size(Ev, key_block)), keys_by_columns(packed_size(key_block, E)),
-        queries_by_columns(packed_size(query_block, E)), grad_out_by_columns(packed_size(query_block, Ev)),
-        operand_packed(packed_size(query_block, key_block)),
-        grad_scores_rounded(query_block * 2 * pair_count(key_block)), dk_t(E * key_block), dv_t(Ev * key_block) {}
+      : E(E), Ev(Ev), key_block(key_block), keys_by_rows(Ops::packed_size(E, key_block)),
+        values_by_rows(Ops::packed_size(Ev, key_block)), keys_by_columns(Ops::packed_size(key_block, E)),
+        queries_transposed(Ops::packed_size(query_block, E)), grad_out_transposed(Ops::packed_size(query_block, Ev)),
+        operand_packed(Ops::packed_size(query_block, key_block)),
+        grad_scores_buffer(Ops::left_buffer_size(query_block, key_block)), dk_t(E * key_block), dv_t(Ev * key_block) {}
 
-  void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
-    pack_pairs_from_rows(k, cols, E, E, keys_by_rows.data());
-    pack_pairs_from_rows(v, cols, Ev, Ev, values_by_rows.data());
-    pack_pairs_from_columns(k, cols, E, E, keys_by_columns.data());
+  void load_keys(const T* k, const T* v, int64_t cols) {
+    Ops::pack_rows(k, cols, E, E, keys_by_rows.data());
+    Ops::pack_rows(v, cols, Ev, Ev, values_by_rows.data());
+    Ops::pack_columns(k, cols, E, E, keys_by_columns.data());
     std::fill(dk_t.begin(), dk_t.end(), 0.0f);
     std::fill(dv_t.begin(), dv_t.end(), 0.0f);
   }
-  void load_queries(const scalar_t* q, const scalar_t* grad_out, int64_t rows) {
+  void load_queries(const T* q, const T* grad_out, int64_t rows) {
     q_rows = q;
     do_rows = grad_out;
-    pack_pairs_from_columns(q, rows, E, E, queries_by_columns.data(), PairLayout::kRows);
-    pack_pairs_from_columns(grad_out, rows, Ev, Ev, grad_out_by_columns.data(), PairLayout::kRows);
+    queries_left = Ops::transposed(q, rows, E, E, queries_transposed.data());
+    grad_out_left = Ops::transposed(grad_out, rows, Ev, Ev, grad_out_transposed.data());
   }
   void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld) {
-    dot_product(rows, cols, E / 2, q_rows, E, 2, keys_by_rows.data(), scale, false, out, ld);
+    Ops::product(rows, cols, E, Ops::rows(q_rows, E), keys_by_rows.data(), scale, false, out, ld);
   }
   void grad_probs(int64_t rows, int64_t cols, float* out, int64_t ld) {
-    dot_product(rows, cols, Ev / 2, do_rows, Ev, 2, values_by_rows.data(), 1.0f, false, out, ld);
+    Ops::product(rows, cols, Ev, Ops::rows(do_rows, Ev), values_by_rows.data(), 1.0f, false, out, ld);
   }
-  // dV^T (Ev x cols) += dO^T P: the left operand's pair (t, e) is word (t, e) of grad_out_by_columns.
+  // dV^T (Ev x cols) += dO^T P
   void add_grad_values(int64_t rows, int64_t cols, const float* probs, int64_t ld) {
-    pack_pairs_from_columns(probs, rows, cols, ld, operand_packed.data());
-    dot_product(Ev, cols, pair_count(rows), reinterpret_cast<const scalar_t*>(grad_out_by_columns.data()), 2,
-                2 * packed_width(Ev), operand_packed.data(), 1.0f, true, dv_t.data(), key_block);
+    Ops::pack_columns(probs, rows, cols, ld, operand_packed.data());
+    Ops::product(Ev, cols, rows, grad_out_left, operand_packed.data(), 1.0f, true, dv_t.data(), key_block);
   }
   // dK^T (E x cols) += scale * Q^T dS
   void add_grad_keys(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale) {
-    pack_pairs_from_columns(grad_scores, rows, cols, ld, operand_packed.data());
-    dot_product(E, cols, pair_count(rows), reinterpret_cast<const scalar_t*>(queries_by_columns.data()), 2,
-                2 * packed_width(E), operand_packed.data(), scale, true, dk_t.data(), key_block);
+    Ops::pack_columns(grad_scores, rows, cols, ld, operand_packed.data());
+    Ops::product(E, cols, rows, queries_left, operand_packed.data(), scale, true, dk_t.data(), key_block);
   }
   // dq (rows x E) += scale * dS K
   void add_grad_queries(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale, float* dq) {
-    round_rows(grad_scores, rows, cols, ld, grad_scores_rounded.data());
-    const int64_t pairs = pair_count(cols);
-    dot_product(rows, E, pairs, grad_scores_rounded.data(), 2 * pairs, 2, keys_by_columns.data(),
-                scale, true, dq, E);
+    Ops::product(rows, E, cols, Ops::rounded(grad_scores, rows, cols, ld, grad_scores_buffer.data()),
+                 keys_by_columns.data(), scale, true, dq, E);
   }
-  void store_key_grads(scalar_t* grad_k, scalar_t* grad_v, int64_t cols) const {
+  void store_key_grads(T* grad_k, T* grad_v, int64_t cols) const {
     for (int64_t j = 0; j < cols; ++j) {
-      for (int64_t e = 0; e < E; ++e) grad_k[j * E + e] = static_cast<scalar_t>(dk_t[e * key_block + j]);
-      for (int64_t e = 0; e < Ev; ++e) grad_v[j * Ev + e] = static_cast<scalar_t>(dv_t[e * key_block + j]);
+      for (int64_t e = 0; e < E; ++e) grad_k[j * E + e] = static_cast<T>(dk_t[e * key_block + j]);
+      for (int64_t e = 0; e < Ev; ++e) grad_v[j * Ev + e] = static_cast<T>(dv_t[e * key_block + j]);
     }
   }
 };
 
-// Whether the dot-product tiles serve bfloat16 inputs of this shape.
+// Whether the register tiles serve inputs of this dtype and shape (else BLAS does).
+template <typename scalar_t>
 bool use_dot_tiles(const Shape& shape) {
-  return shape.E % 2 == 0 && shape.Ev % 2 == 0 && bf16_dot_products_enabled();
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return true;
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return shape.E % 2 == 0 && shape.Ev % 2 == 0 && bf16_dot_products_enabled();
+  }
+  return false;
 }
 #endif
 
@@ -356,9 +364,10 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& query, const 
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "attention_cpu", [&] {
 #if defined(ATTNKERNELS_CPU_AVX512)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (use_dot_tiles(shape)) {
-        forward_impl<scalar_t, DotForwardTiles>(q, k, v, attn_mask, shape, scale, is_causal, dropout_p, seed, out, lse);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float>) {
+      if (use_dot_tiles<scalar_t>(shape)) {
+        forward_impl<scalar_t, DotForwardTiles<scalar_t>>(q, k, v, attn_mask, shape, scale, is_causal, dropout_p, seed,
+                                                          out, lse);
         return;
       }
     }
@@ -542,10 +551,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     if (grad_lse.has_value()) gl = grad_lse->contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "attention_backward_cpu", [&] {
 #if defined(ATTNKERNELS_CPU_AVX512)
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        if (use_dot_tiles(shape)) {
-          backward_impl<scalar_t, DotBackwardTiles>(go, gl, q, k, v, attn_mask, o, l, shape, scale, is_causal,
-                                                    dropout_p, seed, grad_q, grad_k, grad_v, grad_mask);
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float>) {
+        if (use_dot_tiles<scalar_t>(shape)) {
+          backward_impl<scalar_t, DotBackwardTiles<scalar_t>>(go, gl, q, k, v, attn_mask, o, l, shape, scale,
+                                                              is_causal, dropout_p, seed, grad_q, grad_k, grad_v,
+                                                              grad_mask);
           return;
         }
       }

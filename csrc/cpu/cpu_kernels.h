@@ -40,7 +40,7 @@ struct CpuKernels {
         &isa::affine_grid_sample_backward_cpu, &isa::attention_cpu, &isa::attention_backward_cpu           \
   }
 
-// Whether the avx512 variant may use the AVX512-BF16 dot products (csrc/cpu/bf16_dot.h): the
+// Whether the avx512 variant may use the AVX512-BF16 dot products (csrc/cpu/dot_tiles.h): the
 // CPU has them and the chosen capability is avx512_bf16. Defined in cpu_dispatch.cpp.
 bool bf16_dot_products_enabled();
 

@@ -1,8 +1,10 @@
-// bfloat16 tile products with the AVX512-BF16 dot-product instruction (vdpbf16ps), for the
-// attention kernels' bfloat16 inputs: twice the multiply-adds per instruction of float32 FMAs,
-// with float32 accumulation. Only the avx512 variant has them, and it calls them only when
-// bf16_dot_products_enabled() (cpu_kernels.h) says the CPU has AVX512-BF16; the functions
-// carry the target attribute themselves, so the avx512 variant's flags stay as they are.
+// Tile products of the CPU attention kernels in the avx512 variant, on register tiles of 8 rows
+// x 32 float32 columns:
+// - bfloat16 with the AVX512-BF16 dot-product instruction (vdpbf16ps): twice the multiply-adds
+//   per instruction of float32 FMAs, float32 accumulation. Called only when
+//   bf16_dot_products_enabled() (cpu_kernels.h) says the CPU has AVX512-BF16; those functions
+//   carry the target attribute themselves, so the avx512 variant's flags stay as they are.
+// - float32 with FMAs (fma_product): the same tiles, for float32 inputs (AVX-512 F only).
 //
 // vdpbf16ps adds, in each of 16 float32 lanes j, a[2i] * b[2i] + a[2i + 1] * b[2i + 1]: the
 // products run over pairs of the reduction index. So the right operand B (k x n) is packed as
@@ -11,6 +13,7 @@
 // tile reads its panel front to back. The left operand is read as one 32-bit pair (A[i][2p],
 // A[i][2p + 1]) at a time, broadcast to every lane, from any layout with a fixed stride per row
 // and per pair. An odd reduction length ends with a pair whose second element is zero in both.
+// float32 operands use the same layout with one float per word (a "pair" of one element).
 #pragma once
 
 #include "../cpu_isa.h"
@@ -45,24 +48,30 @@ inline int64_t packed_index(int64_t pairs, int64_t p, int64_t j) {
 
 inline uint16_t bf16_bits(c10::BFloat16 x) { return x.x; }
 
+// Elements of T per packed 32-bit word: a pair of bfloat16, or one float.
+template <typename T>
+constexpr int64_t kPerWord = static_cast<int64_t>(sizeof(uint32_t) / sizeof(T));
+
 // Packs B from rows of X where the reduction index runs along the row: B[r][j] = X[j][r],
-// X (n x k, row stride ld). out: packed_size(k, n) words. Whole panels of even-length rows
-// gather a pair from each of 16 rows at once; the rest goes word by word.
-ATTNKERNELS_BF16_TARGET inline void pack_pairs_from_rows(const c10::BFloat16* x, int64_t n, int64_t k, int64_t ld,
-                                                         uint32_t* out) {
-  const int64_t pairs = pair_count(k), whole = k / 2;
+// X (n x k, row stride ld), T c10::BFloat16 (words of pairs) or float. out: packed_size(k, n)
+// words for bfloat16, k * packed_width(n) for float. Whole panels of rows of whole words gather
+// a word from each of 16 rows at once; the rest goes word by word.
+template <typename T>
+void pack_words_from_rows(const T* x, int64_t n, int64_t k, int64_t ld, uint32_t* out) {
+  constexpr int64_t per_word = kPerWord<T>;
+  const int64_t words = (k + per_word - 1) / per_word, whole = k / per_word;
   for (int64_t j0 = 0; j0 < n; j0 += kDotColumns) {
     const int64_t columns = std::min<int64_t>(kDotColumns, n - j0);
-    uint32_t* panel = out + packed_index(pairs, 0, j0);
-    const c10::BFloat16* rows = x + j0 * ld;
-    if (columns == kDotColumns && ld % 2 == 0 && 16 * ld < (int64_t(1) << 30)) {
-      // Word offsets of the panel's rows; 32-bit indices (scaled by 2 bytes) fit by the test above.
+    uint32_t* panel = out + packed_index(words, 0, j0);
+    const T* rows = x + j0 * ld;
+    if (columns == kDotColumns && ld % per_word == 0 && 16 * ld < (int64_t(1) << 30)) {
+      // Word offsets of the panel's rows; 32-bit indices (scaled by 4 bytes) fit by the test above.
       const __m512i row_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2,
                                                                       1, 0),
-                                                     _mm512_set1_epi32(static_cast<int>(ld / 2)));
+                                                     _mm512_set1_epi32(static_cast<int>(ld / per_word)));
       for (int64_t p = 0; p < whole; ++p) {
-        const void* first = rows + 2 * p;
-        const void* second = rows + 16 * ld + 2 * p;
+        const void* first = rows + per_word * p;
+        const void* second = rows + 16 * ld + per_word * p;
         _mm512_storeu_si512(panel + p * kDotColumns, _mm512_i32gather_epi32(row_offsets, first, 4));
         _mm512_storeu_si512(panel + p * kDotColumns + 16, _mm512_i32gather_epi32(row_offsets, second, 4));
       }
@@ -70,15 +79,21 @@ ATTNKERNELS_BF16_TARGET inline void pack_pairs_from_rows(const c10::BFloat16* x,
       for (int64_t p = 0; p < whole; ++p) {
         for (int64_t j = 0; j < columns; ++j) {
           uint32_t word;
-          std::memcpy(&word, rows + j * ld + 2 * p, sizeof(word));
+          std::memcpy(&word, rows + j * ld + per_word * p, sizeof(word));
           panel[p * kDotColumns + j] = word;
         }
       }
     }
-    if (pairs > whole) {
-      for (int64_t j = 0; j < columns; ++j) panel[whole * kDotColumns + j] = bf16_bits(rows[j * ld + k - 1]);
+    if constexpr (per_word == 2) {
+      if (words > whole) {  // k odd: the last pair is (X[j][k - 1], 0)
+        for (int64_t j = 0; j < columns; ++j) panel[whole * kDotColumns + j] = bf16_bits(rows[j * ld + k - 1]);
+      }
     }
   }
+}
+
+inline void pack_pairs_from_rows(const c10::BFloat16* x, int64_t n, int64_t k, int64_t ld, uint32_t* out) {
+  pack_words_from_rows(x, n, k, ld, out);
 }
 
 // 32 bfloat16 of `low` and `high` interleaved: word j = (low[j], high[j]) for j < 32.
@@ -214,6 +229,154 @@ ATTNKERNELS_BF16_TARGET inline void dot_product(int64_t m, int64_t n, int64_t pa
     }
   }
 }
+
+// ----------------------------------------------------------------------------- float32
+
+// Packs B (k x n, row stride ld) into panels: word (p, j) = X[p][j]. out: k * packed_width(n) floats.
+inline void pack_floats_from_columns(const float* x, int64_t k, int64_t n, int64_t ld, float* out) {
+  for (int64_t p = 0; p < k; ++p) {
+    for (int64_t j = 0; j < n; j += kDotColumns) {
+      const int64_t count = std::min<int64_t>(kDotColumns, n - j);
+      float* to = out + packed_index(k, p, j);
+      if (count == kDotColumns) {
+        _mm512_storeu_ps(to, _mm512_loadu_ps(x + p * ld + j));
+        _mm512_storeu_ps(to + 16, _mm512_loadu_ps(x + p * ld + j + 16));
+      } else {
+        std::copy(x + p * ld + j, x + p * ld + j + count, to);
+      }
+    }
+  }
+}
+
+inline void pack_floats_from_rows(const float* x, int64_t n, int64_t k, int64_t ld, float* out) {
+  pack_words_from_rows(x, n, k, ld, reinterpret_cast<uint32_t*>(out));
+}
+
+// C (kRows x up to 32 columns) = alpha * A B (+ C when accumulate); b: the panel (k rows of 32).
+template <int kRows>
+void fma_tile(int64_t k, const float* a, int64_t a_row, int64_t a_step, const float* b, int64_t columns, float alpha,
+              bool accumulate, float* c, int64_t ldc) {
+  __m512 acc[kRows][2];
+  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const bool two = columns > 16;
+  for (int64_t p = 0; p < k; ++p) {
+    const __m512 b0 = _mm512_loadu_ps(b + p * kDotColumns);
+    const __m512 b1 = _mm512_loadu_ps(b + p * kDotColumns + 16);
+    const float* a_p = a + p * a_step;
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 ar = _mm512_set1_ps(a_p[r * a_row]);
+      acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
+      if (two) acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
+    }
+  }
+  const __m512 alpha16 = _mm512_set1_ps(alpha);
+  const __mmask16 m0 = static_cast<__mmask16>(columns >= 16 ? 0xFFFF : (1u << columns) - 1u);
+  const __mmask16 m1 = static_cast<__mmask16>(columns >= 32 ? 0xFFFF : columns <= 16 ? 0 : (1u << (columns - 16)) - 1u);
+  for (int r = 0; r < kRows; ++r) {
+    float* row = c + r * ldc;
+    __m512 v0 = _mm512_mul_ps(acc[r][0], alpha16), v1 = _mm512_mul_ps(acc[r][1], alpha16);
+    if (accumulate) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row + 16));
+    }
+    _mm512_mask_storeu_ps(row, m0, v0);
+    _mm512_mask_storeu_ps(row + 16, m1, v1);
+  }
+}
+
+// C (m x n, row stride ldc) = alpha * A B (+ C when accumulate), the reduction over k. A(i, p)
+// is a[i * a_row + p * a_step]; b is a packed B (k x n) of pack_floats_from_columns / _rows.
+inline void fma_product(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_step,
+                        const float* b, float alpha, bool accumulate, float* c, int64_t ldc) {
+  for (int64_t j = 0; j < n; j += kDotColumns) {
+    const int64_t columns = std::min<int64_t>(kDotColumns, n - j);
+    const float* panel = b + packed_index(k, 0, j);
+    int64_t i = 0;
+    for (; i + kDotRows <= m; i += kDotRows) {
+      fma_tile<kDotRows>(k, a + i * a_row, a_row, a_step, panel, columns, alpha, accumulate, c + i * ldc + j, ldc);
+    }
+    const float* a_i = a + i * a_row;
+    float* c_i = c + i * ldc + j;
+    switch (m - i) {
+      case 7: fma_tile<7>(k, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
+      case 6: fma_tile<6>(k, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
+      case 5: fma_tile<5>(k, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
+      case 4: fma_tile<4>(k, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
+      case 3: fma_tile<3>(k, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
+      case 2: fma_tile<2>(k, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
+      case 1: fma_tile<1>(k, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
+      default: break;
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- one interface
+
+// A left operand: A(i, p) for element p of the reduction at data + i * row + (p / w) * step + p % w,
+// w = kPerWord<T> (a bfloat16 pair is read as one word, so step counts elements per word step).
+template <typename T>
+struct LeftOperand {
+  const T* data;
+  int64_t row, step;
+};
+
+// The products above behind one interface per element type, for code templated on it (the
+// attention tiles): T = c10::BFloat16 (dot products; packed words are pairs) or float (FMAs).
+template <typename T>
+struct DotOps;
+
+template <>
+struct DotOps<c10::BFloat16> {
+  using T = c10::BFloat16;
+  using Word = uint32_t;
+  static int64_t packed_size(int64_t k, int64_t n) { return attnkernels::cpu::packed_size(k, n); }
+  // X (n x k) whose rows run along the reduction; k even for rows used in place as left operands.
+  static void pack_rows(const T* x, int64_t n, int64_t k, int64_t ld, Word* out) {
+    pack_pairs_from_rows(x, n, k, ld, out);
+  }
+  template <typename Source>
+  static void pack_columns(const Source* x, int64_t k, int64_t n, int64_t ld, Word* out) {
+    pack_pairs_from_columns(x, k, n, ld, out);
+  }
+  // Rows (m x k, k even) used as they are.
+  static LeftOperand<T> rows(const T* x, int64_t ld) { return {x, ld, 2}; }
+  // float32 rows (m x k), rounded into `buffer` (left_buffer_size(m, k) elements).
+  static int64_t left_buffer_size(int64_t m, int64_t k) { return m * 2 * pair_count(k); }
+  static LeftOperand<T> rounded(const float* x, int64_t m, int64_t k, int64_t ld, T* buffer) {
+    round_rows(x, m, k, ld, buffer);
+    return {buffer, 2 * pair_count(k), 2};
+  }
+  // The transpose of X (k x m): A(i, p) = X[p][i], packed into `buffer` (packed_size(k, m) words).
+  static LeftOperand<T> transposed(const T* x, int64_t k, int64_t m, int64_t ld, Word* buffer) {
+    pack_pairs_from_columns(x, k, m, ld, buffer, PairLayout::kRows);
+    return {reinterpret_cast<const T*>(buffer), 2, 2 * packed_width(m)};
+  }
+  static void product(int64_t m, int64_t n, int64_t k, LeftOperand<T> a, const Word* b, float alpha, bool accumulate,
+                      float* c, int64_t ldc) {
+    dot_product(m, n, pair_count(k), a.data, a.row, a.step, b, alpha, accumulate, c, ldc);
+  }
+};
+
+template <>
+struct DotOps<float> {
+  using T = float;
+  using Word = float;
+  static int64_t packed_size(int64_t k, int64_t n) { return k * packed_width(n); }
+  static void pack_rows(const T* x, int64_t n, int64_t k, int64_t ld, Word* out) {
+    pack_floats_from_rows(x, n, k, ld, out);
+  }
+  static void pack_columns(const float* x, int64_t k, int64_t n, int64_t ld, Word* out) {
+    pack_floats_from_columns(x, k, n, ld, out);
+  }
+  static LeftOperand<T> rows(const T* x, int64_t ld) { return {x, ld, 1}; }
+  static int64_t left_buffer_size(int64_t, int64_t) { return 0; }
+  static LeftOperand<T> rounded(const float* x, int64_t, int64_t, int64_t ld, T*) { return {x, ld, 1}; }
+  static LeftOperand<T> transposed(const T* x, int64_t, int64_t, int64_t ld, Word*) { return {x, 1, ld}; }
+  static void product(int64_t m, int64_t n, int64_t k, LeftOperand<T> a, const Word* b, float alpha, bool accumulate,
+                      float* c, int64_t ldc) {
+    fma_product(m, n, k, a.data, a.row, a.step, b, alpha, accumulate, c, ldc);
+  }
+};
 
 }  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu

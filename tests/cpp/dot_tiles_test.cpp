@@ -1,16 +1,20 @@
-// Unit test of csrc/cpu/bf16_dot.h (the AVX512-BF16 tile products of the CPU attention kernels)
-// against plain double loops on the same bfloat16 values, over random shapes that cover every
-// row and column tail and odd reduction lengths. Built by tests/test_bf16_dot.py with the avx512
-// variant's flags; prints "skip" and exits 0 on a CPU without AVX512-BF16.
+// Unit test of csrc/cpu/dot_tiles.h (the register-tile products of the CPU attention kernels)
+// against plain double loops on the same values, over random shapes that cover every row and
+// column tail and odd reduction lengths: the float32 FMA tiles, and the bfloat16 dot-product
+// tiles where the CPU has AVX512-BF16. Built by tests/test_dot_tiles.py with the avx512 variant's
+// flags; prints "skip" and exits 0 on a CPU without AVX-512 (F, BW, VL, DQ).
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <vector>
 
-#include "cpu/bf16_dot.h"
+#include "cpu/dot_tiles.h"
 
 using attnkernels::cpu::avx512::dot_product;
+using attnkernels::cpu::avx512::fma_product;
+using attnkernels::cpu::avx512::pack_floats_from_columns;
+using attnkernels::cpu::avx512::pack_floats_from_rows;
 using attnkernels::cpu::avx512::pack_pairs_from_columns;
 using attnkernels::cpu::avx512::pack_pairs_from_rows;
 using attnkernels::cpu::avx512::packed_width;
@@ -124,6 +128,28 @@ void columns_times_columns(int64_t m, int64_t n, int64_t k) {
         [&](int64_t p, int64_t j) { return float(BF16(x[p * n + j])); }, -1.0f, base, c, ldc);
 }
 
+// float32: C = A X^T (X packed by rows, A in place) and C += Y^T X (X packed by columns, Y read
+// transposed in place), as the float32 attention tiles use them.
+void float_products(int64_t m, int64_t n, int64_t k) {
+  const auto a = random_floats(m * k), x_rows = random_floats(n * k);
+  std::vector<float> packed(k * packed_width(n), NAN);
+  pack_floats_from_rows(x_rows.data(), n, k, k, packed.data());
+  const int64_t ldc = n + 2;
+  std::vector<float> c(m * ldc, 7.0f);
+  fma_product(m, n, k, a.data(), k, 1, packed.data(), 0.25f, false, c.data(), ldc);
+  check("float rows x rows", m, n, k, [&](int64_t i, int64_t p) { return a[i * k + p]; },
+        [&](int64_t p, int64_t j) { return x_rows[j * k + p]; }, 0.25f, {}, c, ldc);
+
+  const auto y = random_floats(k * m), x = random_floats(k * n);
+  std::fill(packed.begin(), packed.end(), NAN);
+  pack_floats_from_columns(x.data(), k, n, n, packed.data());
+  auto base = random_floats(m * ldc);
+  auto d = base;
+  fma_product(m, n, k, y.data(), 1, m, packed.data(), -2.0f, true, d.data(), ldc);
+  check("float columns x columns", m, n, k, [&](int64_t i, int64_t p) { return y[p * m + i]; },
+        [&](int64_t p, int64_t j) { return x[p * n + j]; }, -2.0f, base, d, ldc);
+}
+
 // A NaN or infinity in one row of A reaches that row of C only.
 void non_finite_stays_in_its_row() {
   const int64_t m = 9, n = 40, k = 6;
@@ -150,11 +176,19 @@ void non_finite_stays_in_its_row() {
 
 int main() {
   __builtin_cpu_init();
-  if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512bw")) {
-    std::printf("skip: this CPU has no AVX512-BF16\n");
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq")) {
+    std::printf("skip: this CPU has no AVX-512\n");
     return 0;
   }
   std::uniform_int_distribution<int64_t> rows(1, 37), cols(1, 100), depth(1, 70);
+  for (int trial = 0; trial < 60; ++trial) float_products(rows(rng), cols(rng), depth(rng));
+  float_products(256, 512, 64);
+  float_products(64, 256, 128);
+  if (!__builtin_cpu_supports("avx512bf16")) {
+    std::printf(failures == 0 ? "ok (float32 only: this CPU has no AVX512-BF16)\n" : "%d failures\n", failures);
+    return failures == 0 ? 0 : 1;
+  }
   for (int trial = 0; trial < 60; ++trial) {
     const int64_t m = rows(rng), n = cols(rng), k = depth(rng);
     rows_times_rows(m, n, 2 * ((k + 1) / 2), true);
