@@ -81,3 +81,35 @@ def test_bfloat16_random_shapes_keep_the_flash_attention_rule(L, S, E, Ev, group
         our_error = (mine.double() - truth).abs().max().item()
         torch_error = (torchs.double() - truth).abs().nan_to_num(0).max().item()
         assert our_error <= (2 if index == 0 else 3) * torch_error + 1e-3, (index, our_error, torch_error)
+
+
+@needs_cpu_kernel
+@settings(max_examples=15, deadline=None)
+@given(L=st.integers(1, 300), S=st.integers(1, 600), E=st.integers(1, 96), Ev=st.integers(1, 80),
+       group=st.sampled_from([1, 2]), causal=st.booleans(), mask_kind=st.sampled_from([None, "bool", "float"]))
+def test_float32_random_shapes_match_float64(L, S, E, Ev, group, causal, mask_kind):
+    """float32 on the register tiles (the avx512 variant; BLAS elsewhere), causal tiles skipping the
+    products behind the diagonal: output and gradients within float32 rounding of a float64 computation."""
+    generator = torch.Generator().manual_seed(L * 1000 + S + E)
+    q64 = torch.randn(1, 2 * group, L, E, generator=generator, dtype=torch.float64)
+    k64 = torch.randn(1, 2, S, E, generator=generator, dtype=torch.float64)
+    v64 = torch.randn(1, 2, S, Ev, generator=generator, dtype=torch.float64)
+    mask = None
+    if not causal and mask_kind == "bool":
+        mask = torch.rand(L, S, generator=generator) > 0.3
+        mask[:, 0] = True
+    elif not causal and mask_kind == "float":
+        mask = torch.randn(L, S, generator=generator, dtype=torch.float64)
+    kwargs = {"is_causal": causal, "enable_gqa": group > 1}
+
+    def run_in(dtype, fn):
+        q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
+        m = mask if mask is None or mask.dtype == torch.bool else mask.to(dtype)
+        out = fn(q, k, v, m)
+        return [out, *gradients(out, (q, k, v))]
+
+    ours = run_in(torch.float32, lambda q, k, v, m: attnkernels.scaled_dot_product_attention(
+        q, k, v, m, backend="cpu", **kwargs))
+    exact = run_in(torch.float64, lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
+    for name, mine, truth in zip(("output", "grad q", "grad k", "grad v"), ours, exact, strict=True):
+        torch.testing.assert_close(mine.double(), truth, atol=2e-4, rtol=1e-4, msg=name)

@@ -83,12 +83,12 @@ struct BlasForwardTiles {
     k_tile = rows_as_acc(k, 0, cols, E, k_buffer.data());
     v_tile = rows_as_acc(v, 0, cols, Ev, v_buffer.data());
   }
-  // scores (rows x cols, row stride ld) = scale * Q K^T
-  void scores(int64_t rows, int64_t cols, acc_t scale, acc_t* out, int64_t ld) {
+  // scores (rows x cols, row stride ld) = scale * Q K^T; entries behind the diagonal may be left as they were.
+  void scores(int64_t rows, int64_t cols, acc_t scale, acc_t* out, int64_t ld, Diagonal = {}) {
     gemm<acc_t>(false, true, rows, cols, E, scale, q_tile, E, k_tile, E, acc_t(0), out, ld);
   }
-  // accum (rows x Ev) += probs V, probs (rows x cols, row stride ld)
-  void add_values(int64_t rows, int64_t cols, const acc_t* probs, int64_t ld, acc_t* accum) {
+  // accum (rows x Ev) += probs V, probs (rows x cols, row stride ld), zero behind the diagonal.
+  void add_values(int64_t rows, int64_t cols, const acc_t* probs, int64_t ld, acc_t* accum, Diagonal = {}) {
     gemm<acc_t>(false, false, rows, Ev, cols, acc_t(1), probs, ld, v_tile, Ev, acc_t(1), accum, Ev);
   }
 };
@@ -119,24 +119,25 @@ struct BlasBackwardTiles {
     q_tile = rows_as_acc(q, 0, rows, E, q_buffer.data());
     do_tile = rows_as_acc(grad_out, 0, rows, Ev, do_buffer.data());
   }
-  // out (rows x cols, row stride ld) = scale * Q K^T
-  void scores(int64_t rows, int64_t cols, acc_t scale, acc_t* out, int64_t ld) {
+  // out (rows x cols, row stride ld) = scale * Q K^T; entries behind the diagonal may be left as they were.
+  void scores(int64_t rows, int64_t cols, acc_t scale, acc_t* out, int64_t ld, Diagonal = {}) {
     gemm<acc_t>(false, true, rows, cols, E, scale, q_tile, E, k_tile, E, acc_t(0), out, ld);
   }
-  // out (rows x cols) = dO V^T
-  void grad_probs(int64_t rows, int64_t cols, acc_t* out, int64_t ld) {
+  // out (rows x cols) = dO V^T; entries behind the diagonal may be left as they were.
+  void grad_probs(int64_t rows, int64_t cols, acc_t* out, int64_t ld, Diagonal = {}) {
     gemm<acc_t>(false, true, rows, cols, Ev, acc_t(1), do_tile, Ev, v_tile, Ev, acc_t(0), out, ld);
   }
-  // dV += P^T dO
-  void add_grad_values(int64_t rows, int64_t cols, const acc_t* probs, int64_t ld) {
+  // dV += P^T dO (P, like dS below, zero behind the diagonal)
+  void add_grad_values(int64_t rows, int64_t cols, const acc_t* probs, int64_t ld, Diagonal = {}) {
     gemm<acc_t>(true, false, cols, Ev, rows, acc_t(1), probs, ld, do_tile, Ev, acc_t(1), dv.data(), Ev);
   }
   // dK += scale * dS^T Q
-  void add_grad_keys(int64_t rows, int64_t cols, const acc_t* grad_scores, int64_t ld, acc_t scale) {
+  void add_grad_keys(int64_t rows, int64_t cols, const acc_t* grad_scores, int64_t ld, acc_t scale, Diagonal = {}) {
     gemm<acc_t>(true, false, cols, E, rows, scale, grad_scores, ld, q_tile, E, acc_t(1), dk.data(), E);
   }
   // dq (rows x E, contiguous) += scale * dS K
-  void add_grad_queries(int64_t rows, int64_t cols, const acc_t* grad_scores, int64_t ld, acc_t scale, acc_t* dq) {
+  void add_grad_queries(int64_t rows, int64_t cols, const acc_t* grad_scores, int64_t ld, acc_t scale, acc_t* dq,
+                        Diagonal = {}) {
     gemm<acc_t>(false, false, rows, E, cols, scale, grad_scores, ld, k_tile, E, acc_t(1), dq, E);
   }
   // grad_k: (cols, E), grad_v: (cols, Ev) of the key block.
@@ -147,6 +148,11 @@ struct BlasBackwardTiles {
 };
 
 #if defined(ATTNKERNELS_CPU_AVX512)
+// What a tile's causal diagonal lets a product skip.
+inline Skip skip(Diagonal diagonal, CausalSkip kind) {
+  return diagonal.present ? Skip{kind, diagonal.offset} : Skip{};
+}
+
 // The products on the register tiles of dot_tiles.h: bfloat16 on the AVX512-BF16 dot products
 // (E and Ev even, so that query and gradient rows are left operands as they are), float32 on
 // FMAs. The probabilities and score gradients are left operands in float32 rows (rounded to
@@ -169,12 +175,13 @@ struct DotForwardTiles {
     Ops::pack_rows(k, cols, E, E, keys_packed.data());
     Ops::pack_columns(v, cols, Ev, Ev, values_packed.data());
   }
-  void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld) {
-    Ops::product(rows, cols, E, Ops::rows(q_rows, E), keys_packed.data(), scale, false, out, ld);
+  void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld, Diagonal diagonal = {}) {
+    Ops::product(rows, cols, E, Ops::rows(q_rows, E), keys_packed.data(), scale, false, out, ld,
+                 skip(diagonal, CausalSkip::kColumnsAfter));
   }
-  void add_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, float* accum) {
+  void add_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, float* accum, Diagonal diagonal = {}) {
     Ops::product(rows, Ev, cols, Ops::rounded(probs, rows, cols, ld, probs_buffer.data()), values_packed.data(), 1.0f,
-                 true, accum, Ev);
+                 true, accum, Ev, skip(diagonal, CausalSkip::kReductionAfter));
   }
 };
 
@@ -213,26 +220,32 @@ struct DotBackwardTiles {
     queries_left = Ops::transposed(q, rows, E, E, queries_transposed.data());
     grad_out_left = Ops::transposed(grad_out, rows, Ev, Ev, grad_out_transposed.data());
   }
-  void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld) {
-    Ops::product(rows, cols, E, Ops::rows(q_rows, E), keys_by_rows.data(), scale, false, out, ld);
+  void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld, Diagonal diagonal = {}) {
+    Ops::product(rows, cols, E, Ops::rows(q_rows, E), keys_by_rows.data(), scale, false, out, ld,
+                 skip(diagonal, CausalSkip::kColumnsAfter));
   }
-  void grad_probs(int64_t rows, int64_t cols, float* out, int64_t ld) {
-    Ops::product(rows, cols, Ev, Ops::rows(do_rows, Ev), values_by_rows.data(), 1.0f, false, out, ld);
+  void grad_probs(int64_t rows, int64_t cols, float* out, int64_t ld, Diagonal diagonal = {}) {
+    Ops::product(rows, cols, Ev, Ops::rows(do_rows, Ev), values_by_rows.data(), 1.0f, false, out, ld,
+                 skip(diagonal, CausalSkip::kColumnsAfter));
   }
   // dV^T (Ev x cols) += dO^T P
-  void add_grad_values(int64_t rows, int64_t cols, const float* probs, int64_t ld) {
+  void add_grad_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, Diagonal diagonal = {}) {
     Ops::pack_columns(probs, rows, cols, ld, operand_packed.data());
-    Ops::product(Ev, cols, rows, grad_out_left, operand_packed.data(), 1.0f, true, dv_t.data(), key_block);
+    Ops::product(Ev, cols, rows, grad_out_left, operand_packed.data(), 1.0f, true, dv_t.data(), key_block,
+                 skip(diagonal, CausalSkip::kReductionBefore));
   }
   // dK^T (E x cols) += scale * Q^T dS
-  void add_grad_keys(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale) {
+  void add_grad_keys(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale,
+                     Diagonal diagonal = {}) {
     Ops::pack_columns(grad_scores, rows, cols, ld, operand_packed.data());
-    Ops::product(E, cols, rows, queries_left, operand_packed.data(), scale, true, dk_t.data(), key_block);
+    Ops::product(E, cols, rows, queries_left, operand_packed.data(), scale, true, dk_t.data(), key_block,
+                 skip(diagonal, CausalSkip::kReductionBefore));
   }
   // dq (rows x E) += scale * dS K
-  void add_grad_queries(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale, float* dq) {
+  void add_grad_queries(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale, float* dq,
+                        Diagonal diagonal = {}) {
     Ops::product(rows, E, cols, Ops::rounded(grad_scores, rows, cols, ld, grad_scores_buffer.data()),
-                 keys_by_columns.data(), scale, true, dq, E);
+                 keys_by_columns.data(), scale, true, dq, E, skip(diagonal, CausalSkip::kReductionAfter));
   }
   void store_key_grads(T* grad_k, T* grad_v, int64_t cols) const {
     for (int64_t j = 0; j < cols; ++j) {
@@ -302,20 +315,25 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const int64_t cols = std::min(Bk, key_end - col0);
         if (hidden_and_inert(mask, shape, bh, kv, row0, rows, col0, cols, q_data, k_data, v_data, scale_d)) continue;
         tiles.load_keys(k_data + (kv * S + col0) * E, v_data + (kv * S + col0) * Ev, cols);
-        tiles.scores(rows, cols, scale, scores.data(), Bk);
+        const Diagonal diagonal = causal_diagonal(is_causal, row0, col0, cols);
+        tiles.scores(rows, cols, scale, scores.data(), Bk, diagonal);
         if (mask.present()) mask.apply(bh, row0, rows, col0, cols, scores.data(), Bk);
-        if (is_causal && col0 + cols - 1 > row0) apply_causal(row0, rows, col0, cols, scores.data(), Bk);
-        // Online softmax: rescale what was accumulated under the old row maximum.
+        // Online softmax: rescale what was accumulated under the old row maximum. Scores behind
+        // the causal diagonal are never read (they may not have been computed): their
+        // probabilities are set to 0, which also keeps a NaN key there hidden, as torch's fused
+        // kernels do.
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* row = scores.data() + r * Bk;
-          const acc_t tile_max = max_of(row, cols);
+          const int64_t visible = visible_columns(diagonal, r, cols);
+          std::fill(row + visible, row + cols, acc_t(0));
+          const acc_t tile_max = max_of(row, visible);
           const acc_t new_max = std::isnan(tile_max) ? tile_max : std::max(row_max[r], tile_max);
           if (new_max == neg_inf) {  // every key so far is masked for this row
-            std::fill(row, row + cols, acc_t(0));
+            std::fill(row, row + visible, acc_t(0));
             continue;
           }
           const acc_t correction = exp_nonpositive(row_max[r] - new_max);
-          row_sum[r] = row_sum[r] * correction + exp_shifted_sum(row, cols, new_max);
+          row_sum[r] = row_sum[r] * correction + exp_shifted_sum(row, visible, new_max);
           row_max[r] = new_max;
           if (correction != acc_t(1)) {
             acc_t* acc_row = accum.data() + r * Ev;
@@ -327,7 +345,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           const uint64_t first = static_cast<uint64_t>((bh * L + row0) * S + col0);
           apply_dropout(dropout, keep_scale, first, S, rows, cols, scores.data(), Bk);
         }
-        tiles.add_values(rows, cols, scores.data(), Bk, accum.data());
+        tiles.add_values(rows, cols, scores.data(), Bk, accum.data(), diagonal);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const acc_t sum = row_sum[r];
@@ -471,41 +489,47 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
             }
             tiles.load_queries(q_data + (bh * L + row0) * E, grad_out_data + (bh * L + row0) * Ev, rows);
             // P = exp(scale * Q K^T + mask - lse)
-            tiles.scores(rows, cols, scale, probs.data(), Bk);
+            const Diagonal diagonal = causal_diagonal(is_causal, row0, col0, cols);
+            tiles.scores(rows, cols, scale, probs.data(), Bk, diagonal);
             if (mask.present()) mask.apply(bh, row0, rows, col0, cols, probs.data(), Bk);
-            if (is_causal && col0 + cols - 1 > row0) apply_causal(row0, rows, col0, cols, probs.data(), Bk);
             for (int64_t r = 0; r < rows; ++r) {
               acc_t* row = probs.data() + r * Bk;
+              const int64_t visible = visible_columns(diagonal, r, cols);
+              std::fill(row + visible, row + cols, acc_t(0));  // behind the causal diagonal
               const acc_t row_lse = lse_data[bh * L + row0 + r];
               if (row_lse == neg_inf) {  // a fully masked row has no gradient
-                std::fill(row, row + cols, acc_t(0));
+                std::fill(row, row + visible, acc_t(0));
                 continue;
               }
-              exp_shifted_sum(row, cols, row_lse);
+              exp_shifted_sum(row, visible, row_lse);
             }
             // dP = dO V^T, through the dropout mask when there is one.
-            tiles.grad_probs(rows, cols, grad_probs.data(), Bk);
+            tiles.grad_probs(rows, cols, grad_probs.data(), Bk, diagonal);
             const uint64_t first = static_cast<uint64_t>((bh * L + row0) * S + col0);
             if (use_dropout) apply_dropout(dropout, keep_scale, first, S, rows, cols, grad_probs.data(), Bk);
-            // dS = P * (dP - delta), computed in place over grad_probs.
+            // dS = P * (dP - delta), computed in place over grad_probs; exactly 0 behind the causal
+            // diagonal, where dP may not have been computed.
             for (int64_t r = 0; r < rows; ++r) {
               const acc_t row_delta = delta[bh * L + row0 + r];
               const acc_t* p = probs.data() + r * Bk;
               acc_t* g = grad_probs.data() + r * Bk;
+              const int64_t visible = visible_columns(diagonal, r, cols);
 #pragma omp simd
-              for (int64_t c = 0; c < cols; ++c) g[c] = p[c] * (g[c] - row_delta);
+              for (int64_t c = 0; c < visible; ++c) g[c] = p[c] * (g[c] - row_delta);
+              std::fill(g + visible, g + cols, acc_t(0));
             }
             // dV += (P after dropout)^T dO
             if (use_dropout) apply_dropout(dropout, keep_scale, first, S, rows, cols, probs.data(), Bk);
-            tiles.add_grad_values(rows, cols, probs.data(), Bk);
+            tiles.add_grad_values(rows, cols, probs.data(), Bk, diagonal);
             if (grad_mask_data != nullptr) {
               for (int64_t r = 0; r < rows; ++r) {
                 std::copy(grad_probs.data() + r * Bk, grad_probs.data() + r * Bk + cols,
                           grad_mask_data + (bh * L + row0 + r) * S + col0);
               }
             }
-            tiles.add_grad_keys(rows, cols, grad_probs.data(), Bk, scale);
-            tiles.add_grad_queries(rows, cols, grad_probs.data(), Bk, scale, dq_share + (bh * L + row0) * E);
+            tiles.add_grad_keys(rows, cols, grad_probs.data(), Bk, scale, diagonal);
+            tiles.add_grad_queries(rows, cols, grad_probs.data(), Bk, scale, dq_share + (bh * L + row0) * E,
+                                   diagonal);
           }
         }
         tiles.store_key_grads(grad_k_data + (kv * S + col0) * E, grad_v_data + (kv * S + col0) * Ev, cols);

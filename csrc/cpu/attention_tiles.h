@@ -143,16 +143,21 @@ bool gradient_rows_finite(const acc_t* lse, const acc_t* delta, const scalar_t* 
          largest_magnitude(grad_out + first * Ev, rows * Ev) < kInf;
 }
 
-// Top-left causal: query row i attends to keys j <= i. Hidden scores are set to -inf, not
-// added to: torch's fused CPU and CUDA paths skip the tiles right of the diagonal, so a NaN
-// there never reaches a row it hides from, and this kernel does the same.
-template <typename acc_t>
-void apply_causal(int64_t row0, int64_t rows, int64_t col0, int64_t cols, acc_t* scores, int64_t ld) {
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t first_hidden = std::max<int64_t>(0, row0 + r + 1 - col0);
-    for (int64_t c = first_hidden; c < cols; ++c) scores[r * ld + c] = neg_inf;
-  }
+// The causal diagonal of a tile, for the tile products: entry (r, c) of the tile is hidden when
+// c > r + offset (offset = row0 - col0). Absent for tiles without hidden entries.
+struct Diagonal {
+  bool present = false;
+  int64_t offset = 0;
+};
+
+// Top-left causal: query row i attends to keys j <= i.
+inline Diagonal causal_diagonal(bool is_causal, int64_t row0, int64_t col0, int64_t cols) {
+  return is_causal && col0 + cols - 1 > row0 ? Diagonal{true, row0 - col0} : Diagonal{};
+}
+
+// How many leading columns of the tile's row r the diagonal leaves visible.
+inline int64_t visible_columns(Diagonal diagonal, int64_t r, int64_t cols) {
+  return diagonal.present ? std::clamp<int64_t>(r + diagonal.offset + 1, 0, cols) : cols;
 }
 
 // Rows [row0, row0 + rows) of a row-major (.., width) matrix as acc_t: the

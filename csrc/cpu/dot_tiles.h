@@ -201,35 +201,6 @@ ATTNKERNELS_BF16_TARGET void dot_tile(int64_t pairs, const c10::BFloat16* a, int
   }
 }
 
-// C (m x n, float32, row stride ldc) = alpha * A B (+ C when accumulate), the reduction over
-// `pairs` pairs. A(i, p) is the pair of bfloat16 at a + i * a_row + p * a_pair (in elements);
-// b is a packed B of `pairs` rows and n columns.
-ATTNKERNELS_BF16_TARGET inline void dot_product(int64_t m, int64_t n, int64_t pairs, const c10::BFloat16* a,
-                                                int64_t a_row, int64_t a_pair, const uint32_t* b, float alpha,
-                                                bool accumulate, float* c, int64_t ldc) {
-  for (int64_t j = 0; j < n; j += kDotColumns) {
-    const int64_t columns = std::min<int64_t>(kDotColumns, n - j);
-    const uint32_t* panel = b + packed_index(pairs, 0, j);
-    int64_t i = 0;
-    for (; i + kDotRows <= m; i += kDotRows) {
-      dot_tile<kDotRows>(pairs, a + i * a_row, a_row, a_pair, panel, columns, alpha, accumulate, c + i * ldc + j,
-                         ldc);
-    }
-    const c10::BFloat16* a_i = a + i * a_row;
-    float* c_i = c + i * ldc + j;
-    switch (m - i) {
-      case 7: dot_tile<7>(pairs, a_i, a_row, a_pair, panel, columns, alpha, accumulate, c_i, ldc); break;
-      case 6: dot_tile<6>(pairs, a_i, a_row, a_pair, panel, columns, alpha, accumulate, c_i, ldc); break;
-      case 5: dot_tile<5>(pairs, a_i, a_row, a_pair, panel, columns, alpha, accumulate, c_i, ldc); break;
-      case 4: dot_tile<4>(pairs, a_i, a_row, a_pair, panel, columns, alpha, accumulate, c_i, ldc); break;
-      case 3: dot_tile<3>(pairs, a_i, a_row, a_pair, panel, columns, alpha, accumulate, c_i, ldc); break;
-      case 2: dot_tile<2>(pairs, a_i, a_row, a_pair, panel, columns, alpha, accumulate, c_i, ldc); break;
-      case 1: dot_tile<1>(pairs, a_i, a_row, a_pair, panel, columns, alpha, accumulate, c_i, ldc); break;
-      default: break;
-    }
-  }
-}
-
 // ----------------------------------------------------------------------------- float32
 
 // Packs B (k x n, row stride ld) into panels: word (p, j) = X[p][j]. out: k * packed_width(n) floats.
@@ -284,30 +255,88 @@ void fma_tile(int64_t k, const float* a, int64_t a_row, int64_t a_step, const fl
   }
 }
 
-// C (m x n, row stride ldc) = alpha * A B (+ C when accumulate), the reduction over k. A(i, p)
-// is a[i * a_row + p * a_step]; b is a packed B (k x n) of pack_floats_from_columns / _rows.
-inline void fma_product(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_step,
-                        const float* b, float alpha, bool accumulate, float* c, int64_t ldc) {
+// ----------------------------------------------------------------------------- the products
+
+// Which part of a product a causal mask makes useless. The mask hides (query i, key j) for
+// j > i + offset; the three cases are the attention tiles' products:
+// - kColumnsAfter: C's rows are queries and its columns keys (Q K^T, dO V^T). Register tiles
+//   wholly right of the diagonal are not computed, and C keeps what it held there (the caller
+//   masks those entries).
+// - kReductionAfter: C's rows are queries and the reduction runs over keys (P V, dS K), whose
+//   hidden terms are zero: each register tile stops at its last row's diagonal.
+// - kReductionBefore: C's columns are keys and the reduction runs over queries (dO^T P, Q^T dS),
+//   whose hidden terms are zero: each column panel starts at its first column's diagonal.
+enum class CausalSkip { kNone, kColumnsAfter, kReductionAfter, kReductionBefore };
+struct Skip {
+  CausalSkip kind = CausalSkip::kNone;
+  int64_t offset = 0;
+};
+
+// The register tiles of each element type, for tile_product.
+struct DotTile {
+  template <int kRows>
+  ATTNKERNELS_BF16_TARGET void run(int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
+                                   const uint32_t* b, int64_t columns, float alpha, bool accumulate, float* c,
+                                   int64_t ldc) const {
+    dot_tile<kRows>(pairs, a, a_row, a_pair, b, columns, alpha, accumulate, c, ldc);
+  }
+};
+struct FmaTile {
+  template <int kRows>
+  void run(int64_t k, const float* a, int64_t a_row, int64_t a_step, const float* b, int64_t columns, float alpha,
+           bool accumulate, float* c, int64_t ldc) const {
+    fma_tile<kRows>(k, a, a_row, a_step, b, columns, alpha, accumulate, c, ldc);
+  }
+};
+
+// C (m x n, float32, row stride ldc) = alpha * A B (+ C when accumulate), the reduction over
+// `steps` packed words (pairs of bfloat16, or floats: per_word elements each). A(i, p) starts at
+// a + i * a_row + p * a_step; b is a packed B of `steps` rows and n columns.
+template <typename Tile, typename A, typename B>
+void tile_product(Tile tile, int64_t per_word, int64_t m, int64_t n, int64_t steps, const A* a, int64_t a_row,
+                  int64_t a_step, const B* b, float alpha, bool accumulate, float* c, int64_t ldc, Skip skip) {
   for (int64_t j = 0; j < n; j += kDotColumns) {
     const int64_t columns = std::min<int64_t>(kDotColumns, n - j);
-    const float* panel = b + packed_index(k, 0, j);
-    int64_t i = 0;
-    for (; i + kDotRows <= m; i += kDotRows) {
-      fma_tile<kDotRows>(k, a + i * a_row, a_row, a_step, panel, columns, alpha, accumulate, c + i * ldc + j, ldc);
-    }
-    const float* a_i = a + i * a_row;
-    float* c_i = c + i * ldc + j;
-    switch (m - i) {
-      case 7: fma_tile<7>(k, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
-      case 6: fma_tile<6>(k, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
-      case 5: fma_tile<5>(k, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
-      case 4: fma_tile<4>(k, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
-      case 3: fma_tile<3>(k, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
-      case 2: fma_tile<2>(k, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
-      case 1: fma_tile<1>(k, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
-      default: break;
+    const int64_t first =
+        skip.kind == CausalSkip::kReductionBefore ? std::min(steps, std::max<int64_t>(0, j - skip.offset) / per_word) : 0;
+    const B* panel = b + packed_index(steps, first, j);
+    for (int64_t i = 0; i < m; i += kDotRows) {
+      const int64_t rows = std::min<int64_t>(kDotRows, m - i);
+      if (skip.kind == CausalSkip::kColumnsAfter && j > i + rows - 1 + skip.offset) continue;
+      int64_t count = steps - first;
+      if (skip.kind == CausalSkip::kReductionAfter) {
+        count = std::min(count, (std::max<int64_t>(0, i + rows + skip.offset) + per_word - 1) / per_word);
+      }
+      if (count == 0 && accumulate) continue;
+      const A* a_i = a + i * a_row + first * a_step;
+      float* c_i = c + i * ldc + j;
+      switch (rows) {
+        case 8: tile.template run<8>(count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
+        case 7: tile.template run<7>(count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
+        case 6: tile.template run<6>(count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
+        case 5: tile.template run<5>(count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
+        case 4: tile.template run<4>(count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
+        case 3: tile.template run<3>(count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
+        case 2: tile.template run<2>(count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
+        default: tile.template run<1>(count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
+      }
     }
   }
+}
+static_assert(kDotRows == 8, "tile_product's switch covers 1 to 8 rows");
+
+// bfloat16: the reduction over `pairs` pairs; A(i, p) is the pair of bfloat16 at
+// a + i * a_row + p * a_pair (in elements).
+inline void dot_product(int64_t m, int64_t n, int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
+                        const uint32_t* b, float alpha, bool accumulate, float* c, int64_t ldc, Skip skip = {}) {
+  tile_product(DotTile{}, 2, m, n, pairs, a, a_row, a_pair, b, alpha, accumulate, c, ldc, skip);
+}
+
+// float32: the reduction over k; A(i, p) is a[i * a_row + p * a_step]; b from
+// pack_floats_from_columns / _rows.
+inline void fma_product(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_step,
+                        const float* b, float alpha, bool accumulate, float* c, int64_t ldc, Skip skip = {}) {
+  tile_product(FmaTile{}, 1, m, n, k, a, a_row, a_step, b, alpha, accumulate, c, ldc, skip);
 }
 
 // ----------------------------------------------------------------------------- one interface
@@ -352,8 +381,8 @@ struct DotOps<c10::BFloat16> {
     return {reinterpret_cast<const T*>(buffer), 2, 2 * packed_width(m)};
   }
   static void product(int64_t m, int64_t n, int64_t k, LeftOperand<T> a, const Word* b, float alpha, bool accumulate,
-                      float* c, int64_t ldc) {
-    dot_product(m, n, pair_count(k), a.data, a.row, a.step, b, alpha, accumulate, c, ldc);
+                      float* c, int64_t ldc, Skip skip = {}) {
+    dot_product(m, n, pair_count(k), a.data, a.row, a.step, b, alpha, accumulate, c, ldc, skip);
   }
 };
 
@@ -373,8 +402,8 @@ struct DotOps<float> {
   static LeftOperand<T> rounded(const float* x, int64_t, int64_t, int64_t ld, T*) { return {x, ld, 1}; }
   static LeftOperand<T> transposed(const T* x, int64_t, int64_t, int64_t ld, Word*) { return {x, 1, ld}; }
   static void product(int64_t m, int64_t n, int64_t k, LeftOperand<T> a, const Word* b, float alpha, bool accumulate,
-                      float* c, int64_t ldc) {
-    fma_product(m, n, k, a.data, a.row, a.step, b, alpha, accumulate, c, ldc);
+                      float* c, int64_t ldc, Skip skip = {}) {
+    fma_product(m, n, k, a.data, a.row, a.step, b, alpha, accumulate, c, ldc, skip);
   }
 };
 

@@ -12,7 +12,9 @@
 #include "cpu/dot_tiles.h"
 
 using attnkernels::cpu::avx512::dot_product;
+using attnkernels::cpu::avx512::CausalSkip;
 using attnkernels::cpu::avx512::fma_product;
+using attnkernels::cpu::avx512::Skip;
 using attnkernels::cpu::avx512::pack_floats_from_columns;
 using attnkernels::cpu::avx512::pack_floats_from_rows;
 using attnkernels::cpu::avx512::pack_pairs_from_columns;
@@ -150,6 +152,90 @@ void float_products(int64_t m, int64_t n, int64_t k) {
         [&](int64_t p, int64_t j) { return x[p * n + j]; }, -2.0f, base, d, ldc);
 }
 
+// The causal skips: with the hidden terms zero (as the attention's P and dS are), a product that
+// skips them equals the full one; with kColumnsAfter, on the entries left of the diagonal.
+template <typename T>
+void causal_skips(int64_t m, int64_t n, int64_t k, int64_t offset) {
+  constexpr bool dot = std::is_same_v<T, BF16>;
+  const int64_t k_even = dot ? 2 * ((k + 1) / 2) : k;
+  auto round = [](float x) { return dot ? float(BF16(x)) : x; };
+  (void)round;
+  // kColumnsAfter: C (m queries x n keys) = A (m x k) X^T, X (n x k): left of the diagonal, the
+  // same bits as the full product.
+  {
+    const auto a = random_floats(m * k_even), x = random_floats(n * k_even);
+    const auto a_t = std::vector<T>(a.begin(), a.end()), x_t = std::vector<T>(x.begin(), x.end());
+    std::vector<uint32_t> packed((k_even / (dot ? 2 : 1)) * packed_width(n));
+    std::vector<float> full(m * n), skipped(m * n, NAN);
+    for (Skip skip : {Skip{}, Skip{CausalSkip::kColumnsAfter, offset}}) {
+      float* c = skip.kind == CausalSkip::kNone ? full.data() : skipped.data();
+      if constexpr (dot) {
+        pack_pairs_from_rows(x_t.data(), n, k_even, k_even, packed.data());
+        dot_product(m, n, k_even / 2, a_t.data(), k_even, 2, packed.data(), 1.0f, false, c, n, skip);
+      } else {
+        pack_floats_from_rows(x.data(), n, k, k, reinterpret_cast<float*>(packed.data()));
+        fma_product(m, n, k, a.data(), k, 1, reinterpret_cast<const float*>(packed.data()), 1.0f, false, c, n, skip);
+      }
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < n && j <= i + offset; ++j) {
+        if (!(skipped[i * n + j] == full[i * n + j]) && failures++ < 10) {
+          std::printf("FAIL causal columns m=%lld n=%lld k=%lld offset=%lld at (%lld, %lld)\n", (long long)m,
+                      (long long)n, (long long)k, (long long)offset, (long long)i, (long long)j);
+        }
+      }
+    }
+  }
+  // kReductionAfter: C (m queries x n) += A (m x k keys) X (k x n), A hidden where p > i + offset.
+  {
+    auto a = random_floats(m * k);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t p = 0; p < k; ++p)
+        if (p > i + offset) a[i * k + p] = 0.0f;
+    const auto x = random_floats(k * n);
+    auto base = random_floats(m * n), c = base;
+    const Skip skip{CausalSkip::kReductionAfter, offset};
+    if constexpr (dot) {
+      std::vector<BF16> a_rounded(m * 2 * pair_count(k), BF16(NAN));
+      round_rows(a.data(), m, k, k, a_rounded.data());
+      auto packed = packed_buffer(k, n);
+      pack_pairs_from_columns(x.data(), k, n, n, packed.data());
+      dot_product(m, n, pair_count(k), a_rounded.data(), 2 * pair_count(k), 2, packed.data(), 1.0f, true, c.data(), n,
+                  skip);
+    } else {
+      std::vector<float> packed(k * packed_width(n), NAN);
+      pack_floats_from_columns(x.data(), k, n, n, packed.data());
+      fma_product(m, n, k, a.data(), k, 1, packed.data(), 1.0f, true, c.data(), n, skip);
+    }
+    check("causal reduction after", m, n, k, [&](int64_t i, int64_t p) { return round(a[i * k + p]); },
+          [&](int64_t p, int64_t j) { return round(x[p * n + j]); }, 1.0f, base, c, n);
+  }
+  // kReductionBefore: C (m x n keys) += Y^T (m x k queries) X (k x n keys), X hidden where j > p + offset.
+  {
+    const auto y = random_floats(k * m);
+    auto x = random_floats(k * n);
+    for (int64_t p = 0; p < k; ++p)
+      for (int64_t j = 0; j < n; ++j)
+        if (j > p + offset) x[p * n + j] = 0.0f;
+    auto base = random_floats(m * n), c = base;
+    const Skip skip{CausalSkip::kReductionBefore, offset};
+    if constexpr (dot) {
+      const std::vector<BF16> y_t(y.begin(), y.end());
+      auto y_packed = packed_buffer(k, m), x_packed = packed_buffer(k, n);
+      pack_pairs_from_columns(y_t.data(), k, m, m, y_packed.data(), PairLayout::kRows);
+      pack_pairs_from_columns(x.data(), k, n, n, x_packed.data());
+      dot_product(m, n, pair_count(k), reinterpret_cast<const BF16*>(y_packed.data()), 2, 2 * packed_width(m),
+                  x_packed.data(), 1.0f, true, c.data(), n, skip);
+    } else {
+      std::vector<float> packed(k * packed_width(n), NAN);
+      pack_floats_from_columns(x.data(), k, n, n, packed.data());
+      fma_product(m, n, k, y.data(), 1, m, packed.data(), 1.0f, true, c.data(), n, skip);
+    }
+    check("causal reduction before", m, n, k, [&](int64_t i, int64_t p) { return round(y[p * m + i]); },
+          [&](int64_t p, int64_t j) { return round(x[p * n + j]); }, 1.0f, base, c, n);
+  }
+}
+
 // A NaN or infinity in one row of A reaches that row of C only.
 void non_finite_stays_in_its_row() {
   const int64_t m = 9, n = 40, k = 6;
@@ -182,7 +268,9 @@ int main() {
     return 0;
   }
   std::uniform_int_distribution<int64_t> rows(1, 37), cols(1, 100), depth(1, 70);
+  std::uniform_int_distribution<int64_t> offsets(-40, 60);
   for (int trial = 0; trial < 60; ++trial) float_products(rows(rng), cols(rng), depth(rng));
+  for (int trial = 0; trial < 60; ++trial) causal_skips<float>(rows(rng), cols(rng), depth(rng), offsets(rng));
   float_products(256, 512, 64);
   float_products(64, 256, 128);
   if (!__builtin_cpu_supports("avx512bf16")) {
@@ -197,6 +285,7 @@ int main() {
     rounded_rows_times_columns<float>(m, n, k);
     columns_times_columns(m, n, k);
   }
+  for (int trial = 0; trial < 60; ++trial) causal_skips<BF16>(rows(rng), cols(rng), depth(rng), offsets(rng));
   for (int64_t k : {1, 2, 31, 32, 33, 64, 512}) {  // the attention tiles' shapes and their edges
     rounded_rows_times_columns<BF16>(8, 64, k);
     columns_times_columns(64, 256, k);
