@@ -185,14 +185,14 @@ struct DotForwardTiles {
   }
 };
 
-// dK and dV are accumulated transposed, (E x key_block) and (Ev x key_block): their products
+// dK and dV are accumulated transposed, (E x cols) and (Ev x cols) of the block's cols keys: their products
 // reduce over the query rows, so P and dS are the packed right operands, and Q and dO are read
 // transposed as the left ones.
 template <typename T>
 struct DotBackwardTiles {
   using Ops = DotOps<T>;
   using Word = typename Ops::Word;
-  int64_t E, Ev, key_block;
+  int64_t E, Ev, key_cols = 0;  // key_cols: the keys of the block, the row stride of dk_t and dv_t
   const T *q_rows = nullptr, *do_rows = nullptr;
   std::vector<Word> keys_by_rows, values_by_rows, keys_by_columns, queries_transposed, grad_out_transposed,
       operand_packed;
@@ -201,18 +201,19 @@ struct DotBackwardTiles {
   LeftOperand<T> queries_left{}, grad_out_left{};
 
   DotBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
-      : E(E), Ev(Ev), key_block(key_block), keys_by_rows(Ops::packed_size(E, key_block)),
+      : E(E), Ev(Ev), keys_by_rows(Ops::packed_size(E, key_block)),
         values_by_rows(Ops::packed_size(Ev, key_block)), keys_by_columns(Ops::packed_size(key_block, E)),
         queries_transposed(Ops::packed_size(query_block, E)), grad_out_transposed(Ops::packed_size(query_block, Ev)),
         operand_packed(Ops::packed_size(query_block, key_block)),
         grad_scores_buffer(Ops::left_buffer_size(query_block, key_block)), dk_t(E * key_block), dv_t(Ev * key_block) {}
 
   void load_keys(const T* k, const T* v, int64_t cols) {
+    key_cols = cols;
     Ops::pack_rows(k, cols, E, E, keys_by_rows.data());
     Ops::pack_rows(v, cols, Ev, Ev, values_by_rows.data());
     Ops::pack_columns(k, cols, E, E, keys_by_columns.data());
-    std::fill(dk_t.begin(), dk_t.end(), 0.0f);
-    std::fill(dv_t.begin(), dv_t.end(), 0.0f);
+    std::fill(dk_t.begin(), dk_t.begin() + E * cols, 0.0f);
+    std::fill(dv_t.begin(), dv_t.begin() + Ev * cols, 0.0f);
   }
   void load_queries(const T* q, const T* grad_out, int64_t rows) {
     q_rows = q;
@@ -231,14 +232,14 @@ struct DotBackwardTiles {
   // dV^T (Ev x cols) += dO^T P
   void add_grad_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, Diagonal diagonal = {}) {
     Ops::pack_columns(probs, rows, cols, ld, operand_packed.data());
-    Ops::product(Ev, cols, rows, grad_out_left, operand_packed.data(), 1.0f, true, dv_t.data(), key_block,
+    Ops::product(Ev, cols, rows, grad_out_left, operand_packed.data(), 1.0f, true, dv_t.data(), key_cols,
                  skip(diagonal, CausalSkip::kReductionBefore));
   }
   // dK^T (E x cols) += scale * Q^T dS
   void add_grad_keys(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale,
                      Diagonal diagonal = {}) {
     Ops::pack_columns(grad_scores, rows, cols, ld, operand_packed.data());
-    Ops::product(E, cols, rows, queries_left, operand_packed.data(), scale, true, dk_t.data(), key_block,
+    Ops::product(E, cols, rows, queries_left, operand_packed.data(), scale, true, dk_t.data(), key_cols,
                  skip(diagonal, CausalSkip::kReductionBefore));
   }
   // dq (rows x E) += scale * dS K
@@ -248,9 +249,21 @@ struct DotBackwardTiles {
                  keys_by_columns.data(), scale, true, dq, E, skip(diagonal, CausalSkip::kReductionAfter));
   }
   void store_key_grads(T* grad_k, T* grad_v, int64_t cols) const {
-    for (int64_t j = 0; j < cols; ++j) {
-      for (int64_t e = 0; e < E; ++e) grad_k[j * E + e] = static_cast<T>(dk_t[e * key_block + j]);
-      for (int64_t e = 0; e < Ev; ++e) grad_v[j * Ev + e] = static_cast<T>(dv_t[e * key_block + j]);
+    store_transposed(dk_t.data(), E, cols, grad_k);
+    store_transposed(dv_t.data(), Ev, cols, grad_v);
+  }
+
+  // out (cols x rows) = the transpose of in (rows x cols), in 16 x 16 blocks (both sides touch
+  // few cache lines per block).
+  static void store_transposed(const float* in, int64_t rows, int64_t cols, T* out) {
+    constexpr int64_t kBlock = 16;
+    for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+      for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+        const int64_t r1 = std::min(rows, r0 + kBlock), c1 = std::min(cols, c0 + kBlock);
+        for (int64_t c = c0; c < c1; ++c) {
+          for (int64_t r = r0; r < r1; ++r) out[c * rows + r] = static_cast<T>(in[r * cols + c]);
+        }
+      }
     }
   }
 };
