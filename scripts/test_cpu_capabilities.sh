@@ -16,5 +16,6 @@ tests=(tests/test_cpu_capability.py tests/test_grid_sample.py tests/test_affine.
 for capability in default avx2 avx512; do
   echo "== CPU kernels, ${capability} variant"
   ATTNKERNELS_CPU_CAPABILITY=$capability python -m pytest -q -p no:cacheprovider -k "not cpu-reference and not cpu-triton and not cuda-" "${tests[@]}" "$@"
-  [ "$capability" = "$best" ] && break
+  # An `if`, not `[ ] && break`: a false test as the loop's last command would be the script's exit status.
+  if [ "$capability" = "$best" ]; then break; fi
 done
