@@ -53,6 +53,10 @@ def machine_info(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "cpu_flags": " ".join(vector_flags) or None,
         "cpu_capability": attnkernels.cpu_capability(),
+        # torch's own CPU kernels, and the libraries under its matmuls, can be capped too
+        # (to measure an AVX2 machine's code paths on an AVX-512 one): say what they ran.
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_caps": {name: os.environ[name] for name in _ISA_CAP_VARIABLES if os.environ.get(name)},
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -64,6 +68,9 @@ def machine_info(device: torch.device) -> dict:
         # Other processes' load skews CPU timings: say how busy the machine was.
         "load_average_at_start": _load_average(),
     }
+
+
+_ISA_CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 
 def _load_average() -> list[float] | None:
@@ -220,10 +227,14 @@ def results_markdown(info: dict, limits: MachineLimits | None, records: Sequence
         f"- Command: `{info['command']}`",
         f"- Machine: {machine}; {info['platform']}",
         f"- CPU kernels: the `{info.get('cpu_capability')}` variant (set by ATTNKERNELS_CPU_CAPABILITY); "
+        f"torch's CPU kernels: `{info.get('torch_cpu_capability')}`; "
         f"the CPU's vector flags: {info.get('cpu_flags') or 'none found'}",
         f"- Versions: attnkernels {info['attnkernels']}, torch {info['torch']} (CUDA {info['cuda']}), "
         f"Triton {info['triton']}, Python {info['python']}",
     ]
+    if info.get("isa_caps"):
+        caps = ", ".join(f"{name}={value}" for name, value in info["isa_caps"].items())
+        lines.append(f"- Instruction sets capped for torch and its libraries: {caps}")
     if info.get("load_average_at_start") is not None:
         load = ", ".join(str(v) for v in info["load_average_at_start"])
         lines.append(f"- Load average when the run started (1, 5, 15 min): {load} "
