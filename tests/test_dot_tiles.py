@@ -47,14 +47,9 @@ needs_cpu_kernel = pytest.mark.skipif(not attnkernels._extension.has_extension()
                                       reason="the compiled extension is not built")
 
 
-@needs_cpu_kernel
-@settings(max_examples=15, deadline=None)
-@given(L=st.integers(1, 300), S=st.integers(1, 600), E=st.sampled_from([2, 6, 16, 30, 64, 80, 128]),
-       Ev=st.sampled_from([2, 14, 32, 64, 96]), group=st.sampled_from([1, 2]), causal=st.booleans(),
-       mask_kind=st.sampled_from([None, "bool", "float"]))
-def test_bfloat16_random_shapes_keep_the_flash_attention_rule(L, S, E, Ev, group, causal, mask_kind):
-    """Every row and column tail of the tiles (L, S up to two blocks), even head dims of any size."""
-    generator = torch.Generator().manual_seed(L * 1000 + S)
+def random_problem(seed, L, S, E, Ev, group, causal, mask_kind):
+    """float64 q (1, 2 * group, L, E), k (1, 2, S, E), v (1, 2, S, Ev) and a mask (None when causal)."""
+    generator = torch.Generator().manual_seed(seed)
     q64 = torch.randn(1, 2 * group, L, E, generator=generator, dtype=torch.float64)
     k64 = torch.randn(1, 2, S, E, generator=generator, dtype=torch.float64)
     v64 = torch.randn(1, 2, S, Ev, generator=generator, dtype=torch.float64)
@@ -64,18 +59,32 @@ def test_bfloat16_random_shapes_keep_the_flash_attention_rule(L, S, E, Ev, group
         mask[:, 0] = True  # fully masked rows are tested elsewhere; here they would only make NaN truths
     elif not causal and mask_kind == "float":
         mask = torch.randn(L, S, generator=generator, dtype=torch.float64)
+    return (q64, k64, v64), mask
 
-    def run_in(dtype, fn):
-        q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
-        m = mask if mask is None or mask.dtype == torch.bool else mask.to(dtype)
-        out = fn(q, k, v, m)
-        return [out, *gradients(out, (q, k, v))]
 
-    kwargs = {"is_causal": causal and mask is None, "enable_gqa": group > 1}
-    ours = run_in(torch.bfloat16, lambda q, k, v, m: attnkernels.scaled_dot_product_attention(
+def output_and_gradients(problem, dtype, attention):
+    """attention(q, k, v, mask) on the problem's inputs in dtype: [out, dq, dk, dv]."""
+    inputs, mask = problem
+    q, k, v = (t.to(dtype).requires_grad_() for t in inputs)
+    out = attention(q, k, v, mask if mask is None or mask.dtype == torch.bool else mask.to(dtype))
+    return [out, *gradients(out, (q, k, v))]
+
+
+@needs_cpu_kernel
+@settings(max_examples=15, deadline=None)
+@given(L=st.integers(1, 300), S=st.integers(1, 600), E=st.sampled_from([2, 6, 16, 30, 64, 80, 128]),
+       Ev=st.sampled_from([2, 14, 32, 64, 96]), group=st.sampled_from([1, 2]), causal=st.booleans(),
+       mask_kind=st.sampled_from([None, "bool", "float"]))
+def test_bfloat16_random_shapes_keep_the_flash_attention_rule(L, S, E, Ev, group, causal, mask_kind):
+    """Every row and column tail of the tiles (L, S up to two blocks), even head dims of any size."""
+    problem = random_problem(L * 1000 + S, L, S, E, Ev, group, causal, mask_kind)
+    kwargs = {"is_causal": causal, "enable_gqa": group > 1}
+    ours = output_and_gradients(problem, torch.bfloat16, lambda q, k, v, m: attnkernels.scaled_dot_product_attention(
         q, k, v, m, backend="cpu", **kwargs))
-    theirs = run_in(torch.bfloat16, lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
-    exact = run_in(torch.float64, lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
+    theirs = output_and_gradients(problem, torch.bfloat16,
+                                  lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
+    exact = output_and_gradients(problem, torch.float64,
+                                 lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
     for index, (mine, torchs, truth) in enumerate(zip(ours, theirs, exact, strict=True)):
         assert mine.dtype == torch.bfloat16 and not mine.isnan().any()
         our_error = (mine.double() - truth).abs().max().item()
@@ -90,26 +99,11 @@ def test_bfloat16_random_shapes_keep_the_flash_attention_rule(L, S, E, Ev, group
 def test_float32_random_shapes_match_float64(L, S, E, Ev, group, causal, mask_kind):
     """float32 on the register tiles (the avx512 variant; BLAS elsewhere), causal tiles skipping the
     products behind the diagonal: output and gradients within float32 rounding of a float64 computation."""
-    generator = torch.Generator().manual_seed(L * 1000 + S + E)
-    q64 = torch.randn(1, 2 * group, L, E, generator=generator, dtype=torch.float64)
-    k64 = torch.randn(1, 2, S, E, generator=generator, dtype=torch.float64)
-    v64 = torch.randn(1, 2, S, Ev, generator=generator, dtype=torch.float64)
-    mask = None
-    if not causal and mask_kind == "bool":
-        mask = torch.rand(L, S, generator=generator) > 0.3
-        mask[:, 0] = True
-    elif not causal and mask_kind == "float":
-        mask = torch.randn(L, S, generator=generator, dtype=torch.float64)
+    problem = random_problem(L * 1000 + S + E, L, S, E, Ev, group, causal, mask_kind)
     kwargs = {"is_causal": causal, "enable_gqa": group > 1}
-
-    def run_in(dtype, fn):
-        q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
-        m = mask if mask is None or mask.dtype == torch.bool else mask.to(dtype)
-        out = fn(q, k, v, m)
-        return [out, *gradients(out, (q, k, v))]
-
-    ours = run_in(torch.float32, lambda q, k, v, m: attnkernels.scaled_dot_product_attention(
+    ours = output_and_gradients(problem, torch.float32, lambda q, k, v, m: attnkernels.scaled_dot_product_attention(
         q, k, v, m, backend="cpu", **kwargs))
-    exact = run_in(torch.float64, lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
+    exact = output_and_gradients(problem, torch.float64,
+                                 lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
     for name, mine, truth in zip(("output", "grad q", "grad k", "grad v"), ours, exact, strict=True):
         torch.testing.assert_close(mine.double(), truth, atol=2e-4, rtol=1e-4, msg=name)

@@ -185,41 +185,39 @@ struct DotForwardTiles {
   }
 };
 
-// dK and dV are accumulated transposed, (E x cols) and (Ev x cols) of the block's cols keys: their products
-// reduce over the query rows, so P and dS are the packed right operands, and Q and dO are read
-// transposed as the left ones.
+// dK and dV (cols x E, cols x Ev, of the block's cols keys) reduce over the query rows: P^T and
+// dS^T are their left operands (float32 read transposed in place; bfloat16 rounded and packed
+// as pairs of query rows), Q and dO their right operands, packed by columns per query block.
 template <typename T>
 struct DotBackwardTiles {
   using Ops = DotOps<T>;
   using Word = typename Ops::Word;
-  int64_t E, Ev, key_cols = 0;  // key_cols: the keys of the block, the row stride of dk_t and dv_t
+  int64_t E, Ev;
   const T *q_rows = nullptr, *do_rows = nullptr;
-  std::vector<Word> keys_by_rows, values_by_rows, keys_by_columns, queries_transposed, grad_out_transposed,
-      operand_packed;
+  std::vector<Word> keys_by_rows, values_by_rows, keys_by_columns, queries_by_columns, grad_out_by_columns,
+      operand_transposed;
   std::vector<T> grad_scores_buffer;
-  std::vector<float> dk_t, dv_t;
-  LeftOperand<T> queries_left{}, grad_out_left{};
+  std::vector<float> dk, dv;
 
   DotBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
       : E(E), Ev(Ev), keys_by_rows(Ops::packed_size(E, key_block)),
         values_by_rows(Ops::packed_size(Ev, key_block)), keys_by_columns(Ops::packed_size(key_block, E)),
-        queries_transposed(Ops::packed_size(query_block, E)), grad_out_transposed(Ops::packed_size(query_block, Ev)),
-        operand_packed(Ops::packed_size(query_block, key_block)),
-        grad_scores_buffer(Ops::left_buffer_size(query_block, key_block)), dk_t(E * key_block), dv_t(Ev * key_block) {}
+        queries_by_columns(Ops::packed_size(query_block, E)), grad_out_by_columns(Ops::packed_size(query_block, Ev)),
+        operand_transposed(Ops::transposed_buffer_size(query_block, key_block)),
+        grad_scores_buffer(Ops::left_buffer_size(query_block, key_block)), dk(key_block * E), dv(key_block * Ev) {}
 
   void load_keys(const T* k, const T* v, int64_t cols) {
-    key_cols = cols;
     Ops::pack_rows(k, cols, E, E, keys_by_rows.data());
     Ops::pack_rows(v, cols, Ev, Ev, values_by_rows.data());
     Ops::pack_columns(k, cols, E, E, keys_by_columns.data());
-    std::fill(dk_t.begin(), dk_t.begin() + E * cols, 0.0f);
-    std::fill(dv_t.begin(), dv_t.begin() + Ev * cols, 0.0f);
+    std::fill(dk.begin(), dk.begin() + cols * E, 0.0f);
+    std::fill(dv.begin(), dv.begin() + cols * Ev, 0.0f);
   }
   void load_queries(const T* q, const T* grad_out, int64_t rows) {
     q_rows = q;
     do_rows = grad_out;
-    queries_left = Ops::transposed(q, rows, E, E, queries_transposed.data());
-    grad_out_left = Ops::transposed(grad_out, rows, Ev, Ev, grad_out_transposed.data());
+    Ops::pack_columns(q, rows, E, E, queries_by_columns.data());
+    Ops::pack_columns(grad_out, rows, Ev, Ev, grad_out_by_columns.data());
   }
   void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld, Diagonal diagonal = {}) {
     Ops::product(rows, cols, E, Ops::rows(q_rows, E), keys_by_rows.data(), scale, false, out, ld,
@@ -229,18 +227,16 @@ struct DotBackwardTiles {
     Ops::product(rows, cols, Ev, Ops::rows(do_rows, Ev), values_by_rows.data(), 1.0f, false, out, ld,
                  skip(diagonal, CausalSkip::kColumnsAfter));
   }
-  // dV^T (Ev x cols) += dO^T P
+  // dV (cols x Ev) += P^T dO
   void add_grad_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, Diagonal diagonal = {}) {
-    Ops::pack_columns(probs, rows, cols, ld, operand_packed.data());
-    Ops::product(Ev, cols, rows, grad_out_left, operand_packed.data(), 1.0f, true, dv_t.data(), key_cols,
-                 skip(diagonal, CausalSkip::kReductionBefore));
+    Ops::product(cols, Ev, rows, Ops::transposed(probs, rows, cols, ld, operand_transposed.data()),
+                 grad_out_by_columns.data(), 1.0f, true, dv.data(), Ev, skip(diagonal, CausalSkip::kReductionBefore));
   }
-  // dK^T (E x cols) += scale * Q^T dS
+  // dK (cols x E) += scale * dS^T Q
   void add_grad_keys(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale,
                      Diagonal diagonal = {}) {
-    Ops::pack_columns(grad_scores, rows, cols, ld, operand_packed.data());
-    Ops::product(E, cols, rows, queries_left, operand_packed.data(), scale, true, dk_t.data(), key_cols,
-                 skip(diagonal, CausalSkip::kReductionBefore));
+    Ops::product(cols, E, rows, Ops::transposed(grad_scores, rows, cols, ld, operand_transposed.data()),
+                 queries_by_columns.data(), scale, true, dk.data(), E, skip(diagonal, CausalSkip::kReductionBefore));
   }
   // dq (rows x E) += scale * dS K
   void add_grad_queries(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale, float* dq,
@@ -249,22 +245,8 @@ struct DotBackwardTiles {
                  keys_by_columns.data(), scale, true, dq, E, skip(diagonal, CausalSkip::kReductionAfter));
   }
   void store_key_grads(T* grad_k, T* grad_v, int64_t cols) const {
-    store_transposed(dk_t.data(), E, cols, grad_k);
-    store_transposed(dv_t.data(), Ev, cols, grad_v);
-  }
-
-  // out (cols x rows) = the transpose of in (rows x cols), in 16 x 16 blocks (both sides touch
-  // few cache lines per block).
-  static void store_transposed(const float* in, int64_t rows, int64_t cols, T* out) {
-    constexpr int64_t kBlock = 16;
-    for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
-      for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
-        const int64_t r1 = std::min(rows, r0 + kBlock), c1 = std::min(cols, c0 + kBlock);
-        for (int64_t c = c0; c < c1; ++c) {
-          for (int64_t r = r0; r < r1; ++r) out[c * rows + r] = static_cast<T>(in[r * cols + c]);
-        }
-      }
-    }
+    std::transform(dk.begin(), dk.begin() + cols * E, grad_k, [](float x) { return static_cast<T>(x); });
+    std::transform(dv.begin(), dv.begin() + cols * Ev, grad_v, [](float x) { return static_cast<T>(x); });
   }
 };
 

@@ -165,6 +165,28 @@ ATTNKERNELS_BF16_TARGET inline void round_rows(const float* x, int64_t rows, int
   }
 }
 
+// C (kRows x up to 32 columns, row stride ldc) = alpha * acc (+ C when accumulate): the store
+// that ends both kinds of tile (AVX-512F only, so it inlines into the bfloat16-targeted one).
+template <int kRows>
+inline void store_tile(const __m512 (&acc)[kRows][2], int64_t columns, float alpha, bool accumulate, float* c,
+                       int64_t ldc) {
+  const auto mask16 = [](int64_t n) {
+    return static_cast<__mmask16>(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1u);
+  };
+  const __mmask16 m0 = mask16(columns), m1 = mask16(columns - 16);
+  const __m512 alpha16 = _mm512_set1_ps(alpha);
+  for (int r = 0; r < kRows; ++r) {
+    float* row = c + r * ldc;
+    __m512 v0 = _mm512_mul_ps(acc[r][0], alpha16), v1 = _mm512_mul_ps(acc[r][1], alpha16);
+    if (accumulate) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row + 16));
+    }
+    _mm512_mask_storeu_ps(row, m0, v0);
+    _mm512_mask_storeu_ps(row + 16, m1, v1);
+  }
+}
+
 // C (kRows x up to 32 columns) = alpha * A B (+ C when accumulate).
 // b: the panel (pairs rows of kDotColumns words).
 template <int kRows>
@@ -186,19 +208,7 @@ ATTNKERNELS_BF16_TARGET void dot_tile(int64_t pairs, const c10::BFloat16* a, int
       if (two) acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ar, b1);
     }
   }
-  const __m512 alpha16 = _mm512_set1_ps(alpha);
-  const __mmask16 m0 = static_cast<__mmask16>(mask32(std::min<int64_t>(columns, 16)));
-  const __mmask16 m1 = static_cast<__mmask16>(mask32(std::max<int64_t>(columns - 16, 0)));
-  for (int r = 0; r < kRows; ++r) {
-    float* row = c + r * ldc;
-    __m512 v0 = _mm512_mul_ps(acc[r][0], alpha16), v1 = _mm512_mul_ps(acc[r][1], alpha16);
-    if (accumulate) {
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row + 16));
-    }
-    _mm512_mask_storeu_ps(row, m0, v0);
-    _mm512_mask_storeu_ps(row + 16, m1, v1);
-  }
+  store_tile<kRows>(acc, columns, alpha, accumulate, c, ldc);
 }
 
 // ----------------------------------------------------------------------------- float32
@@ -240,19 +250,7 @@ void fma_tile(int64_t k, const float* a, int64_t a_row, int64_t a_step, const fl
       if (two) acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
     }
   }
-  const __m512 alpha16 = _mm512_set1_ps(alpha);
-  const __mmask16 m0 = static_cast<__mmask16>(columns >= 16 ? 0xFFFF : (1u << columns) - 1u);
-  const __mmask16 m1 = static_cast<__mmask16>(columns >= 32 ? 0xFFFF : columns <= 16 ? 0 : (1u << (columns - 16)) - 1u);
-  for (int r = 0; r < kRows; ++r) {
-    float* row = c + r * ldc;
-    __m512 v0 = _mm512_mul_ps(acc[r][0], alpha16), v1 = _mm512_mul_ps(acc[r][1], alpha16);
-    if (accumulate) {
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row + 16));
-    }
-    _mm512_mask_storeu_ps(row, m0, v0);
-    _mm512_mask_storeu_ps(row + 16, m1, v1);
-  }
+  store_tile<kRows>(acc, columns, alpha, accumulate, c, ldc);
 }
 
 // ----------------------------------------------------------------------------- the products
@@ -264,8 +262,9 @@ void fma_tile(int64_t k, const float* a, int64_t a_row, int64_t a_step, const fl
 //   masks those entries).
 // - kReductionAfter: C's rows are queries and the reduction runs over keys (P V, dS K), whose
 //   hidden terms are zero: each register tile stops at its last row's diagonal.
-// - kReductionBefore: C's columns are keys and the reduction runs over queries (dO^T P, Q^T dS),
-//   whose hidden terms are zero: each column panel starts at its first column's diagonal.
+// - kReductionBefore: C's rows are keys and the reduction runs over queries (P^T dO, dS^T Q),
+//   whose hidden terms (query p < key i - offset) are zero: each register tile starts at its
+//   first row's diagonal.
 enum class CausalSkip { kNone, kColumnsAfter, kReductionAfter, kReductionBefore };
 struct Skip {
   CausalSkip kind = CausalSkip::kNone;
@@ -297,12 +296,12 @@ void tile_product(Tile tile, int64_t per_word, int64_t m, int64_t n, int64_t ste
                   int64_t a_step, const B* b, float alpha, bool accumulate, float* c, int64_t ldc, Skip skip) {
   for (int64_t j = 0; j < n; j += kDotColumns) {
     const int64_t columns = std::min<int64_t>(kDotColumns, n - j);
-    const int64_t first =
-        skip.kind == CausalSkip::kReductionBefore ? std::min(steps, std::max<int64_t>(0, j - skip.offset) / per_word) : 0;
-    const B* panel = b + packed_index(steps, first, j);
     for (int64_t i = 0; i < m; i += kDotRows) {
       const int64_t rows = std::min<int64_t>(kDotRows, m - i);
       if (skip.kind == CausalSkip::kColumnsAfter && j > i + rows - 1 + skip.offset) continue;
+      const int64_t first =
+          skip.kind == CausalSkip::kReductionBefore ? std::min(steps, std::max<int64_t>(0, i - skip.offset) / per_word) : 0;
+      const B* panel = b + packed_index(steps, first, j);
       int64_t count = steps - first;
       if (skip.kind == CausalSkip::kReductionAfter) {
         count = std::min(count, (std::max<int64_t>(0, i + rows + skip.offset) + per_word - 1) / per_word);
@@ -375,8 +374,10 @@ struct DotOps<c10::BFloat16> {
     round_rows(x, m, k, ld, buffer);
     return {buffer, 2 * pair_count(k), 2};
   }
-  // The transpose of X (k x m): A(i, p) = X[p][i], packed into `buffer` (packed_size(k, m) words).
-  static LeftOperand<T> transposed(const T* x, int64_t k, int64_t m, int64_t ld, Word* buffer) {
+  // The transpose of X (k x m): A(i, p) = X[p][i], packed into `buffer` (transposed_buffer_size words).
+  static int64_t transposed_buffer_size(int64_t k, int64_t m) { return packed_size(k, m); }
+  template <typename Source>
+  static LeftOperand<T> transposed(const Source* x, int64_t k, int64_t m, int64_t ld, Word* buffer) {
     pack_pairs_from_columns(x, k, m, ld, buffer, PairLayout::kRows);
     return {reinterpret_cast<const T*>(buffer), 2, 2 * packed_width(m)};
   }
@@ -400,6 +401,8 @@ struct DotOps<float> {
   static LeftOperand<T> rows(const T* x, int64_t ld) { return {x, ld, 1}; }
   static int64_t left_buffer_size(int64_t, int64_t) { return 0; }
   static LeftOperand<T> rounded(const float* x, int64_t, int64_t, int64_t ld, T*) { return {x, ld, 1}; }
+  // Read in place: no buffer.
+  static int64_t transposed_buffer_size(int64_t, int64_t) { return 0; }
   static LeftOperand<T> transposed(const T* x, int64_t, int64_t, int64_t ld, Word*) { return {x, 1, ld}; }
   static void product(int64_t m, int64_t n, int64_t k, LeftOperand<T> a, const Word* b, float alpha, bool accumulate,
                       float* c, int64_t ldc, Skip skip = {}) {

@@ -114,7 +114,7 @@ void rounded_rows_times_columns(int64_t m, int64_t n, int64_t k) {
 }
 
 // C += Y^T X with Y (k x m) and X (k x n) both packed by columns, Y read as the left operand
-// through strides: dV^T += dO^T P, dK^T += Q^T dS.
+// through strides: dV += P^T dO, dK += dS^T Q.
 void columns_times_columns(int64_t m, int64_t n, int64_t k) {
   const auto y = to_bf16(random_floats(k * m));
   const auto x = random_floats(k * n);
@@ -210,19 +210,18 @@ void causal_skips(int64_t m, int64_t n, int64_t k, int64_t offset) {
     check("causal reduction after", m, n, k, [&](int64_t i, int64_t p) { return round(a[i * k + p]); },
           [&](int64_t p, int64_t j) { return round(x[p * n + j]); }, 1.0f, base, c, n);
   }
-  // kReductionBefore: C (m x n keys) += Y^T (m x k queries) X (k x n keys), X hidden where j > p + offset.
+  // kReductionBefore: C (m keys x n) += Y^T (m x k queries) X (k x n), Y hidden where i > p + offset.
   {
-    const auto y = random_floats(k * m);
-    auto x = random_floats(k * n);
+    auto y = random_floats(k * m);
     for (int64_t p = 0; p < k; ++p)
-      for (int64_t j = 0; j < n; ++j)
-        if (j > p + offset) x[p * n + j] = 0.0f;
+      for (int64_t i = 0; i < m; ++i)
+        if (i > p + offset) y[p * m + i] = 0.0f;
+    const auto x = random_floats(k * n);
     auto base = random_floats(m * n), c = base;
     const Skip skip{CausalSkip::kReductionBefore, offset};
     if constexpr (dot) {
-      const std::vector<BF16> y_t(y.begin(), y.end());
       auto y_packed = packed_buffer(k, m), x_packed = packed_buffer(k, n);
-      pack_pairs_from_columns(y_t.data(), k, m, m, y_packed.data(), PairLayout::kRows);
+      pack_pairs_from_columns(y.data(), k, m, m, y_packed.data(), PairLayout::kRows);
       pack_pairs_from_columns(x.data(), k, n, n, x_packed.data());
       dot_product(m, n, pair_count(k), reinterpret_cast<const BF16*>(y_packed.data()), 2, 2 * packed_width(m),
                   x_packed.data(), 1.0f, true, c.data(), n, skip);
