@@ -1,6 +1,6 @@
 """The register-tile products of the CPU attention kernels (csrc/cpu/dot_tiles.h: float32 FMAs, bfloat16
 AVX512-BF16 dot products), unit-tested in C++ (tests/cpp/dot_tiles_test.cpp) against double loops on the
-same values, built with the avx512 variant's flags; and bfloat16 attention on random shapes, whose products
+same values, built with the avx512 and the avx2 variant's flags; and bfloat16 attention on random shapes, whose products
 use those tiles when attnkernels.cpu_capability() is "avx512_bf16", held to the FlashAttention rule against
 torch (float32 attention on those tiles is checked to 1e-5 by tests/test_attention.py's float32 cases)."""
 
@@ -22,17 +22,22 @@ import attnkernels
 
 ROOT = Path(__file__).resolve().parents[1]
 X86 = platform.machine().lower() in ("x86_64", "amd64")
-AVX512_FLAGS = ["-DATTNKERNELS_CPU_AVX512", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
-                "-mavx512dq"]
+VARIANT_FLAGS = {
+    "avx512": ["-DATTNKERNELS_CPU_AVX512", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
+               "-mavx512dq"],
+    "avx2": ["-DATTNKERNELS_CPU_AVX2", "-mavx2", "-mfma", "-mf16c"],
+}
 
 
 @pytest.mark.skipif(not X86 or shutil.which("g++") is None, reason="needs x86-64 and g++")
-def test_dot_tiles_cpp_unit_test(tmp_path):
+@pytest.mark.parametrize("variant", sorted(VARIANT_FLAGS))
+def test_dot_tiles_cpp_unit_test(tmp_path, variant):
+    """The tiles as each variant compiles them: 8 x 32 (AVX-512, and bfloat16 dot products) and 6 x 16 (AVX2)."""
     from torch.utils.cpp_extension import include_paths
 
     binary = tmp_path / "dot_tiles_test"
     # C++17: the oldest standard the extension is built with (torch 2.11).
-    build = subprocess.run(["g++", "-std=c++17", "-O1", *AVX512_FLAGS, "-I", str(ROOT / "csrc"), "-I",
+    build = subprocess.run(["g++", "-std=c++17", "-O1", *VARIANT_FLAGS[variant], "-I", str(ROOT / "csrc"), "-I",
                             include_paths()[0], str(ROOT / "tests" / "cpp" / "dot_tiles_test.cpp"), "-o", str(binary)],
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stderr

@@ -4,9 +4,9 @@
 // over blocks of keys with an online softmax, so the L x S score matrix is
 // never built; it saves the output and the per-row log-sum-exp (lse). The
 // tile products QK^T and PV go to the BLAS that torch ships (sgemm/dgemm) on
-// float32 (float64) copies of the rows, or, in the avx512 variant, to the
-// register tiles of dot_tiles.h: float32 on FMAs, and bfloat16 on a CPU with
-// AVX512-BF16 on its dot products (the probabilities and score gradients
+// float32 (float64) copies of the rows, or, in the avx2 and avx512 variants,
+// to the register tiles of dot_tiles.h: float32 on FMAs, and (avx512) bfloat16
+// on a CPU with AVX512-BF16 on its dot products (the probabilities and score gradients
 // rounded to bfloat16 for their products, as torch's own CPU flash attention
 // does; accumulation in float32).
 //
@@ -147,15 +147,15 @@ struct BlasBackwardTiles {
   }
 };
 
-#if defined(ATTNKERNELS_CPU_AVX512)
+#if defined(ATTNKERNELS_DOT_TILES)
 // What a tile's causal diagonal lets a product skip.
 inline Skip skip(Diagonal diagonal, CausalSkip kind) {
   return diagonal.present ? Skip{kind, diagonal.offset} : Skip{};
 }
 
 // The products on the register tiles of dot_tiles.h: bfloat16 on the AVX512-BF16 dot products
-// (E and Ev even, so that query and gradient rows are left operands as they are), float32 on
-// FMAs. The probabilities and score gradients are left operands in float32 rows (rounded to
+// (avx512 variant; E and Ev even, so that query and gradient rows are left operands as they
+// are), float32 on FMAs (avx2 and avx512 variants). The probabilities and score gradients are left operands in float32 rows (rounded to
 // bfloat16 for the dot products).
 template <typename T>
 struct DotForwardTiles {
@@ -250,15 +250,21 @@ struct DotBackwardTiles {
   }
 };
 
+// The element types the register tiles have: float32 (FMAs), and bfloat16 in the avx512 variant.
+template <typename scalar_t>
+constexpr bool kDotTilesFor = std::is_same_v<scalar_t, float>
+#if defined(ATTNKERNELS_CPU_AVX512)
+                              || std::is_same_v<scalar_t, c10::BFloat16>
+#endif
+    ;
+
 // Whether the register tiles serve inputs of this dtype and shape (else BLAS does).
 template <typename scalar_t>
 bool use_dot_tiles(const Shape& shape) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return true;
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    return shape.E % 2 == 0 && shape.Ev % 2 == 0 && bf16_dot_products_enabled();
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return kDotTilesFor<scalar_t> && shape.E % 2 == 0 && shape.Ev % 2 == 0 && bf16_dot_products_enabled();
   }
-  return false;
+  return kDotTilesFor<scalar_t>;
 }
 #endif
 
@@ -376,8 +382,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& query, const 
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "attention_cpu", [&] {
-#if defined(ATTNKERNELS_CPU_AVX512)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float>) {
+#if defined(ATTNKERNELS_DOT_TILES)
+    if constexpr (kDotTilesFor<scalar_t>) {
       if (use_dot_tiles<scalar_t>(shape)) {
         forward_impl<scalar_t, DotForwardTiles<scalar_t>>(q, k, v, attn_mask, shape, scale, is_causal, dropout_p, seed,
                                                           out, lse);
@@ -569,8 +575,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     std::optional<at::Tensor> gl;
     if (grad_lse.has_value()) gl = grad_lse->contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "attention_backward_cpu", [&] {
-#if defined(ATTNKERNELS_CPU_AVX512)
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float>) {
+#if defined(ATTNKERNELS_DOT_TILES)
+      if constexpr (kDotTilesFor<scalar_t>) {
         if (use_dot_tiles<scalar_t>(shape)) {
           backward_impl<scalar_t, DotBackwardTiles<scalar_t>>(go, gl, q, k, v, attn_mask, o, l, shape, scale,
                                                               is_causal, dropout_p, seed, grad_q, grad_k, grad_v,

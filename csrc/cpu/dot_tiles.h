@@ -1,10 +1,11 @@
-// Tile products of the CPU attention kernels in the avx512 variant, on register tiles of 8 rows
-// x 32 float32 columns:
-// - bfloat16 with the AVX512-BF16 dot-product instruction (vdpbf16ps): twice the multiply-adds
-//   per instruction of float32 FMAs, float32 accumulation. Called only when
+// Tile products of the CPU attention kernels on register tiles: in the avx512 variant 8 rows x
+// 32 float32 columns (two zmm registers per row), in the avx2 variant 6 rows x 16 columns (two ymm
+// registers per row: 12 accumulators of the 16 registers).
+// - bfloat16 with the AVX512-BF16 dot-product instruction (vdpbf16ps; avx512 variant only): twice
+//   the multiply-adds per instruction of float32 FMAs, float32 accumulation. Called only when
 //   bf16_dot_products_enabled() (cpu_kernels.h) says the CPU has AVX512-BF16; those functions
 //   carry the target attribute themselves, so the avx512 variant's flags stay as they are.
-// - float32 with FMAs (fma_product): the same tiles, for float32 inputs (AVX-512 F only).
+// - float32 with FMAs (fma_product): the same tiles, for float32 inputs (AVX-512 F, or AVX2 + FMA).
 //
 // vdpbf16ps adds, in each of 16 float32 lanes j, a[2i] * b[2i] + a[2i + 1] * b[2i + 1]: the
 // products run over pairs of the reduction index. So the right operand B (k x n) is packed as
@@ -18,7 +19,8 @@
 
 #include "../cpu_isa.h"
 
-#if defined(ATTNKERNELS_CPU_AVX512)
+#if defined(ATTNKERNELS_CPU_AVX512) || defined(ATTNKERNELS_CPU_AVX2)
+#define ATTNKERNELS_DOT_TILES 1
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
@@ -26,16 +28,23 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(ATTNKERNELS_CPU_AVX512)
 #define ATTNKERNELS_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#endif
 
 namespace attnkernels {
 namespace cpu {
 inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
-// Columns of the register tile; a packed row's length is a multiple of it.
+// Columns of the register tile (two vector registers); a packed row's length is a multiple of it.
+// Rows: kDotRows x 2 accumulators leave registers for B and the broadcasts (32 zmm, 16 ymm).
+#if defined(ATTNKERNELS_CPU_AVX512)
 constexpr int64_t kDotColumns = 32;
-// Rows of the register tile: 8 x 2 accumulators leave registers for B and the broadcasts.
 constexpr int kDotRows = 8;
+#else
+constexpr int64_t kDotColumns = 16;
+constexpr int kDotRows = 6;
+#endif
 
 inline int64_t packed_width(int64_t n) { return (n + kDotColumns - 1) / kDotColumns * kDotColumns; }
 inline int64_t pair_count(int64_t k) { return (k + 1) / 2; }
@@ -54,8 +63,8 @@ constexpr int64_t kPerWord = static_cast<int64_t>(sizeof(uint32_t) / sizeof(T));
 
 // Packs B from rows of X where the reduction index runs along the row: B[r][j] = X[j][r],
 // X (n x k, row stride ld), T c10::BFloat16 (words of pairs) or float. out: packed_size(k, n)
-// words for bfloat16, k * packed_width(n) for float. Whole panels of rows of whole words gather
-// a word from each of 16 rows at once; the rest goes word by word.
+// words for bfloat16, k * packed_width(n) for float. In the avx512 variant whole panels of rows
+// of whole words gather a word from each of 16 rows at once; the rest goes word by word.
 template <typename T>
 void pack_words_from_rows(const T* x, int64_t n, int64_t k, int64_t ld, uint32_t* out) {
   constexpr int64_t per_word = kPerWord<T>;
@@ -64,6 +73,8 @@ void pack_words_from_rows(const T* x, int64_t n, int64_t k, int64_t ld, uint32_t
     const int64_t columns = std::min<int64_t>(kDotColumns, n - j0);
     uint32_t* panel = out + packed_index(words, 0, j0);
     const T* rows = x + j0 * ld;
+    bool gathered = false;
+#if defined(ATTNKERNELS_CPU_AVX512)
     if (columns == kDotColumns && ld % per_word == 0 && 16 * ld < (int64_t(1) << 30)) {
       // Word offsets of the panel's rows; 32-bit indices (scaled by 4 bytes) fit by the test above.
       const __m512i row_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2,
@@ -75,13 +86,15 @@ void pack_words_from_rows(const T* x, int64_t n, int64_t k, int64_t ld, uint32_t
         _mm512_storeu_si512(panel + p * kDotColumns, _mm512_i32gather_epi32(row_offsets, first, 4));
         _mm512_storeu_si512(panel + p * kDotColumns + 16, _mm512_i32gather_epi32(row_offsets, second, 4));
       }
-    } else {
+      gathered = true;
+    }
+#endif
+    // Row by row: each row read once, its words written down the panel (which stays in L1).
+    for (int64_t j = 0; j < columns && !gathered; ++j) {
       for (int64_t p = 0; p < whole; ++p) {
-        for (int64_t j = 0; j < columns; ++j) {
-          uint32_t word;
-          std::memcpy(&word, rows + j * ld + per_word * p, sizeof(word));
-          panel[p * kDotColumns + j] = word;
-        }
+        uint32_t word;
+        std::memcpy(&word, rows + j * ld + per_word * p, sizeof(word));
+        panel[p * kDotColumns + j] = word;
       }
     }
     if constexpr (per_word == 2) {
@@ -92,6 +105,61 @@ void pack_words_from_rows(const T* x, int64_t n, int64_t k, int64_t ld, uint32_t
   }
 }
 
+#if defined(ATTNKERNELS_CPU_AVX512)
+// C (kRows x up to 32 columns, row stride ldc) = alpha * acc (+ C when accumulate): the store
+// that ends both kinds of tile (AVX-512F only, so it inlines into the bfloat16-targeted one).
+template <int kRows>
+inline void store_tile(const __m512 (&acc)[kRows][2], int64_t columns, float alpha, bool accumulate, float* c,
+                       int64_t ldc) {
+  const auto mask16 = [](int64_t n) {
+    return static_cast<__mmask16>(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1u);
+  };
+  const __mmask16 m0 = mask16(columns), m1 = mask16(columns - 16);
+  const __m512 alpha16 = _mm512_set1_ps(alpha);
+  for (int r = 0; r < kRows; ++r) {
+    float* row = c + r * ldc;
+    __m512 v0 = _mm512_mul_ps(acc[r][0], alpha16), v1 = _mm512_mul_ps(acc[r][1], alpha16);
+    if (accumulate) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row + 16));
+    }
+    _mm512_mask_storeu_ps(row, m0, v0);
+    _mm512_mask_storeu_ps(row + 16, m1, v1);
+  }
+}
+
+#else
+// C (kRows x up to 16 columns, row stride ldc) = alpha * acc (+ C when accumulate).
+template <int kRows>
+inline void store_tile(const __m256 (&acc)[kRows][2], int64_t columns, float alpha, bool accumulate, float* c,
+                       int64_t ldc) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(columns, 8))), lanes);
+  const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::max<int64_t>(columns - 8, 0))), lanes);
+  const __m256 alpha8 = _mm256_set1_ps(alpha);
+  for (int r = 0; r < kRows; ++r) {
+    float* row = c + r * ldc;
+    __m256 v0 = _mm256_mul_ps(acc[r][0], alpha8), v1 = _mm256_mul_ps(acc[r][1], alpha8);
+    if (columns == kDotColumns) {
+      if (accumulate) {
+        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(row));
+        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(row + 8));
+      }
+      _mm256_storeu_ps(row, v0);
+      _mm256_storeu_ps(row + 8, v1);
+    } else {
+      if (accumulate) {
+        v0 = _mm256_add_ps(v0, _mm256_maskload_ps(row, m0));
+        v1 = _mm256_add_ps(v1, _mm256_maskload_ps(row + 8, m1));
+      }
+      _mm256_maskstore_ps(row, m0, v0);
+      _mm256_maskstore_ps(row + 8, m1, v1);
+    }
+  }
+}
+#endif
+
+#if defined(ATTNKERNELS_CPU_AVX512)
 inline void pack_pairs_from_rows(const c10::BFloat16* x, int64_t n, int64_t k, int64_t ld, uint32_t* out) {
   pack_words_from_rows(x, n, k, ld, out);
 }
@@ -165,28 +233,6 @@ ATTNKERNELS_BF16_TARGET inline void round_rows(const float* x, int64_t rows, int
   }
 }
 
-// C (kRows x up to 32 columns, row stride ldc) = alpha * acc (+ C when accumulate): the store
-// that ends both kinds of tile (AVX-512F only, so it inlines into the bfloat16-targeted one).
-template <int kRows>
-inline void store_tile(const __m512 (&acc)[kRows][2], int64_t columns, float alpha, bool accumulate, float* c,
-                       int64_t ldc) {
-  const auto mask16 = [](int64_t n) {
-    return static_cast<__mmask16>(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1u);
-  };
-  const __mmask16 m0 = mask16(columns), m1 = mask16(columns - 16);
-  const __m512 alpha16 = _mm512_set1_ps(alpha);
-  for (int r = 0; r < kRows; ++r) {
-    float* row = c + r * ldc;
-    __m512 v0 = _mm512_mul_ps(acc[r][0], alpha16), v1 = _mm512_mul_ps(acc[r][1], alpha16);
-    if (accumulate) {
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row + 16));
-    }
-    _mm512_mask_storeu_ps(row, m0, v0);
-    _mm512_mask_storeu_ps(row + 16, m1, v1);
-  }
-}
-
 // C (kRows x up to 32 columns) = alpha * A B (+ C when accumulate).
 // b: the panel (pairs rows of kDotColumns words).
 template <int kRows>
@@ -211,6 +257,8 @@ ATTNKERNELS_BF16_TARGET void dot_tile(int64_t pairs, const c10::BFloat16* a, int
   store_tile<kRows>(acc, columns, alpha, accumulate, c, ldc);
 }
 
+#endif  // ATTNKERNELS_CPU_AVX512 (bfloat16)
+
 // ----------------------------------------------------------------------------- float32
 
 // Packs B (k x n, row stride ld) into panels: word (p, j) = X[p][j]. out: k * packed_width(n) floats.
@@ -220,8 +268,7 @@ inline void pack_floats_from_columns(const float* x, int64_t k, int64_t n, int64
       const int64_t count = std::min<int64_t>(kDotColumns, n - j);
       float* to = out + packed_index(k, p, j);
       if (count == kDotColumns) {
-        _mm512_storeu_ps(to, _mm512_loadu_ps(x + p * ld + j));
-        _mm512_storeu_ps(to + 16, _mm512_loadu_ps(x + p * ld + j + 16));
+        std::memcpy(to, x + p * ld + j, kDotColumns * sizeof(float));  // a fixed size: vector moves
       } else {
         std::copy(x + p * ld + j, x + p * ld + j + count, to);
       }
@@ -233,10 +280,12 @@ inline void pack_floats_from_rows(const float* x, int64_t n, int64_t k, int64_t 
   pack_words_from_rows(x, n, k, ld, reinterpret_cast<uint32_t*>(out));
 }
 
-// C (kRows x up to 32 columns) = alpha * A B (+ C when accumulate); b: the panel (k rows of 32).
+// C (kRows x up to kDotColumns columns) = alpha * A B (+ C when accumulate); b: the panel (k rows
+// of kDotColumns).
 template <int kRows>
 void fma_tile(int64_t k, const float* a, int64_t a_row, int64_t a_step, const float* b, int64_t columns, float alpha,
               bool accumulate, float* c, int64_t ldc) {
+#if defined(ATTNKERNELS_CPU_AVX512)
   __m512 acc[kRows][2];
   for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   const bool two = columns > 16;
@@ -250,6 +299,21 @@ void fma_tile(int64_t k, const float* a, int64_t a_row, int64_t a_step, const fl
       if (two) acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
     }
   }
+#else
+  __m256 acc[kRows][2];
+  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const bool two = columns > 8;
+  for (int64_t p = 0; p < k; ++p) {
+    const __m256 b0 = _mm256_loadu_ps(b + p * kDotColumns);
+    const __m256 b1 = _mm256_loadu_ps(b + p * kDotColumns + 8);
+    const float* a_p = a + p * a_step;
+    for (int r = 0; r < kRows; ++r) {
+      const __m256 ar = _mm256_broadcast_ss(a_p + r * a_row);
+      acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
+      if (two) acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+    }
+  }
+#endif
   store_tile<kRows>(acc, columns, alpha, accumulate, c, ldc);
 }
 
@@ -272,6 +336,7 @@ struct Skip {
 };
 
 // The register tiles of each element type, for tile_product.
+#if defined(ATTNKERNELS_CPU_AVX512)
 struct DotTile {
   template <int kRows>
   ATTNKERNELS_BF16_TARGET void run(int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
@@ -280,6 +345,7 @@ struct DotTile {
     dot_tile<kRows>(pairs, a, a_row, a_pair, b, columns, alpha, accumulate, c, ldc);
   }
 };
+#endif
 struct FmaTile {
   template <int kRows>
   void run(int64_t k, const float* a, int64_t a_row, int64_t a_step, const float* b, int64_t columns, float alpha,
@@ -287,6 +353,15 @@ struct FmaTile {
     fma_tile<kRows>(k, a, a_row, a_step, b, columns, alpha, accumulate, c, ldc);
   }
 };
+
+// The tile of `rows` rows (1 to kRows).
+template <int kRows, typename Tile, typename... Args>
+void run_tile(Tile tile, int64_t rows, Args... args) {
+  if constexpr (kRows > 1) {
+    if (rows < kRows) return run_tile<kRows - 1>(tile, rows, args...);
+  }
+  tile.template run<kRows>(args...);
+}
 
 // C (m x n, float32, row stride ldc) = alpha * A B (+ C when accumulate), the reduction over
 // `steps` packed words (pairs of bfloat16, or floats: per_word elements each). A(i, p) starts at
@@ -309,27 +384,20 @@ void tile_product(Tile tile, int64_t per_word, int64_t m, int64_t n, int64_t ste
       if (count == 0 && accumulate) continue;
       const A* a_i = a + i * a_row + first * a_step;
       float* c_i = c + i * ldc + j;
-      switch (rows) {
-        case 8: tile.template run<8>(count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
-        case 7: tile.template run<7>(count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
-        case 6: tile.template run<6>(count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
-        case 5: tile.template run<5>(count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
-        case 4: tile.template run<4>(count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
-        case 3: tile.template run<3>(count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
-        case 2: tile.template run<2>(count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
-        default: tile.template run<1>(count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc); break;
-      }
+      run_tile<kDotRows>(tile, rows, count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc);
     }
   }
 }
-static_assert(kDotRows == 8, "tile_product's switch covers 1 to 8 rows");
 
+#if defined(ATTNKERNELS_CPU_AVX512)
 // bfloat16: the reduction over `pairs` pairs; A(i, p) is the pair of bfloat16 at
 // a + i * a_row + p * a_pair (in elements).
 inline void dot_product(int64_t m, int64_t n, int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
                         const uint32_t* b, float alpha, bool accumulate, float* c, int64_t ldc, Skip skip = {}) {
   tile_product(DotTile{}, 2, m, n, pairs, a, a_row, a_pair, b, alpha, accumulate, c, ldc, skip);
 }
+
+#endif
 
 // float32: the reduction over k; A(i, p) is a[i * a_row + p * a_step]; b from
 // pack_floats_from_columns / _rows.
@@ -353,6 +421,7 @@ struct LeftOperand {
 template <typename T>
 struct DotOps;
 
+#if defined(ATTNKERNELS_CPU_AVX512)
 template <>
 struct DotOps<c10::BFloat16> {
   using T = c10::BFloat16;
@@ -387,6 +456,8 @@ struct DotOps<c10::BFloat16> {
   }
 };
 
+#endif
+
 template <>
 struct DotOps<float> {
   using T = float;
@@ -414,4 +485,4 @@ struct DotOps<float> {
 }  // namespace cpu
 }  // namespace attnkernels
 
-#endif  // ATTNKERNELS_CPU_AVX512
+#endif  // ATTNKERNELS_CPU_AVX512 || ATTNKERNELS_CPU_AVX2

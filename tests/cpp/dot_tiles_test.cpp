@@ -2,7 +2,8 @@
 // against plain double loops on the same values, over random shapes that cover every row and
 // column tail and odd reduction lengths: the float32 FMA tiles, and the bfloat16 dot-product
 // tiles where the CPU has AVX512-BF16. Built by tests/test_dot_tiles.py with the avx512 variant's
-// flags; prints "skip" and exits 0 on a CPU without AVX-512 (F, BW, VL, DQ).
+// flags and with the avx2 variant's (float32 tiles only); prints "skip" and exits 0 on a CPU
+// without the variant's instructions.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -11,18 +12,21 @@
 
 #include "cpu/dot_tiles.h"
 
-using attnkernels::cpu::avx512::dot_product;
-using attnkernels::cpu::avx512::CausalSkip;
-using attnkernels::cpu::avx512::fma_product;
-using attnkernels::cpu::avx512::Skip;
-using attnkernels::cpu::avx512::pack_floats_from_columns;
-using attnkernels::cpu::avx512::pack_floats_from_rows;
-using attnkernels::cpu::avx512::pack_pairs_from_columns;
-using attnkernels::cpu::avx512::pack_pairs_from_rows;
-using attnkernels::cpu::avx512::packed_width;
-using attnkernels::cpu::avx512::PairLayout;
-using attnkernels::cpu::avx512::pair_count;
-using attnkernels::cpu::avx512::round_rows;
+namespace tiles = attnkernels::cpu::ATTNKERNELS_CPU_ISA;
+using tiles::CausalSkip;
+using tiles::fma_product;
+using tiles::Skip;
+using tiles::pack_floats_from_columns;
+using tiles::pack_floats_from_rows;
+using tiles::packed_width;
+using tiles::pair_count;
+#if defined(ATTNKERNELS_CPU_AVX512)
+using tiles::dot_product;
+using tiles::pack_pairs_from_columns;
+using tiles::pack_pairs_from_rows;
+using tiles::PairLayout;
+using tiles::round_rows;
+#endif
 using BF16 = c10::BFloat16;
 
 namespace {
@@ -39,11 +43,11 @@ std::vector<float> random_floats(int64_t n) {
 
 // Scratch buffers start as NaN, as reused ones may hold anything: a pad a packer fails to zero shows.
 constexpr uint32_t kNaNPair = 0x7FC07FC0u;
-std::vector<uint32_t> packed_buffer(int64_t k, int64_t n) {
+[[maybe_unused]] std::vector<uint32_t> packed_buffer(int64_t k, int64_t n) {
   return std::vector<uint32_t>(pair_count(k) * packed_width(n), kNaNPair);
 }
 
-std::vector<BF16> to_bf16(const std::vector<float>& x) {
+[[maybe_unused]] std::vector<BF16> to_bf16(const std::vector<float>& x) {
   std::vector<BF16> out(x.size());
   for (size_t i = 0; i < x.size(); ++i) out[i] = BF16(x[i]);
   return out;
@@ -73,6 +77,7 @@ void check(const char* what, int64_t m, int64_t n, int64_t k, A a, B b, float al
   }
 }
 
+#if defined(ATTNKERNELS_CPU_AVX512)
 // C = A X^T with X (n x k) packed by rows, A (m x k) bfloat16 rows used in place (k even: QK^T,
 // dO V^T), or float32 rows rounded to bfloat16 (any k).
 void rows_times_rows(int64_t m, int64_t n, int64_t k, bool in_place) {
@@ -130,6 +135,8 @@ void columns_times_columns(int64_t m, int64_t n, int64_t k) {
         [&](int64_t p, int64_t j) { return float(BF16(x[p * n + j])); }, -1.0f, base, c, ldc);
 }
 
+#endif
+
 // float32: C = A X^T (X packed by rows, A in place) and C += Y^T X (X packed by columns, Y read
 // transposed in place), as the float32 attention tiles use them.
 void float_products(int64_t m, int64_t n, int64_t k) {
@@ -169,10 +176,13 @@ void causal_skips(int64_t m, int64_t n, int64_t k, int64_t offset) {
     std::vector<float> full(m * n), skipped(m * n, NAN);
     for (Skip skip : {Skip{}, Skip{CausalSkip::kColumnsAfter, offset}}) {
       float* c = skip.kind == CausalSkip::kNone ? full.data() : skipped.data();
-      if constexpr (dot) {
+#if defined(ATTNKERNELS_CPU_AVX512)
+    if constexpr (dot) {
         pack_pairs_from_rows(x_t.data(), n, k_even, k_even, packed.data());
         dot_product(m, n, k_even / 2, a_t.data(), k_even, 2, packed.data(), 1.0f, false, c, n, skip);
-      } else {
+      } else
+#endif
+      {
         pack_floats_from_rows(x.data(), n, k, k, reinterpret_cast<float*>(packed.data()));
         fma_product(m, n, k, a.data(), k, 1, reinterpret_cast<const float*>(packed.data()), 1.0f, false, c, n, skip);
       }
@@ -195,6 +205,7 @@ void causal_skips(int64_t m, int64_t n, int64_t k, int64_t offset) {
     const auto x = random_floats(k * n);
     auto base = random_floats(m * n), c = base;
     const Skip skip{CausalSkip::kReductionAfter, offset};
+#if defined(ATTNKERNELS_CPU_AVX512)
     if constexpr (dot) {
       std::vector<BF16> a_rounded(m * 2 * pair_count(k), BF16(NAN));
       round_rows(a.data(), m, k, k, a_rounded.data());
@@ -202,7 +213,9 @@ void causal_skips(int64_t m, int64_t n, int64_t k, int64_t offset) {
       pack_pairs_from_columns(x.data(), k, n, n, packed.data());
       dot_product(m, n, pair_count(k), a_rounded.data(), 2 * pair_count(k), 2, packed.data(), 1.0f, true, c.data(), n,
                   skip);
-    } else {
+    } else
+#endif
+    {
       std::vector<float> packed(k * packed_width(n), NAN);
       pack_floats_from_columns(x.data(), k, n, n, packed.data());
       fma_product(m, n, k, a.data(), k, 1, packed.data(), 1.0f, true, c.data(), n, skip);
@@ -219,13 +232,16 @@ void causal_skips(int64_t m, int64_t n, int64_t k, int64_t offset) {
     const auto x = random_floats(k * n);
     auto base = random_floats(m * n), c = base;
     const Skip skip{CausalSkip::kReductionBefore, offset};
+#if defined(ATTNKERNELS_CPU_AVX512)
     if constexpr (dot) {
       auto y_packed = packed_buffer(k, m), x_packed = packed_buffer(k, n);
       pack_pairs_from_columns(y.data(), k, m, m, y_packed.data(), PairLayout::kRows);
       pack_pairs_from_columns(x.data(), k, n, n, x_packed.data());
       dot_product(m, n, pair_count(k), reinterpret_cast<const BF16*>(y_packed.data()), 2, 2 * packed_width(m),
                   x_packed.data(), 1.0f, true, c.data(), n, skip);
-    } else {
+    } else
+#endif
+    {
       std::vector<float> packed(k * packed_width(n), NAN);
       pack_floats_from_columns(x.data(), k, n, n, packed.data());
       fma_product(m, n, k, y.data(), 1, m, packed.data(), 1.0f, true, c.data(), n, skip);
@@ -235,6 +251,7 @@ void causal_skips(int64_t m, int64_t n, int64_t k, int64_t offset) {
   }
 }
 
+#if defined(ATTNKERNELS_CPU_AVX512)
 // A NaN or infinity in one row of A reaches that row of C only.
 void non_finite_stays_in_its_row() {
   const int64_t m = 9, n = 40, k = 6;
@@ -257,21 +274,31 @@ void non_finite_stays_in_its_row() {
   }
 }
 
+#endif
+
 }  // namespace
 
 int main() {
   __builtin_cpu_init();
+#if defined(ATTNKERNELS_CPU_AVX512)
   if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
       !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq")) {
     std::printf("skip: this CPU has no AVX-512\n");
     return 0;
   }
+#else
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
+    std::printf("skip: this CPU has no AVX2 + FMA\n");
+    return 0;
+  }
+#endif
   std::uniform_int_distribution<int64_t> rows(1, 37), cols(1, 100), depth(1, 70);
   std::uniform_int_distribution<int64_t> offsets(-40, 60);
   for (int trial = 0; trial < 60; ++trial) float_products(rows(rng), cols(rng), depth(rng));
   for (int trial = 0; trial < 60; ++trial) causal_skips<float>(rows(rng), cols(rng), depth(rng), offsets(rng));
   float_products(256, 512, 64);
   float_products(64, 256, 128);
+#if defined(ATTNKERNELS_CPU_AVX512)
   if (!__builtin_cpu_supports("avx512bf16")) {
     std::printf(failures == 0 ? "ok (float32 only: this CPU has no AVX512-BF16)\n" : "%d failures\n", failures);
     return failures == 0 ? 0 : 1;
@@ -292,5 +319,8 @@ int main() {
   rows_times_rows(256, 512, 64, true);
   non_finite_stays_in_its_row();
   std::printf(failures == 0 ? "ok\n" : "%d failures\n", failures);
+#else
+  std::printf(failures == 0 ? "ok (float32 tiles of the avx2 variant)\n" : "%d failures\n", failures);
+#endif
   return failures == 0 ? 0 : 1;
 }
