@@ -279,6 +279,29 @@ struct PointTile {
     return _mm512_test_epi32_mask(inside, inside);
   }
 
+  // The values of one input plane at taps `tap` (even) and tap + 1, its neighbour along x
+  // (offset + 1 where both are inside): 0 where a tap is outside. Lanes with both taps inside
+  // load them as one 64-bit pair (two 8-lane gathers for 32 values instead of two 16-lane ones);
+  // lanes with one of them inside gather it alone. No lane reads outside the input.
+  void gather_pair_avx512(const float* plane, int tap, __m512& low, __m512& high) const {
+    const __mmask16 in_low = inside_avx512(tap), in_high = inside_avx512(tap + 1);
+    const __mmask16 both = in_low & in_high;
+    const __m512i offsets = _mm512_loadu_si512(offset[tap]);
+    const __m512i first8 = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), __mmask8(both),
+                                                       _mm512_castsi512_si256(offsets), plane, 4);
+    const __m512i last8 = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), __mmask8(both >> 8),
+                                                      _mm512_extracti32x8_epi32(offsets, 1), plane, 4);
+    const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+    low = _mm512_castsi512_ps(_mm512_permutex2var_epi32(first8, evens, last8));
+    high = _mm512_castsi512_ps(_mm512_permutex2var_epi32(first8, odds, last8));
+    const __mmask16 low_alone = in_low & ~both, high_alone = in_high & ~both;
+    if (low_alone != 0) low = _mm512_mask_i32gather_ps(low, low_alone, offsets, plane, 4);
+    if (high_alone != 0) {
+      high = _mm512_mask_i32gather_ps(high, high_alone, _mm512_loadu_si512(offset[tap + 1]), plane, 4);
+    }
+  }
+
   // The bilinear samples of `channels` input planes (`plane_size` apart from
   // `planes`) at the tile's first `count` points: dst[c * dst_stride + lane] =
   // the sum over taps of weight * value, taps outside the input skipped (taken
@@ -291,14 +314,14 @@ struct PointTile {
       constexpr int K = decltype(size_tag)::value;
       __m512 acc[K];
       for (int k = 0; k < K; ++k) acc[k] = _mm512_setzero_ps();
-      for (int tap = 0; tap < kTaps; ++tap) {
-        const __mmask16 inside = inside_avx512(tap);
-        const __m512i offsets = _mm512_loadu_si512(offset[tap]);
-        const __m512 weights = _mm512_loadu_ps(weight[tap]);
+      for (int tap = 0; tap < kTaps; tap += 2) {  // x-neighbour taps in pairs
+        const __mmask16 in_low = inside_avx512(tap), in_high = inside_avx512(tap + 1);
+        const __m512 w_low = _mm512_loadu_ps(weight[tap]), w_high = _mm512_loadu_ps(weight[tap + 1]);
         for (int k = 0; k < K; ++k) {
-          const __m512 value =
-              _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, offsets, planes + (c0 + k) * plane_size, 4);
-          acc[k] = _mm512_add_ps(acc[k], _mm512_maskz_mul_ps(inside, weights, value));
+          __m512 low, high;
+          gather_pair_avx512(planes + (c0 + k) * plane_size, tap, low, high);
+          acc[k] = _mm512_add_ps(acc[k], _mm512_maskz_mul_ps(in_low, w_low, low));
+          acc[k] = _mm512_add_ps(acc[k], _mm512_maskz_mul_ps(in_high, w_high, high));
         }
       }
       for (int k = 0; k < K; ++k) _mm512_mask_storeu_ps(dst + (c0 + k) * dst_stride, lanes, acc[k]);

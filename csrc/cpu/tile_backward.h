@@ -73,15 +73,19 @@ inline void coordinate_grads_avx512(const PointTile<float, Dims>& tile, const fl
     for (int k = 0; k < K; ++k) {
       for (int a = 0; a < Dims; ++a) sums[k][a] = _mm512_setzero_ps();
     }
-    for (int tap = 0; tap < Tile::kTaps; ++tap) {
-      const __mmask16 inside = tile.inside_avx512(tap);
-      const __m512i offset = _mm512_loadu_si512(tile.offset[tap]);
-      __m512 dweight[Dims];
-      for (int a = 0; a < Dims; ++a) dweight[a] = _mm512_loadu_ps(tile.dweight[tap][a]);
+    for (int tap = 0; tap < Tile::kTaps; tap += 2) {  // x-neighbour taps in pairs
+      __m512 dweight[2][Dims];
+      for (int t = 0; t < 2; ++t) {
+        for (int a = 0; a < Dims; ++a) dweight[t][a] = _mm512_loadu_ps(tile.dweight[tap + t][a]);
+      }
       for (int k = 0; k < K; ++k) {
-        const __m512 value =
-            _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, offset, input + (c0 + k) * plane_size, 4);
-        for (int a = 0; a < Dims; ++a) sums[k][a] = _mm512_add_ps(sums[k][a], _mm512_mul_ps(dweight[a], value));
+        __m512 values[2];
+        tile.gather_pair_avx512(input + (c0 + k) * plane_size, tap, values[0], values[1]);
+        for (int t = 0; t < 2; ++t) {
+          for (int a = 0; a < Dims; ++a) {
+            sums[k][a] = _mm512_add_ps(sums[k][a], _mm512_mul_ps(dweight[t][a], values[t]));
+          }
+        }
       }
     }
     for (int k = 0; k < K; ++k) {
