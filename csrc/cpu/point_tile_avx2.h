@@ -42,6 +42,37 @@ inline __m256i inside_avx2(const PointTile<float, Dims>& tile, int tap, int half
   return _mm256_cmpgt_epi32(valid, _mm256_setzero_si256());
 }
 
+// The values of one input plane at taps `tap` (even) and tap + 1, its neighbour along x, in half
+// `half` of the tile: 0 where a tap is outside. Lanes with both taps inside load them as one
+// 64-bit pair (two 4-lane gathers for 16 values instead of two 8-lane ones); lanes with one of
+// them inside gather it alone. No lane reads outside the input.
+template <int Dims>
+inline void gather_pair_avx2(const PointTile<float, Dims>& tile, const float* plane, int tap, int half, __m256& low,
+                             __m256& high) {
+  const __m256i in_low = inside_avx2(tile, tap, half), in_high = inside_avx2(tile, tap + 1, half);
+  const __m256i both = _mm256_and_si256(in_low, in_high);
+  const __m256i offsets = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile.offset[tap] + 8 * half));
+  const auto* words = reinterpret_cast<const long long*>(plane);
+  const __m256 first4 = _mm256_castsi256_ps(_mm256_mask_i32gather_epi64(
+      _mm256_setzero_si256(), words, _mm256_castsi256_si128(offsets), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(both)),
+      4));
+  const __m256 last4 = _mm256_castsi256_ps(_mm256_mask_i32gather_epi64(
+      _mm256_setzero_si256(), words, _mm256_extracti128_si256(offsets, 1),
+      _mm256_cvtepi32_epi64(_mm256_extracti128_si256(both, 1)), 4));
+  // Within each 128-bit half: (first4[0], first4[2], last4[0], last4[2]); then the 64-bit quarters in order.
+  low = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(first4, last4, 0x88)), 0xD8));
+  high = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(first4, last4, 0xDD)), 0xD8));
+  const __m256i low_alone = _mm256_andnot_si256(both, in_low), high_alone = _mm256_andnot_si256(both, in_high);
+  if (!_mm256_testz_si256(low_alone, low_alone)) {
+    low = _mm256_mask_i32gather_ps(low, plane, offsets, _mm256_castsi256_ps(low_alone), 4);
+  }
+  if (!_mm256_testz_si256(high_alone, high_alone)) {
+    const __m256i high_offsets =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile.offset[tap + 1] + 8 * half));
+    high = _mm256_mask_i32gather_ps(high, plane, high_offsets, _mm256_castsi256_ps(high_alone), 4);
+  }
+}
+
 // The taps from normalised coordinates, coords[axis][half]: taps_from_coords_avx512 for two halves.
 template <bool border, bool with_dweight, int Dims>
 inline void taps_from_coords_avx2(PointTile<float, Dims>& tile, const __m256 (&coords)[Dims][2],
@@ -210,14 +241,16 @@ inline void sample_avx2(const PointTile<float, Dims>& tile, const float* planes,
       constexpr int K = decltype(size_tag)::value;
       __m256 acc[K];
       for (int k = 0; k < K; ++k) acc[k] = _mm256_setzero_ps();
-      for (int tap = 0; tap < PointTile<float, Dims>::kTaps; ++tap) {
-        const __m256 inside = _mm256_castsi256_ps(inside_avx2(tile, tap, h));
-        const __m256i offset = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile.offset[tap] + 8 * h));
-        const __m256 weight = _mm256_loadu_ps(tile.weight[tap] + 8 * h);
+      for (int tap = 0; tap < PointTile<float, Dims>::kTaps; tap += 2) {  // x-neighbour taps in pairs
+        const __m256 in_low = _mm256_castsi256_ps(inside_avx2(tile, tap, h));
+        const __m256 in_high = _mm256_castsi256_ps(inside_avx2(tile, tap + 1, h));
+        const __m256 w_low = _mm256_loadu_ps(tile.weight[tap] + 8 * h);
+        const __m256 w_high = _mm256_loadu_ps(tile.weight[tap + 1] + 8 * h);
         for (int k = 0; k < K; ++k) {
-          const __m256 value =
-              _mm256_mask_i32gather_ps(_mm256_setzero_ps(), planes + (c0 + k) * plane_size, offset, inside, 4);
-          acc[k] = _mm256_add_ps(acc[k], _mm256_and_ps(inside, _mm256_mul_ps(weight, value)));
+          __m256 low, high;
+          gather_pair_avx2(tile, planes + (c0 + k) * plane_size, tap, h, low, high);
+          acc[k] = _mm256_add_ps(acc[k], _mm256_and_ps(in_low, _mm256_mul_ps(w_low, low)));
+          acc[k] = _mm256_add_ps(acc[k], _mm256_and_ps(in_high, _mm256_mul_ps(w_high, high)));
         }
       }
       for (int k = 0; k < K; ++k) {

@@ -122,15 +122,16 @@ inline void coordinate_grads_avx2(const PointTile<float, Dims>& tile, const floa
       for (int k = 0; k < K; ++k) {
         for (int a = 0; a < Dims; ++a) sums[k][a] = _mm256_setzero_ps();
       }
-      for (int tap = 0; tap < Tile::kTaps; ++tap) {
-        const __m256 inside = _mm256_castsi256_ps(inside_avx2(tile, tap, h));
-        const __m256i offset = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile.offset[tap] + 8 * h));
-        __m256 dweight[Dims];
-        for (int a = 0; a < Dims; ++a) dweight[a] = _mm256_loadu_ps(tile.dweight[tap][a] + 8 * h);
+      for (int tap = 0; tap < Tile::kTaps; tap += 2) {  // x-neighbour taps in pairs
         for (int k = 0; k < K; ++k) {
-          const __m256 value =
-              _mm256_mask_i32gather_ps(_mm256_setzero_ps(), input + (c0 + k) * plane_size, offset, inside, 4);
-          for (int a = 0; a < Dims; ++a) sums[k][a] = _mm256_add_ps(sums[k][a], _mm256_mul_ps(dweight[a], value));
+          __m256 values[2];
+          gather_pair_avx2(tile, input + (c0 + k) * plane_size, tap, h, values[0], values[1]);
+          for (int t = 0; t < 2; ++t) {
+            for (int a = 0; a < Dims; ++a) {
+              sums[k][a] = _mm256_add_ps(sums[k][a], _mm256_mul_ps(_mm256_loadu_ps(tile.dweight[tap + t][a] + 8 * h),
+                                                                   values[t]));
+            }
+          }
         }
       }
       for (int k = 0; k < K; ++k) {
