@@ -24,3 +24,12 @@
 #else
 #define ATTNKERNELS_CPU_ISA generic
 #endif
+
+// For the small vector helpers called once per channel in the innermost loops:
+// as out-of-line calls (GCC declined to inline them where several kernels use
+// them) every live vector register is spilled around each call.
+#if defined(__GNUC__) || defined(__clang__)
+#define ATTNKERNELS_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define ATTNKERNELS_ALWAYS_INLINE inline
+#endif

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "../cpu_isa.h"
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -258,14 +259,25 @@ struct PointTile {
   template <bool border, bool with_dweight>
   bool build_from_points_avx512(const float* points, int64_t count, const SamplerShape& s) {
     const __mmask16 lanes = __mmask16((1u << count) - 1u);
+    // The count * Dims values as Dims contiguous (masked) loads, zero past the end; each axis is
+    // then permuted out of them (two gathers per tile cost more than the whole rest of the build).
+    __m512 stored[Dims];
+    for (int v = 0; v < Dims; ++v) {
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, count * Dims - 16 * v));
+      stored[v] = _mm512_maskz_loadu_ps(__mmask16((1u << left) - 1u), points + 16 * v);
+    }
     const __m512i first = _mm512_mullo_epi32(
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(Dims));
     const __m512 reach = _mm512_set1_ps(kTileReach);
     __m512 coords[Dims];
     __mmask16 ok = lanes;
     for (int a = 0; a < Dims; ++a) {
-      coords[a] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes,
-                                           _mm512_add_epi32(first, _mm512_set1_epi32(a)), points, 4);
+      const __m512i index = _mm512_add_epi32(first, _mm512_set1_epi32(a));  // of lane l's value: l * Dims + a
+      coords[a] = _mm512_maskz_permutex2var_ps(lanes, stored[0], index, stored[1]);  // indices below 32
+      if constexpr (Dims == 3) {
+        const __mmask16 third = _mm512_cmpge_epi32_mask(index, _mm512_set1_epi32(32));
+        coords[a] = _mm512_mask_permutexvar_ps(coords[a], third & lanes, index, stored[2]);  // index mod 16
+      }
       ok &= _mm512_cmp_ps_mask(_mm512_abs_ps(coords[a]), reach, _CMP_LE_OQ);  // false for NaN
     }
     if (ok != lanes) return false;
@@ -274,7 +286,7 @@ struct PointTile {
   }
 
   // Lanes whose tap `tap` lies inside the input.
-  __mmask16 inside_avx512(int tap) const {
+  ATTNKERNELS_ALWAYS_INLINE __mmask16 inside_avx512(int tap) const {
     const __m512i inside = _mm512_loadu_si512(valid[tap]);
     return _mm512_test_epi32_mask(inside, inside);
   }
@@ -283,7 +295,7 @@ struct PointTile {
   // (offset + 1 where both are inside): 0 where a tap is outside. Lanes with both taps inside
   // load them as one 64-bit pair (two 8-lane gathers for 32 values instead of two 16-lane ones);
   // lanes with one of them inside gather it alone. No lane reads outside the input.
-  void gather_pair_avx512(const float* plane, int tap, __m512& low, __m512& high) const {
+  ATTNKERNELS_ALWAYS_INLINE void gather_pair_avx512(const float* plane, int tap, __m512& low, __m512& high) const {
     const __mmask16 in_low = inside_avx512(tap), in_high = inside_avx512(tap + 1);
     const __mmask16 both = in_low & in_high;
     const __m512i offsets = _mm512_loadu_si512(offset[tap]);
@@ -324,7 +336,11 @@ struct PointTile {
           acc[k] = _mm512_add_ps(acc[k], _mm512_maskz_mul_ps(in_high, w_high, high));
         }
       }
-      for (int k = 0; k < K; ++k) _mm512_mask_storeu_ps(dst + (c0 + k) * dst_stride, lanes, acc[k]);
+      for (int k = 0; k < K; ++k) {
+        // A whole tile stores unmasked (masked stores are slow on some CPUs, e.g. AMD's).
+        if (count == kLanes) _mm512_storeu_ps(dst + (c0 + k) * dst_stride, acc[k]);
+        else _mm512_mask_storeu_ps(dst + (c0 + k) * dst_stride, lanes, acc[k]);
+      }
     };
     for_channel_groups(channels, group);
   }

@@ -31,13 +31,13 @@ template <typename acc_t, int Dims>
 struct PointTile;
 
 // All ones in the lanes of half `half` that come before lane `count` of the tile.
-inline __m256i first_lanes_avx2(int64_t count, int half) {
+ATTNKERNELS_ALWAYS_INLINE __m256i first_lanes_avx2(int64_t count, int half) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(count) - 8 * half), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 // Lanes of half `half` whose tap `tap` lies inside the input (valid[] holds 0 or 1).
 template <int Dims>
-inline __m256i inside_avx2(const PointTile<float, Dims>& tile, int tap, int half) {
+ATTNKERNELS_ALWAYS_INLINE __m256i inside_avx2(const PointTile<float, Dims>& tile, int tap, int half) {
   const __m256i valid = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile.valid[tap] + 8 * half));
   return _mm256_cmpgt_epi32(valid, _mm256_setzero_si256());
 }
@@ -47,8 +47,8 @@ inline __m256i inside_avx2(const PointTile<float, Dims>& tile, int tap, int half
 // 64-bit pair (two 4-lane gathers for 16 values instead of two 8-lane ones); lanes with one of
 // them inside gather it alone. No lane reads outside the input.
 template <int Dims>
-inline void gather_pair_avx2(const PointTile<float, Dims>& tile, const float* plane, int tap, int half, __m256& low,
-                             __m256& high) {
+ATTNKERNELS_ALWAYS_INLINE void gather_pair_avx2(const PointTile<float, Dims>& tile, const float* plane, int tap, int half,
+                                                __m256& low, __m256& high) {
   const __m256i in_low = inside_avx2(tile, tap, half), in_high = inside_avx2(tile, tap + 1, half);
   const __m256i both = _mm256_and_si256(in_low, in_high);
   const __m256i offsets = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile.offset[tap] + 8 * half));
