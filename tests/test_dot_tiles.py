@@ -6,46 +6,22 @@ torch (float32 attention on those tiles is checked to 1e-5 by tests/test_attenti
 
 from __future__ import annotations
 
-import platform
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from attention_cases import gradients
+from cpp_unit import VARIANT_FLAGS, build_and_run, needs_gxx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnkernels
 
-ROOT = Path(__file__).resolve().parents[1]
-X86 = platform.machine().lower() in ("x86_64", "amd64")
-VARIANT_FLAGS = {
-    "avx512": ["-DATTNKERNELS_CPU_AVX512", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
-               "-mavx512dq"],
-    "avx2": ["-DATTNKERNELS_CPU_AVX2", "-mavx2", "-mfma", "-mf16c"],
-}
 
-
-@pytest.mark.skipif(not X86 or shutil.which("g++") is None, reason="needs x86-64 and g++")
+@needs_gxx
 @pytest.mark.parametrize("variant", sorted(VARIANT_FLAGS))
 def test_dot_tiles_cpp_unit_test(tmp_path, variant):
     """The tiles as each variant compiles them: 8 x 32 (AVX-512, and bfloat16 dot products) and 6 x 16 (AVX2)."""
-    from torch.utils.cpp_extension import include_paths
-
-    binary = tmp_path / "dot_tiles_test"
-    # C++17: the oldest standard the extension is built with (torch 2.11).
-    build = subprocess.run(["g++", "-std=c++17", "-O1", *VARIANT_FLAGS[variant], "-I", str(ROOT / "csrc"), "-I",
-                            include_paths()[0], str(ROOT / "tests" / "cpp" / "dot_tiles_test.cpp"), "-o", str(binary)],
-                           capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr
-    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    if run.stdout.startswith("skip"):
-        pytest.skip(run.stdout.strip())
-    assert run.stdout.startswith("ok")
+    build_and_run("dot_tiles_test.cpp", tmp_path, VARIANT_FLAGS[variant])
 
 
 needs_cpu_kernel = pytest.mark.skipif(not attnkernels._extension.has_extension(),

@@ -9,9 +9,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../sampler_shape.h"
+#include "transpose_tiles.h"
 
 namespace attnkernels {
 namespace cpu {
@@ -45,6 +47,10 @@ at::Tensor channels_last_source(const at::Tensor& input) {
       const int64_t p0 = (t - n * tiles_per_item) * kTile;
       const int64_t width = std::min(kTile, S - p0);
       acc_t* rows = out + (n * S + p0) * C;
+      if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+        transpose(in + n * C * S + p0, S, C, width, rows, C);
+        continue;
+      }
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* src = in + (n * C + c) * S + p0;
         for (int64_t j = 0; j < width; ++j) rows[j * C + c] = static_cast<acc_t>(src[j]);
@@ -116,6 +122,10 @@ at::Tensor reduce_private_grads(const acc_t* copies_ptr, int64_t copies, const a
       const int64_t p0 = (t - n * tiles_per_item) * kTile;
       const int64_t width = std::min(kTile, S - p0);
       const acc_t* rows = copies_ptr + (n * S + p0) * C;
+      if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+        transpose(rows, C, width, C, out + n * C * S + p0, S, copies, per_copy);  // copies summed in order
+        continue;
+      }
       for (int64_t c = 0; c < C; ++c) {
         for (int64_t j = 0; j < width; ++j) tile[j] = rows[j * C + c];
         for (int64_t r = 1; r < copies; ++r) {

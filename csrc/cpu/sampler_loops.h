@@ -22,6 +22,7 @@
 #include "channel_blocks.h"
 #include "point_taps.h"
 #include "point_tile.h"
+#include "transpose_tiles.h"
 
 namespace attnkernels {
 namespace cpu {
@@ -116,7 +117,12 @@ void sample_forward_range(const SamplerShape& s, const acc_t* source, Source& co
   PointTaps<acc_t, Dims, mode> taps;
   auto cursor = coords.cursor(begin);
   PointCounter at(begin, P);
-  std::vector<acc_t> staged(C * kPointGroup);  // staged[c * kPointGroup + j]
+  // float: staged[j * C + c] (each point's channels one contiguous store), transposed to the output in
+  // registers; other types: staged[c * kPointGroup + j], converted while copied out.
+  constexpr bool kTransposeOut = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
+  const int64_t point_step = kTransposeOut ? C : 1;
+  const int64_t channel_step = kTransposeOut ? 1 : kPointGroup;
+  std::vector<acc_t> staged(C * kPointGroup);
   constexpr bool kTiles = tiles_possible<acc_t, mode, Source>();
   using Tile = std::conditional_t<kTiles, PointTile<float, Dims>, int>;
   Tile tile;
@@ -130,29 +136,33 @@ void sample_forward_range(const SamplerShape& s, const acc_t* source, Source& co
     if constexpr (kTiles) tiled = tiles && build_tile(tile, coords.points_at(i), count, s, false);
     for (int64_t j = 0; j < count; ++j, ++i, at.advance(), cursor.advance()) {
       next_point_taps<policy>(taps, tiled, tile, j, C, false, cursor, s);
-      acc_t* dst = staged.data() + j;
+      acc_t* dst = staged.data() + j * point_step;
       if constexpr (kFixedChannels > 0) {
         acc_t acc[kFixedChannels];
         forward_block<kFixedChannels, acc_t, policy>(taps, src, 0, 0, acc);
-        for (int64_t c = 0; c < kFixedChannels; ++c) dst[c * kPointGroup] = acc[c];
+        for (int64_t c = 0; c < kFixedChannels; ++c) dst[c * channel_step] = acc[c];
       } else {
         int64_t c0 = 0;
         for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
           acc_t acc[kChannelBlock];
           forward_full_block<acc_t, policy>(taps, src, c0, acc);
-          for (int64_t c = 0; c < kChannelBlock; ++c) dst[(c0 + c) * kPointGroup] = acc[c];
+          for (int64_t c = 0; c < kChannelBlock; ++c) dst[(c0 + c) * channel_step] = acc[c];
         }
         if (c0 < C) {
           acc_t acc[kChannelBlock];
           forward_block<0, acc_t, policy>(taps, src, c0, C - c0, acc);
-          for (int64_t c = 0; c < C - c0; ++c) dst[(c0 + c) * kPointGroup] = acc[c];
+          for (int64_t c = 0; c < C - c0; ++c) dst[(c0 + c) * channel_step] = acc[c];
         }
       }
     }
-    for (int64_t c = 0; c < C; ++c) {
-      scalar_t* run = out + (n * C + c) * P + p0;
-      const acc_t* values = staged.data() + c * kPointGroup;
-      for (int64_t j = 0; j < count; ++j) run[j] = static_cast<scalar_t>(values[j]);
+    if constexpr (kTransposeOut) {
+      transpose(staged.data(), C, count, C, out + n * C * P + p0, P);
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        scalar_t* run = out + (n * C + c) * P + p0;
+        const acc_t* values = staged.data() + c * kPointGroup;
+        for (int64_t j = 0; j < count; ++j) run[j] = static_cast<scalar_t>(values[j]);
+      }
     }
   }
 }
@@ -215,9 +225,13 @@ void sample_backward_range(const SamplerShape& s, const acc_t* source, Source& c
     const int64_t n = at.n;
     const int64_t p0 = at.p;
     const int64_t count = std::min({kPointGroup, end - i, P - p0});
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t* run = grad_out + (n * C + c) * P + p0;
-      for (int64_t j = 0; j < count; ++j) staged[j * C + c] = static_cast<acc_t>(run[j]);
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+      transpose(grad_out + n * C * P + p0, P, C, count, staged.data(), C);
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* run = grad_out + (n * C + c) * P + p0;
+        for (int64_t j = 0; j < count; ++j) staged[j * C + c] = static_cast<acc_t>(run[j]);
+      }
     }
     const acc_t* src = source == nullptr ? nullptr : source + n * in_batch;
     acc_t* grad_src = grad_source == nullptr ? nullptr : grad_source + n * in_batch;
