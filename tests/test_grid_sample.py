@@ -89,6 +89,38 @@ def test_low_precision_error_within_twice_torch(device, backend, dtype, case):
         assert_within_torch_error(a, b, t, factor, f"{name} {dtype}")
 
 
+@pytest.mark.skipif(not attnkernels._extension.has_extension(), reason="the compiled extension is not built")
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("dims", (2, 3))
+@pytest.mark.parametrize("channels", (1, 3, 4))
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last", "strided"))
+@pytest.mark.parametrize("padding", ("zeros", "border"))
+def test_cpu_low_precision_few_channels_is_float32_rounded(dtype, dims, channels, layout, padding):
+    """The CPU kernel serves 16-bit inputs of up to 4 channels (bilinear, zeros or border: an RGB image) on
+    float32 copies: output and both gradients are its float32 results rounded once, in the input's layout."""
+    generator = torch.Generator().manual_seed(channels * 10 + dims)
+    spatial = [5, 7, 9][3 - dims:]
+    x = (torch.randn(2, channels, *spatial, generator=generator) * 4).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+    elif layout == "strided":
+        x = torch.stack([x, x], 2)[:, :, 1]
+    grid = (torch.rand(2, *[3, 11, 19][3 - dims:], dims, generator=generator) * 2.4 - 1.2).to(dtype)
+    grad_out = torch.randn(2, channels, *grid.shape[1:-1], generator=generator).to(dtype)
+
+    def sample(a, g, go):
+        a, g = a.detach().requires_grad_(True), g.detach().requires_grad_(True)
+        out = attnkernels.grid_sample(a, g, "bilinear", padding, False, backend="cpu")
+        return (out, *torch.autograd.grad(out, (a, g), go))
+
+    low = sample(x, grid, grad_out)
+    wide = sample(x.float(), grid.float(), grad_out.float())
+    for name, a, b in zip(("output", "grad_input", "grad_grid"), low, wide, strict=True):
+        assert a.dtype == dtype, name
+        torch.testing.assert_close(a, b.to(dtype), rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+    assert low[1].stride() == wide[1].stride()
+
+
 @pytest.mark.parametrize(("device", "backend"), PAIRS)
 @pytest.mark.parametrize("dims", (2, 3))
 def test_non_contiguous_and_channels_last(device, backend, dims):

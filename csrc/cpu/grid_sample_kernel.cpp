@@ -46,24 +46,31 @@ struct StoredGrid {
   const acc_t* points_at(int64_t index) const { return grid + index * Dims; }
 };
 
-// The backward of planar_sampler.h when it serves the call (fp32, few channels,
-// bilinear, zeros or border): sets both gradients (an unrequested one empty)
-// and returns true.
+// The planar sampler reads fp32. fp16 and bf16 inputs (which the general loops also
+// convert to fp32 before sampling) are served on fp32 copies, the results rounded back.
+bool planar_dtype(const at::Tensor& input) {
+  const at::ScalarType type = input.scalar_type();
+  return type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
+}
+
+// x as contiguous fp32: x itself when it already is.
+at::Tensor contiguous_float(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
+
+// The backward of planar_sampler.h when it serves the call (fp32 or 16-bit, few
+// channels, bilinear, zeros or border): sets both gradients (an unrequested one
+// empty) and returns true.
 bool try_planar_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& grid,
                          int64_t interpolation, const SamplerShape& s, bool need_input, bool need_grid,
                          at::Tensor& grad_input, at::Tensor& grad_grid) {
   const int64_t total = s.batch * s.out_points;
-  if (input.scalar_type() != at::kFloat || grid.scalar_type() != at::kFloat || total == 0 || s.channels == 0 ||
-      !planar_applies(s, interpolation)) {
-    return false;
-  }
-  const at::Tensor points = grid.contiguous();
-  const at::Tensor planar = input.contiguous();
-  const at::Tensor go = grad_output.contiguous();
+  if (!planar_dtype(input) || total == 0 || s.channels == 0 || !planar_applies(s, interpolation)) return false;
+  const at::Tensor points = contiguous_float(grid);
+  const at::Tensor planar = contiguous_float(input);
+  const at::Tensor go = contiguous_float(grad_output);
   const int64_t in_elems = s.batch * s.channels * s.in_points;
   const int64_t copies = private_copies(total, in_elems * int64_t(sizeof(float)), need_input);
-  at::Tensor private_grads = need_input ? at::zeros({copies * in_elems}, input.options()) : at::Tensor();
-  grad_grid = need_grid ? at::empty(grid.sizes(), grid.options()) : at::empty({0}, grid.options());
+  at::Tensor private_grads = need_input ? at::zeros({copies * in_elems}, planar.options()) : at::Tensor();
+  grad_grid = need_grid ? at::empty(grid.sizes(), points.options()) : at::empty({0}, grid.options());
   dispatch_dims(input.dim() - 2, [&](auto dims_tag) {
     constexpr int D = decltype(dims_tag)::value;
     planar_backward<D, nan_policy_for<D>()>(s, planar.const_data_ptr<float>(), points.const_data_ptr<float>(),
@@ -71,8 +78,13 @@ bool try_planar_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                             need_input ? private_grads.mutable_data_ptr<float>() : nullptr,
                                             need_grid ? grad_grid.mutable_data_ptr<float>() : nullptr, copies);
   });
-  grad_input = need_input ? reduce_planar_private_grads<float>(private_grads.const_data_ptr<float>(), copies, input)
-                          : at::empty({0}, input.options());
+  grad_input = at::empty({0}, input.options());
+  if (need_input) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_backward_cpu", [&] {
+      grad_input = reduce_planar_private_grads<scalar_t>(private_grads.const_data_ptr<float>(), copies, input);
+    });
+  }
+  if (need_grid) grad_grid = grad_grid.to(grid.scalar_type());
   return true;
 }
 
@@ -89,14 +101,16 @@ at::Tensor grid_sample_cpu(const at::Tensor& input, const at::Tensor& grid, int6
   if (out.numel() == 0) return out;
 
   const SamplerShape s = grid_sample_shape(input, grid, padding, align_corners);
-  if (input.scalar_type() == at::kFloat && grid.scalar_type() == at::kFloat && planar_applies(s, interpolation)) {
-    const at::Tensor planar = input.contiguous();
-    const at::Tensor points = grid.contiguous();
+  if (planar_dtype(input) && planar_applies(s, interpolation)) {
+    const at::Tensor planar = contiguous_float(input);
+    const at::Tensor points = contiguous_float(grid);
+    at::Tensor out_float = input.scalar_type() == at::kFloat ? out : at::empty(out_shape, planar.options());
     dispatch_dims(dims, [&](auto dims_tag) {
       constexpr int D = decltype(dims_tag)::value;
       planar_forward<D, nan_policy_for<D>()>(s, planar.const_data_ptr<float>(), points.const_data_ptr<float>(),
-                                             out.mutable_data_ptr<float>());
+                                             out_float.mutable_data_ptr<float>());
     });
+    if (!out_float.is_same(out)) out.copy_(out_float);
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_cpu", [&] {
