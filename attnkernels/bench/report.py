@@ -26,18 +26,26 @@ def machine_info(device: torch.device) -> dict:
     """What the numbers were measured on: machine, versions, date, command."""
     cpu = platform.processor() or platform.machine()
     vector_flags = []
+    # A virtual machine's model name may say only the brand ("AMD EPYC"); family and model tell the
+    # generation (AMD family 25: Zen 3 and Zen 4, 26: Zen 5).
+    family_model = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name":
+                cpu = value
+            elif key in ("cpu family", "model"):
+                family_model[key] = value
+            elif key == "flags":
                 # The vector extensions that decide which CPU variant of the kernels can run.
-                vector_flags = [f for f in line.split(":", 1)[1].split()
+                vector_flags = [f for f in value.split()
                                 if f in ("avx2", "fma", "f16c") or f.startswith(("avx512", "amx"))]
-            if cpu != platform.machine() and vector_flags:
-                break
+            if not line.strip() and vector_flags:
+                break  # the end of the first CPU's block
     except OSError:
         pass
+    if len(family_model) == 2:
+        cpu = f"{cpu}, family {family_model['cpu family']} model {family_model['model']}"
 
     def version(package: str) -> str | None:
         try:
