@@ -143,7 +143,6 @@ def test_fused_empty_batch_and_channels(backend):
         assert gt is None or (gt.shape == theta.shape and not gt.abs().sum().item())
 
 
-
 def test_reference_fused_theta_gradient_in_float32_tracks_float64():
     # theta's gradient sums over every output point, and the bilinear gradient jumps by a whole step
     # where a coordinate crosses a pixel boundary; a float32 grid product rounds some coordinates across.
@@ -162,6 +161,7 @@ def test_reference_fused_theta_gradient_in_float32_tracks_float64():
 
     exact = theta_grad(torch.float64)
     assert (theta_grad(torch.float32) - exact).abs().max() <= 1e-5 * exact.abs().max()
+
 
 # The CPU fused kernel samples bilinear zeros/border with finite, moderate theta in tiles of 16 (fp32) or
 # 8 (fp64) points of one output row; the tests below reach its row tails, both dtypes of lane, both
