@@ -80,9 +80,16 @@ bool try_planar_backward(const at::Tensor& grad_output, const at::Tensor& input,
   });
   grad_input = at::empty({0}, input.options());
   if (need_input) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_backward_cpu", [&] {
-      grad_input = reduce_planar_private_grads<scalar_t>(private_grads.const_data_ptr<float>(), copies, input);
-    });
+    // Only planar_dtype's three types reach here.
+    const auto reduce = [&](auto type_tag) {
+      using scalar_t = decltype(type_tag);
+      return reduce_planar_private_grads<scalar_t>(private_grads.const_data_ptr<float>(), copies, input);
+    };
+    switch (input.scalar_type()) {
+      case at::kHalf: grad_input = reduce(at::Half{}); break;
+      case at::kBFloat16: grad_input = reduce(at::BFloat16{}); break;
+      default: grad_input = reduce(float{}); break;
+    }
   }
   if (need_grid) grad_grid = grad_grid.to(grid.scalar_type());
   return true;
