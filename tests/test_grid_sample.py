@@ -343,7 +343,7 @@ def test_align_corners_none_means_false_with_torch_warning():
 @pytest.mark.parametrize("dims", (2, 3))
 @pytest.mark.parametrize("padding", ("zeros", "border"))
 @pytest.mark.parametrize("align", (False, True))
-@pytest.mark.parametrize("channels", (3, 5))
+@pytest.mark.parametrize("channels", (3, 5, 16, 21))
 def test_cpu_point_tiles_equal_the_per_point_path_bitwise(dims, padding, align, channels):
     """fp32 bilinear on the CPU computes the taps of 16 consecutive points as vectors, unless one of
     them is far out (|coordinate| > 4) or not finite: then that group goes point by point. Moving one
@@ -386,3 +386,80 @@ def test_size_one_axes_with_reflection_and_align_corners_give_zero_grid_gradient
             lambda a, b, be=backend: attnkernels.grid_sample(a, b, mode, "reflection", True, backend=be), x, grid)
         for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=lambda m, be=backend: f"{be}: {m}")
+
+
+def _banded_grid(dims: int, items: int, out: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """A grid whose slowest input axis (z in 3-D, y in 2-D) stays in a different band per batch item and
+    per stretch of points: item 0 near the first plane (and exactly on it), item 1 everywhere, item 2 from
+    the middle to past the last plane."""
+    grid = torch.rand(items, *out, dims, generator=generator, dtype=torch.float64) * 2.2 - 1.1
+    slow = grid[..., dims - 1]
+    slow[0] = -1.0 + 0.4 * slow[0].add(1.1).div(2.2)
+    slow[0].view(-1)[:7] = -1.0
+    slow[2] = 0.2 + 0.5 * slow[2].add(1.1)
+    # NaN: no tap with zeros padding; border and reflection put its taps on the first plane (4-D kernel)
+    # or the last one (5-D), outside these bands.
+    slow[0].view(-1)[10:13] = float("nan")
+    slow[2].view(-1)[-5:] = float("nan")
+    return grid
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the extension is not built")
+@pytest.mark.parametrize("threads", (1, 3, 4))
+@pytest.mark.parametrize("dims", (2, 3))
+@pytest.mark.parametrize("mode", ("bilinear", "nearest", "bicubic"))
+@pytest.mark.parametrize("padding", ("zeros", "border", "reflection"))
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
+@pytest.mark.parametrize("channels_last", (False, True))
+def test_cpu_backward_private_spans_give_the_input_gradient(threads, dims, mode, padding, dtype, channels_last):
+    """Each thread of the CPU backward scatters into a private input gradient that holds only the input
+    planes its range of points reaches. Grids reaching a different band of planes per batch item and per
+    range (some points exactly on the first plane, some past the last, a few NaN), on inputs whose planes
+    are not whole reduction tiles, give the reference's input gradient, zeros where no point reaches, for
+    1, 3 and 4 threads."""
+    if mode == "bicubic" and dims == 3:
+        pytest.skip("torch has no 3-D bicubic")
+    generator = torch.Generator().manual_seed(dims * 7 + threads)
+    spatial = (5, 7, 9)[3 - dims:]
+    out = (4, 10, 30)[3 - dims:]
+    x = torch.randn(3, 6, *spatial, generator=generator, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+    grid = _banded_grid(dims, 3, out, generator)
+    go = torch.randn(3, 6, *out, generator=generator, dtype=torch.float64)
+    # The reference is the oracle: torch's own CPU backward can crash on NaN grids.
+    expected = torch.autograd.grad(reference.grid_sample(x.requires_grad_(), grid, mode, padding, False), x, go)[0]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        xs = x.detach().to(dtype).requires_grad_()
+        result = attnkernels.grid_sample(xs, grid.to(dtype), mode, padding, False, backend="cpu")
+        grad = torch.autograd.grad(result, xs, go.to(dtype))[0]
+    finally:
+        torch.set_num_threads(previous)
+    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    # Bicubic weights come from the unpadded coordinate: NaN, where border or reflection padding put its taps.
+    torch.testing.assert_close(grad.double(), expected, equal_nan=True, **tolerance)
+    if padding == "zeros":  # the band of item 2 leaves its first plane untouched
+        assert expected.flatten(2)[2, :, : spatial[-1] * spatial[-2] if dims == 3 else spatial[-1]].abs().max() == 0
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the extension is not built")
+def test_cpu_backward_with_more_threads_than_the_memory_budget_allows():
+    """A 20 MiB input gradient under a random grid: every thread's span is the whole input, and 8 of them
+    would exceed the private memory budget (4 gradients), so the backward runs on fewer, larger ranges;
+    the gradient is still torch's."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 20, 16, 128, 128, generator=generator)
+    grid = torch.rand(1, 4, 32, 32, 3, generator=generator) * 2 - 1
+    go = torch.randn(1, 20, 4, 32, 32, generator=generator)
+    xd = x.double().requires_grad_()
+    expected = torch.autograd.grad(F.grid_sample(xd, grid.double(), align_corners=False), xd, go.double())[0]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        xs = x.clone().requires_grad_()
+        grad = torch.autograd.grad(attnkernels.grid_sample(xs, grid, align_corners=False, backend="cpu"), xs, go)[0]
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-5)

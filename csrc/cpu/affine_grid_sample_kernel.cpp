@@ -126,29 +126,41 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
       }
       return;
     }
-    std::vector<int64_t> private_shape = {copies, s.batch};
-    for (int64_t d = 2; d < input.dim(); ++d) private_shape.push_back(input.size(d));
-    private_shape.push_back(s.channels);
-    at::Tensor private_grads = need_input ? at::zeros(private_shape, input.options().dtype(acc_type)) : at::Tensor();
-    // The input values are only read for the coordinate gradient.
-    const at::Tensor source = need_theta && interpolation != 1 ? channels_last_source<scalar_t, acc_t>(input) : at::Tensor();
-    const acc_t* source_ptr = source.defined() ? source.const_data_ptr<acc_t>() : nullptr;
-    const at::Tensor go = grad_output.contiguous();
-    acc_t* private_ptr = need_input ? private_grads.mutable_data_ptr<acc_t>() : nullptr;
+    // The private copies of the input gradient (see plan_private_grads); no span holds a
+    // position when nothing is sampled, and the reduction gives zeros there.
+    std::vector<ScatterSpan> spans;
+    at::Tensor private_grads;
     if (total > 0 && s.channels > 0) {
+      // The input values are only read for the coordinate gradient.
+      const at::Tensor source =
+          need_theta && interpolation != 1 ? channels_last_source<scalar_t, acc_t>(input) : at::Tensor();
+      const acc_t* source_ptr = source.defined() ? source.const_data_ptr<acc_t>() : nullptr;
+      const at::Tensor go = grad_output.contiguous();
       dispatch_mode(interpolation, [&](auto mode_tag) {
         constexpr Interpolation mode = decltype(mode_tag)::value;
         dispatch_dims(dims, [&](auto dims_tag) {
           constexpr int D = decltype(dims_tag)::value;
-          AffineCoords<acc_t, D> coords(theta_acc.const_data_ptr<acc_t>(), s.batch, s.out_size, align_corners,
-                                        copies);
-          sample_backward<scalar_t, acc_t, D, mode, nan_policy_for<D>()>(
-              s, source_ptr, coords, go.const_data_ptr<scalar_t>(), private_ptr, need_theta, copies);
-          if (need_theta) coords.reduce_grad(copies, grad_theta.mutable_data_ptr<scalar_t>());
+          constexpr NanPolicy policy = nan_policy_for<D>();
+          // One slot of theta's gradient per range of points: at most one range per thread.
+          const int64_t slots = private_copies(total, 0, false);
+          AffineCoords<acc_t, D> coords(theta_acc.const_data_ptr<acc_t>(), s.batch, s.out_size, align_corners, slots);
+          if (need_input) {
+            spans = plan_private_grads<acc_t, D, mode, policy>(s, coords);
+            private_grads = at::empty({span_elements(spans, s.channels)}, input.options().dtype(acc_type));
+          } else {
+            spans.resize(slots);
+          }
+          sample_backward<scalar_t, acc_t, D, mode, policy>(
+              s, source_ptr, coords, go.const_data_ptr<scalar_t>(),
+              need_input ? private_grads.mutable_data_ptr<acc_t>() : nullptr, spans, need_theta);
+          if (need_theta) coords.reduce_grad(static_cast<int64_t>(spans.size()), grad_theta.mutable_data_ptr<scalar_t>());
         });
       });
     }
-    if (need_input) grad_input = reduce_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), copies, input, s);
+    if (need_input) {
+      const acc_t* buffer = private_grads.defined() ? private_grads.const_data_ptr<acc_t>() : nullptr;
+      grad_input = reduce_private_grads<scalar_t>(buffer, spans, input, s);
+    }
   });
   if (!need_input) grad_input = at::empty({0}, input.options());
   if (!need_theta) grad_theta = at::empty({0}, theta.options());

@@ -8,6 +8,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "../sampler_shape.h"
 
@@ -83,9 +88,44 @@ inline void forward_full_block(const Taps& taps, const acc_t* src, int64_t c0, a
   store_block(out, acc);
 }
 
+// The sum of a block's lanes as a tree (lane i + lane i + width/2, halving):
+// a few shuffles and adds, where a lane-by-lane sum is one long chain of
+// dependent scalar adds. The order is fixed, so a point's result never
+// depends on anything but its own values.
+template <typename acc_t>
+inline acc_t tree_sum(const ChannelVector<acc_t>& v) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float> && kChannelBlock == 16) {
+    __m512 x;
+    std::memcpy(&x, &v, sizeof(x));
+    return _mm512_reduce_add_ps(x);  // halves 256, 128, 64, 32 bits: the order below
+  }
+#endif
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<acc_t, float> && kChannelBlock == 8) {
+    __m256 x;
+    std::memcpy(&x, &v, sizeof(x));
+    __m128 quarter = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    quarter = _mm_add_ps(quarter, _mm_movehl_ps(quarter, quarter));
+    quarter = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
+    return _mm_cvtss_f32(quarter);
+  }
+#endif
+  acc_t lanes[kChannelBlock];
+  std::memcpy(lanes, &v, sizeof(lanes));
+  for (int64_t width = kChannelBlock / 2; width > 0; width /= 2) {
+    for (int64_t c = 0; c < width; ++c) lanes[c] += lanes[c + width];
+  }
+  return lanes[0];
+}
+
+// One whole block of the backward: scatter weight * g into grad_src (when
+// given) and add, per axis, sum over taps of d weight / d coordinate * src[tap]
+// * g to the vector `coord_sums` (reduced to a scalar once per point, by the
+// caller, after the last whole block).
 template <typename acc_t, int Dims, bool has_coord_grad, typename Taps>
 inline void backward_full_block(const Taps& taps, const acc_t* src, acc_t* grad_src, const acc_t* g, int64_t c0,
-                                bool need_coords, acc_t* grad_xyz) {
+                                bool need_coords, ChannelVector<acc_t>* coord_sums) {
   const bool coords = has_coord_grad && need_coords;
   const ChannelVector<acc_t> grad = load_block(g);
   ChannelVector<acc_t> direction[Dims] = {};
@@ -101,12 +141,7 @@ inline void backward_full_block(const Taps& taps, const acc_t* src, acc_t* grad_
     }
   }
   if (coords) {
-    for (int a = 0; a < Dims; ++a) {
-      const ChannelVector<acc_t> product = direction[a] * grad;
-      acc_t dot = acc_t(0);
-      for (int64_t c = 0; c < kChannelBlock; ++c) dot += product[c];
-      grad_xyz[a] += dot;
-    }
+    for (int a = 0; a < Dims; ++a) coord_sums[a] += direction[a] * grad;
   }
 }
 

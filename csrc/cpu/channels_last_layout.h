@@ -92,11 +92,51 @@ at::Tensor reduce_planar_private_grads(const acc_t* copies_ptr, int64_t copies, 
   return grad;
 }
 
-// Sums the private copies (copies, N, [D,] H, W, C) into the input gradient,
-// in the input's dtype and in one pass that also transposes to (N, C, ...)
-// unless the gradient is channels-last.
+// Positions of the reduction's tiles: kReduceTile consecutive input positions
+// of one batch item (the last tile of an item may be shorter).
+constexpr int64_t kReduceTile = 16;
+
+// The input positions [begin, end) (flattened n * in_points + p) that one
+// private copy of the input gradient holds, channels-last, from element
+// `offset` of the private buffer on. Spans start and end on tile boundaries,
+// so that a tile lies wholly inside a span or wholly outside it.
+struct ScatterSpan {
+  int64_t begin = 0;
+  int64_t end = 0;
+  int64_t offset = 0;
+};
+
+// [begin, end) widened to whole tiles; `points` positions per batch item.
+inline ScatterSpan tile_aligned_span(int64_t begin, int64_t end, int64_t points) {
+  if (end <= begin) return {};
+  const int64_t first_item = begin / points;
+  const int64_t last_item = (end - 1) / points;
+  const int64_t first = first_item * points + (begin - first_item * points) / kReduceTile * kReduceTile;
+  const int64_t last_in_item = end - last_item * points;  // 1 .. points
+  const int64_t rounded = std::min(points, (last_in_item + kReduceTile - 1) / kReduceTile * kReduceTile);
+  return {first, last_item * points + rounded, 0};
+}
+
+// `copies` spans that each cover every position, one after the other.
+inline std::vector<ScatterSpan> whole_spans(int64_t copies, int64_t positions, int64_t channels) {
+  std::vector<ScatterSpan> spans(copies);
+  for (int64_t r = 0; r < copies; ++r) spans[r] = {0, positions, r * positions * channels};
+  return spans;
+}
+
+// Elements of the private buffer that `spans` need.
+inline int64_t span_elements(const std::vector<ScatterSpan>& spans, int64_t channels) {
+  int64_t elements = 0;
+  for (const ScatterSpan& span : spans) elements = std::max(elements, span.offset + (span.end - span.begin) * channels);
+  return elements;
+}
+
+// Sums the private copies (each a channels-last span of input positions, see
+// ScatterSpan) into the input gradient, in the input's dtype and in one pass
+// that also transposes to (N, C, ...) unless the gradient is channels-last.
+// Copies are summed in their order; a position no span holds gets zero.
 template <typename scalar_t, typename acc_t>
-at::Tensor reduce_private_grads(const acc_t* copies_ptr, int64_t copies, const at::Tensor& input,
+at::Tensor reduce_private_grads(const acc_t* buffer, const std::vector<ScatterSpan>& spans, const at::Tensor& input,
                                 const SamplerShape& s) {
   const bool channels_last = gradient_channels_last(input);
   const auto format = !channels_last      ? at::MemoryFormat::Contiguous
@@ -106,30 +146,42 @@ at::Tensor reduce_private_grads(const acc_t* copies_ptr, int64_t copies, const a
   scalar_t* out = grad.mutable_data_ptr<scalar_t>();
   const int64_t S = s.in_points;
   const int64_t C = s.channels;
-  const int64_t per_copy = s.batch * S * C;
-  if (channels_last) {
-    sum_private_copies(copies_ptr, copies, per_copy, out);
-    return grad;
-  }
-  // Transpose (N, S, C) -> (N, C, S) in tiles of kTile positions: the reads of a
+  // Transpose (N, S, C) -> (N, C, S) in tiles of kReduceTile positions: the reads of a
   // tile stay in L1, and each channel's writes are one contiguous run.
-  constexpr int64_t kTile = 16;
-  const int64_t tiles_per_item = (S + kTile - 1) / kTile;
+  const int64_t tiles_per_item = (S + kReduceTile - 1) / kReduceTile;
   at::parallel_for(0, s.batch * tiles_per_item, 64, [&](int64_t begin, int64_t end) {
-    acc_t tile[kTile];
+    std::vector<const acc_t*> rows(spans.size());
+    acc_t tile[kReduceTile];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / tiles_per_item;
-      const int64_t p0 = (t - n * tiles_per_item) * kTile;
-      const int64_t width = std::min(kTile, S - p0);
-      const acc_t* rows = copies_ptr + (n * S + p0) * C;
-      if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-        transpose(rows, C, width, C, out + n * C * S + p0, S, copies, per_copy);  // copies summed in order
+      const int64_t p0 = (t - n * tiles_per_item) * kReduceTile;
+      const int64_t width = std::min(kReduceTile, S - p0);
+      const int64_t position = n * S + p0;
+      int64_t count = 0;
+      for (const ScatterSpan& span : spans) {
+        if (span.begin <= position && position < span.end) {
+          rows[count++] = buffer + span.offset + (position - span.begin) * C;
+        }
+      }
+      if (channels_last) {
+        scalar_t* dst = out + position * C;
+        for (int64_t i = 0; i < width * C; ++i) {
+          acc_t v = count > 0 ? rows[0][i] : acc_t(0);
+          for (int64_t r = 1; r < count; ++r) v += rows[r][i];
+          dst[i] = static_cast<scalar_t>(v);
+        }
         continue;
       }
+      if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+        if (count > 0) {
+          transpose_sum(rows.data(), count, C, width, C, out + n * C * S + p0, S);  // copies summed in order
+          continue;
+        }
+      }
       for (int64_t c = 0; c < C; ++c) {
-        for (int64_t j = 0; j < width; ++j) tile[j] = rows[j * C + c];
-        for (int64_t r = 1; r < copies; ++r) {
-          for (int64_t j = 0; j < width; ++j) tile[j] += rows[r * per_copy + j * C + c];
+        for (int64_t j = 0; j < width; ++j) tile[j] = count > 0 ? rows[0][j * C + c] : acc_t(0);
+        for (int64_t r = 1; r < count; ++r) {
+          for (int64_t j = 0; j < width; ++j) tile[j] += rows[r][j * C + c];
         }
         scalar_t* dst = out + (n * C + c) * S + p0;
         for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<scalar_t>(tile[j]);
@@ -137,6 +189,14 @@ at::Tensor reduce_private_grads(const acc_t* copies_ptr, int64_t copies, const a
     }
   });
   return grad;
+}
+
+// The same for `copies` private copies (copies, N, [D,] H, W, C) that each
+// cover every position.
+template <typename scalar_t, typename acc_t>
+at::Tensor reduce_private_grads(const acc_t* copies_ptr, int64_t copies, const at::Tensor& input,
+                                const SamplerShape& s) {
+  return reduce_private_grads<scalar_t>(copies_ptr, whole_spans(copies, s.batch * s.in_points, s.channels), input, s);
 }
 
 }  // namespace ATTNKERNELS_CPU_ISA

@@ -158,13 +158,11 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& gr
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const int64_t in_elems = s.batch * s.in_points * s.channels;
-    const int64_t copies = private_copies(total, in_elems * int64_t(sizeof(acc_t)), need_input);
-    std::vector<int64_t> private_shape = {copies, s.batch};
-    for (int64_t d = 2; d < input.dim(); ++d) private_shape.push_back(input.size(d));
-    private_shape.push_back(s.channels);
-    at::Tensor private_grads = need_input ? at::zeros(private_shape, input.options().dtype(acc_type)) : at::Tensor();
     at::Tensor grad_grid_acc = need_grid ? at::zeros(grid.sizes(), grid.options().dtype(acc_type)) : at::Tensor();
+    // The private copies of the input gradient (see plan_private_grads); no span holds a
+    // position when nothing is sampled, and the reduction gives zeros there.
+    std::vector<ScatterSpan> spans;
+    at::Tensor private_grads;
 
     if (total > 0 && s.channels > 0) {
       // The input values are only read for the coordinate gradient.
@@ -172,19 +170,29 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& gr
       const acc_t* source_ptr = source.defined() ? source.const_data_ptr<acc_t>() : nullptr;
       const at::Tensor grid_acc = grid.to(acc_type).contiguous();
       const at::Tensor go = grad_output.contiguous();
-      acc_t* private_ptr = need_input ? private_grads.mutable_data_ptr<acc_t>() : nullptr;
       acc_t* grad_grid_ptr = need_grid ? grad_grid_acc.mutable_data_ptr<acc_t>() : nullptr;
       dispatch_mode(interpolation, [&](auto mode_tag) {
         constexpr Interpolation mode = decltype(mode_tag)::value;
         dispatch_dims(dims, [&](auto dims_tag) {
           constexpr int D = decltype(dims_tag)::value;
+          constexpr NanPolicy policy = nan_policy_for<D>();
           StoredGrid<acc_t, D> coords{grid_acc.const_data_ptr<acc_t>(), grad_grid_ptr, s.out_points};
-          sample_backward<scalar_t, acc_t, D, mode, nan_policy_for<D>()>(
-              s, source_ptr, coords, go.const_data_ptr<scalar_t>(), private_ptr, need_grid, copies);
+          if (need_input) {
+            spans = plan_private_grads<acc_t, D, mode, policy>(s, coords);
+            private_grads = at::empty({span_elements(spans, s.channels)}, input.options().dtype(acc_type));
+          } else {
+            spans.resize(private_copies(total, 0, false));
+          }
+          sample_backward<scalar_t, acc_t, D, mode, policy>(
+              s, source_ptr, coords, go.const_data_ptr<scalar_t>(),
+              need_input ? private_grads.mutable_data_ptr<acc_t>() : nullptr, spans, need_grid);
         });
       });
     }
-    if (need_input) grad_input = reduce_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), copies, input, s);
+    if (need_input) {
+      const acc_t* buffer = private_grads.defined() ? private_grads.const_data_ptr<acc_t>() : nullptr;
+      grad_input = reduce_private_grads<scalar_t>(buffer, spans, input, s);
+    }
     if (need_grid) grad_grid = grad_grid_acc.to(grid.scalar_type());
   });
   // The op's schema always returns two tensors: an unrequested gradient is empty.

@@ -14,12 +14,16 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "../sampler_shape.h"
 #include "channel_blocks.h"
+#include "channels_last_layout.h"
 #include "point_taps.h"
 #include "point_tile.h"
 #include "transpose_tiles.h"
@@ -245,9 +249,13 @@ void sample_backward_range(const SamplerShape& s, const acc_t* source, Source& c
         backward_block<kFixedChannels, acc_t, Dims, has_coord_grad>(taps, src, grad_src, g, 0, 0, need_coords,
                                                                     grad_xyz);
       } else {
+        ChannelVector<acc_t> coord_sums[Dims] = {};
         int64_t c0 = 0;
         for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
-          backward_full_block<acc_t, Dims, has_coord_grad>(taps, src, grad_src, g + c0, c0, need_coords, grad_xyz);
+          backward_full_block<acc_t, Dims, has_coord_grad>(taps, src, grad_src, g + c0, c0, need_coords, coord_sums);
+        }
+        if (has_coord_grad && need_coords && c0 > 0) {
+          for (int a = 0; a < Dims; ++a) grad_xyz[a] = tree_sum<acc_t>(coord_sums[a]);
         }
         if (c0 < C) {
           backward_block<0, acc_t, Dims, has_coord_grad>(taps, src, grad_src, g + c0, c0, C - c0, need_coords,
@@ -259,36 +267,136 @@ void sample_backward_range(const SamplerShape& s, const acc_t* source, Source& c
   }
 }
 
-// How many private copies of the input gradient to keep: one per thread, as
-// long as they fit in a memory budget; fewer copies means fewer threads.
-// The budget is a small multiple of the gradient (or 64 MiB for small ones),
-// whatever the thread count: one copy per thread grew with the machine
-// (64 threads: 64 gradients of extra memory, where torch needs none).
+// The memory the private copies of an input gradient of `grad_bytes` may
+// take: a small multiple of the gradient (or 64 MiB for small ones), whatever
+// the thread count (one whole copy per thread grew with the machine: 64
+// threads, 64 gradients of extra memory, where torch needs none).
+inline int64_t private_budget_bytes(int64_t grad_bytes) {
+  constexpr int64_t kMaxCopiesOfAnyGradient = 4;
+  constexpr int64_t kSmallBudgetBytes = int64_t(64) << 20;
+  return std::max<int64_t>(kMaxCopiesOfAnyGradient * grad_bytes, kSmallBudgetBytes);
+}
+
+// How many whole private copies of the input gradient to keep: one per
+// thread, as long as they fit in private_budget_bytes; fewer copies means
+// fewer threads.
 inline int64_t private_copies(int64_t total_points, int64_t grad_bytes, bool need_input_grad) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t copies = std::min<int64_t>(threads, std::max<int64_t>(1, total_points / 256));
   if (need_input_grad && grad_bytes > 0) {
-    constexpr int64_t kMaxCopiesOfAnyGradient = 4;
-    constexpr int64_t kSmallBudgetBytes = int64_t(64) << 20;
-    copies = std::min<int64_t>(copies, std::max<int64_t>(kMaxCopiesOfAnyGradient, kSmallBudgetBytes / grad_bytes));
+    copies = std::min<int64_t>(copies, std::max<int64_t>(1, private_budget_bytes(grad_bytes) / grad_bytes));
   }
   return copies;
 }
 
-// Runs the backward in `copies` contiguous ranges, each with its own slice of
-// `private_grads` (copies x N x in_points x C, zeroed), in parallel.
+// The input positions that the points [begin, end) can scatter into: the
+// planes (of the faster axes) that their taps along the slowest input axis
+// reach, one plane of margin either side, as whole reduction tiles. Only the
+// lowest coordinate in the first batch item and the highest in the last one
+// are needed: with zeros or border padding a tap's index never decreases as
+// the coordinate grows. A NaN coordinate counts as both infinities (border
+// padding puts its taps on the first or the last plane); with reflection, and
+// where a bound's taps all fall outside the input, the span takes the whole item.
+template <typename acc_t, int Dims, Interpolation mode, NanPolicy policy, typename Source>
+ScatterSpan scatter_span(const SamplerShape& s, Source& coords, int64_t begin, int64_t end) {
+  if (end <= begin) return {};
+  constexpr acc_t kInfinity = std::numeric_limits<acc_t>::infinity();
+  const int64_t slow = s.in_size[Dims - 1];
+  const int64_t plane = s.in_points / slow;
+  const int64_t first_item = begin / s.out_points;
+  const int64_t last_item = (end - 1) / s.out_points;
+  acc_t lowest = kInfinity;    // in first_item
+  acc_t highest = -kInfinity;  // in last_item
+  auto cursor = coords.cursor(begin);
+  PointCounter at(begin, s.out_points);
+  for (int64_t i = begin; i < end; ++i, at.advance(), cursor.advance()) {
+    acc_t xyz[Dims];
+    cursor.load(xyz);
+    const acc_t c = xyz[Dims - 1];
+    const bool nan = std::isnan(c);
+    if (at.n == first_item) lowest = nan ? -kInfinity : std::min(lowest, c);
+    if (at.n == last_item) highest = nan ? kInfinity : std::max(highest, c);
+  }
+  int64_t first = 0;        // index along the slowest axis, in first_item
+  int64_t last = slow - 1;  // in last_item
+  if (s.padding != Padding::Reflection) {
+    constexpr int K = sampling::TapsPerAxis<mode>::value;
+    const auto low_taps = sampling::axis_taps<mode, policy>(lowest, slow, s.padding, s.align_corners);
+    const auto high_taps = sampling::axis_taps<mode, policy>(highest, slow, s.padding, s.align_corners);
+    for (int k = K - 1; k >= 0; --k) {
+      if (low_taps.valid[k]) first = low_taps.index[k];
+    }
+    for (int k = 0; k < K; ++k) {
+      if (high_taps.valid[k]) last = high_taps.index[k];
+    }
+  }
+  const int64_t lo = std::max<int64_t>(first_item * slow + first - 1, 0) * plane;
+  const int64_t hi = std::min<int64_t>(last_item * slow + last + 2, s.batch * slow) * plane;
+  return tile_aligned_span(lo, hi, s.in_points);
+}
+
+// Splits the points into `copies` contiguous ranges and gives each the span
+// of input positions it scatters into, stored one after the other.
+template <typename acc_t, int Dims, Interpolation mode, NanPolicy policy, typename Source>
+std::vector<ScatterSpan> scatter_spans(const SamplerShape& s, Source& coords, int64_t copies) {
+  const int64_t total = s.batch * s.out_points;
+  std::vector<ScatterSpan> spans(copies);
+  at::parallel_for(0, copies, 1, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      spans[r] = scatter_span<acc_t, Dims, mode, policy>(s, coords, total * r / copies, total * (r + 1) / copies);
+    }
+  });
+  int64_t offset = 0;
+  for (ScatterSpan& span : spans) {
+    span.offset = offset;
+    offset += (span.end - span.begin) * s.channels;
+  }
+  return spans;
+}
+
+// The private copies of the input gradient for the backward: one per range
+// of points, each holding only the span of the input its points reach; one
+// range per thread when the spans together fit in private_budget_bytes, else
+// fewer (halving), down to the whole copies the budget allows. Spans keep the
+// memory, the zeroing and the reduction small: for a 16-frame video under an
+// affine grid near the identity, 2 ranges span 20-24 of the 32 frames two
+// whole copies hold, 16 ranges 83-110 of 256.
+template <typename acc_t, int Dims, Interpolation mode, NanPolicy policy, typename Source>
+std::vector<ScatterSpan> plan_private_grads(const SamplerShape& s, Source& coords) {
+  const int64_t total = s.batch * s.out_points;
+  const int64_t grad_bytes = s.batch * s.in_points * s.channels * int64_t(sizeof(acc_t));
+  const int64_t whole_copies = private_copies(total, grad_bytes, true);
+  int64_t copies = private_copies(total, grad_bytes, false);
+  while (copies > whole_copies) {
+    std::vector<ScatterSpan> spans = scatter_spans<acc_t, Dims, mode, policy>(s, coords, copies);
+    if (span_elements(spans, s.channels) * int64_t(sizeof(acc_t)) <= private_budget_bytes(grad_bytes)) return spans;
+    copies = std::max(whole_copies, copies / 2);
+  }
+  return scatter_spans<acc_t, Dims, mode, policy>(s, coords, whole_copies);  // at most whole copies: in the budget
+}
+
+// Runs the backward in spans.size() contiguous ranges of points, in parallel,
+// each scattering into its own span of `private_grads` (laid out as `spans`
+// say; zeroed here by the range that owns it).
 template <typename scalar_t, typename acc_t, int Dims, Interpolation mode, NanPolicy policy, typename Source>
 void sample_backward(const SamplerShape& s, const acc_t* source, Source& coords, const scalar_t* grad_out,
-                     acc_t* private_grads, bool need_coords, int64_t copies) {
+                     acc_t* private_grads, const std::vector<ScatterSpan>& spans, bool need_coords) {
   const int64_t total = s.batch * s.out_points;
-  const int64_t per_copy = s.batch * s.in_points * s.channels;
+  const int64_t copies = static_cast<int64_t>(spans.size());
   dispatch_channels<mode == Interpolation::Bilinear>(s.channels, [&](auto channels_tag) {
     constexpr int kFixed = decltype(channels_tag)::value;
     at::parallel_for(0, copies, 1, [&](int64_t first, int64_t last) {
       for (int64_t r = first; r < last; ++r) {
         const int64_t begin = total * r / copies;
         const int64_t end = total * (r + 1) / copies;
-        acc_t* grads = private_grads == nullptr ? nullptr : private_grads + r * per_copy;
+        acc_t* grads = nullptr;
+        if (private_grads != nullptr) {
+          const ScatterSpan& span = spans[r];
+          std::fill(private_grads + span.offset, private_grads + span.offset + (span.end - span.begin) * s.channels,
+                    acc_t(0));
+          // Indexed by absolute input position: only positions inside the span are ever touched.
+          grads = private_grads + span.offset - span.begin * s.channels;
+        }
         sample_backward_range<scalar_t, acc_t, Dims, mode, policy, kFixed>(s, source, coords, grad_out, grads,
                                                                            need_coords, r, begin, end);
       }

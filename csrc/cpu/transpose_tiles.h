@@ -27,10 +27,10 @@ constexpr int64_t kTransposeTile = 8;
 constexpr int64_t kTransposeTile = 1;
 #endif
 
-// dst[j * dst_stride + i] = sum over r < copies of src[r * copy_stride + i * src_stride + j],
-// for i < rows and j < cols (both at most kTransposeTile); the copies are summed in order.
-inline void transpose_block(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst,
-                            int64_t dst_stride, int64_t copies = 1, int64_t copy_stride = 0) {
+// dst[j * dst_stride + i] = sum over r < count of sources[r][offset + i * src_stride + j],
+// for i < rows and j < cols (both at most kTransposeTile); the sources are summed in order.
+inline void transpose_block(const float* const* sources, int64_t count, int64_t offset, int64_t src_stride,
+                            int64_t rows, int64_t cols, float* dst, int64_t dst_stride) {
 #if defined(__AVX512F__)
   const __mmask16 col_mask = __mmask16((1u << cols) - 1u);
   const __mmask16 row_mask = __mmask16((1u << rows) - 1u);
@@ -38,9 +38,9 @@ inline void transpose_block(const float* src, int64_t src_stride, int64_t rows, 
   for (int i = 0; i < 16; ++i) {
     r[i] = _mm512_setzero_ps();
     if (i >= rows) continue;
-    r[i] = _mm512_maskz_loadu_ps(col_mask, src + i * src_stride);
-    for (int64_t c = 1; c < copies; ++c) {
-      r[i] = _mm512_add_ps(r[i], _mm512_maskz_loadu_ps(col_mask, src + c * copy_stride + i * src_stride));
+    r[i] = _mm512_maskz_loadu_ps(col_mask, sources[0] + offset + i * src_stride);
+    for (int64_t c = 1; c < count; ++c) {
+      r[i] = _mm512_add_ps(r[i], _mm512_maskz_loadu_ps(col_mask, sources[c] + offset + i * src_stride));
     }
   }
   // Rows 2k, 2k + 1 interleaved, then rows 4g .. 4g + 3 of column 4L + k in 128-bit lane L of q[g][k].
@@ -81,9 +81,9 @@ inline void transpose_block(const float* src, int64_t src_stride, int64_t rows, 
   for (int i = 0; i < 8; ++i) {
     r[i] = _mm256_setzero_ps();
     if (i >= rows) continue;
-    r[i] = _mm256_maskload_ps(src + i * src_stride, col_mask);
-    for (int64_t c = 1; c < copies; ++c) {
-      r[i] = _mm256_add_ps(r[i], _mm256_maskload_ps(src + c * copy_stride + i * src_stride, col_mask));
+    r[i] = _mm256_maskload_ps(sources[0] + offset + i * src_stride, col_mask);
+    for (int64_t c = 1; c < count; ++c) {
+      r[i] = _mm256_add_ps(r[i], _mm256_maskload_ps(sources[c] + offset + i * src_stride, col_mask));
     }
   }
   // Rows 2k, 2k + 1 interleaved; then rows 4g .. 4g + 3 of column 4h + k in 128-bit half h of q[g][k].
@@ -107,26 +107,32 @@ inline void transpose_block(const float* src, int64_t src_stride, int64_t rows, 
 #else
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
-      float v = src[i * src_stride + j];
-      for (int64_t c = 1; c < copies; ++c) v += src[c * copy_stride + i * src_stride + j];
+      float v = sources[0][offset + i * src_stride + j];
+      for (int64_t c = 1; c < count; ++c) v += sources[c][offset + i * src_stride + j];
       dst[j * dst_stride + i] = v;
     }
   }
 #endif
 }
 
-// dst[j * dst_stride + i] = src[i * src_stride + j] (summed over `copies` as in transpose_block)
+// dst[j * dst_stride + i] = sum over r < count of sources[r][i * src_stride + j], in order,
 // for i < rows, j < cols of any size, in blocks of kTransposeTile.
-inline void transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst, int64_t dst_stride,
-                      int64_t copies = 1, int64_t copy_stride = 0) {
+inline void transpose_sum(const float* const* sources, int64_t count, int64_t src_stride, int64_t rows, int64_t cols,
+                          float* dst, int64_t dst_stride) {
   for (int64_t i0 = 0; i0 < rows; i0 += kTransposeTile) {
     const int64_t block_rows = rows - i0 < kTransposeTile ? rows - i0 : kTransposeTile;
     for (int64_t j0 = 0; j0 < cols; j0 += kTransposeTile) {
       const int64_t block_cols = cols - j0 < kTransposeTile ? cols - j0 : kTransposeTile;
-      transpose_block(src + i0 * src_stride + j0, src_stride, block_rows, block_cols, dst + j0 * dst_stride + i0,
-                      dst_stride, copies, copy_stride);
+      transpose_block(sources, count, i0 * src_stride + j0, src_stride, block_rows, block_cols,
+                      dst + j0 * dst_stride + i0, dst_stride);
     }
   }
+}
+
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols of any size.
+inline void transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst,
+                      int64_t dst_stride) {
+  transpose_sum(&src, 1, src_stride, rows, cols, dst, dst_stride);
 }
 
 }  // namespace ATTNKERNELS_CPU_ISA

@@ -1,5 +1,6 @@
 // Unit test of csrc/cpu/transpose_tiles.h (the register transposes around the CPU sampling loops)
-// against plain loops, for every block shape up to the tile side, 1 to 3 summed copies, and
+// against plain loops, for every block shape up to the tile side, 1 to 3 summed sources (at unequal
+// distances from each other, as the private gradient spans are), and
 // larger matrices with strides wider than the block. Built by tests/test_sampling_layout.py with
 // each CPU variant's flags; prints "skip" and exits 0 on a CPU without the variant's instructions.
 #include <cstdio>
@@ -15,22 +16,35 @@ namespace {
 
 int failures = 0;
 
-// Transposes a rows x cols matrix (summing `copies`) and compares every element of the
-// destination, including the guard values around the block, which must stay untouched.
+// Transposes a rows x cols matrix (summing `copies` sources, through transpose_sum, or the one
+// source through transpose) and compares every element of the destination, including the guard
+// values around the block, which must stay untouched.
 void check(int64_t rows, int64_t cols, int64_t copies, std::mt19937& rng) {
-  const int64_t src_stride = cols + 3, dst_stride = rows + 5, copy_stride = rows * src_stride + 7;
+  const int64_t src_stride = cols + 3, dst_stride = rows + 5;
   std::uniform_real_distribution<float> value(-4.0f, 4.0f);
-  std::vector<float> src(copies * copy_stride + 16);
+  std::vector<int64_t> start(copies);
+  int64_t size = 0;
+  for (int64_t c = 0; c < copies; ++c) {
+    start[c] = size;
+    size += rows * src_stride + 7 + 13 * c;  // the sources are not evenly spaced
+  }
+  std::vector<float> src(size + 16);
   for (float& v : src) v = value(rng);
+  std::vector<const float*> sources(copies);
+  for (int64_t c = 0; c < copies; ++c) sources[c] = src.data() + start[c];
   const float guard = -1234.5f;
   std::vector<float> dst((cols + 1) * dst_stride, guard);
-  layout::transpose(src.data(), src_stride, rows, cols, dst.data(), dst_stride, copies, copy_stride);
+  if (copies == 1) {
+    layout::transpose(src.data(), src_stride, rows, cols, dst.data(), dst_stride);
+  } else {
+    layout::transpose_sum(sources.data(), copies, src_stride, rows, cols, dst.data(), dst_stride);
+  }
   for (int64_t j = 0; j < cols + 1; ++j) {
     for (int64_t i = 0; i < dst_stride; ++i) {
       float want = guard;
       if (j < cols && i < rows) {
-        want = src[i * src_stride + j];
-        for (int64_t c = 1; c < copies; ++c) want += src[c * copy_stride + i * src_stride + j];
+        want = sources[0][i * src_stride + j];
+        for (int64_t c = 1; c < copies; ++c) want += sources[c][i * src_stride + j];
       }
       if (dst[j * dst_stride + i] != want) {
         if (failures++ < 10) {
