@@ -87,7 +87,12 @@ at::Tensor reduce_planar_private_grads(const acc_t* copies_ptr, int64_t copies, 
   at::Tensor grad = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
   sum_private_copies(copies_ptr, copies, grad.numel(), grad.mutable_data_ptr<scalar_t>());
   if (gradient_channels_last(input)) {
-    grad = grad.contiguous(input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
+    // empty + copy_ rather than contiguous(format): that inline ATen function would be emitted out of line
+    // in this variant's object only (tests/test_cpu_capability.py, csrc/cpu_isa.h).
+    at::Tensor strided = at::empty(input.sizes(), input.options().memory_format(
+        input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d));
+    strided.copy_(grad);
+    grad = strided;
   }
   return grad;
 }
