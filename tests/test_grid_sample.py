@@ -343,12 +343,13 @@ def test_align_corners_none_means_false_with_torch_warning():
 @pytest.mark.parametrize("dims", (2, 3))
 @pytest.mark.parametrize("padding", ("zeros", "border"))
 @pytest.mark.parametrize("align", (False, True))
-@pytest.mark.parametrize("channels", (3, 5, 16, 21))
+@pytest.mark.parametrize("channels", (3, 4, 5, 16, 21))
 def test_cpu_point_tiles_equal_the_per_point_path_bitwise(dims, padding, align, channels):
     """fp32 bilinear on the CPU computes the taps of 16 consecutive points as vectors, unless one of
     them is far out (|coordinate| > 4) or not finite: then that group goes point by point. Moving one
     point of every other group far out must leave every other point's output and grid gradient
-    bit for bit unchanged. (Up to 4 channels the forward gathers from the (N, C, ...) input itself.)"""
+    bit for bit unchanged. (With 1 or 2 channels the tiles gather from the (N, C, ...) input itself, with 3
+    or 4 from the input's bordered pixel quads.)"""
     x = make_input(dims, channels=channels, spatial=(6, 7, 9) if dims == 3 else (7, 9)).float()
     grid = make_grid(dims, out=(3, 2, 37) if dims == 3 else (2, 37), spread=1.3).float()
     moved = grid.clone()
@@ -368,6 +369,62 @@ def test_cpu_point_tiles_equal_the_per_point_path_bitwise(dims, padding, align, 
     keep[far] = False
     assert torch.equal(out.flatten(2)[..., keep], out_moved.flatten(2)[..., keep])
     assert torch.equal(grad_grid.view_as(flat)[:, keep], grad_grid_moved.view_as(flat)[:, keep])
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The float32 bit patterns of `t`, every NaN made the same NaN (payloads are not compared)."""
+    t = t.detach().float().contiguous()
+    return torch.where(t.isnan(), torch.full_like(t, float("nan")), t).view(torch.int32)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the extension is not built")
+@pytest.mark.parametrize("dims", (2, 3))
+@pytest.mark.parametrize("padding", ("zeros", "border"))
+@pytest.mark.parametrize("align", (False, True))
+@pytest.mark.parametrize("channels", (3, 4))
+@pytest.mark.parametrize("spatial", ("odd", "thin"))
+@pytest.mark.parametrize("threads", (1, 3))
+def test_cpu_pixel_quads_give_each_channel_sampled_alone_bitwise(dims, padding, align, channels, spatial, threads):
+    """fp32 bilinear with 3 or 4 channels reads the input as bordered pixel quads (a tap pair's channels in one
+    load, a zero border for taps one position outside, a block of zeros for pairs further out) and scatters the
+    input gradient into quads; one channel gathers from the planar input instead. Output, input gradient and
+    grid gradient (the channels' terms added in channel order) must be bit for bit what each channel sampled
+    alone gives: points exactly on and just past every edge, pairs wholly beyond the border, infinite and NaN
+    input values, one-pixel axes, 1 and 3 threads (3 private gradients)."""
+    sizes = {"odd": (5, 6, 13), "thin": (1, 1, 9)}[spatial][3 - dims:]
+    x = make_input(dims, torch.float32, channels=channels, spatial=sizes)
+    x.view(-1)[[4, 29]] = torch.tensor([float("inf"), float("nan")])
+    grid = make_grid(dims, torch.float32, out=(3, 7, 40) if dims == 3 else (11, 40), spread=1.3).clone()
+    flat = grid.view(2, -1, dims)
+    # On the edges, just past them, and far enough out that both taps of a pair miss the border (|v| <= 4 stays
+    # in the tiles).
+    special = torch.tensor([-1.0, 1.0, -1.2, 1.2, 3.9, -3.9, 1.0 + 1e-6, -1.0 - 1e-6])
+    for axis in range(dims):
+        flat[:, 8 * axis:8 * axis + 8, axis] = special
+    go = torch.randn(x.shape[:2] + grid.shape[1:-1], generator=torch.Generator().manual_seed(5))
+
+    def sample(a, g, gradient):
+        a, g = a.detach().requires_grad_(True), g.detach().requires_grad_(True)
+        out = attnkernels.grid_sample(a, g, "bilinear", padding, align, backend="cpu")
+        return (out, *torch.autograd.grad(out, (a, g), gradient))
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        together = sample(x, grid, go)
+        alone = [sample(x[:, c:c + 1], grid, go[:, c:c + 1]) for c in range(channels)]
+    finally:
+        torch.set_num_threads(previous)
+    grad_grid = alone[0][2]
+    for result in alone[1:]:
+        grad_grid = grad_grid + result[2]
+    expected = (torch.cat([r[0] for r in alone], 1), torch.cat([r[1] for r in alone], 1), grad_grid)
+    # The default variant has no tiles: its point-by-point loops add the grid gradient's terms in another order.
+    compared = 2 if attnkernels.cpu_capability() == "default" else 3
+    for name, ours, theirs in zip(("output", "grad_input", "grad_grid")[:compared], together[:compared],
+                                  expected[:compared], strict=True):
+        assert torch.equal(_bits(ours), _bits(theirs)), name
+    assert together[0].isnan().any() and together[0].isfinite().any()  # the special values reached the output
 
 
 @pytest.mark.parametrize("dims", (2, 3))

@@ -80,21 +80,24 @@ void sum_private_copies(const acc_t* copies_ptr, int64_t copies, int64_t per_cop
   });
 }
 
+// `grad`, contiguous, as the input gradient: channels-last when gradient_channels_last(input).
+inline at::Tensor in_gradient_layout(const at::Tensor& grad, const at::Tensor& input) {
+  if (!gradient_channels_last(input)) return grad;
+  // empty + copy_ rather than contiguous(format): that inline ATen function would be emitted out of line
+  // in this variant's object only (tests/test_cpu_capability.py, csrc/cpu_isa.h).
+  at::Tensor strided = at::empty(input.sizes(), input.options().memory_format(
+      input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d));
+  strided.copy_(grad);
+  return strided;
+}
+
 // Sums the private copies (copies, N, C, in_points) into the input gradient, in
 // the input's dtype (channels-last when gradient_channels_last(input)).
 template <typename scalar_t, typename acc_t>
 at::Tensor reduce_planar_private_grads(const acc_t* copies_ptr, int64_t copies, const at::Tensor& input) {
   at::Tensor grad = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
   sum_private_copies(copies_ptr, copies, grad.numel(), grad.mutable_data_ptr<scalar_t>());
-  if (gradient_channels_last(input)) {
-    // empty + copy_ rather than contiguous(format): that inline ATen function would be emitted out of line
-    // in this variant's object only (tests/test_cpu_capability.py, csrc/cpu_isa.h).
-    at::Tensor strided = at::empty(input.sizes(), input.options().memory_format(
-        input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d));
-    strided.copy_(grad);
-    grad = strided;
-  }
-  return grad;
+  return in_gradient_layout(grad, input);
 }
 
 // Positions of the reduction's tiles: kReduceTile consecutive input positions

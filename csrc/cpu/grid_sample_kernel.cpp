@@ -68,21 +68,35 @@ bool try_planar_backward(const at::Tensor& grad_output, const at::Tensor& input,
   const at::Tensor planar = contiguous_float(input);
   const at::Tensor go = contiguous_float(grad_output);
   const int64_t in_elems = s.batch * s.channels * s.in_points;
-  const int64_t copies = private_copies(total, in_elems * int64_t(sizeof(float)), need_input);
-  at::Tensor private_grads = need_input ? at::zeros({copies * in_elems}, planar.options()) : at::Tensor();
+  const int dims = int(input.dim()) - 2;
+  const bool quad_layout = dims == 2 ? quads_apply<2>(s) : quads_apply<3>(s);
+  const int64_t grad_elems = quad_layout ? (dims == 2 ? quad_buffer_size<2>(s) : quad_buffer_size<3>(s)) : in_elems;
+  const int64_t copies = private_copies(total, grad_elems * int64_t(sizeof(float)), need_input);
+  at::Tensor private_grads = need_input ? at::zeros({copies * grad_elems}, planar.options()) : at::Tensor();
   grad_grid = need_grid ? at::empty(grid.sizes(), points.options()) : at::empty({0}, grid.options());
-  dispatch_dims(input.dim() - 2, [&](auto dims_tag) {
+  dispatch_dims(dims, [&](auto dims_tag) {
     constexpr int D = decltype(dims_tag)::value;
+    // The quads are read only for the coordinate gradient.
+    at::Tensor quads;
+    if (quad_layout && need_grid) {
+      quads = at::empty({quad_buffer_size<D>(s)}, planar.options());
+      pack_quads<D>(s, planar.const_data_ptr<float>(), quads.mutable_data_ptr<float>());
+    }
     planar_backward<D, nan_policy_for<D>()>(s, planar.const_data_ptr<float>(), points.const_data_ptr<float>(),
                                             go.const_data_ptr<float>(),
                                             need_input ? private_grads.mutable_data_ptr<float>() : nullptr,
-                                            need_grid ? grad_grid.mutable_data_ptr<float>() : nullptr, copies);
+                                            need_grid ? grad_grid.mutable_data_ptr<float>() : nullptr, copies,
+                                            quad_layout, quads.defined() ? quads.const_data_ptr<float>() : nullptr);
   });
   grad_input = at::empty({0}, input.options());
   if (need_input) {
     // Only planar_dtype's three types reach here.
     const auto reduce = [&](auto type_tag) {
       using scalar_t = decltype(type_tag);
+      if (quad_layout) {
+        return dims == 2 ? reduce_quad_private_grads<scalar_t, 2>(private_grads.const_data_ptr<float>(), copies, s, input)
+                         : reduce_quad_private_grads<scalar_t, 3>(private_grads.const_data_ptr<float>(), copies, s, input);
+      }
       return reduce_planar_private_grads<scalar_t>(private_grads.const_data_ptr<float>(), copies, input);
     };
     switch (input.scalar_type()) {
@@ -114,8 +128,14 @@ at::Tensor grid_sample_cpu(const at::Tensor& input, const at::Tensor& grid, int6
     at::Tensor out_float = input.scalar_type() == at::kFloat ? out : at::empty(out_shape, planar.options());
     dispatch_dims(dims, [&](auto dims_tag) {
       constexpr int D = decltype(dims_tag)::value;
+      at::Tensor quads;
+      if (quads_apply<D>(s)) {
+        quads = at::empty({quad_buffer_size<D>(s)}, planar.options());
+        pack_quads<D>(s, planar.const_data_ptr<float>(), quads.mutable_data_ptr<float>());
+      }
       planar_forward<D, nan_policy_for<D>()>(s, planar.const_data_ptr<float>(), points.const_data_ptr<float>(),
-                                             out_float.mutable_data_ptr<float>());
+                                             out_float.mutable_data_ptr<float>(),
+                                             quads.defined() ? quads.const_data_ptr<float>() : nullptr);
     });
     if (!out_float.is_same(out)) out.copy_(out_float);
     return out;

@@ -1,18 +1,19 @@
 // grid_sample for a few channels (fp32, bilinear, zeros or border), forward and
-// backward, vectorised over points and reading the input in its own
-// (N, C, [D,] H, W) layout.
+// backward, vectorised over points, reading the input in its own
+// (N, C, [D,] H, W) layout or, with 3 or 4 channels, as pixel quads.
 //
 // With 1 to 4 channels the channel-vectorised sampler (sampler_loops.h) does
 // little vector work per point and pays for a channels-last copy of the input
 // (and, backward, a channels-last gradient transposed at the end); torch's 2-D
 // kernel, vectorised over points, was ~2x faster on RGB images. Here each
 // group of consecutive output points gets its taps as vectors (PointTile, from
-// the stored grid) and each channel is one masked gather per tap and one
-// contiguous store; the backward scatters per tap into planar private copies
-// of the input gradient. A group with a non-finite or far-out coordinate goes
-// point by point, with the general sampler's NaN rules and, for its other
-// points, the tiles' arithmetic (so a point's results never depend on its
-// neighbours).
+// the stored grid). With 1 or 2 channels each channel is one masked gather per
+// tap and one contiguous store, and the backward scatters per tap into planar
+// private copies of the input gradient; with 3 or 4 the tiles read and scatter
+// pixel quads (pixel_quads.h), with the same results. A group with a
+// non-finite or far-out coordinate goes point by point, with the general
+// sampler's NaN rules and, for its other points, the tiles' arithmetic (so a
+// point's results never depend on its neighbours).
 #pragma once
 
 #include "../cpu_isa.h"
@@ -21,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "pixel_quads.h"
 #include "point_tile.h"
 #include "sampler_loops.h"
 #include "tile_backward.h"
@@ -45,9 +47,11 @@ inline bool planar_applies(const SamplerShape& s, int64_t interpolation) {
 }
 
 // out[n, c, p] for every output position; `input` (N, C, ...) contiguous fp32,
-// `grid` (N, out_points, Dims) contiguous fp32.
+// `grid` (N, out_points, Dims) contiguous fp32; `quads`, when given, the input
+// packed by pack_quads (quads_apply), which the tiles then read instead.
 template <int Dims, NanPolicy policy>
-void planar_forward(const SamplerShape& s, const float* input, const float* grid, float* out) {
+void planar_forward(const SamplerShape& s, const float* input, const float* grid, float* out,
+                    const float* quads = nullptr) {
   using Tile = PointTile<float, Dims>;
   const int64_t P = s.out_points;
   const int64_t C = s.channels;
@@ -65,7 +69,14 @@ void planar_forward(const SamplerShape& s, const float* input, const float* grid
       const float* points = grid + (n * P + p0) * Dims;
       const float* item = input + n * C * plane;
       float* dst = out + n * C * P + p0;
-      if (build_tile(tile, points, count, s, false)) {
+      if (build_tile(tile, points, count, s, false, quads != nullptr)) {
+#if defined(__AVX512F__) || defined(ATTNKERNELS_TILES_AVX2)
+        if (quads != nullptr) {
+          sample_quads(tile, quads + n * bordered_points<Dims>(s) * kQuad, quad_zeros<Dims>(quads, s), C, dst, P,
+                       count);
+          continue;
+        }
+#endif
 #if defined(__AVX512F__)
         tile.sample_avx512(item, plane, C, dst, P, count);
 #elif defined(ATTNKERNELS_TILES_AVX2)
@@ -95,15 +106,22 @@ void planar_forward(const SamplerShape& s, const float* input, const float* grid
 // The backward of one point that the tiles decline, with the general sampler's
 // NaN rules (taps that are not valid skipped) and tile_backward's order of
 // operations. `grad_out` is at the point in channel 0; `grads` and `grad_xyz`
-// as in tile_backward, for this point.
+// as in tile_backward, for this point; `grads` in the quad layout (an item's
+// bordered quads, pixel_quads.h) when `quad_grads`.
 template <int Dims, NanPolicy policy>
 inline void planar_point_backward(const float* point, const SamplerShape& one_channel, const float* input,
-                                  const float* grad_out, int64_t out_plane, int64_t C, float* grads, float* grad_xyz) {
+                                  const float* grad_out, int64_t out_plane, int64_t C, float* grads, float* grad_xyz,
+                                  bool quad_grads = false) {
   const int64_t plane = one_channel.in_points;
   PointTaps<float, Dims, Interpolation::Bilinear> taps;
   taps.template build<policy>(point, one_channel);
   for (int t = 0; t < taps.kCount; ++t) {
     if (!taps.valid[t] || grads == nullptr) continue;
+    if (quad_grads) {
+      float* at = grads + bordered_index<Dims>(one_channel, taps.offset[t]) * kQuad;
+      for (int64_t c = 0; c < C; ++c) at[c] += taps.weight[t] * grad_out[c * out_plane];
+      continue;
+    }
     for (int64_t c = 0; c < C; ++c) grads[c * plane + taps.offset[t]] += taps.weight[t] * grad_out[c * out_plane];
   }
   if (grad_xyz == nullptr) return;
@@ -122,10 +140,14 @@ inline void planar_point_backward(const float* point, const SamplerShape& one_ch
 // scatters weight * grad_output into its own (N, C, in_points) slice of
 // `private_grads` (zeroed; when given), and every point's d loss / d coordinate
 // goes to `grad_grid` (N, out_points, Dims) when given. `input`, `grid` and
-// `grad_out` contiguous.
+// `grad_out` contiguous. With `quad_layout` (quads_apply), each slice of
+// `private_grads` is in the quad layout (quad_buffer_size floats), and the
+// tiles read the input from `quads` (packed by pack_quads; needed only with
+// `grad_grid`).
 template <int Dims, NanPolicy policy>
 void planar_backward(const SamplerShape& s, const float* input, const float* grid, const float* grad_out,
-                     float* private_grads, float* grad_grid, int64_t copies) {
+                     float* private_grads, float* grad_grid, int64_t copies, bool quad_layout = false,
+                     const float* quads = nullptr) {
   using Tile = PointTile<float, Dims>;
   constexpr int L = Tile::kLanes;
   const int64_t P = s.out_points;
@@ -133,7 +155,8 @@ void planar_backward(const SamplerShape& s, const float* input, const float* gri
   const int64_t plane = s.in_points;
   const int64_t groups_per_item = (P + L - 1) / L;
   const int64_t groups = s.batch * groups_per_item;
-  const int64_t per_copy = s.batch * C * plane;
+  const int64_t per_copy = quad_layout ? quad_buffer_size<Dims>(s) : s.batch * C * plane;
+  const int64_t item_quads = bordered_points<Dims>(s) * kQuad;  // floats of an item in the quad layout
   SamplerShape one_channel = s;  // per-point fallback: offsets within one plane
   one_channel.channels = 1;
   at::parallel_for(0, copies, 1, [&](int64_t first, int64_t last) {
@@ -148,18 +171,30 @@ void planar_backward(const SamplerShape& s, const float* input, const float* gri
         const float* points = grid + (n * P + p0) * Dims;
         const float* item_input = input + n * C * plane;
         const float* item_grad_out = grad_out + n * C * P + p0;
-        float* item_grads = grads == nullptr ? nullptr : grads + n * C * plane;
+        float* item_grads = grads == nullptr ? nullptr : grads + n * (quad_layout ? item_quads : C * plane);
         float* dst = grad_grid == nullptr ? nullptr : grad_grid + (n * P + p0) * Dims;
-        if (!build_tile(tile, points, count, s, grad_grid != nullptr)) {
+        if (!build_tile(tile, points, count, s, grad_grid != nullptr, quad_layout)) {
           for (int64_t j = 0; j < count; ++j) {
             float grad_xyz[Dims] = {};
             planar_point_backward<Dims, policy>(points + j * Dims, one_channel, item_input, item_grad_out + j, P, C,
-                                                item_grads, grad_xyz);
+                                                item_grads, grad_xyz, quad_layout);
             for (int a = 0; dst != nullptr && a < Dims; ++a) dst[j * Dims + a] = grad_xyz[a];
           }
           continue;
         }
         float grad_xyz[Dims][L] = {};
+#if defined(__AVX512F__) || defined(ATTNKERNELS_TILES_AVX2)
+        if (quad_layout) {
+          const float* read = quads == nullptr ? nullptr : quads + n * item_quads;
+          const float* zeros = quads == nullptr ? nullptr : quad_zeros<Dims>(quads, s);
+          quads_tile_backward(tile, read, zeros, item_grad_out, P, C, count, item_grads,
+                              dst == nullptr ? nullptr : grad_xyz);
+          for (int64_t l = 0; dst != nullptr && l < count; ++l) {
+            for (int a = 0; a < Dims; ++a) dst[l * Dims + a] = grad_xyz[a][l];
+          }
+          continue;
+        }
+#endif
         tile_backward<float, float, Dims>(tile, item_input, plane, item_grad_out, P, C, count, item_grads, tile_grads,
                                           dst == nullptr ? nullptr : grad_xyz);
         if (dst == nullptr) continue;

@@ -65,6 +65,10 @@ struct PointTile {
   acc_t weight[kTaps][kLanes];
   int32_t valid[kTaps][kLanes];  // 1 inside the input, else 0
   acc_t dweight[kTaps][Dims][kLanes];
+  // Built only on request (with_quads), for inputs laid out as bordered pixel quads
+  // (pixel_quads.h): per pair of x-neighbour taps (2r, 2r + 1), the pixel index of
+  // tap 2r in an item's bordered layout, or -1 when both taps lie beyond the border.
+  int32_t quad[kTaps / 2][kLanes];
 
   // Points with base x coordinates bx[0 .. kLanes) in the row at base (by, bz)
   // of the batch item whose theta is `t`. Lanes past the row end compute
@@ -256,7 +260,7 @@ struct PointTile {
   // are stored interleaved (x, y[, z]) from `points` (a grid_sample grid).
   // Returns false, with nothing usable built, when a coordinate is not finite
   // or beyond kTileReach: the per-point path decides those (torch's NaN rules).
-  template <bool border, bool with_dweight>
+  template <bool border, bool with_dweight, bool with_quads = false>
   bool build_from_points_avx512(const float* points, int64_t count, const SamplerShape& s) {
     const __mmask16 lanes = __mmask16((1u << count) - 1u);
     // The count * Dims values as Dims contiguous (masked) loads, zero past the end; each axis is
@@ -281,7 +285,7 @@ struct PointTile {
       ok &= _mm512_cmp_ps_mask(_mm512_abs_ps(coords[a]), reach, _CMP_LE_OQ);  // false for NaN
     }
     if (ok != lanes) return false;
-    taps_from_coords_avx512<border, with_dweight>(coords, s);
+    taps_from_coords_avx512<border, with_dweight, with_quads>(coords, s);
     return true;
   }
 
@@ -346,8 +350,9 @@ struct PointTile {
   }
 
   // The taps from normalised coordinates (one vector per axis).
-  template <bool border, bool with_dweight>
+  template <bool border, bool with_dweight, bool with_quads = false>
   void taps_from_coords_avx512(const __m512* coords, const SamplerShape& s) {
+    __m512i low_of[Dims];  // the low tap's index per axis
     __m512i offset_of[Dims][2];
     __m512 weight_of[Dims][2];
     __m512 dweight_of[Dims][2];
@@ -377,6 +382,7 @@ struct PointTile {
       const __m512 x0 = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
       const __m512i i0 = _mm512_cvttps_epi32(x0);
       const __m512i i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(1));
+      low_of[r] = i0;
       const __m512 frac = _mm512_sub_ps(x, x0);
       const __m512i vsize = _mm512_set1_epi32(size);
       const __m512i vzero = _mm512_setzero_si512();
@@ -414,6 +420,24 @@ struct PointTile {
           }
           _mm512_storeu_ps(dweight[tap][a], d);
         }
+      }
+    }
+    if constexpr (with_quads) {
+      // Bordered indices run from -1 to size on every axis (x: the pair's low tap up to size - 1).
+      for (int pair = 0; pair < kTaps / 2; ++pair) {
+        const __m512i x = low_of[0];
+        __mmask16 ok = _mm512_cmpge_epi32_mask(x, _mm512_set1_epi32(-1)) &
+                       _mm512_cmplt_epi32_mask(x, _mm512_set1_epi32(int32_t(s.in_size[0])));
+        __m512i index = _mm512_add_epi32(x, _mm512_set1_epi32(1));
+        int32_t stride = int32_t(s.in_size[0]) + 2;
+        for (int a = 1; a < Dims; ++a) {
+          const __m512i i = _mm512_add_epi32(low_of[a], _mm512_set1_epi32((pair >> (a - 1)) & 1));
+          ok &= _mm512_cmpge_epi32_mask(i, _mm512_set1_epi32(-1)) &
+                _mm512_cmple_epi32_mask(i, _mm512_set1_epi32(int32_t(s.in_size[a])));
+          index = _mm512_add_epi32(index, _mm512_mullo_epi32(_mm512_add_epi32(i, ones), _mm512_set1_epi32(stride)));
+          stride *= int32_t(s.in_size[a]) + 2;
+        }
+        _mm512_storeu_si512(quad[pair], _mm512_mask_mov_epi32(_mm512_set1_epi32(-1), ok, index));
       }
     }
   }

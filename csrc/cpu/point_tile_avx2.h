@@ -74,7 +74,7 @@ ATTNKERNELS_ALWAYS_INLINE void gather_pair_avx2(const PointTile<float, Dims>& ti
 }
 
 // The taps from normalised coordinates, coords[axis][half]: taps_from_coords_avx512 for two halves.
-template <bool border, bool with_dweight, int Dims>
+template <bool border, bool with_dweight, bool with_quads = false, int Dims>
 inline void taps_from_coords_avx2(PointTile<float, Dims>& tile, const __m256 (&coords)[Dims][2],
                                   const SamplerShape& s) {
   static_assert(Dims == 2 || Dims == 3, "tiles hold 2-D or 3-D taps");
@@ -84,7 +84,8 @@ inline void taps_from_coords_avx2(PointTile<float, Dims>& tile, const __m256 (&c
   const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(int32_t(0x80000000u)));
   const __m256i ones = _mm256_set1_epi32(1);
   for (int h = 0; h < 2; ++h) {
-    // Per axis: the low and high tap's offset, weight, d weight, and whether it is inside.
+    // Per axis: the low tap's index, the low and high tap's offset, weight, d weight, and whether it is inside.
+    __m256i low_of[Dims];
     __m256i offset_of[Dims][2];
     __m256 weight_of[Dims][2];
     __m256 dweight_of[Dims][2];
@@ -112,6 +113,7 @@ inline void taps_from_coords_avx2(PointTile<float, Dims>& tile, const __m256 (&c
       const __m256 x0 = _mm256_round_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
       const __m256i i0 = _mm256_cvttps_epi32(x0);
       const __m256i i1 = _mm256_add_epi32(i0, ones);
+      low_of[r] = i0;
       const __m256 frac = _mm256_sub_ps(x, x0);
       const __m256i vstride = _mm256_set1_epi32(stride);
       offset_of[r][0] = r == 0 ? i0 : _mm256_mullo_epi32(i0, vstride);
@@ -149,6 +151,28 @@ inline void taps_from_coords_avx2(PointTile<float, Dims>& tile, const __m256 (&c
           }
           _mm256_storeu_ps(tile.dweight[tap][a] + 8 * h, d);
         }
+      }
+    }
+    if constexpr (with_quads) {
+      // PointTile::quad: bordered indices run from -1 to size on every axis (x: the pair's low
+      // tap up to size - 1); -1 < i < size + 1 as two comparisons.
+      const __m256i below = _mm256_set1_epi32(-2);
+      for (int pair = 0; pair < PointTile<float, Dims>::kTaps / 2; ++pair) {
+        const __m256i x = low_of[0];
+        __m256i ok = _mm256_and_si256(_mm256_cmpgt_epi32(x, below),
+                                      _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(s.in_size[0])), x));
+        __m256i index = _mm256_add_epi32(x, ones);
+        int32_t stride = int32_t(s.in_size[0]) + 2;
+        for (int a = 1; a < Dims; ++a) {
+          const __m256i i = _mm256_add_epi32(low_of[a], _mm256_set1_epi32((pair >> (a - 1)) & 1));
+          ok = _mm256_and_si256(ok, _mm256_and_si256(_mm256_cmpgt_epi32(i, below),
+                                                     _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(s.in_size[a]) + 1), i)));
+          index = _mm256_add_epi32(index, _mm256_mullo_epi32(_mm256_add_epi32(i, ones), _mm256_set1_epi32(stride)));
+          stride *= int32_t(s.in_size[a]) + 2;
+        }
+        // -1 where not ok: index | ~ok would not do (index may have any bits); blend.
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile.quad[pair] + 8 * h),
+                            _mm256_blendv_epi8(_mm256_set1_epi32(-1), index, ok));
       }
     }
   }
@@ -200,7 +224,7 @@ inline void deinterleave_points_avx2(const float* p, __m256 (&axes)[Dims]) {
 // PointTile::build_from_points() for fp32: the taps of the first `count`
 // (1..16) points stored interleaved from `points`; false, with nothing usable
 // built, when a coordinate is not finite or beyond kTileReach.
-template <bool border, bool with_dweight, int Dims>
+template <bool border, bool with_dweight, bool with_quads = false, int Dims>
 inline bool build_from_points_avx2(PointTile<float, Dims>& tile, const float* points, int64_t count,
                                    const SamplerShape& s) {
   constexpr int L = PointTile<float, Dims>::kLanes;
@@ -222,7 +246,7 @@ inline bool build_from_points_avx2(PointTile<float, Dims>& tile, const float* po
     }
   }
   if (_mm256_movemask_ps(ok) != 0xff) return false;
-  taps_from_coords_avx2<border, with_dweight>(tile, coords, s);
+  taps_from_coords_avx2<border, with_dweight, with_quads>(tile, coords, s);
   return true;
 }
 

@@ -62,27 +62,33 @@ bool tiles_allowed(const SamplerShape& s) {
 }
 
 // Builds the taps of the `count` points whose coordinates start at `points`
-// into `tile` (with d weight / d coordinate when `with_dweight`); false when
-// the tile path declines them.
+// into `tile` (with d weight / d coordinate when `with_dweight`, with the
+// bordered quad indices when `with_quads`); false when the tile path declines them.
 template <int Dims>
 bool build_tile(PointTile<float, Dims>& tile, const float* points, int64_t count, const SamplerShape& s,
-                bool with_dweight) {
+                bool with_dweight, bool with_quads = false) {
 #if defined(__AVX512F__) || defined(__AVX2__)
-  auto build = [&](auto border_tag, auto dweight_tag) {
+  auto build = [&](auto border_tag, auto dweight_tag, auto quads_tag) {
     constexpr bool kBorder = decltype(border_tag)::value;
     constexpr bool kDweight = decltype(dweight_tag)::value;
+    constexpr bool kQuads = decltype(quads_tag)::value;
 #if defined(__AVX512F__)
-    return tile.template build_from_points_avx512<kBorder, kDweight>(points, count, s);
+    return tile.template build_from_points_avx512<kBorder, kDweight, kQuads>(points, count, s);
 #else
-    return build_from_points_avx2<kBorder, kDweight>(tile, points, count, s);
+    return build_from_points_avx2<kBorder, kDweight, kQuads>(tile, points, count, s);
 #endif
+  };
+  auto with_flags = [&](auto border_tag, auto dweight_tag) {
+    return with_quads ? build(border_tag, dweight_tag, std::true_type{})
+                      : build(border_tag, dweight_tag, std::false_type{});
   };
   const bool border = s.padding == Padding::Border;
   if (with_dweight) {
-    return border ? build(std::true_type{}, std::true_type{}) : build(std::false_type{}, std::true_type{});
+    return border ? with_flags(std::true_type{}, std::true_type{}) : with_flags(std::false_type{}, std::true_type{});
   }
-  return border ? build(std::true_type{}, std::false_type{}) : build(std::false_type{}, std::false_type{});
+  return border ? with_flags(std::true_type{}, std::false_type{}) : with_flags(std::false_type{}, std::false_type{});
 #else
+  (void)with_quads;
   return false;
 #endif
 }
