@@ -282,13 +282,59 @@ def test_affine_grid_base_coordinates_equal_torch_bitwise(backend, dtype, align)
 @pytest.mark.parametrize("dims", (2, 3))
 @pytest.mark.parametrize("padding", ("zeros", "border"))
 @pytest.mark.parametrize("align", (False, True))
-def test_fused_row_path_forward_equals_grid_then_sample_bitwise(dtype, dims, padding, align):
+@pytest.mark.parametrize("channels", (3, 4, 5))
+def test_fused_row_path_forward_equals_grid_then_sample_bitwise(dtype, dims, padding, align, channels):
     """The CPU fused kernel's vectorised row path rounds exactly as our affine_grid followed by our
-    grid_sample (the general, channel-vectorised path) does: bit for bit, tails included."""
-    size = [2, 3, 5, 9, 37] if dims == 3 else [2, 5, 11, 37]
+    grid_sample does: bit for bit, tails included (fp32 with 3 or 4 channels: both read pixel quads;
+    otherwise the general, channel-vectorised path)."""
+    size = [2, channels, 5, 9, 37] if dims == 3 else [2, channels, 11, 37]
     x = make_input(dims, channels=size[1], spatial=(7, 8, 9) if dims == 3 else (8, 9)).to(dtype)
     theta = make_theta(dims).to(dtype)
     fused = attnkernels.affine_grid_sample(x, theta, size, padding_mode=padding, align_corners=align, backend="cpu")
     grid = attnkernels.affine_grid(theta, size, align_corners=align, backend="cpu")
     two_step = attnkernels.grid_sample(x, grid, padding_mode=padding, align_corners=align, backend="cpu")
     assert torch.equal(fused, two_step)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the extension is not built")
+@pytest.mark.parametrize("dims", (2, 3))
+@pytest.mark.parametrize("padding", ("zeros", "border"))
+@pytest.mark.parametrize("align", (False, True))
+@pytest.mark.parametrize("channels", (3, 4))
+@pytest.mark.parametrize("spatial", ("odd", "thin"))
+@pytest.mark.parametrize("threads", (1, 3))
+def test_fused_pixel_quads_give_each_channel_sampled_alone_bitwise(dims, padding, align, channels, spatial, threads):
+    """The fused kernel's row path reads fp32 inputs of 3 or 4 channels as bordered pixel quads and scatters the
+    input gradient into quads (one channel gathers from the planar input): output and input gradient bit for
+    bit what each channel sampled alone gives, the theta gradient (summed per lane in float64) their sum to
+    rounding; maps reaching past every edge, infinite and NaN input values, one-pixel axes, 1 and 3 threads."""
+    sizes = {"odd": (5, 6, 13), "thin": (1, 1, 9)}[spatial][3 - dims:]
+    x = make_input(dims, torch.float32, channels=channels, spatial=sizes)
+    x.view(-1)[4::17] = float("inf")
+    x.view(-1)[9::23] = float("nan")
+    theta = make_theta(dims, spread=0.6).float()
+    size = [2, channels, *((3, 7, 40) if dims == 3 else (11, 40))]
+    go = torch.randn(size, generator=torch.Generator().manual_seed(5))
+
+    def sample(a, gradient):
+        a, t = a.detach().requires_grad_(True), theta.detach().requires_grad_(True)
+        out = attnkernels.affine_grid_sample(a, t, [size[0], a.shape[1], *size[2:]], padding_mode=padding,
+                                             align_corners=align, backend="cpu")
+        return (out, *torch.autograd.grad(out, (a, t), gradient))
+
+    def bits(t):
+        t = t.detach().contiguous()
+        return torch.where(t.isnan(), torch.full_like(t, float("nan")), t).view(torch.int32)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        together = sample(x, go)
+        alone = [sample(x[:, c:c + 1], go[:, c:c + 1]) for c in range(channels)]
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(bits(together[0]), bits(torch.cat([r[0] for r in alone], 1)))
+    assert torch.equal(bits(together[1]), bits(torch.cat([r[1] for r in alone], 1)))
+    grad_theta = sum(r[2].double() for r in alone)
+    torch.testing.assert_close(together[2].double(), grad_theta, rtol=1e-5, atol=1e-4, equal_nan=True)
+    assert together[0].isnan().any() and together[0].isfinite().any()  # the special values reached the output

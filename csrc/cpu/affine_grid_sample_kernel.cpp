@@ -63,8 +63,16 @@ at::Tensor affine_grid_sample_cpu(const at::Tensor& input, const at::Tensor& the
       run_rows(dims, s.padding, [&](auto dims_tag, auto border_tag) {
         constexpr int D = decltype(dims_tag)::value;
         AffineCoords<acc_t, D> coords(theta_acc.const_data_ptr<acc_t>(), s.batch, s.out_size, align_corners, 0);
+        at::Tensor quads;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (quads_apply<D>(s)) {
+            quads = at::empty({quad_buffer_size<D>(s)}, planar.options());
+            pack_quads<D>(s, planar.const_data_ptr<float>(), quads.mutable_data_ptr<float>());
+          }
+        }
         affine_rows_forward<scalar_t, acc_t, D, decltype(border_tag)::value>(
-            s, planar.const_data_ptr<scalar_t>(), coords, out.mutable_data_ptr<scalar_t>());
+            s, planar.const_data_ptr<scalar_t>(), coords, out.mutable_data_ptr<scalar_t>(),
+            quads.defined() ? quads.const_data_ptr<float>() : nullptr);
       });
       return;
     }
@@ -102,24 +110,43 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     const int64_t in_elems = s.batch * s.in_points * s.channels;
-    const int64_t copies = private_copies(total, in_elems * int64_t(sizeof(acc_t)), need_input);
     const at::Tensor theta_acc = theta.to(acc_type).contiguous();
     grad_theta = at::zeros(theta.sizes(), theta.options());
+    // fp32 with 3 or 4 channels: the row path's private gradients in the quad layout (pixel_quads.h).
+    const bool quad_layout = std::is_same_v<scalar_t, float> && (dims == 2 ? quads_apply<2>(s) : quads_apply<3>(s));
+    const int64_t grad_elems =
+        quad_layout ? (dims == 2 ? quad_buffer_size<2>(s) : quad_buffer_size<3>(s)) : in_elems;
+    const int64_t copies = private_copies(total, grad_elems * int64_t(sizeof(acc_t)), need_input);
     if (total > 0 && s.channels > 0 && row_path_eligible<acc_t>(theta_acc, s, dims, interpolation)) {
       const at::Tensor planar = input.contiguous();
       const at::Tensor go = grad_output.contiguous();
       at::Tensor private_grads =
-          need_input ? at::zeros({copies * in_elems}, input.options().dtype(acc_type)) : at::Tensor();
+          need_input ? at::zeros({copies * grad_elems}, input.options().dtype(acc_type)) : at::Tensor();
       run_rows(dims, s.padding, [&](auto dims_tag, auto border_tag) {
         constexpr int D = decltype(dims_tag)::value;
         AffineCoords<acc_t, D> coords(theta_acc.const_data_ptr<acc_t>(), s.batch, s.out_size, align_corners,
                                       copies);
+        // The quads are read only for the theta gradient.
+        at::Tensor quads;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (quad_layout && need_theta) {
+            quads = at::empty({quad_buffer_size<D>(s)}, planar.options());
+            pack_quads<D>(s, planar.const_data_ptr<float>(), quads.mutable_data_ptr<float>());
+          }
+        }
         affine_rows_backward<scalar_t, acc_t, D, decltype(border_tag)::value>(
             s, planar.const_data_ptr<scalar_t>(), coords, go.const_data_ptr<scalar_t>(),
-            need_input ? private_grads.mutable_data_ptr<acc_t>() : nullptr, need_theta, copies);
+            need_input ? private_grads.mutable_data_ptr<acc_t>() : nullptr, need_theta, copies, quad_layout,
+            quads.defined() ? quads.const_data_ptr<float>() : nullptr);
         if (need_theta) coords.reduce_grad(copies, grad_theta.mutable_data_ptr<scalar_t>());
       });
-      if (need_input && scatter_channels_last(s.channels)) {
+      if (need_input && quad_layout) {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          grad_input = dims == 2
+                           ? reduce_quad_private_grads<float, 2>(private_grads.const_data_ptr<float>(), copies, s, input)
+                           : reduce_quad_private_grads<float, 3>(private_grads.const_data_ptr<float>(), copies, s, input);
+        }
+      } else if (need_input && scatter_channels_last(s.channels)) {
         grad_input = reduce_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), copies, input, s);
       } else if (need_input) {
         grad_input = reduce_planar_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), copies, input);

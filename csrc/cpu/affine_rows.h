@@ -31,6 +31,7 @@
 #endif
 
 #include "affine_coords.h"
+#include "pixel_quads.h"
 #include "tile_backward.h"
 #include "channels_last_layout.h"
 #include "sampler_loops.h"
@@ -81,10 +82,11 @@ std::vector<acc_t> padded_base_x(const AffineCoords<acc_t, Dims>& coords, int64_
   return bx;
 }
 
-// out[n, c, position] for every output position; `input` is contiguous.
+// out[n, c, position] for every output position; `input` is contiguous. With
+// `quads` (fp32, quads_apply: the input packed by pack_quads) the tiles read those.
 template <typename scalar_t, typename acc_t, int Dims, bool border>
 void affine_rows_forward(const SamplerShape& s, const scalar_t* input, const AffineCoords<acc_t, Dims>& coords,
-                         scalar_t* out) {
+                         scalar_t* out, const float* quads = nullptr) {
   using Tile = PointTile<acc_t, Dims>;
   constexpr int L = Tile::kLanes;
   constexpr int kCols = Dims + 1;
@@ -106,11 +108,17 @@ void affine_rows_forward(const SamplerShape& s, const scalar_t* input, const Aff
       const acc_t* t = coords.theta + n * Dims * kCols;
       for (int64_t x0 = 0; x0 < W; x0 += L) {
         const int64_t count = std::min<int64_t>(L, W - x0);
-        tile.template build<border, false>(t, bx.data() + x0, by, bz, s);
 #if defined(__AVX512F__) || defined(ATTNKERNELS_TILES_AVX2)
         if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
           const float* planes = input + n * C * in_plane;
           float* dst = out + n * C * out_plane + within * W + x0;
+          if (quads != nullptr) {
+            tile.template build<border, false, true>(t, bx.data() + x0, by, bz, s);
+            sample_quads(tile, quads + n * bordered_points<Dims>(s) * kQuad, quad_zeros<Dims>(quads, s), C, dst,
+                         out_plane, count);
+            continue;
+          }
+          tile.template build<border, false>(t, bx.data() + x0, by, bz, s);
 #if defined(__AVX512F__)
           tile.sample_avx512(planes, in_plane, C, dst, out_plane, count);
 #else
@@ -119,6 +127,7 @@ void affine_rows_forward(const SamplerShape& s, const scalar_t* input, const Aff
           continue;
         }
 #endif
+        tile.template build<border, false>(t, bx.data() + x0, by, bz, s);
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t* plane = input + (n * C + c) * in_plane;
           scalar_t* dst = out + (n * C + c) * out_plane + within * W + x0;
@@ -134,10 +143,13 @@ void affine_rows_forward(const SamplerShape& s, const scalar_t* input, const Aff
 // Backward over `copies` contiguous row ranges: range r scatters weight *
 // grad_output into its own slice of `private_grads` (when given), (N, C,
 // in_points) or, when scatter_channels_last(C), (N, in_points, C), and adds its
-// theta gradient to slot r of `coords`.
+// theta gradient to slot r of `coords`. With `quad_layout` (fp32, quads_apply)
+// the slices are in the quad layout (quad_buffer_size floats) and the tiles read
+// the input from `quads` (packed by pack_quads; needed only with `need_theta`).
 template <typename scalar_t, typename acc_t, int Dims, bool border>
 void affine_rows_backward(const SamplerShape& s, const scalar_t* input, AffineCoords<acc_t, Dims>& coords,
-                          const scalar_t* grad_out, acc_t* private_grads, bool need_theta, int64_t copies) {
+                          const scalar_t* grad_out, acc_t* private_grads, bool need_theta, int64_t copies,
+                          bool quad_layout = false, const float* quads = nullptr) {
   using Tile = PointTile<acc_t, Dims>;
   constexpr int L = Tile::kLanes;
   constexpr int kCols = Dims + 1;
@@ -148,7 +160,8 @@ void affine_rows_backward(const SamplerShape& s, const scalar_t* input, AffineCo
   const int64_t in_plane = s.in_points;
   const int64_t out_plane = s.out_points;
   const int64_t C = s.channels;
-  const int64_t per_copy = s.batch * C * in_plane;
+  const int64_t per_copy = quad_layout ? quad_buffer_size<Dims>(s) : s.batch * C * in_plane;
+  const int64_t item_grads = quad_layout ? bordered_points<Dims>(s) * kQuad : C * in_plane;
   const std::vector<acc_t> bx = padded_base_x(coords, W);
   at::parallel_for(0, copies, 1, [&](int64_t first, int64_t last) {
     Tile tile;
@@ -166,13 +179,30 @@ void affine_rows_backward(const SamplerShape& s, const scalar_t* input, AffineCo
         double plain[Dims][L] = {};
         for (int64_t x0 = 0; x0 < W; x0 += L) {
           const int64_t count = std::min<int64_t>(L, W - x0);
-          if (need_theta) tile.template build<border, true>(t, bx.data() + x0, by, bz, s);
-          else tile.template build<border, false>(t, bx.data() + x0, by, bz, s);
           acc_t grad_xyz[Dims][L] = {};
-          tile_backward<scalar_t, acc_t, Dims>(tile, input + n * C * in_plane, in_plane,
-                                               grad_out + n * C * out_plane + within * W + x0, out_plane, C, count,
-                                               grads == nullptr ? nullptr : grads + n * C * in_plane,
-                                               tile_grads.data(), need_theta ? grad_xyz : nullptr);
+          bool done = false;
+#if defined(__AVX512F__) || defined(ATTNKERNELS_TILES_AVX2)
+          if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+            if (quad_layout) {
+              if (need_theta) tile.template build<border, true, true>(t, bx.data() + x0, by, bz, s);
+              else tile.template build<border, false, true>(t, bx.data() + x0, by, bz, s);
+              const float* read = quads == nullptr ? nullptr : quads + n * bordered_points<Dims>(s) * kQuad;
+              const float* zeros = quads == nullptr ? nullptr : quad_zeros<Dims>(quads, s);
+              quads_tile_backward(tile, read, zeros, grad_out + n * C * out_plane + within * W + x0, out_plane, C,
+                                  count, grads == nullptr ? nullptr : grads + n * item_grads,
+                                  need_theta ? grad_xyz : nullptr);
+              done = true;
+            }
+          }
+#endif
+          if (!done) {
+            if (need_theta) tile.template build<border, true>(t, bx.data() + x0, by, bz, s);
+            else tile.template build<border, false>(t, bx.data() + x0, by, bz, s);
+            tile_backward<scalar_t, acc_t, Dims>(tile, input + n * C * in_plane, in_plane,
+                                                 grad_out + n * C * out_plane + within * W + x0, out_plane, C, count,
+                                                 grads == nullptr ? nullptr : grads + n * item_grads,
+                                                 tile_grads.data(), need_theta ? grad_xyz : nullptr);
+          }
           if (need_theta) {
             for (int a = 0; a < Dims; ++a) {
 #pragma omp simd

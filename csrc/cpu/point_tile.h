@@ -73,16 +73,17 @@ struct PointTile {
   // Points with base x coordinates bx[0 .. kLanes) in the row at base (by, bz)
   // of the batch item whose theta is `t`. Lanes past the row end compute
   // harmless values that callers ignore.
-  template <bool border, bool with_dweight>
+  // with_quads (fp32 in the vectorised variants only): PointTile::quad as well.
+  template <bool border, bool with_dweight, bool with_quads = false>
   void build(const acc_t* t, const acc_t* bx, acc_t by, acc_t bz, const SamplerShape& s) {
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<acc_t, float>) {
-      build_avx512<border, with_dweight>(t, bx, by, bz, s);
+      build_avx512<border, with_dweight, with_quads>(t, bx, by, bz, s);
       return;
     }
 #elif defined(ATTNKERNELS_TILES_AVX2)
     if constexpr (std::is_same_v<acc_t, float>) {
-      build_avx2<border, with_dweight>(*this, t, bx, by, bz, s);
+      build_avx2<border, with_dweight, with_quads>(*this, t, bx, by, bz, s);
       return;
     }
 #endif
@@ -241,7 +242,7 @@ struct PointTile {
 #if defined(__AVX512F__)
   // build() for fp32 in AVX-512 intrinsics (the compiler leaves the generic
   // loops above partly scalar). Same operations in the same order.
-  template <bool border, bool with_dweight>
+  template <bool border, bool with_dweight, bool with_quads = false>
   void build_avx512(const float* t, const float* bx, float by, float bz, const SamplerShape& s) {
     constexpr int kCols = Dims + 1;
     const __m512 base_x = _mm512_loadu_ps(bx);
@@ -252,7 +253,7 @@ struct PointTile {
       if constexpr (Dims > 2) v = _mm512_add_ps(v, _mm512_set1_ps(t[r * kCols + 2] * bz));
       coords[r] = v;
     }
-    taps_from_coords_avx512<border, with_dweight>(coords, s);
+    taps_from_coords_avx512<border, with_dweight, with_quads>(coords, s);
   }
 
 

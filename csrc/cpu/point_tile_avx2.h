@@ -180,7 +180,7 @@ inline void taps_from_coords_avx2(PointTile<float, Dims>& tile, const __m256 (&c
 
 // PointTile::build() for fp32: the points with base x coordinates bx[0 .. 16)
 // in the row at base (by, bz) of the batch item whose theta is `t`.
-template <bool border, bool with_dweight, int Dims>
+template <bool border, bool with_dweight, bool with_quads = false, int Dims>
 inline void build_avx2(PointTile<float, Dims>& tile, const float* t, const float* bx, float by, float bz,
                        const SamplerShape& s) {
   constexpr int kCols = Dims + 1;
@@ -195,7 +195,7 @@ inline void build_avx2(PointTile<float, Dims>& tile, const float* t, const float
       coords[r][h] = v;
     }
   }
-  taps_from_coords_avx2<border, with_dweight>(tile, coords, s);
+  taps_from_coords_avx2<border, with_dweight, with_quads>(tile, coords, s);
 }
 
 // The 8 points (x, y[, z]) stored interleaved from `p`, one vector per axis.
