@@ -195,12 +195,15 @@ def _video_variant_ops() -> list[OpSpec]:
 
 def _rgb_ops() -> list[OpSpec]:
     """grid_sample_rgb: a batch of 4 RGB images (C = 3), the spatial transformer's usual input, where
-    torch's 2-D kernel (vectorised over points) is strongest."""
+    torch's 2-D kernel (vectorised over points) is strongest; affine_grid_sample_rgb: the same images
+    through the fused op (a spatial transformer's sampler), against torch's affine_grid + grid_sample."""
+    rgb = dict(shape=_sampling_shape({"cpu": 4, "cuda": 64}, {"cpu": 3, "cuda": 3}, 2),
+               size_meaning="side of RGB images (H = W)", default_sizes={"cpu": (112, 224), "cuda": (224, 512)},
+               quick_sizes={"cpu": (56,), "cuda": (224,)})
     grid_op = next(op for op in _sampling_ops() if op.name == "grid_sample_2d")
-    return [dataclasses.replace(
-        grid_op, name="grid_sample_rgb", shape=_sampling_shape({"cpu": 4, "cuda": 64}, {"cpu": 3, "cuda": 3}, 2),
-        size_meaning="side of RGB images (H = W)", default_sizes={"cpu": (112, 224), "cuda": (224, 512)},
-        quick_sizes={"cpu": (56,), "cuda": (224,)})]
+    fused_op = next(op for op in _sampling_ops() if op.name == "affine_grid_sample_2d")
+    return [dataclasses.replace(grid_op, name="grid_sample_rgb", **rgb),
+            dataclasses.replace(fused_op, name="affine_grid_sample_rgb", **rgb)]
 
 
 def sampling_ops() -> list[OpSpec]:
