@@ -1,5 +1,6 @@
-// grid_sample's few-channel tiles (planar_sampler.h) for 3 or 4 channels with
-// the input interleaved as pixel quads: each input position's channels as 4
+// The point tiles of grid_sample (planar_sampler.h) and of the fused
+// affine_grid_sample (affine_rows.h) for 3 or 4 fp32 channels, with the input
+// interleaved as pixel quads: each input position's channels as 4
 // consecutive floats (zero-filled past C), with one position of zeros around
 // every side of the volume ("bordered"). A tap pair (x-neighbours, 8 floats)
 // is then one 32-byte load per point for all channels, where the planar
@@ -38,8 +39,8 @@ inline int64_t bordered_points(const SamplerShape& s) {
   return points;
 }
 
-// Whether the quad layout serves these arguments (the planar tiles already do): 3 or 4
-// channels (fewer would waste most of each quad), a vectorised variant, and bordered
+// Whether the quad layout serves these arguments (on top of the caller's own conditions
+// for its tiles): 3 or 4 channels (fewer would waste most of each quad), a vectorised variant, and bordered
 // indices within PointTile::quad's int32.
 template <int Dims>
 inline bool quads_apply(const SamplerShape& s) {
