@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import pytest
 import torch
 from hypothesis import strategies as st
 
@@ -33,6 +34,30 @@ def make_theta(dims: int, batch: int = 2, dtype=torch.float64, spread=0.3, seed=
     gen = torch.Generator().manual_seed(seed)
     eye = torch.eye(dims, dims + 1, dtype=torch.float64)
     return (eye + spread * torch.randn((batch, dims, dims + 1), generator=gen, dtype=torch.float64)).to(dtype)
+
+
+def pixel_quad_cases(test):
+    """The cases of the CPU pixel-quad tests (fp32 bilinear with 3 or 4 channels): 2-D and 3-D, zeros and border
+    padding, both alignments, 3 and 4 channels, odd and one-pixel axes, 1 and 3 threads."""
+    for name, values in reversed((("dims", (2, 3)), ("padding", ("zeros", "border")), ("align", (False, True)),
+                                  ("channels", (3, 4)), ("spatial", ("odd", "thin")), ("threads", (1, 3)))):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
+def pixel_quad_input(dims: int, channels: int, spatial: str) -> torch.Tensor:
+    """A float32 input for pixel_quad_cases, with infinite and NaN values spread through it."""
+    sizes = {"odd": (5, 6, 13), "thin": (1, 1, 9)}[spatial][3 - dims:]
+    x = make_input(dims, torch.float32, channels=channels, spatial=sizes)
+    x.view(-1)[4::17] = float("inf")
+    x.view(-1)[9::23] = float("nan")
+    return x
+
+
+def float_bits(t: torch.Tensor) -> torch.Tensor:
+    """The float32 bit patterns of `t`, every NaN made the same NaN (payloads are not compared)."""
+    t = t.detach().float().contiguous()
+    return torch.where(t.isnan(), torch.full_like(t, float("nan")), t).view(torch.int32)
 
 
 def torch_supports(dims: int, mode: str) -> bool:

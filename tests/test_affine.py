@@ -14,8 +14,11 @@ from sampling_cases import (
     MODES,
     PADDINGS,
     assert_within_torch_error,
+    float_bits,
     make_input,
     make_theta,
+    pixel_quad_cases,
+    pixel_quad_input,
     random_case,
     torch_supports,
 )
@@ -297,21 +300,13 @@ def test_fused_row_path_forward_equals_grid_then_sample_bitwise(dtype, dims, pad
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the extension is not built")
-@pytest.mark.parametrize("dims", (2, 3))
-@pytest.mark.parametrize("padding", ("zeros", "border"))
-@pytest.mark.parametrize("align", (False, True))
-@pytest.mark.parametrize("channels", (3, 4))
-@pytest.mark.parametrize("spatial", ("odd", "thin"))
-@pytest.mark.parametrize("threads", (1, 3))
+@pixel_quad_cases
 def test_fused_pixel_quads_give_each_channel_sampled_alone_bitwise(dims, padding, align, channels, spatial, threads):
     """The fused kernel's row path reads fp32 inputs of 3 or 4 channels as bordered pixel quads and scatters the
     input gradient into quads (one channel gathers from the planar input): output and input gradient bit for
     bit what each channel sampled alone gives, the theta gradient (summed per lane in float64) their sum to
     rounding; maps reaching past every edge, infinite and NaN input values, one-pixel axes, 1 and 3 threads."""
-    sizes = {"odd": (5, 6, 13), "thin": (1, 1, 9)}[spatial][3 - dims:]
-    x = make_input(dims, torch.float32, channels=channels, spatial=sizes)
-    x.view(-1)[4::17] = float("inf")
-    x.view(-1)[9::23] = float("nan")
+    x = pixel_quad_input(dims, channels, spatial)
     theta = make_theta(dims, spread=0.6).float()
     size = [2, channels, *((3, 7, 40) if dims == 3 else (11, 40))]
     go = torch.randn(size, generator=torch.Generator().manual_seed(5))
@@ -322,10 +317,6 @@ def test_fused_pixel_quads_give_each_channel_sampled_alone_bitwise(dims, padding
                                              align_corners=align, backend="cpu")
         return (out, *torch.autograd.grad(out, (a, t), gradient))
 
-    def bits(t):
-        t = t.detach().contiguous()
-        return torch.where(t.isnan(), torch.full_like(t, float("nan")), t).view(torch.int32)
-
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -333,8 +324,8 @@ def test_fused_pixel_quads_give_each_channel_sampled_alone_bitwise(dims, padding
         alone = [sample(x[:, c:c + 1], go[:, c:c + 1]) for c in range(channels)]
     finally:
         torch.set_num_threads(previous)
-    assert torch.equal(bits(together[0]), bits(torch.cat([r[0] for r in alone], 1)))
-    assert torch.equal(bits(together[1]), bits(torch.cat([r[1] for r in alone], 1)))
+    assert torch.equal(float_bits(together[0]), float_bits(torch.cat([r[0] for r in alone], 1)))
+    assert torch.equal(float_bits(together[1]), float_bits(torch.cat([r[1] for r in alone], 1)))
     grad_theta = sum(r[2].double() for r in alone)
     torch.testing.assert_close(together[2].double(), grad_theta, rtol=1e-5, atol=1e-4, equal_nan=True)
     assert together[0].isnan().any() and together[0].isfinite().any()  # the special values reached the output

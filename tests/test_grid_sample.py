@@ -16,8 +16,11 @@ from sampling_cases import (
     all_cases,
     assert_within_torch_error,
     case_id,
+    float_bits,
     make_grid,
     make_input,
+    pixel_quad_cases,
+    pixel_quad_input,
     random_case,
     torch_supports,
 )
@@ -371,19 +374,8 @@ def test_cpu_point_tiles_equal_the_per_point_path_bitwise(dims, padding, align, 
     assert torch.equal(grad_grid.view_as(flat)[:, keep], grad_grid_moved.view_as(flat)[:, keep])
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The float32 bit patterns of `t`, every NaN made the same NaN (payloads are not compared)."""
-    t = t.detach().float().contiguous()
-    return torch.where(t.isnan(), torch.full_like(t, float("nan")), t).view(torch.int32)
-
-
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the extension is not built")
-@pytest.mark.parametrize("dims", (2, 3))
-@pytest.mark.parametrize("padding", ("zeros", "border"))
-@pytest.mark.parametrize("align", (False, True))
-@pytest.mark.parametrize("channels", (3, 4))
-@pytest.mark.parametrize("spatial", ("odd", "thin"))
-@pytest.mark.parametrize("threads", (1, 3))
+@pixel_quad_cases
 def test_cpu_pixel_quads_give_each_channel_sampled_alone_bitwise(dims, padding, align, channels, spatial, threads):
     """fp32 bilinear with 3 or 4 channels reads the input as bordered pixel quads (a tap pair's channels in one
     load, a zero border for taps one position outside, a block of zeros for pairs further out) and scatters the
@@ -391,10 +383,7 @@ def test_cpu_pixel_quads_give_each_channel_sampled_alone_bitwise(dims, padding, 
     grid gradient (the channels' terms added in channel order) must be bit for bit what each channel sampled
     alone gives: points exactly on and just past every edge, pairs wholly beyond the border, infinite and NaN
     input values, one-pixel axes, 1 and 3 threads (3 private gradients)."""
-    sizes = {"odd": (5, 6, 13), "thin": (1, 1, 9)}[spatial][3 - dims:]
-    x = make_input(dims, torch.float32, channels=channels, spatial=sizes)
-    x.view(-1)[4::17] = float("inf")
-    x.view(-1)[9::23] = float("nan")
+    x = pixel_quad_input(dims, channels, spatial)
     grid = make_grid(dims, torch.float32, out=(3, 7, 40) if dims == 3 else (11, 40), spread=1.3).clone()
     flat = grid.view(2, -1, dims)
     # On the edges, just past them, and far enough out that both taps of a pair miss the border (|v| <= 4 stays
@@ -424,7 +413,7 @@ def test_cpu_pixel_quads_give_each_channel_sampled_alone_bitwise(dims, padding, 
     compared = 2 if attnkernels.cpu_capability() == "default" else 3
     for name, ours, theirs in zip(("output", "grad_input", "grad_grid")[:compared], together[:compared],
                                   expected[:compared], strict=True):
-        assert torch.equal(_bits(ours), _bits(theirs)), name
+        assert torch.equal(float_bits(ours), float_bits(theirs)), name
     assert together[0].isnan().any() and together[0].isfinite().any()  # the special values reached the output
 
 
