@@ -1,8 +1,9 @@
 """The register-tile products of the CPU attention kernels (csrc/cpu/dot_tiles.h: float32 FMAs, bfloat16
 AVX512-BF16 dot products), unit-tested in C++ (tests/cpp/dot_tiles_test.cpp) against double loops on the
-same values, built with the avx512 and the avx2 variant's flags; and bfloat16 attention on random shapes, whose products
-use those tiles when attnkernels.cpu_capability() is "avx512_bf16", held to the FlashAttention rule against
-torch (float32 attention on those tiles is checked to 1e-5 by tests/test_attention.py's float32 cases)."""
+same values, built with the avx512 and the avx2 variant's flags; and bfloat16 and float16 attention on random shapes,
+held to the FlashAttention rule against torch: bfloat16 with even head dims takes the dot products when
+attnkernels.cpu_capability() is "avx512_bf16", the rest is widened to float32 and takes the float32 tiles (in the avx2
+and avx512 variants). float32 attention on those tiles is checked to 1e-5 by tests/test_attention.py's float32 cases."""
 
 from __future__ import annotations
 
@@ -52,22 +53,24 @@ def output_and_gradients(problem, dtype, attention):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @settings(max_examples=15, deadline=None)
-@given(L=st.integers(1, 300), S=st.integers(1, 600), E=st.sampled_from([2, 6, 16, 30, 64, 80, 128]),
-       Ev=st.sampled_from([2, 14, 32, 64, 96]), group=st.sampled_from([1, 2]), causal=st.booleans(),
+@given(L=st.integers(1, 300), S=st.integers(1, 600), E=st.sampled_from([2, 5, 6, 16, 30, 33, 64, 80, 128]),
+       Ev=st.sampled_from([2, 7, 14, 32, 64, 96]), group=st.sampled_from([1, 2]), causal=st.booleans(),
        mask_kind=st.sampled_from([None, "bool", "float"]))
-def test_bfloat16_random_shapes_keep_the_flash_attention_rule(L, S, E, Ev, group, causal, mask_kind):
-    """Every row and column tail of the tiles (L, S up to two blocks), even head dims of any size."""
+def test_low_precision_random_shapes_keep_the_flash_attention_rule(dtype, L, S, E, Ev, group, causal, mask_kind):
+    """Every row and column tail of the tiles (L, S up to two blocks); even head dims (bfloat16's dot products)
+    and odd ones (widened to float32)."""
     problem = random_problem(L * 1000 + S, L, S, E, Ev, group, causal, mask_kind)
     kwargs = {"is_causal": causal, "enable_gqa": group > 1}
-    ours = output_and_gradients(problem, torch.bfloat16, lambda q, k, v, m: attnkernels.scaled_dot_product_attention(
+    ours = output_and_gradients(problem, dtype, lambda q, k, v, m: attnkernels.scaled_dot_product_attention(
         q, k, v, m, backend="cpu", **kwargs))
-    theirs = output_and_gradients(problem, torch.bfloat16,
+    theirs = output_and_gradients(problem, dtype,
                                   lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
     exact = output_and_gradients(problem, torch.float64,
                                  lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
     for index, (mine, torchs, truth) in enumerate(zip(ours, theirs, exact, strict=True)):
-        assert mine.dtype == torch.bfloat16 and not mine.isnan().any()
+        assert mine.dtype == dtype and not mine.isnan().any()
         our_error = (mine.double() - truth).abs().max().item()
         torch_error = (torchs.double() - truth).abs().nan_to_num(0).max().item()
         assert our_error <= (2 if index == 0 else 3) * torch_error + 1e-3, (index, our_error, torch_error)

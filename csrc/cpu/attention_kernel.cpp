@@ -8,7 +8,9 @@
 // to the register tiles of dot_tiles.h: float32 on FMAs, and (avx512) bfloat16
 // on a CPU with AVX512-BF16 on its dot products (the probabilities and score gradients
 // rounded to bfloat16 for their products, as torch's own CPU flash attention
-// does; accumulation in float32).
+// does; accumulation in float32). Other float16 and bfloat16 inputs are widened to
+// float32 block by block and take the float32 tiles; BLAS is left with float64 (and
+// everything in the default variant, which has no register tiles).
 //
 // Backward: recomputes each score tile from q, k and the saved lse. A task owns
 // a set of key blocks of one (batch, kv head): it accumulates their dK, dV over
@@ -26,6 +28,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <limits>
 #include <optional>
@@ -250,6 +253,53 @@ struct DotBackwardTiles {
   }
 };
 
+// float16 and bfloat16 inputs that have no register tiles of their own (float16 everywhere, bfloat16
+// without AVX512-BF16 or with an odd head dimension) run on the float32 tiles: each block's rows are
+// widened to float32 as they are loaded, as the BLAS path widens them, and everything after that is
+// the float32 path (probabilities and score gradients stay float32). Against BLAS this keeps the
+// causal skipping of the register tiles and the packing into panels the tiles read front to back.
+template <typename scalar_t>
+struct WideningForwardTiles : DotForwardTiles<float> {
+  using Base = DotForwardTiles<float>;
+  std::vector<float> q_buffer, k_buffer, v_buffer;
+
+  WideningForwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
+      : Base(query_block, key_block, E, Ev), q_buffer(query_block * E), k_buffer(key_block * E),
+        v_buffer(key_block * Ev) {}
+
+  void load_queries(const scalar_t* q, int64_t rows) {
+    Base::load_queries(rows_as_acc(q, 0, rows, E, q_buffer.data()), rows);
+  }
+  void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
+    Base::load_keys(rows_as_acc(k, 0, cols, E, k_buffer.data()), rows_as_acc(v, 0, cols, Ev, v_buffer.data()), cols);
+  }
+};
+
+template <typename scalar_t>
+struct WideningBackwardTiles : DotBackwardTiles<float> {
+  using Base = DotBackwardTiles<float>;
+  std::vector<float> q_buffer, do_buffer, k_buffer, v_buffer;
+
+  WideningBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
+      : Base(query_block, key_block, E, Ev), q_buffer(query_block * E), do_buffer(query_block * Ev),
+        k_buffer(key_block * E), v_buffer(key_block * Ev) {}
+
+  void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
+    Base::load_keys(rows_as_acc(k, 0, cols, E, k_buffer.data()), rows_as_acc(v, 0, cols, Ev, v_buffer.data()), cols);
+  }
+  void load_queries(const scalar_t* q, const scalar_t* grad_out, int64_t rows) {
+    Base::load_queries(rows_as_acc(q, 0, rows, E, q_buffer.data()),
+                       rows_as_acc(grad_out, 0, rows, Ev, do_buffer.data()), rows);
+  }
+  void store_key_grads(scalar_t* grad_k, scalar_t* grad_v, int64_t cols) const {
+    std::transform(dk.begin(), dk.begin() + cols * E, grad_k, [](float x) { return static_cast<scalar_t>(x); });
+    std::transform(dv.begin(), dv.begin() + cols * Ev, grad_v, [](float x) { return static_cast<scalar_t>(x); });
+  }
+};
+
+template <typename scalar_t>
+constexpr bool kWidenedTilesFor = std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
+
 // The element types the register tiles have: float32 (FMAs), and bfloat16 in the avx512 variant.
 template <typename scalar_t>
 constexpr bool kDotTilesFor = std::is_same_v<scalar_t, float>
@@ -258,7 +308,8 @@ constexpr bool kDotTilesFor = std::is_same_v<scalar_t, float>
 #endif
     ;
 
-// Whether the register tiles serve inputs of this dtype and shape (else BLAS does).
+// Whether the register tiles of this dtype serve inputs of this shape (else float16 and bfloat16 are
+// widened to the float32 tiles, and float64 goes to BLAS).
 template <typename scalar_t>
 bool use_dot_tiles(const Shape& shape) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
@@ -389,6 +440,11 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& query, const 
                                                           out, lse);
         return;
       }
+    }
+    if constexpr (kWidenedTilesFor<scalar_t>) {
+      forward_impl<scalar_t, WideningForwardTiles<scalar_t>>(q, k, v, attn_mask, shape, scale, is_causal, dropout_p,
+                                                             seed, out, lse);
+      return;
     }
 #endif
     {
@@ -583,6 +639,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
                                                               grad_mask);
           return;
         }
+      }
+      if constexpr (kWidenedTilesFor<scalar_t>) {
+        backward_impl<scalar_t, WideningBackwardTiles<scalar_t>>(go, gl, q, k, v, attn_mask, o, l, shape, scale,
+                                                                 is_causal, dropout_p, seed, grad_q, grad_k, grad_v,
+                                                                 grad_mask);
+        return;
       }
 #endif
       {
