@@ -339,3 +339,26 @@ def test_a_result_too_large_for_its_dtype_must_be_its_infinity():
     assert _error_against(torch.tensor([65504.0, 2.0, -float("inf")], dtype=torch.float16), reference) > 3e4
     assert _error_against(torch.tensor([-float("inf"), 2.0, -float("inf")], dtype=torch.float16), reference) == math.inf
     assert math.isnan(_error_against(torch.tensor([float("nan"), 2.0, 0.0], dtype=torch.float16), reference))
+
+
+def test_time_callable_reports_the_median_or_the_fastest_call(monkeypatch):
+    """Kernels are timed by their median call, machine limits by their fastest (what the machine
+    reaches at best); a fake clock makes the calls take 3, 1, 5, 3, 3 ... ms."""
+    from attnkernels.bench import timing
+
+    now = [0.0]
+    durations = iter([0.003, 0.001, 0.005] + [0.003] * 100)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+
+    def call():
+        now[0] += next(durations)
+
+    budget = timing.TimingBudget(warmup_s=0.0, measure_s=1.0, min_repetitions=3, max_repetitions=5, patience_s=1.0)
+    cpu = torch.device("cpu")
+    # The first call of each is the untimed warm-up.
+    assert timing.time_callable(call, cpu, budget).seconds == pytest.approx(0.003)
+    durations = iter([0.003, 0.001, 0.005] + [0.003] * 100)
+    fastest = timing.time_callable(call, cpu, budget, statistic="min")
+    assert fastest.seconds == pytest.approx(0.001) and fastest.repetitions == 5
+    with pytest.raises(ValueError, match="statistic"):
+        timing.time_callable(call, cpu, budget, statistic="mean")

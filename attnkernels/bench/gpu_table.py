@@ -119,13 +119,13 @@ class Table:
                 row.note = f"not run: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
                 self.record(row)
                 continue
-            row.seconds = timing.median_s
-            row.rate = work / timing.median_s
+            row.seconds = timing.seconds
+            row.rate = work / timing.seconds
             row.fraction_of_limit = row.rate / limit if limit else None
             if name == "torch":
-                torch_seconds = timing.median_s
+                torch_seconds = timing.seconds
             elif torch_seconds:
-                row.vs_torch = torch_seconds / timing.median_s
+                row.vs_torch = torch_seconds / timing.seconds
             self.record(row)
 
     def write_markdown(self, header: list[str]) -> None:

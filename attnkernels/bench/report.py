@@ -258,7 +258,7 @@ def results_markdown(info: dict, limits: MachineLimits | None, records: Sequence
         "forward + backward also reads them again and writes the gradients), FLOP/s for attention",
         "(forward 4·B·H·L·S·E, half when causal, backward 2.5x forward). \"of limit\": the fraction of the",
         "measured copy bandwidth (sampling) or matmul throughput in the same dtype (attention; for float16 and",
-        "bfloat16 the higher of that and float32's).",
+        "bfloat16 the higher of that and float32's), each limit from the fastest of its repetitions.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",

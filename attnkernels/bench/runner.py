@@ -147,7 +147,7 @@ def _guarded(record: Record, device: torch.device, step, *args) -> bool:
 
 
 def _store(record: Record, result: timing.Timing) -> bool:
-    record.time_s, record.repetitions, record.method = result.median_s, result.repetitions, result.method
+    record.time_s, record.repetitions, record.method = result.seconds, result.repetitions, result.method
     record.status = "ok"
     return True
 
