@@ -66,8 +66,7 @@ at::Tensor affine_grid_sample_cpu(const at::Tensor& input, const at::Tensor& the
         at::Tensor quads;
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (quads_apply<D>(s)) {
-            quads = at::empty({quad_buffer_size<D>(s)}, planar.options());
-            pack_quads<D>(s, planar.const_data_ptr<float>(), quads.mutable_data_ptr<float>());
+            quads = packed_quads<D>(s, planar);
           }
         }
         affine_rows_forward<scalar_t, acc_t, D, decltype(border_tag)::value>(
@@ -130,8 +129,7 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
         at::Tensor quads;
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (quad_layout && need_theta) {
-            quads = at::empty({quad_buffer_size<D>(s)}, planar.options());
-            pack_quads<D>(s, planar.const_data_ptr<float>(), quads.mutable_data_ptr<float>());
+            quads = packed_quads<D>(s, planar);
           }
         }
         affine_rows_backward<scalar_t, acc_t, D, decltype(border_tag)::value>(

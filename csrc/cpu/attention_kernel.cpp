@@ -247,9 +247,11 @@ struct DotBackwardTiles {
     Ops::product(rows, E, cols, Ops::rounded(grad_scores, rows, cols, ld, grad_scores_buffer.data()),
                  keys_by_columns.data(), scale, true, dq, E, skip(diagonal, CausalSkip::kReductionAfter));
   }
-  void store_key_grads(T* grad_k, T* grad_v, int64_t cols) const {
-    std::transform(dk.begin(), dk.begin() + cols * E, grad_k, [](float x) { return static_cast<T>(x); });
-    std::transform(dv.begin(), dv.begin() + cols * Ev, grad_v, [](float x) { return static_cast<T>(x); });
+  // Out: T, or the input dtype of the widening tiles below.
+  template <typename Out>
+  void store_key_grads(Out* grad_k, Out* grad_v, int64_t cols) const {
+    std::transform(dk.begin(), dk.begin() + cols * E, grad_k, [](float x) { return static_cast<Out>(x); });
+    std::transform(dv.begin(), dv.begin() + cols * Ev, grad_v, [](float x) { return static_cast<Out>(x); });
   }
 };
 
@@ -290,10 +292,6 @@ struct WideningBackwardTiles : DotBackwardTiles<float> {
   void load_queries(const scalar_t* q, const scalar_t* grad_out, int64_t rows) {
     Base::load_queries(rows_as_acc(q, 0, rows, E, q_buffer.data()),
                        rows_as_acc(grad_out, 0, rows, Ev, do_buffer.data()), rows);
-  }
-  void store_key_grads(scalar_t* grad_k, scalar_t* grad_v, int64_t cols) const {
-    std::transform(dk.begin(), dk.begin() + cols * E, grad_k, [](float x) { return static_cast<scalar_t>(x); });
-    std::transform(dv.begin(), dv.begin() + cols * Ev, grad_v, [](float x) { return static_cast<scalar_t>(x); });
   }
 };
 

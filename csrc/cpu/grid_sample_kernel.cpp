@@ -79,8 +79,7 @@ bool try_planar_backward(const at::Tensor& grad_output, const at::Tensor& input,
     // The quads are read only for the coordinate gradient.
     at::Tensor quads;
     if (quad_layout && need_grid) {
-      quads = at::empty({quad_buffer_size<D>(s)}, planar.options());
-      pack_quads<D>(s, planar.const_data_ptr<float>(), quads.mutable_data_ptr<float>());
+      quads = packed_quads<D>(s, planar);
     }
     planar_backward<D, nan_policy_for<D>()>(s, planar.const_data_ptr<float>(), points.const_data_ptr<float>(),
                                             go.const_data_ptr<float>(),
@@ -130,8 +129,7 @@ at::Tensor grid_sample_cpu(const at::Tensor& input, const at::Tensor& grid, int6
       constexpr int D = decltype(dims_tag)::value;
       at::Tensor quads;
       if (quads_apply<D>(s)) {
-        quads = at::empty({quad_buffer_size<D>(s)}, planar.options());
-        pack_quads<D>(s, planar.const_data_ptr<float>(), quads.mutable_data_ptr<float>());
+        quads = packed_quads<D>(s, planar);
       }
       planar_forward<D, nan_policy_for<D>()>(s, planar.const_data_ptr<float>(), points.const_data_ptr<float>(),
                                              out_float.mutable_data_ptr<float>(),

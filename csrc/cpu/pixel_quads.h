@@ -16,6 +16,8 @@
 
 #include "../cpu_isa.h"
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -157,6 +159,14 @@ void pack_quads(const SamplerShape& s, const float* input, float* quads) {
     }
   });
   std::fill(quads + s.batch * rows_per_item * row, quads + quad_buffer_size<Dims>(s), 0.0f);
+}
+
+// The quads of `planar` (contiguous fp32, quads_apply<Dims>) in a new tensor.
+template <int Dims>
+at::Tensor packed_quads(const SamplerShape& s, const at::Tensor& planar) {
+  at::Tensor quads = at::empty({quad_buffer_size<Dims>(s)}, planar.options());
+  pack_quads<Dims>(s, planar.const_data_ptr<float>(), quads.mutable_data_ptr<float>());
+  return quads;
 }
 
 #if defined(__AVX512F__)
