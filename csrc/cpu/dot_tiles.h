@@ -105,6 +105,42 @@ void pack_words_from_rows(const T* x, int64_t n, int64_t k, int64_t ld, uint32_t
   }
 }
 
+// The tile loops below are the attention kernels' inner loops: per step of the reduction, two
+// vector loads of B, one broadcast per row of A and two FMAs (or dot products) per row, and as
+// little else as possible, since at two FMAs per cycle a few extra instructions per step already
+// slow the loop. So: whether the second vector of columns is used is a template argument, not a
+// test in the loop (with the test inside, GCC kept half the AVX2 accumulators on the stack in one
+// build); every loop over the rows is unrolled, so that the accumulators stay in registers; and
+// A's rows are addressed through TileRows.
+
+// The addresses of the kRows rows of a left operand, row r at base + r * row_stride (in
+// elements), stepped along the reduction together: two pointers, rows [0, 4) and [4, 8), and
+// loop-invariant multiples of the stride, which x86 addressing takes as base + index * scale.
+// (From one pointer GCC recomputed the row addresses at every step: five extra instructions for
+// twelve FMAs in the AVX2 loop.)
+template <int kRows, typename T = float>
+struct TileRows {
+  const T* low;
+  const T* high;
+  int64_t stride, two, three;
+
+  ATTNKERNELS_ALWAYS_INLINE TileRows(const T* first, int64_t row_stride)
+      : low(first), high(first + 4 * row_stride), stride(row_stride), two(2 * row_stride), three(3 * row_stride) {}
+  ATTNKERNELS_ALWAYS_INLINE const T* row(int r) const {
+    const T* base = r < 4 ? low : high;
+    switch (r % 4) {
+      case 0: return base;
+      case 1: return base + stride;
+      case 2: return base + two;
+      default: return base + three;
+    }
+  }
+  ATTNKERNELS_ALWAYS_INLINE void step(int64_t elements) {
+    low += elements;
+    if (kRows > 4) high += elements;
+  }
+};
+
 #if defined(ATTNKERNELS_CPU_AVX512)
 // C (kRows x up to 32 columns, row stride ldc) = alpha * acc (+ C when accumulate): the store
 // that ends both kinds of tile (AVX-512F only, so it inlines into the bfloat16-targeted one).
@@ -116,6 +152,7 @@ inline void store_tile(const __m512 (&acc)[kRows][2], int64_t columns, float alp
   };
   const __mmask16 m0 = mask16(columns), m1 = mask16(columns - 16);
   const __m512 alpha16 = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
     float* row = c + r * ldc;
     __m512 v0 = _mm512_mul_ps(acc[r][0], alpha16), v1 = _mm512_mul_ps(acc[r][1], alpha16);
@@ -137,6 +174,7 @@ inline void store_tile(const __m256 (&acc)[kRows][2], int64_t columns, float alp
   const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(columns, 8))), lanes);
   const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::max<int64_t>(columns - 8, 0))), lanes);
   const __m256 alpha8 = _mm256_set1_ps(alpha);
+#pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
     float* row = c + r * ldc;
     __m256 v0 = _mm256_mul_ps(acc[r][0], alpha8), v1 = _mm256_mul_ps(acc[r][1], alpha8);
@@ -233,28 +271,44 @@ ATTNKERNELS_BF16_TARGET inline void round_rows(const float* x, int64_t rows, int
   }
 }
 
-// C (kRows x up to 32 columns) = alpha * A B (+ C when accumulate).
-// b: the panel (pairs rows of kDotColumns words).
+// C (kRows x up to 32 columns) = alpha * A B (+ C when accumulate); the second vector of
+// columns only when kBothVectors. b: the panel (pairs rows of kDotColumns words).
+template <int kRows, bool kBothVectors>
+ATTNKERNELS_BF16_TARGET ATTNKERNELS_ALWAYS_INLINE void dot_tile_columns(int64_t pairs, const c10::BFloat16* a,
+                                                                        int64_t a_row, int64_t a_pair,
+                                                                        const uint32_t* b, int64_t columns,
+                                                                        float alpha, bool accumulate, float* c,
+                                                                        int64_t ldc) {
+  __m512 acc[kRows][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  TileRows<kRows, c10::BFloat16> rows(a, a_row);
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b));
+    const __m512bh b1 = kBothVectors ? reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + 16)) : b0;
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, rows.row(r), sizeof(pair));
+      const __m512bh ar = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], ar, b0);
+      if (kBothVectors) acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ar, b1);
+    }
+    b += kDotColumns;
+    rows.step(a_pair);
+  }
+  store_tile<kRows>(acc, columns, alpha, accumulate, c, ldc);
+}
+
 template <int kRows>
 ATTNKERNELS_BF16_TARGET void dot_tile(int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
                                       const uint32_t* b, int64_t columns, float alpha, bool accumulate, float* c,
                                       int64_t ldc) {
-  __m512 acc[kRows][2];
-  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  const bool two = columns > 16;
-  for (int64_t p = 0; p < pairs; ++p) {
-    const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + p * kDotColumns));
-    const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + p * kDotColumns + 16));
-    const c10::BFloat16* a_p = a + p * a_pair;
-    for (int r = 0; r < kRows; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, a_p + r * a_row, sizeof(pair));
-      const __m512bh ar = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], ar, b0);
-      if (two) acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ar, b1);
-    }
+  if (columns > kDotColumns / 2) {
+    dot_tile_columns<kRows, true>(pairs, a, a_row, a_pair, b, columns, alpha, accumulate, c, ldc);
+  } else {
+    dot_tile_columns<kRows, false>(pairs, a, a_row, a_pair, b, columns, alpha, accumulate, c, ldc);
   }
-  store_tile<kRows>(acc, columns, alpha, accumulate, c, ldc);
 }
 
 #endif  // ATTNKERNELS_CPU_AVX512 (bfloat16)
@@ -281,40 +335,57 @@ inline void pack_floats_from_rows(const float* x, int64_t n, int64_t k, int64_t 
 }
 
 // C (kRows x up to kDotColumns columns) = alpha * A B (+ C when accumulate); b: the panel (k rows
-// of kDotColumns).
-template <int kRows>
-void fma_tile(int64_t k, const float* a, int64_t a_row, int64_t a_step, const float* b, int64_t columns, float alpha,
-              bool accumulate, float* c, int64_t ldc) {
+// of kDotColumns). The second vector of columns is used only when kBothVectors.
+template <int kRows, bool kBothVectors>
+ATTNKERNELS_ALWAYS_INLINE void fma_tile_columns(int64_t k, const float* a, int64_t a_row, int64_t a_step,
+                                                const float* b, int64_t columns, float alpha, bool accumulate, float* c,
+                                                int64_t ldc) {
 #if defined(ATTNKERNELS_CPU_AVX512)
   __m512 acc[kRows][2];
+#pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  const bool two = columns > 16;
+  TileRows<kRows> rows(a, a_row);
   for (int64_t p = 0; p < k; ++p) {
-    const __m512 b0 = _mm512_loadu_ps(b + p * kDotColumns);
-    const __m512 b1 = _mm512_loadu_ps(b + p * kDotColumns + 16);
-    const float* a_p = a + p * a_step;
+    const __m512 b0 = _mm512_loadu_ps(b);
+    const __m512 b1 = kBothVectors ? _mm512_loadu_ps(b + 16) : b0;
+#pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      const __m512 ar = _mm512_set1_ps(a_p[r * a_row]);
+      const __m512 ar = _mm512_set1_ps(*rows.row(r));
       acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
-      if (two) acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
+      if (kBothVectors) acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
     }
+    b += kDotColumns;
+    rows.step(a_step);
   }
 #else
   __m256 acc[kRows][2];
+#pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  const bool two = columns > 8;
+  TileRows<kRows> rows(a, a_row);
   for (int64_t p = 0; p < k; ++p) {
-    const __m256 b0 = _mm256_loadu_ps(b + p * kDotColumns);
-    const __m256 b1 = _mm256_loadu_ps(b + p * kDotColumns + 8);
-    const float* a_p = a + p * a_step;
+    const __m256 b0 = _mm256_loadu_ps(b);
+    const __m256 b1 = kBothVectors ? _mm256_loadu_ps(b + 8) : b0;
+#pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      const __m256 ar = _mm256_broadcast_ss(a_p + r * a_row);
+      const __m256 ar = _mm256_broadcast_ss(rows.row(r));
       acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
-      if (two) acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+      if (kBothVectors) acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
     }
+    b += kDotColumns;
+    rows.step(a_step);
   }
 #endif
   store_tile<kRows>(acc, columns, alpha, accumulate, c, ldc);
+}
+
+template <int kRows>
+void fma_tile(int64_t k, const float* a, int64_t a_row, int64_t a_step, const float* b, int64_t columns, float alpha,
+              bool accumulate, float* c, int64_t ldc) {
+  if (columns > kDotColumns / 2) {
+    fma_tile_columns<kRows, true>(k, a, a_row, a_step, b, columns, alpha, accumulate, c, ldc);
+  } else {
+    fma_tile_columns<kRows, false>(k, a, a_row, a_step, b, columns, alpha, accumulate, c, ldc);
+  }
 }
 
 // ----------------------------------------------------------------------------- the products
