@@ -69,11 +69,39 @@ def test_low_precision_random_shapes_keep_the_flash_attention_rule(dtype, L, S, 
                                   lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
     exact = output_and_gradients(problem, torch.float64,
                                  lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
+    slack = flash_delta_slack(problem, dtype, causal, group)
     for index, (mine, torchs, truth) in enumerate(zip(ours, theirs, exact, strict=True)):
         assert mine.dtype == dtype and not mine.isnan().any()
         our_error = (mine.double() - truth).abs().max().item()
         torch_error = (torchs.double() - truth).abs().nan_to_num(0).max().item()
-        assert our_error <= (2 if index == 0 else 3) * torch_error + 1e-3, (index, our_error, torch_error)
+        bound = (2 if index == 0 else 3) * torch_error + 1e-3 + 2 * slack[index]
+        assert our_error <= bound, (index, our_error, torch_error, slack[index])
+
+
+def flash_delta_slack(problem, dtype, causal, group):
+    """How far the gradients [out, dq, dk, dv] of a FlashAttention backward may be from exact because it takes the
+    softmax gradient's row term delta = rowsum(dO * O) from the output O as rounded to dtype, computed in float64.
+    torch takes its math backend for some small shapes (e.g. head dims that differ), whose delta comes from the
+    probabilities and has no such error; there the FlashAttention rule (twice torch's error) would ask more than
+    the algorithm can give. dS = P (dP - delta) moves by -P d_delta: dq by -scale d_delta (P K), dk by
+    -scale P^T (d_delta q)."""
+    (q, k, v), mask = problem
+    keys, values = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scale = q.shape[-1] ** -0.5
+    scores = scale * q @ keys.transpose(-1, -2)
+    if causal:
+        scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    elif mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, -1).nan_to_num(0)
+    out = probs @ values
+    grad_out = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grad_out = grad_out.to(dtype).double()  # as gradients() draws it
+    delta_error = (grad_out * (out.to(dtype).double() - out)).sum(-1, keepdim=True)
+    dq = scale * delta_error * (probs @ keys)
+    dk = scale * (probs.transpose(-1, -2) @ (delta_error * q))
+    dk = dk.unflatten(1, (k.shape[1], group)).sum(2)
+    return [0.0, dq.abs().max().item(), dk.abs().max().item(), 0.0]
 
 
 @needs_cpu_kernel
@@ -91,3 +119,33 @@ def test_float32_random_shapes_match_float64(L, S, E, Ev, group, causal, mask_ki
                                  lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
     for name, mine, truth in zip(("output", "grad q", "grad k", "grad v"), ours, exact, strict=True):
         torch.testing.assert_close(mine.double(), truth, atol=2e-4, rtol=1e-4, msg=name)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize(("causal", "mask_kind", "dropout_p"),
+                         [(False, None, 0.0), (True, None, 0.0), (False, "bool", 0.0), (True, None, 0.25)])
+def test_forward_tasks_of_several_query_blocks(dtype, causal, mask_kind, dropout_p):
+    """A forward task takes up to four query blocks of 256 rows, packing each key block once for them all, the more
+    the fewer tasks each thread needs: with 1 thread three blocks here, with 8 one. The grouping must not change a
+    bit of the output or lse (each query block's products are the same), and the output must be right."""
+    L, S, E, Ev, group = 700, 600, 32, 24, 2  # three query blocks, two key blocks (the last ones partial)
+    problem = random_problem(11, L, S, E, Ev, group, causal, mask_kind)
+    (q64, k64, v64), mask = problem
+    q, k, v = (t.to(dtype) for t in (q64, k64, v64))
+    kwargs = {"dropout_p": dropout_p, "is_causal": causal, "enable_gqa": True, "backend": "cpu"}
+    results = {}
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 8):
+            torch.set_num_threads(threads)
+            torch.manual_seed(5)  # the dropout mask's seed
+            results[threads] = attnkernels.attention_with_lse(q, k, v, mask, **kwargs)
+    finally:
+        torch.set_num_threads(previous)
+    for one, many in zip(results[1], results[8], strict=True):
+        assert torch.equal(one, many)
+    if dropout_p == 0:
+        truth = F.scaled_dot_product_attention(q64, k64, v64, mask, is_causal=causal, enable_gqa=True)
+        tolerance = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+        torch.testing.assert_close(results[1][0].double(), truth, atol=tolerance, rtol=tolerance)

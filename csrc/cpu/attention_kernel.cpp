@@ -1,8 +1,8 @@
 // Fused attention on the CPU, FlashAttention-2 style.
 //
-// Forward: each task takes one block of queries of one (batch, head) and runs
-// over blocks of keys with an online softmax, so the L x S score matrix is
-// never built; it saves the output and the per-row log-sum-exp (lse). The
+// Forward: each task takes one to four blocks of queries of one (batch, head)
+// and runs over blocks of keys, each packed once for all of them, with an
+// online softmax, so the L x S score matrix is never built; it saves the output and the per-row log-sum-exp (lse). The
 // tile products QK^T and PV go to the BLAS that torch ships (sgemm/dgemm) on
 // float32 (float64) copies of the rows, or, in the avx2 and avx512 variants,
 // to the register tiles of dot_tiles.h: float32 on FMAs, and (avx512) bfloat16
@@ -75,20 +75,22 @@ struct BlasForwardTiles {
   std::vector<acc_t> q_buffer, k_buffer, v_buffer;
   const acc_t *q_tile = nullptr, *k_tile = nullptr, *v_tile = nullptr;
 
-  BlasForwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
-      : E(E), Ev(Ev), q_buffer(kConvert ? query_block * E : 0), k_buffer(kConvert ? key_block * E : 0),
+  // query_rows: the most rows load_queries takes; query_block: the most rows of a product.
+  BlasForwardTiles(int64_t query_rows, int64_t /*query_block*/, int64_t key_block, int64_t E, int64_t Ev)
+      : E(E), Ev(Ev), q_buffer(kConvert ? query_rows * E : 0), k_buffer(kConvert ? key_block * E : 0),
         v_buffer(kConvert ? key_block * Ev : 0) {}
 
-  // q: (rows, E) contiguous.
+  // q: (rows, E) contiguous, rows up to the query capacity the tiles were made for.
   void load_queries(const scalar_t* q, int64_t rows) { q_tile = rows_as_acc(q, 0, rows, E, q_buffer.data()); }
   // k: (cols, E), v: (cols, Ev), contiguous.
   void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
     k_tile = rows_as_acc(k, 0, cols, E, k_buffer.data());
     v_tile = rows_as_acc(v, 0, cols, Ev, v_buffer.data());
   }
-  // scores (rows x cols, row stride ld) = scale * Q K^T; entries behind the diagonal may be left as they were.
-  void scores(int64_t rows, int64_t cols, acc_t scale, acc_t* out, int64_t ld, Diagonal = {}) {
-    gemm<acc_t>(false, true, rows, cols, E, scale, q_tile, E, k_tile, E, acc_t(0), out, ld);
+  // scores (rows x cols, row stride ld) = scale * Q K^T for the loaded queries [first, first + rows);
+  // entries behind the diagonal may be left as they were.
+  void scores(int64_t first, int64_t rows, int64_t cols, acc_t scale, acc_t* out, int64_t ld, Diagonal = {}) {
+    gemm<acc_t>(false, true, rows, cols, E, scale, q_tile + first * E, E, k_tile, E, acc_t(0), out, ld);
   }
   // accum (rows x Ev) += probs V, probs (rows x cols, row stride ld), zero behind the diagonal.
   void add_values(int64_t rows, int64_t cols, const acc_t* probs, int64_t ld, acc_t* accum, Diagonal = {}) {
@@ -169,7 +171,7 @@ struct DotForwardTiles {
   std::vector<Word> keys_packed, values_packed;
   std::vector<T> probs_buffer;
 
-  DotForwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
+  DotForwardTiles(int64_t /*query_rows*/, int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
       : E(E), Ev(Ev), keys_packed(Ops::packed_size(E, key_block)), values_packed(Ops::packed_size(key_block, Ev)),
         probs_buffer(Ops::left_buffer_size(query_block, key_block)) {}
 
@@ -178,8 +180,9 @@ struct DotForwardTiles {
     Ops::pack_rows(k, cols, E, E, keys_packed.data());
     Ops::pack_columns(v, cols, Ev, Ev, values_packed.data());
   }
-  void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld, Diagonal diagonal = {}) {
-    Ops::product(rows, cols, E, Ops::rows(q_rows, E), keys_packed.data(), scale, false, out, ld,
+  void scores(int64_t first, int64_t rows, int64_t cols, float scale, float* out, int64_t ld,
+              Diagonal diagonal = {}) {
+    Ops::product(rows, cols, E, Ops::rows(q_rows + first * E, E), keys_packed.data(), scale, false, out, ld,
                  skip(diagonal, CausalSkip::kColumnsAfter));
   }
   void add_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, float* accum, Diagonal diagonal = {}) {
@@ -265,8 +268,8 @@ struct WideningForwardTiles : DotForwardTiles<float> {
   using Base = DotForwardTiles<float>;
   std::vector<float> q_buffer, k_buffer, v_buffer;
 
-  WideningForwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
-      : Base(query_block, key_block, E, Ev), q_buffer(query_block * E), k_buffer(key_block * E),
+  WideningForwardTiles(int64_t query_rows, int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
+      : Base(query_rows, query_block, key_block, E, Ev), q_buffer(query_rows * E), k_buffer(key_block * E),
         v_buffer(key_block * Ev) {}
 
   void load_queries(const scalar_t* q, int64_t rows) {
@@ -319,6 +322,16 @@ bool use_dot_tiles(const Shape& shape) {
 
 // ----------------------------------------------------------------------------- forward
 
+// Query blocks per forward task. A task packs each key block once for all of its query blocks, so
+// more blocks per task pack less (the packing is a few percent of a float32 forward at head dim 64,
+// more on AVX-512, whose products are faster); at least 4 tasks per thread keep the dynamic split
+// of causal work balanced, and at most 4 blocks (1024 rows) keep the task's accumulators small.
+inline int64_t forward_blocks_per_task(int64_t heads, int64_t query_blocks, int64_t threads) {
+  constexpr int64_t kMostBlocks = 4;
+  const int64_t for_balance = std::max<int64_t>(1, heads * query_blocks / (4 * std::max<int64_t>(1, threads)));
+  return std::min({query_blocks, for_balance, kMostBlocks});
+}
+
 template <typename scalar_t, typename Tiles>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& mask_tensor, const Shape& shape, double scale_d, bool is_causal,
@@ -332,6 +345,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const auto [batch, q_heads, kv_heads, group, L, S, E, Ev] = shape;
   const int64_t Bq = kForwardQueryBlock, Bk = kForwardKeyBlock;
   const int64_t query_blocks = ceil_div(L, Bq);
+  const int64_t blocks_per_task = forward_blocks_per_task(batch * q_heads, query_blocks, at::get_num_threads());
+  const int64_t tasks_per_head = ceil_div(query_blocks, blocks_per_task);
+  const int64_t task_capacity = blocks_per_task * Bq;
 
   const scalar_t* q_data = q.const_data_ptr<scalar_t>();
   const scalar_t* k_data = k.const_data_ptr<scalar_t>();
@@ -340,33 +356,48 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   acc_t* lse_data = lse.mutable_data_ptr<acc_t>();
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
+  // accum, row_max and row_sum hold the online softmax of every query row of the task.
   struct Scratch {
     std::vector<acc_t> scores, accum, row_max, row_sum;
     Tiles tiles;
   };
   auto make_scratch = [&] {
-    return Scratch{std::vector<acc_t>(Bq * Bk), std::vector<acc_t>(Bq * Ev), std::vector<acc_t>(Bq),
-                   std::vector<acc_t>(Bq), Tiles(Bq, Bk, E, Ev)};
+    return Scratch{std::vector<acc_t>(Bq * Bk), std::vector<acc_t>(task_capacity * Ev),
+                   std::vector<acc_t>(task_capacity), std::vector<acc_t>(task_capacity),
+                   Tiles(task_capacity, Bq, Bk, E, Ev)};
   };
-  parallel_tasks(batch * q_heads * query_blocks, make_scratch, [&](int64_t task, Scratch& scratch) {
+  parallel_tasks(batch * q_heads * tasks_per_head, make_scratch, [&](int64_t task, Scratch& scratch) {
     auto& [scores, accum, row_max, row_sum, tiles] = scratch;
-    {
-      const int64_t bh = task / query_blocks;
-      const int64_t row0 = (task % query_blocks) * Bq;
-      const int64_t rows = std::min(Bq, L - row0);
-      const int64_t kv = (bh / q_heads) * kv_heads + (bh % q_heads) / group;
-      tiles.load_queries(q_data + (bh * L + row0) * E, rows);
-      std::fill(row_max.begin(), row_max.end(), neg_inf);
-      std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
-      std::fill(accum.begin(), accum.end(), acc_t(0));
-      // Causal: keys beyond the block's last row are hidden from every row.
-      const int64_t key_end = is_causal ? std::min(S, row0 + rows) : S;
-      for (int64_t col0 = 0; col0 < key_end; col0 += Bk) {
+    const int64_t bh = task / tasks_per_head;
+    const int64_t task_row0 = (task % tasks_per_head) * task_capacity;
+    const int64_t task_rows = std::min(task_capacity, L - task_row0);
+    const int64_t kv = (bh / q_heads) * kv_heads + (bh % q_heads) / group;
+    tiles.load_queries(q_data + (bh * L + task_row0) * E, task_rows);
+    std::fill(row_max.begin(), row_max.end(), neg_inf);
+    std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+    std::fill(accum.begin(), accum.end(), acc_t(0));
+    // Causal: keys beyond the task's last row are hidden from every row.
+    const int64_t task_key_end = is_causal ? std::min(S, task_row0 + task_rows) : S;
+    for (int64_t col0 = 0; col0 < task_key_end; col0 += Bk) {
+      // The key block is packed once for all of the task's query blocks that see it (again only
+      // when a causal block sees more of it than the one before).
+      int64_t loaded_cols = 0;
+      for (int64_t first = 0; first < task_rows; first += Bq) {
+        const int64_t row0 = task_row0 + first;
+        const int64_t rows = std::min(Bq, task_rows - first);
+        const int64_t key_end = is_causal ? std::min(S, row0 + rows) : S;
+        if (col0 >= key_end) continue;
         const int64_t cols = std::min(Bk, key_end - col0);
         if (hidden_and_inert(mask, shape, bh, kv, row0, rows, col0, cols, q_data, k_data, v_data, scale_d)) continue;
-        tiles.load_keys(k_data + (kv * S + col0) * E, v_data + (kv * S + col0) * Ev, cols);
+        if (cols != loaded_cols) {
+          tiles.load_keys(k_data + (kv * S + col0) * E, v_data + (kv * S + col0) * Ev, cols);
+          loaded_cols = cols;
+        }
+        acc_t* block_max = row_max.data() + first;
+        acc_t* block_sum = row_sum.data() + first;
+        acc_t* block_accum = accum.data() + first * Ev;
         const Diagonal diagonal = causal_diagonal(is_causal, row0, col0, cols);
-        tiles.scores(rows, cols, scale, scores.data(), Bk, diagonal);
+        tiles.scores(first, rows, cols, scale, scores.data(), Bk, diagonal);
         if (mask.present()) mask.apply(bh, row0, rows, col0, cols, scores.data(), Bk);
         // Online softmax: rescale what was accumulated under the old row maximum. Scores behind
         // the causal diagonal are never read (they may not have been computed): their
@@ -377,37 +408,37 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           const int64_t visible = visible_columns(diagonal, r, cols);
           std::fill(row + visible, row + cols, acc_t(0));
           const acc_t tile_max = max_of(row, visible);
-          const acc_t new_max = std::isnan(tile_max) ? tile_max : std::max(row_max[r], tile_max);
+          const acc_t new_max = std::isnan(tile_max) ? tile_max : std::max(block_max[r], tile_max);
           if (new_max == neg_inf) {  // every key so far is masked for this row
             std::fill(row, row + visible, acc_t(0));
             continue;
           }
-          const acc_t correction = exp_nonpositive(row_max[r] - new_max);
-          row_sum[r] = row_sum[r] * correction + exp_shifted_sum(row, visible, new_max);
-          row_max[r] = new_max;
+          const acc_t correction = exp_nonpositive(block_max[r] - new_max);
+          block_sum[r] = block_sum[r] * correction + exp_shifted_sum(row, visible, new_max);
+          block_max[r] = new_max;
           if (correction != acc_t(1)) {
-            acc_t* acc_row = accum.data() + r * Ev;
+            acc_t* acc_row = block_accum + r * Ev;
 #pragma omp simd
             for (int64_t e = 0; e < Ev; ++e) acc_row[e] *= correction;
           }
         }
         if (use_dropout) {
-          const uint64_t first = static_cast<uint64_t>((bh * L + row0) * S + col0);
-          apply_dropout(dropout, keep_scale, first, S, rows, cols, scores.data(), Bk);
+          const uint64_t first_element = static_cast<uint64_t>((bh * L + row0) * S + col0);
+          apply_dropout(dropout, keep_scale, first_element, S, rows, cols, scores.data(), Bk);
         }
-        tiles.add_values(rows, cols, scores.data(), Bk, accum.data(), diagonal);
+        tiles.add_values(rows, cols, scores.data(), Bk, block_accum, diagonal);
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        const acc_t sum = row_sum[r];
-        // A row that attends to nothing (sum 0) gives 0 and lse -inf (torch gives 0, not NaN);
-        // a NaN score makes the sum NaN, and that row must give NaN as torch does.
-        const bool attended = !(sum == acc_t(0));
-        const acc_t inverse = attended ? acc_t(1) / sum : acc_t(0);
-        scalar_t* out_row = out_data + (bh * L + row0 + r) * Ev;
-        const acc_t* acc_row = accum.data() + r * Ev;
-        for (int64_t e = 0; e < Ev; ++e) out_row[e] = static_cast<scalar_t>(acc_row[e] * inverse);
-        lse_data[bh * L + row0 + r] = attended ? row_max[r] + std::log(sum) : neg_inf;
-      }
+    }
+    for (int64_t r = 0; r < task_rows; ++r) {
+      const acc_t sum = row_sum[r];
+      // A row that attends to nothing (sum 0) gives 0 and lse -inf (torch gives 0, not NaN);
+      // a NaN score makes the sum NaN, and that row must give NaN as torch does.
+      const bool attended = !(sum == acc_t(0));
+      const acc_t inverse = attended ? acc_t(1) / sum : acc_t(0);
+      scalar_t* out_row = out_data + (bh * L + task_row0 + r) * Ev;
+      const acc_t* acc_row = accum.data() + r * Ev;
+      for (int64_t e = 0; e < Ev; ++e) out_row[e] = static_cast<scalar_t>(acc_row[e] * inverse);
+      lse_data[bh * L + task_row0 + r] = attended ? row_max[r] + std::log(sum) : neg_inf;
     }
   });
 }
