@@ -293,6 +293,26 @@ def test_attention_limit_of_16_bit_cases_is_the_faster_of_their_matmul_and_float
     assert limits.for_case(case(torch.float16, "B")) == 4e10
 
 
+def test_limits_probed_twice_keep_the_better_probe_and_rescale_the_fractions():
+    """A neighbour busy through the first probe (float32 matmul at half speed here) must not leave every attention
+    row at twice its real fraction of the limit: the second probe's better rate replaces it."""
+    from attnkernels.bench.runner import MachineLimits, Record, apply_limits
+
+    first = MachineLimits(copy_bytes_per_s=4e10, matmul_flop_per_s={"bfloat16": 8e11, "float32": 1e11})
+    second = MachineLimits(copy_bytes_per_s=3e10, matmul_flop_per_s={"bfloat16": 7e11, "float32": 2e11})
+    best = first.best_of(second)
+    assert best.copy_bytes_per_s == 4e10 and best.matmul_flop_per_s == {"bfloat16": 8e11, "float32": 2e11}
+
+    def record(dtype, unit, rate):
+        return Record("op", "fwd", 1, "shape", dtype, "cpu", "cpu", status="ok", detail="", work_unit=unit, rate=rate)
+
+    records = [record("float32", "FLOP", 1.5e11), record("bfloat16", "FLOP", 4e11), record("float32", "B", 2e10),
+               record("float32", "FLOP", None)]
+    apply_limits(records, best)
+    assert [r.fraction_of_limit for r in records] == [0.75, 0.5, 0.5, None]
+    assert [r.limit for r in records] == [2e11, 8e11, 4e10, None]
+
+
 @pytest.mark.skipif(not _extension.has_extension(), reason="the compiled extension is not built")
 def test_torch_is_not_run_where_it_is_known_to_crash_and_ours_is_checked_against_the_wider_reference():
     from attnkernels.bench.cases import Case, PreparedCase, Unsupported

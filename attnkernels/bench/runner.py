@@ -52,12 +52,30 @@ class MachineLimits:
         """The case's limit: copy bandwidth for sampling; for attention the matmul rate in its dtype or,
         for 16-bit dtypes, float32's where that is higher (a CPU without float16 matrix instructions runs
         torch's float16 matmul at a few GFLOP/s, while a kernel may compute in float32)."""
-        if case.spec.work_unit == "B":
+        return self.for_work(case.spec.work_unit, case.dtype_name)
+
+    def for_work(self, work_unit: str, dtype_name: str) -> float | None:
+        if work_unit == "B":
             return self.copy_bytes_per_s
-        own = self.matmul_flop_per_s.get(case.dtype_name)
-        if case.dtype in (torch.float16, torch.bfloat16) and own is not None:
+        own = self.matmul_flop_per_s.get(dtype_name)
+        if dtype_name in ("float16", "bfloat16") and own is not None:
             return max(own, self.matmul_flop_per_s.get("float32", 0.0))
         return own
+
+    def best_of(self, other: MachineLimits) -> MachineLimits:
+        """The higher of two probes of each limit (a limit is what the machine reaches at best)."""
+        rates = {name: max(rate, other.matmul_flop_per_s.get(name, 0.0))
+                 for name, rate in self.matmul_flop_per_s.items()}
+        return MachineLimits(max(self.copy_bytes_per_s, other.copy_bytes_per_s), rates)
+
+
+def apply_limits(records: Sequence[Record], limits: MachineLimits) -> None:
+    """Sets each timed record's limit and fraction of it from ``limits``."""
+    for record in records:
+        limit = limits.for_work(record.work_unit, record.dtype)
+        if record.rate is not None and limit:
+            record.limit = limit
+            record.fraction_of_limit = record.rate / limit
 
 
 def measure_limits(device: torch.device, cases: Sequence[Case], budget: timing.TimingBudget,
