@@ -125,27 +125,36 @@ def test_float32_random_shapes_match_float64(L, S, E, Ev, group, causal, mask_ki
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize(("causal", "mask_kind", "dropout_p"),
                          [(False, None, 0.0), (True, None, 0.0), (False, "bool", 0.0), (True, None, 0.25)])
-def test_forward_tasks_of_several_query_blocks(dtype, causal, mask_kind, dropout_p):
-    """A forward task takes up to four query blocks of 256 rows, packing each key block once for them all, the more
-    the fewer tasks each thread needs: with 1 thread three blocks here, with 8 one. The grouping must not change a
-    bit of the output or lse (each query block's products are the same), and the output must be right."""
-    L, S, E, Ev, group = 700, 600, 32, 24, 2  # three query blocks, two key blocks (the last ones partial)
+def test_tasks_of_several_blocks_change_no_bit(dtype, causal, mask_kind, dropout_p):
+    """A forward task takes up to four query blocks of 256 rows and packs each key block once for them all; a
+    backward task with several key blocks packs each query block once for them all. How many blocks a task gets
+    depends on the thread count: here with 1 thread three query blocks per forward task and three key blocks per
+    backward task, with 8 one of each. That must change no bit of the output, lse, dK and dV (each block's
+    products are the same; dQ is summed over the tasks in another order), and the results must be right."""
+    L, S, E, Ev, group = 700, 600, 32, 24, 2  # three query and three key blocks (the last ones partial)
     problem = random_problem(11, L, S, E, Ev, group, causal, mask_kind)
     (q64, k64, v64), mask = problem
-    q, k, v = (t.to(dtype) for t in (q64, k64, v64))
     kwargs = {"dropout_p": dropout_p, "is_causal": causal, "enable_gqa": True, "backend": "cpu"}
     results = {}
     previous = torch.get_num_threads()
     try:
         for threads in (1, 8):
             torch.set_num_threads(threads)
+            q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
             torch.manual_seed(5)  # the dropout mask's seed
-            results[threads] = attnkernels.attention_with_lse(q, k, v, mask, **kwargs)
+            out, lse = attnkernels.attention_with_lse(q, k, v, mask, **kwargs)
+            results[threads] = [out, lse, *gradients(out, (q, k, v))]
     finally:
         torch.set_num_threads(previous)
-    for one, many in zip(results[1], results[8], strict=True):
-        assert torch.equal(one, many)
+    for name, one, many in zip(("out", "lse", "dq", "dk", "dv"), results[1], results[8], strict=True):
+        if name == "dq":
+            torch.testing.assert_close(one, many, atol=1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5,
+                                       rtol=1e-2, msg=name)
+        else:
+            assert torch.equal(one, many), name
     if dropout_p == 0:
-        truth = F.scaled_dot_product_attention(q64, k64, v64, mask, is_causal=causal, enable_gqa=True)
-        tolerance = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
-        torch.testing.assert_close(results[1][0].double(), truth, atol=tolerance, rtol=tolerance)
+        exact = output_and_gradients(problem, torch.float64, lambda q, k, v, m: F.scaled_dot_product_attention(
+            q, k, v, m, is_causal=causal, enable_gqa=True))
+        tolerance = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+        for mine, truth in zip([results[1][0], *results[1][2:]], exact, strict=True):
+            torch.testing.assert_close(mine.double(), truth, atol=tolerance, rtol=tolerance)

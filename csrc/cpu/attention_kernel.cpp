@@ -119,8 +119,9 @@ struct BlasBackwardTiles {
     std::fill(dk.begin(), dk.end(), acc_t(0));
     std::fill(dv.begin(), dv.end(), acc_t(0));
   }
-  // q: (rows, E), grad_out: (rows, Ev), contiguous.
-  void load_queries(const scalar_t* q, const scalar_t* grad_out, int64_t rows) {
+  void begin_task(int64_t /*query_slots*/) {}
+  // q: (rows, E), grad_out: (rows, Ev), contiguous (the slot is for the register tiles' packing).
+  void load_queries(const scalar_t* q, const scalar_t* grad_out, int64_t rows, int64_t /*slot*/) {
     q_tile = rows_as_acc(q, 0, rows, E, q_buffer.data());
     do_tile = rows_as_acc(grad_out, 0, rows, Ev, do_buffer.data());
   }
@@ -194,24 +195,46 @@ struct DotForwardTiles {
 // dK and dV (cols x E, cols x Ev, of the block's cols keys) reduce over the query rows: P^T and
 // dS^T are their left operands (float32 read transposed in place; bfloat16 rounded and packed
 // as pairs of query rows), Q and dO their right operands, packed by columns per query block.
+// A task meets the same query blocks again for each of its key blocks: their packings are kept
+// in slots (one per query block of each query head of the task's kv head) where they fit in
+// kQuerySlotBytes, and packed once per task.
 template <typename T>
 struct DotBackwardTiles {
   using Ops = DotOps<T>;
   using Word = typename Ops::Word;
-  int64_t E, Ev;
+  static constexpr int64_t kQuerySlotBytes = int64_t(8) << 20;
+  int64_t E, Ev, query_words, grad_out_words;
   const T *q_rows = nullptr, *do_rows = nullptr;
+  const Word *q_packed = nullptr, *do_packed = nullptr;
   std::vector<Word> keys_by_rows, values_by_rows, keys_by_columns, queries_by_columns, grad_out_by_columns,
       operand_transposed;
+  std::vector<char> slot_packed;  // per slot: whether it holds its query block's packing
   std::vector<T> grad_scores_buffer;
   std::vector<float> dk, dv;
 
   DotBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
-      : E(E), Ev(Ev), keys_by_rows(Ops::packed_size(E, key_block)),
-        values_by_rows(Ops::packed_size(Ev, key_block)), keys_by_columns(Ops::packed_size(key_block, E)),
-        queries_by_columns(Ops::packed_size(query_block, E)), grad_out_by_columns(Ops::packed_size(query_block, Ev)),
-        operand_transposed(Ops::transposed_buffer_size(query_block, key_block)),
-        grad_scores_buffer(Ops::left_buffer_size(query_block, key_block)), dk(key_block * E), dv(key_block * Ev) {}
+      : E(E), Ev(Ev), query_words(Ops::packed_size(query_block, E)), grad_out_words(Ops::packed_size(query_block, Ev)),
+        keys_by_rows(Ops::packed_size(E, key_block)), values_by_rows(Ops::packed_size(Ev, key_block)),
+        keys_by_columns(Ops::packed_size(key_block, E)), queries_by_columns(query_words),
+        grad_out_by_columns(grad_out_words), operand_transposed(Ops::transposed_buffer_size(query_block, key_block)),
+        slot_packed(1, 0), grad_scores_buffer(Ops::left_buffer_size(query_block, key_block)), dk(key_block * E),
+        dv(key_block * Ev) {}
 
+  // How many slots a task gets (1, repacked for every use, when query_slots do not fit), all empty.
+  int64_t begin_task(int64_t query_slots, int64_t extra_bytes_per_slot = 0) {
+    const int64_t per_slot = (query_words + grad_out_words) * int64_t(sizeof(Word)) + extra_bytes_per_slot;
+    const int64_t slots = query_slots * per_slot <= kQuerySlotBytes ? query_slots : 1;
+    if (static_cast<int64_t>(queries_by_columns.size()) < slots * query_words) {
+      queries_by_columns.resize(slots * query_words);
+      grad_out_by_columns.resize(slots * grad_out_words);
+    }
+    slot_packed.assign(slots, 0);
+    return slots;
+  }
+  // Whether the slot (begin_task's numbering; slot 0 when there is one) holds its packing.
+  bool holds(int64_t slot) const {
+    return slot_packed.size() > 1 && slot_packed[static_cast<size_t>(slot)];
+  }
   void load_keys(const T* k, const T* v, int64_t cols) {
     Ops::pack_rows(k, cols, E, E, keys_by_rows.data());
     Ops::pack_rows(v, cols, Ev, Ev, values_by_rows.data());
@@ -219,11 +242,19 @@ struct DotBackwardTiles {
     std::fill(dk.begin(), dk.begin() + cols * E, 0.0f);
     std::fill(dv.begin(), dv.begin() + cols * Ev, 0.0f);
   }
-  void load_queries(const T* q, const T* grad_out, int64_t rows) {
+  // q: (rows, E), grad_out: (rows, Ev), contiguous: the query block of the slot.
+  void load_queries(const T* q, const T* grad_out, int64_t rows, int64_t slot) {
     q_rows = q;
     do_rows = grad_out;
-    Ops::pack_columns(q, rows, E, E, queries_by_columns.data());
-    Ops::pack_columns(grad_out, rows, Ev, Ev, grad_out_by_columns.data());
+    const int64_t index = slot_packed.size() > 1 ? slot : 0;
+    Word* q_slot = queries_by_columns.data() + index * query_words;
+    Word* do_slot = grad_out_by_columns.data() + index * grad_out_words;
+    q_packed = q_slot;
+    do_packed = do_slot;
+    if (holds(slot)) return;
+    Ops::pack_columns(q, rows, E, E, q_slot);
+    Ops::pack_columns(grad_out, rows, Ev, Ev, do_slot);
+    slot_packed[static_cast<size_t>(index)] = slot_packed.size() > 1;
   }
   void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld, Diagonal diagonal = {}) {
     Ops::product(rows, cols, E, Ops::rows(q_rows, E), keys_by_rows.data(), scale, false, out, ld,
@@ -236,13 +267,13 @@ struct DotBackwardTiles {
   // dV (cols x Ev) += P^T dO
   void add_grad_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, Diagonal diagonal = {}) {
     Ops::product(cols, Ev, rows, Ops::transposed(probs, rows, cols, ld, operand_transposed.data()),
-                 grad_out_by_columns.data(), 1.0f, true, dv.data(), Ev, skip(diagonal, CausalSkip::kReductionBefore));
+                 do_packed, 1.0f, true, dv.data(), Ev, skip(diagonal, CausalSkip::kReductionBefore));
   }
   // dK (cols x E) += scale * dS^T Q
   void add_grad_keys(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale,
                      Diagonal diagonal = {}) {
     Ops::product(cols, E, rows, Ops::transposed(grad_scores, rows, cols, ld, operand_transposed.data()),
-                 queries_by_columns.data(), scale, true, dk.data(), E, skip(diagonal, CausalSkip::kReductionBefore));
+                 q_packed, scale, true, dk.data(), E, skip(diagonal, CausalSkip::kReductionBefore));
   }
   // dq (rows x E) += scale * dS K
   void add_grad_queries(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale, float* dq,
@@ -283,18 +314,34 @@ struct WideningForwardTiles : DotForwardTiles<float> {
 template <typename scalar_t>
 struct WideningBackwardTiles : DotBackwardTiles<float> {
   using Base = DotBackwardTiles<float>;
-  std::vector<float> q_buffer, do_buffer, k_buffer, v_buffer;
+  int64_t query_block;
+  std::vector<float> q_buffer, do_buffer, k_buffer, v_buffer;  // q_buffer, do_buffer: per slot
 
   WideningBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
-      : Base(query_block, key_block, E, Ev), q_buffer(query_block * E), do_buffer(query_block * Ev),
-        k_buffer(key_block * E), v_buffer(key_block * Ev) {}
+      : Base(query_block, key_block, E, Ev), query_block(query_block), q_buffer(query_block * E),
+        do_buffer(query_block * Ev), k_buffer(key_block * E), v_buffer(key_block * Ev) {}
 
+  // The slots keep the widened rows too (the products read them as left operands).
+  int64_t begin_task(int64_t query_slots) {
+    const int64_t slots = Base::begin_task(query_slots, query_block * (E + Ev) * int64_t(sizeof(float)));
+    if (static_cast<int64_t>(q_buffer.size()) < slots * query_block * E) {
+      q_buffer.resize(slots * query_block * E);
+      do_buffer.resize(slots * query_block * Ev);
+    }
+    return slots;
+  }
   void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
     Base::load_keys(rows_as_acc(k, 0, cols, E, k_buffer.data()), rows_as_acc(v, 0, cols, Ev, v_buffer.data()), cols);
   }
-  void load_queries(const scalar_t* q, const scalar_t* grad_out, int64_t rows) {
-    Base::load_queries(rows_as_acc(q, 0, rows, E, q_buffer.data()),
-                       rows_as_acc(grad_out, 0, rows, Ev, do_buffer.data()), rows);
+  void load_queries(const scalar_t* q, const scalar_t* grad_out, int64_t rows, int64_t slot) {
+    const int64_t index = slot_packed.size() > 1 ? slot : 0;
+    float* q_rows_widened = q_buffer.data() + index * query_block * E;
+    float* do_rows_widened = do_buffer.data() + index * query_block * Ev;
+    if (!holds(slot)) {
+      widen(q, rows * E, q_rows_widened);
+      widen(grad_out, rows * Ev, do_rows_widened);
+    }
+    Base::load_queries(q_rows_widened, do_rows_widened, rows, slot);
   }
 };
 
@@ -555,6 +602,10 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
       const int64_t share = task % shares;
       const int64_t b = kv / kv_heads, hkv = kv % kv_heads;
       acc_t* dq_share = dq_data + share * batch * q_heads * L * E;
+      // One query slot per query block of each query head of the kv head: packed once per task
+      // when the task has more than one key block (and the slots fit).
+      const bool several_key_blocks = share + shares < key_blocks;
+      tiles.begin_task(several_key_blocks ? group * query_blocks : 1);
       // Key blocks share, share + shares, ...: interleaved, so that causal work is balanced.
       for (int64_t key_block = share; key_block < key_blocks; key_block += shares) {
         const int64_t col0 = key_block * Bk;
@@ -573,7 +624,8 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
                 gradient_rows_finite(lse_data, delta.data(), grad_out_data, bh * L + row0, rows, Ev)) {
               continue;
             }
-            tiles.load_queries(q_data + (bh * L + row0) * E, grad_out_data + (bh * L + row0) * Ev, rows);
+            tiles.load_queries(q_data + (bh * L + row0) * E, grad_out_data + (bh * L + row0) * Ev, rows,
+                               (hq - hkv * group) * query_blocks + query_block);
             // P = exp(scale * Q K^T + mask - lse)
             const Diagonal diagonal = causal_diagonal(is_causal, row0, col0, cols);
             tiles.scores(rows, cols, scale, probs.data(), Bk, diagonal);
