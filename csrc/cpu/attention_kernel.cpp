@@ -2,21 +2,22 @@
 //
 // Forward: each task takes one to four blocks of queries of one (batch, head)
 // and runs over blocks of keys, each packed once for all of them, with an
-// online softmax, so the L x S score matrix is never built; it saves the output and the per-row log-sum-exp (lse). The
-// tile products QK^T and PV go to the BLAS that torch ships (sgemm/dgemm) on
-// float32 (float64) copies of the rows, or, in the avx2 and avx512 variants,
-// to the register tiles of dot_tiles.h: float32 on FMAs, and (avx512) bfloat16
-// on a CPU with AVX512-BF16 on its dot products (the probabilities and score gradients
-// rounded to bfloat16 for their products, as torch's own CPU flash attention
-// does; accumulation in float32). Other float16 and bfloat16 inputs are widened to
-// float32 block by block and take the float32 tiles; BLAS is left with float64 (and
-// everything in the default variant, which has no register tiles).
+// online softmax, so the L x S score matrix is never built; it saves the output
+// and the per-row log-sum-exp (lse). The tile products QK^T and PV go to the
+// BLAS that torch ships (sgemm/dgemm) on float32 (float64) copies of the rows,
+// or, in the avx2 and avx512 variants, to the register tiles of dot_tiles.h:
+// float32 on FMAs, and (avx512) bfloat16 on a CPU with AVX512-BF16 on its dot
+// products (the probabilities and score gradients rounded to bfloat16 for their
+// products, as torch's own CPU flash attention does; accumulation in float32).
+// Other float16 and bfloat16 inputs are widened to float32 block by block and
+// take the float32 tiles; BLAS is left with float64 (and everything in the
+// default variant, which has no register tiles).
 //
 // Backward: recomputes each score tile from q, k and the saved lse. A task owns
 // a set of key blocks of one (batch, kv head): it accumulates their dK, dV over
-// every query block of every query head that shares the kv head (GQA), and adds
-// its share of dQ into a per-task-group buffer, so that one (batch, head) can
-// still use every core.
+// every query block of every query head that shares the kv head (GQA), each
+// query block packed once for all of them, and adds its share of dQ into a
+// per-task-group buffer, so that one (batch, head) can still use every core.
 //
 // Shapes: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), Hq % Hkv == 0;
 // mask (B, Hq, L, S) with any strides (broadcast dims have stride 0), bool
