@@ -51,13 +51,17 @@ def make_mask(kind, batch, heads, L, S, dtype=torch.float64, seed=1):
     raise ValueError(kind)
 
 
+def output_gradient(shape, dtype, seed=3):
+    """The fixed random output gradient of gradients(): drawn in float64 and rounded to dtype, so that every
+    dtype gets the same one (torch draws float32 and float64 from different streams, which would compare
+    low-precision gradients with a different float64 one)."""
+    return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
 def gradients(out, inputs, seed=3):
-    """Gradients of the inputs that require grad, for a fixed random output gradient: drawn in float64
-    and rounded to out's dtype, so that every dtype gets the same one (torch draws float32 and float64
-    from different streams, which would compare low-precision gradients with a different float64 one)."""
-    grad_out = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    """Gradients of the inputs that require grad, for output_gradient(out.shape, out.dtype, seed)."""
     live = [t for t in inputs if t is not None and t.requires_grad]
-    return torch.autograd.grad(out, live, grad_out.to(out.dtype))
+    return torch.autograd.grad(out, live, output_gradient(out.shape, out.dtype, seed))
 
 
 # batch dims, Hq, Hkv, L, S, E, Ev, mask kind, causal

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from attention_cases import gradients
+from attention_cases import gradients, output_gradient
 from cpp_unit import VARIANT_FLAGS, build_and_run, needs_gxx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -95,8 +95,7 @@ def flash_delta_slack(problem, dtype, causal, group):
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, -1).nan_to_num(0)
     out = probs @ values
-    grad_out = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    grad_out = grad_out.to(dtype).double()  # as gradients() draws it
+    grad_out = output_gradient(out.shape, dtype).double()
     delta_error = (grad_out * (out.to(dtype).double() - out)).sum(-1, keepdim=True)
     dq = scale * delta_error * (probs @ keys)
     dk = scale * (probs.transpose(-1, -2) @ (delta_error * q))

@@ -214,16 +214,14 @@ def run_case(case: Case, backends: Sequence[str], budget: timing.TimingBudget, l
     _free(case.device)
 
     torch_time = records[0].time_s
-    limit = limits.for_case(case) if limits is not None else None
     for record in records:
         if record.time_s is None:
             continue
         record.rate = record.work / record.time_s
         if torch_time is not None:
             record.speedup = torch_time / record.time_s
-        if limit:
-            record.limit = limit
-            record.fraction_of_limit = record.rate / limit
+    if limits is not None:
+        apply_limits(records, limits)
     return records
 
 

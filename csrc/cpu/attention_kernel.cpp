@@ -232,10 +232,11 @@ struct DotBackwardTiles {
     slot_packed.assign(slots, 0);
     return slots;
   }
-  // Whether the slot (begin_task's numbering; slot 0 when there is one) holds its packing.
-  bool holds(int64_t slot) const {
-    return slot_packed.size() > 1 && slot_packed[static_cast<size_t>(slot)];
-  }
+  bool keeps_slots() const { return slot_packed.size() > 1; }
+  // Where a slot's packing goes: the slot itself, or 0 when the task has one slot (repacked for every use).
+  int64_t slot_index(int64_t slot) const { return keeps_slots() ? slot : 0; }
+  // Whether the slot holds its packing.
+  bool holds(int64_t slot) const { return keeps_slots() && slot_packed[static_cast<size_t>(slot)]; }
   void load_keys(const T* k, const T* v, int64_t cols) {
     Ops::pack_rows(k, cols, E, E, keys_by_rows.data());
     Ops::pack_rows(v, cols, Ev, Ev, values_by_rows.data());
@@ -247,7 +248,7 @@ struct DotBackwardTiles {
   void load_queries(const T* q, const T* grad_out, int64_t rows, int64_t slot) {
     q_rows = q;
     do_rows = grad_out;
-    const int64_t index = slot_packed.size() > 1 ? slot : 0;
+    const int64_t index = slot_index(slot);
     Word* q_slot = queries_by_columns.data() + index * query_words;
     Word* do_slot = grad_out_by_columns.data() + index * grad_out_words;
     q_packed = q_slot;
@@ -255,7 +256,7 @@ struct DotBackwardTiles {
     if (holds(slot)) return;
     Ops::pack_columns(q, rows, E, E, q_slot);
     Ops::pack_columns(grad_out, rows, Ev, Ev, do_slot);
-    slot_packed[static_cast<size_t>(index)] = slot_packed.size() > 1;
+    if (keeps_slots()) slot_packed[static_cast<size_t>(index)] = 1;
   }
   void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld, Diagonal diagonal = {}) {
     Ops::product(rows, cols, E, Ops::rows(q_rows, E), keys_by_rows.data(), scale, false, out, ld,
@@ -335,7 +336,7 @@ struct WideningBackwardTiles : DotBackwardTiles<float> {
     Base::load_keys(rows_as_acc(k, 0, cols, E, k_buffer.data()), rows_as_acc(v, 0, cols, Ev, v_buffer.data()), cols);
   }
   void load_queries(const scalar_t* q, const scalar_t* grad_out, int64_t rows, int64_t slot) {
-    const int64_t index = slot_packed.size() > 1 ? slot : 0;
+    const int64_t index = slot_index(slot);
     float* q_rows_widened = q_buffer.data() + index * query_block * E;
     float* do_rows_widened = do_buffer.data() + index * query_block * Ev;
     if (!holds(slot)) {
