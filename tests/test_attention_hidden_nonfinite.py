@@ -94,6 +94,58 @@ def test_nan_key_behind_the_causal_mask_stays_hidden_as_in_torch(backend):
     _assert_same_nan_pattern_and_values(ours, theirs, "output")
 
 
+def _check_lowest_finite_mask(backend, dtype, device="cpu"):
+    length = _length(backend)
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, length, 8, generator=generator).to(device, dtype) for _ in range(3))
+    lowest = torch.finfo(dtype).min
+    mask = torch.zeros(length, length, dtype=dtype, device=device)
+    hidden_rows = length // 8
+    mask[:hidden_rows] = lowest  # these rows see only the lowest value
+    mask[hidden_rows:, ::3] = lowest
+    # torch's fused kernel and its math path disagree on the gradients of the fully hidden rows (lse
+    # absorbs log(S) there), so their output gradient is 0: the other rows carry the gradients.
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    grad_out[:, :, :hidden_rows] = 0
+
+    def run(fn, *tensors):
+        tensors = [t.detach().clone().requires_grad_() for t in tensors]
+        out = fn(*tensors)
+        return (out, *torch.autograd.grad(out, tensors, grad_out.to(out.dtype)))
+
+    ours = run(lambda *t: _call(backend, *t, attn_mask=mask), q, k, v)
+    theirs = run(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=mask), q, k, v)
+    truth = run(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=mask.double()), q.double(), k.double(),
+                v.double())
+    uniform = v.double().mean(-2)  # what torch gives the fully hidden rows
+    torch.testing.assert_close(truth[0][0, :, 0], uniform[0], atol=1e-9, rtol=1e-9)
+    for name, mine, reference, exact in zip(("output", "grad q", "grad k", "grad v"), ours, theirs, truth,
+                                            strict=True):
+        assert not mine.isnan().any(), name
+        # The FlashAttention rule: our error against float64 at most twice torch's own, plus rounding.
+        our_error = (mine.double() - exact).abs().max().item()
+        torch_error = (reference.double() - exact).abs().max().item()
+        assert our_error <= 2 * torch_error + 1e-5 * exact.abs().max().item() + 1e-12, (
+            f"{name}: error {our_error:.3g}, torch {torch_error:.3g}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_a_mask_at_the_lowest_finite_value_hides_as_in_torch(backend, dtype):
+    """A float mask of torch.finfo(dtype).min (how many models hide keys) is finite: a row hidden
+    entirely by it attends to every key uniformly in torch, not to nothing, and a partly hidden row
+    attends to the rest. Kernels that convert scores to other units (base 2) must not overflow it to
+    -inf. Rows of both kinds, in every tile the cpu kernel makes (L = 640 > its 512-key blocks)."""
+    _check_lowest_finite_mask(backend, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_mask_at_the_lowest_finite_value_on_the_gpu(backend, dtype):
+    _check_lowest_finite_mask(backend, dtype, device="cuda")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("where", ["key NaN", "query NaN", "value NaN"])

@@ -33,11 +33,16 @@ from ._sampler import INTERPRETER
 MAX_HEAD_DIM = 512
 
 # Entries of the per-call parameter vector (in the accumulation dtype, so float64 stays exact).
-_SCALE_LOG2 = tl.constexpr(0)
+# Scores are kept in base 2 (log2(e) folded into _SCORE_SCALE), so that each exp is an exp2; with
+# an additive float mask they stay natural (the mask is added as given: a mask at the dtype's
+# lowest value must stay finite, not overflow to -inf) and the exponents are multiplied by
+# _TO_LOG2. _TO_NATURAL and _PER_NATURAL convert scores to natural units (lse) and back.
+_SCORE_SCALE = tl.constexpr(0)
 _SCALE = tl.constexpr(1)
 _KEEP_SCALE = tl.constexpr(2)
-_LOG2E = tl.constexpr(3)
-_LN2 = tl.constexpr(4)
+_TO_LOG2 = tl.constexpr(3)
+_TO_NATURAL = tl.constexpr(4)
+_PER_NATURAL = tl.constexpr(5)
 
 
 # ----------------------------------------------------------------------------- autotuning
@@ -178,20 +183,29 @@ def _load_query(Q, b, h, rows, e, q_b, q_h, q_l, q_e, L, E, DOT_FP32: tl.constex
 def _scores(q, k_t, mask_ptr, rows, cols, L, S, m_l, m_s, params_ptr,
             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
             ACC: tl.constexpr):
-    """The (BLOCK_M, BLOCK_N) scores in base 2: q kᵀ · scale · log2(e) (+ mask · log2(e)), -inf where
+    """The (BLOCK_M, BLOCK_N) scores q kᵀ · scale (+ mask) in the units of _SCORE_SCALE, -inf where
     masked, causal (column > row) or out of range."""
-    s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC) * tl.load(params_ptr + _SCALE_LOG2)
+    s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC) * tl.load(params_ptr + _SCORE_SCALE)
     inside = (rows[:, None] < L) & (cols[None, :] < S)
     if HAS_MASK:
         tile = tl.load(mask_ptr + rows[:, None] * m_l + cols[None, :] * m_s, mask=inside, other=0)
         if MASK_BOOL:
             s = tl.where(tile != 0, s, s + float("-inf"))  # added, as torch: a NaN or +inf score stays NaN
         else:
-            s += tile.to(ACC) * tl.load(params_ptr + _LOG2E)
+            s += tile.to(ACC)
     keep = cols[None, :] < S
     if IS_CAUSAL:
         keep = keep & (cols[None, :] <= rows[:, None])
     return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _exp2_of_difference(s, shift, params_ptr, NATURAL: tl.constexpr):
+    """2^(s - shift) for scores in base 2; exp(s - shift) for natural ones (the difference first,
+    so that two scores near the dtype's lowest value do not overflow)."""
+    if NATURAL:
+        return tl.exp2((s - shift) * tl.load(params_ptr + _TO_LOG2))
+    return tl.exp2(s - shift)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -233,8 +247,8 @@ def _forward_kernel(
         new_max = tl.maximum(row_max, tl.max(s, 1))
         # A row masked so far keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp2(s - shift[:, None])
-        rescale = tl.exp2(row_max - shift)
+        p = _exp2_of_difference(s, shift[:, None], Params, HAS_MASK and not MASK_BOOL)
+        rescale = _exp2_of_difference(row_max, shift, Params, HAS_MASK and not MASK_BOOL)
         row_sum = row_sum * rescale + tl.sum(p, 1)
         if HAS_DROPOUT:
             p = tl.where(_keep(seed, bh, rows, cols, dropout_p), p, 0.0)
@@ -251,7 +265,7 @@ def _forward_kernel(
     out = acc * inverse[:, None]
     out_base = Out + bh.to(tl.int64) * L * EV
     tl.store(out_base + rows[:, None] * EV + ev[None, :], out, mask=(rows[:, None] < L) & (ev[None, :] < EV))
-    lse = tl.where(empty, float("-inf"), (row_max + tl.log2(tl.where(empty, 1.0, row_sum))) * tl.load(Params + _LN2))
+    lse = tl.where(empty, float("-inf"), row_max * tl.load(Params + _TO_NATURAL) + tl.log(tl.where(empty, 1.0, row_sum)))
     tl.store(Lse + bh.to(tl.int64) * L + rows, lse, mask=rows < L)
 
 
@@ -259,9 +273,16 @@ def _forward_kernel(
 
 
 @triton.jit
-def _probabilities(s, lse_log2):
-    """exp2(s - lse) with rows past the end or fully masked (lse = +inf here) giving 0."""
-    return tl.exp2(s - lse_log2[:, None])
+def _probabilities(s, lse, params_ptr, NATURAL: tl.constexpr):
+    """exp(s - lse), lse in score units, with rows past the end or fully masked (lse = +inf here)
+    giving 0."""
+    return _exp2_of_difference(s, lse[:, None], params_ptr, NATURAL)
+
+
+@triton.jit
+def _score_lse(lse, params_ptr):
+    """The natural log-sum-exp in score units, fully masked rows (-inf) as +inf."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * tl.load(params_ptr + _PER_NATURAL))
 
 
 @triton.autotune(configs=_configs("backward"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("kv")})
@@ -294,7 +315,6 @@ def _backward_kv_kernel(
     v_t = tl.trans(v)
     grad_k = tl.zeros((BLOCK_N, BLOCK_E), ACC)
     grad_v = tl.zeros((BLOCK_N, BLOCK_EV), ACC)
-    log2e = tl.load(Params + _LOG2E)
     if HAS_DROPOUT:
         seed = tl.load(Seed)
         keep_scale = tl.load(Params + _KEEP_SCALE)
@@ -319,7 +339,7 @@ def _backward_kv_kernel(
             delta = tl.load(Delta + bh.to(tl.int64) * L + rows, mask=in_rows, other=0)
             s = _scores(q, k_t, mask_base, rows, cols, L, S, m_l, m_s, Params,
                         HAS_MASK, MASK_BOOL, IS_CAUSAL, PRECISION, ACC)
-            p = _probabilities(s, tl.where(lse == float("-inf"), float("inf"), lse * log2e))
+            p = _probabilities(s, _score_lse(lse, Params), Params, HAS_MASK and not MASK_BOOL)
             grad_p = tl.dot(grad_out, v_t, input_precision=PRECISION, out_dtype=ACC)
             if HAS_DROPOUT:
                 keep = _keep(seed, bh, rows, cols, dropout_p)
@@ -358,7 +378,7 @@ def _backward_q_kernel(
                        mask=in_rows[:, None] & (ev[None, :] < EV), other=0)
     grad_out = _operand(grad_out, DOT_FP32)
     lse = tl.load(Lse + bh.to(tl.int64) * L + rows, mask=in_rows, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse * tl.load(Params + _LOG2E))
+    lse = _score_lse(lse, Params)
     delta = tl.load(Delta + bh.to(tl.int64) * L + rows, mask=in_rows, other=0)
     k_base = K + b.to(tl.int64) * k_b + kv_h * k_h
     v_base = V + b.to(tl.int64) * v_b + kv_h * v_h
@@ -380,7 +400,7 @@ def _backward_q_kernel(
         v_t = _operand(v_t, DOT_FP32)
         s = _scores(q, tl.trans(k), mask_base, rows, cols, L, S, m_l, m_s, Params,
                     HAS_MASK, MASK_BOOL, IS_CAUSAL, PRECISION, ACC)
-        p = _probabilities(s, lse)
+        p = _probabilities(s, lse, Params, HAS_MASK and not MASK_BOOL)
         grad_p = tl.dot(grad_out, v_t, input_precision=PRECISION, out_dtype=ACC)
         if HAS_DROPOUT:
             keep = _keep(seed, bh, rows, cols, dropout_p)

@@ -44,11 +44,16 @@ def _accumulation(dtype: torch.dtype) -> tuple[torch.dtype, object, str]:
     return torch.float32, tl.float32, "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _params(scale: float, dropout_p: float, acc: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Per-call constants in the accumulation dtype (a Python float reaches a kernel as float32)."""
+def _params(scale: float, dropout_p: float, attn_mask: torch.Tensor | None, acc: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+    """Per-call constants in the accumulation dtype (a Python float reaches a kernel as float32), in
+    the order of the kernels' _SCORE_SCALE ... _PER_NATURAL: scores in base 2, natural with a float
+    mask."""
     keep_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
     log2e = 1.0 / math.log(2.0)
-    return torch.tensor([scale * log2e, scale, keep_scale, log2e, math.log(2.0)], dtype=acc, device=device)
+    per_natural = 1.0 if attn_mask is not None and attn_mask.dtype != torch.bool else log2e
+    return torch.tensor([scale * per_natural, scale, keep_scale, log2e / per_natural, 1.0 / per_natural, per_natural],
+                        dtype=acc, device=device)
 
 
 def _mask_strides(attn_mask: torch.Tensor | None) -> tuple[int, int, int, int]:
@@ -72,7 +77,7 @@ def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
     if S == 0:  # nothing to attend to: every row is fully masked
         return out.zero_(), lse.fill_(float("-inf"))
     has_dropout = dropout_p > 0
-    params = _params(scale, dropout_p, acc, query.device)
+    params = _params(scale, dropout_p, attn_mask, acc, query.device)
 
     def grid(meta):
         return (triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,)
@@ -113,7 +118,7 @@ def _attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor | None
         delta = delta.contiguous()
         lse = lse.contiguous()
         has_dropout = dropout_p > 0
-        params = _params(scale, dropout_p, acc, query.device)
+        params = _params(scale, dropout_p, attn_mask, acc, query.device)
         mask_arg = attn_mask if attn_mask is not None else query
         seed_arg = seed if has_dropout else params
         common = dict(HAS_MASK=attn_mask is not None,

@@ -390,7 +390,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const DropoutMask dropout(seed, dropout_p);
   const bool use_dropout = dropout_p > 0;
   const acc_t keep_scale = use_dropout ? acc_t(1.0 / (1.0 - dropout_p)) : acc_t(1);
-  const acc_t scale = static_cast<acc_t>(scale_d);
+  const ScoreUnits<acc_t> units(scale_d, mask.is_float());
   const auto [batch, q_heads, kv_heads, group, L, S, E, Ev] = shape;
   const int64_t Bq = kForwardQueryBlock, Bk = kForwardKeyBlock;
   const int64_t query_blocks = ceil_div(L, Bq);
@@ -446,7 +446,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         acc_t* block_sum = row_sum.data() + first;
         acc_t* block_accum = accum.data() + first * Ev;
         const Diagonal diagonal = causal_diagonal(is_causal, row0, col0, cols);
-        tiles.scores(first, rows, cols, scale, scores.data(), Bk, diagonal);
+        tiles.scores(first, rows, cols, units.scale, scores.data(), Bk, diagonal);
         if (mask.present()) mask.apply(bh, row0, rows, col0, cols, scores.data(), Bk);
         // Online softmax: rescale what was accumulated under the old row maximum. Scores behind
         // the causal diagonal are never read (they may not have been computed): their
@@ -462,8 +462,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             std::fill(row, row + visible, acc_t(0));
             continue;
           }
-          const acc_t correction = exp_nonpositive(block_max[r] - new_max);
-          block_sum[r] = block_sum[r] * correction + exp_shifted_sum(row, visible, new_max);
+          const acc_t correction = exp2_nonpositive((block_max[r] - new_max) * units.to_log2);
+          block_sum[r] = block_sum[r] * correction + exp2_shifted_sum(row, visible, new_max, units.to_log2);
           block_max[r] = new_max;
           if (correction != acc_t(1)) {
             acc_t* acc_row = block_accum + r * Ev;
@@ -487,7 +487,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       scalar_t* out_row = out_data + (bh * L + task_row0 + r) * Ev;
       const acc_t* acc_row = accum.data() + r * Ev;
       for (int64_t e = 0; e < Ev; ++e) out_row[e] = static_cast<scalar_t>(acc_row[e] * inverse);
-      lse_data[bh * L + task_row0 + r] = attended ? row_max[r] + std::log(sum) : neg_inf;
+      lse_data[bh * L + task_row0 + r] = attended ? row_max[r] * units.to_natural + std::log(sum) : neg_inf;
     }
   });
 }
@@ -548,6 +548,7 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   const bool use_dropout = dropout_p > 0;
   const acc_t keep_scale = use_dropout ? acc_t(1.0 / (1.0 - dropout_p)) : acc_t(1);
   const acc_t scale = static_cast<acc_t>(scale_d);
+  const ScoreUnits<acc_t> units(scale_d, mask.is_float());
   const auto [batch, q_heads, kv_heads, group, L, S, E, Ev] = shape;
   const int64_t Bq = kBackwardQueryBlock, Bk = kBackwardKeyBlock;
   const int64_t query_blocks = ceil_div(L, Bq), key_blocks = ceil_div(S, Bk);
@@ -628,9 +629,9 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
             }
             tiles.load_queries(q_data + (bh * L + row0) * E, grad_out_data + (bh * L + row0) * Ev, rows,
                                (hq - hkv * group) * query_blocks + query_block);
-            // P = exp(scale * Q K^T + mask - lse)
+            // P = exp(scale * Q K^T + mask - lse), through scores in the units of ScoreUnits
             const Diagonal diagonal = causal_diagonal(is_causal, row0, col0, cols);
-            tiles.scores(rows, cols, scale, probs.data(), Bk, diagonal);
+            tiles.scores(rows, cols, units.scale, probs.data(), Bk, diagonal);
             if (mask.present()) mask.apply(bh, row0, rows, col0, cols, probs.data(), Bk);
             for (int64_t r = 0; r < rows; ++r) {
               acc_t* row = probs.data() + r * Bk;
@@ -641,7 +642,7 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
                 std::fill(row, row + visible, acc_t(0));
                 continue;
               }
-              exp_shifted_sum(row, visible, row_lse);
+              exp2_shifted_sum(row, visible, row_lse * units.per_natural, units.to_log2);
             }
             // dP = dO V^T, through the dropout mask when there is one.
             tiles.grad_probs(rows, cols, grad_probs.data(), Bk, diagonal);

@@ -80,35 +80,59 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   gemm_loops(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-// exp for x <= 0 (a score minus its row maximum or log-sum-exp), written so that
-// `#pragma omp simd` loops vectorise it: exp(x) = 2^n * exp(r), |r| <= ln2 / 2,
-// with a degree-7 Taylor polynomial (relative error about 1e-7). Below -87 the
-// result is 0, which also covers -inf.
-inline float exp_nonpositive(float x) {
-  const float clamped = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
-  const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  // 2^n from its exponent bits; memcpy, not std::bit_cast: torch 2.11 builds extensions as C++17.
+// The units the kernels keep attention scores in. Base 2 (log2(e) folded into the scale of
+// Q K^T) makes each softmax exp an exp2 with nothing to multiply: about a quarter off the exp pass.
+// An additive float mask keeps them natural: the mask is added as given (a mask at the float's
+// lowest, a common "hidden" value, must stay finite) and the exp pass multiplies the difference
+// to the row maximum by log2(e).
+template <typename T>
+struct ScoreUnits {
+  T scale;       // scores = scale * Q K^T (+ mask)
+  T to_log2;     // 2^((score - max) * to_log2) is the probability
+  T to_natural;  // a score (or maximum) times to_natural is in natural units
+  T per_natural;  // a natural value (lse) times per_natural is in score units
+
+  ScoreUnits(double softmax_scale, bool natural) {
+    const double log2e = 1.4426950408889634;
+    const double per = natural ? 1.0 : log2e;
+    scale = static_cast<T>(softmax_scale * per);
+    to_log2 = static_cast<T>(log2e / per);
+    to_natural = static_cast<T>(1.0 / per);
+    per_natural = static_cast<T>(per);
+  }
+};
+
+// The softmax's exp is 2^x = 2^n 2^r with n = round(x) and r = x - n in [-1/2, 1/2]; 2^r is this
+// degree-6 polynomial, fitted for the least relative error on that interval (2e-9; under 1e-7
+// once evaluated in float32). It takes about a tenth of a float32 attention forward at head dim
+// 64, so it is written for few instructions.
+constexpr float kExp2Poly[7] = {1.0000000005541467f,   0.6931472057373622f,   0.24022646890809202f,
+                                0.055503287768143734f, 0.009618488938061762f, 0.0013399931267811006f,
+                                0.00015345817148013433f};
+
+// 2^x for x <= 0 (a score minus its row maximum or lse, in units of log2), written so that
+// `#pragma omp simd` loops vectorise it. x is clamped to [-127, 127]: at -127 and below 2^n is 0
+// (which covers -inf); NaN stays NaN.
+inline float exp2_nonpositive(float x) {
+  const float clamped = std::min(std::max(x, -127.0f), 127.0f);
+  const float n = std::floor(clamped + 0.5f);
+  const float r = clamped - n;
+  float p = kExp2Poly[6];
+  for (int i = 5; i >= 0; --i) p = p * r + kExp2Poly[i];
+  // 2^n from its exponent bits (0 for n = -127); memcpy, not std::bit_cast: torch 2.11 builds
+  // extensions as C++17.
   const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_to_n;
   std::memcpy(&two_to_n, &exponent_bits, sizeof(two_to_n));
-  return x < -87.0f ? 0.0f : p * two_to_n;
+  return p * two_to_n;
 }
 
-// Double precision keeps the library exp: float64 results are checked to 1e-8.
-inline double exp_nonpositive(double x) { return std::exp(x); }
+// Double precision keeps the library exp2: float64 results are checked to 1e-8.
+inline double exp2_nonpositive(double x) { return std::exp2(x); }
 
 // Row reductions of the softmax, vectorised. The generic versions are plain
 // loops; with AVX-512 or AVX2 + FMA the float ones use intrinsics (GCC does not
-// vectorise the bit tricks of exp_nonpositive reliably).
+// vectorise the bit tricks of exp2_nonpositive reliably).
 
 // The maximum, or NaN if any value is NaN (a NaN input must show in the output,
 // not be taken for a fully masked row).
@@ -123,48 +147,30 @@ T max_of(const T* values, int64_t n) {
   return nan_seen ? std::numeric_limits<T>::quiet_NaN() : result;
 }
 
-// values[i] = exp(values[i] - shift) for values <= shift; returns their sum.
+// values[i] = 2^((values[i] - shift) * to_log2) for values <= shift (see ScoreUnits); returns
+// their sum.
 template <typename T>
-T exp_shifted_sum(T* values, int64_t n, T shift) {
+T exp2_shifted_sum(T* values, int64_t n, T shift, T to_log2) {
   T sum = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const T p = exp_nonpositive(values[i] - shift);
+    const T p = exp2_nonpositive((values[i] - shift) * to_log2);
     values[i] = p;
     sum += p;
   }
   return sum;
 }
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-// The vector exp of the softmax passes, which take about a seventh of a float32 attention forward
-// at head dim 64, so it is written for few instructions: exp(x) = 2^n 2^r with n = round(x log2(e))
-// and r = x log2(e) - n in [-1/2, 1/2], 2^r from a degree-6 polynomial fitted for the least
-// relative error on that interval (2e-9; under 1e-7 once evaluated in float32). r is computed
-// with log2(e) in two parts, high and low, so that the rounding of the product does not cost
-// large |x| their relative accuracy. x is clamped to [-87, 88] first (n in [-126, 127], and
-// 2^n p a normal float); below -87 the result is 0, which also covers -inf; NaN stays NaN (max
-// and min return their second operand when one is NaN).
-constexpr float kLog2eHigh = 1.44269504088896341f;
-constexpr float kLog2eLow = 1.92596298909109e-08f;  // log2(e) - kLog2eHigh
-constexpr float kExpLowest = -87.0f, kExpHighest = 88.0f;
-constexpr float kExp2Poly[7] = {1.0000000005541467f,   0.6931472057373622f,   0.24022646890809202f,
-                                0.055503287768143734f, 0.009618488938061762f, 0.0013399931267811006f,
-                                0.00015345817148013433f};
-#endif
-
 #if defined(__AVX512F__)
-// exp on 16 lanes (see above); scalef makes p * 2^n.
-inline __m512 exp_nonpositive16(__m512 x) {
-  const __m512 lowest = _mm512_set1_ps(kExpLowest);
-  const __m512 clamped = _mm512_min_ps(_mm512_set1_ps(kExpHighest), _mm512_max_ps(lowest, x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(kLog2eHigh)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fmadd_ps(clamped, _mm512_set1_ps(kLog2eLow),
-                                   _mm512_fmsub_ps(clamped, _mm512_set1_ps(kLog2eHigh), n));
+// 2^x on 16 lanes (see exp2_nonpositive): scalef makes p 2^n, and x is clamped to [-150, 127]
+// instead, so that 2^n underflows to 0 (-150 and below, -inf too) through the denormals. NaN stays
+// NaN: max and min return their second operand when one is NaN.
+inline __m512 exp2_nonpositive16(__m512 x) {
+  const __m512 clamped = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-150.0f), x));
+  const __m512 n = _mm512_roundscale_ps(clamped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(clamped, n);
   __m512 p = _mm512_set1_ps(kExp2Poly[6]);
   for (int i = 5; i >= 0; --i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2Poly[i]));
-  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lowest, _CMP_LT_OQ);
-  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~underflow), p, n);
+  return _mm512_scalef_ps(p, n);
 }
 
 inline __mmask16 tail_mask(int64_t remaining) { return static_cast<__mmask16>((1u << remaining) - 1u); }
@@ -188,40 +194,48 @@ inline float max_of<float>(const float* values, int64_t n) {
   return nan_seen ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(result);
 }
 
-template <>
-inline float exp_shifted_sum<float>(float* values, int64_t n, float shift) {
-  const __m512 shift16 = _mm512_set1_ps(shift);
+// The exp pass for scores in units of log2 (kNatural false) or natural ones.
+template <bool kNatural>
+inline float exp2_shifted_sum16(float* values, int64_t n, float shift, float to_log2) {
+  const __m512 shift16 = _mm512_set1_ps(shift), to_log2_16 = _mm512_set1_ps(to_log2);
+  const auto exponent = [&](__m512 x) {
+    const __m512 difference = _mm512_sub_ps(x, shift16);
+    return kNatural ? _mm512_mul_ps(difference, to_log2_16) : difference;
+  };
   __m512 sum = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m512 p = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(values + i), shift16));
+    const __m512 p = exp2_nonpositive16(exponent(_mm512_loadu_ps(values + i)));
     _mm512_storeu_ps(values + i, p);
     sum = _mm512_add_ps(sum, p);
   }
   if (i < n) {
     const __mmask16 mask = tail_mask(n - i);
-    const __m512 p = exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, values + i), shift16));
+    const __m512 p = exp2_nonpositive16(exponent(_mm512_maskz_loadu_ps(mask, values + i)));
     _mm512_mask_storeu_ps(values + i, mask, p);
     sum = _mm512_mask_add_ps(sum, mask, sum, p);
   }
   return _mm512_reduce_add_ps(sum);
 }
+
+template <>
+inline float exp2_shifted_sum<float>(float* values, int64_t n, float shift, float to_log2) {
+  return to_log2 == 1.0f ? exp2_shifted_sum16<false>(values, n, shift, to_log2)
+                         : exp2_shifted_sum16<true>(values, n, shift, to_log2);
+}
 #elif defined(__AVX2__) && defined(__FMA__)
-// exp on 8 lanes (see above). AVX2 has no scalef: n is added to p's exponent bits (p in
-// [0.7, 1.42); where n = -126, r >= 0 and p >= 1, so the sum stays a normal float).
-inline __m256 exp_nonpositive8(__m256 x) {
-  const __m256 lowest = _mm256_set1_ps(kExpLowest);
-  const __m256 clamped = _mm256_min_ps(_mm256_set1_ps(kExpHighest), _mm256_max_ps(lowest, x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(kLog2eHigh)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 r = _mm256_fmadd_ps(clamped, _mm256_set1_ps(kLog2eLow),
-                                   _mm256_fmsub_ps(clamped, _mm256_set1_ps(kLog2eHigh), n));
+// 2^x on 8 lanes (see exp2_nonpositive). AVX2 has no scalef: n is added to p's exponent bits.
+// At -127 (and below, -inf too) r = 0 and p = 1, so that sum is the bits of 0. Between -127 and
+// -126 it is a denormal below 2^-126, not accurate (nothing a softmax can tell from 0). NaN: max
+// and min return their second operand when one is NaN, and n converts to 0x80000000, shifted out
+// to 0, so p (NaN) passes unchanged.
+inline __m256 exp2_nonpositive8(__m256 x) {
+  const __m256 clamped = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-127.0f), x));
+  const __m256 n = _mm256_round_ps(clamped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_sub_ps(clamped, n);
   __m256 p = _mm256_set1_ps(kExp2Poly[6]);
   for (int i = 5; i >= 0; --i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2Poly[i]));
-  // NaN: n converts to 0x80000000, shifted out to 0, so p (NaN) passes unchanged.
-  const __m256i scaled = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
-  const __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
-  return _mm256_andnot_ps(underflow, _mm256_castsi256_ps(scaled));
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23)));
 }
 
 // All ones in the first `remaining` (< 8) lanes.
@@ -263,23 +277,34 @@ inline float max_of<float>(const float* values, int64_t n) {
   return _mm256_movemask_ps(nan_seen) ? std::numeric_limits<float>::quiet_NaN() : horizontal_max8(result);
 }
 
-template <>
-inline float exp_shifted_sum<float>(float* values, int64_t n, float shift) {
-  const __m256 shift8 = _mm256_set1_ps(shift);
+// The exp pass for scores in units of log2 (kNatural false) or natural ones.
+template <bool kNatural>
+inline float exp2_shifted_sum8(float* values, int64_t n, float shift, float to_log2) {
+  const __m256 shift8 = _mm256_set1_ps(shift), to_log2_8 = _mm256_set1_ps(to_log2);
+  const auto exponent = [&](__m256 x) {
+    const __m256 difference = _mm256_sub_ps(x, shift8);
+    return kNatural ? _mm256_mul_ps(difference, to_log2_8) : difference;
+  };
   __m256 sum = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 p = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(values + i), shift8));
+    const __m256 p = exp2_nonpositive8(exponent(_mm256_loadu_ps(values + i)));
     _mm256_storeu_ps(values + i, p);
     sum = _mm256_add_ps(sum, p);
   }
   if (i < n) {
     const __m256i mask = tail_mask8(n - i);
-    const __m256 p = exp_nonpositive8(_mm256_sub_ps(_mm256_maskload_ps(values + i, mask), shift8));
+    const __m256 p = exp2_nonpositive8(exponent(_mm256_maskload_ps(values + i, mask)));
     _mm256_maskstore_ps(values + i, mask, p);
     sum = _mm256_add_ps(sum, _mm256_and_ps(p, _mm256_castsi256_ps(mask)));
   }
   return horizontal_sum8(sum);
+}
+
+template <>
+inline float exp2_shifted_sum<float>(float* values, int64_t n, float shift, float to_log2) {
+  return to_log2 == 1.0f ? exp2_shifted_sum8<false>(values, n, shift, to_log2)
+                         : exp2_shifted_sum8<true>(values, n, shift, to_log2);
 }
 #endif
 

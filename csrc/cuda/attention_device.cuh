@@ -14,6 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cfloat>
 #include <cstdint>
 #include <type_traits>
 
@@ -167,7 +168,12 @@ __device__ __forceinline__ uint32_t a_trans_fragment_address(const T* tile, int 
 __device__ __forceinline__ float mask_term(const AttentionParams& p, int b, int h, int row, int col) {
   const int64_t offset = b * p.mask_stride_b + h * p.mask_stride_h + row * p.mask_stride_l + col * p.mask_stride_s;
   if (p.mask_is_bool) return static_cast<const bool*>(p.mask)[offset] ? 0.0f : negative_infinity();
-  return static_cast<const float*>(p.mask)[offset] * kLog2e;
+  // In base 2, a value below -FLT_MAX / log2(e) (a mask at float's lowest, how many models hide
+  // keys) would overflow to -inf and hide a row that torch lets attend uniformly: it stays at the
+  // lowest finite float instead. -inf and NaN pass unchanged.
+  const float value = static_cast<const float*>(p.mask)[offset];
+  const float scaled = value * kLog2e;
+  return scaled == negative_infinity() && value != negative_infinity() ? -FLT_MAX : scaled;
 }
 
 // Flat (B, Hq, L, S) index of an attention-matrix element, the dropout counter.

@@ -1,9 +1,11 @@
 // Unit test of the softmax passes of csrc/cpu/attention_math.h as each CPU variant compiles them:
-// exp_shifted_sum (values[i] = exp(values[i] - shift), returning their sum) and max_of against
-// double precision, on every tail length of the vector loops. exp may be off by a few units in
-// the last place (a polynomial), never more: relative error <= 2e-7 (under 2 ulp) where the result is a normal
-// float; exactly 0 for -inf and far below the shift; NaN stays NaN; and shift slightly below a
-// value (the backward's lse after rounding) still gives exp of a small positive number.
+// exp2_shifted_sum (values[i] = 2^((values[i] - shift) * to_log2), returning their sum), the scalar
+// exp2_nonpositive, and max_of against double precision, on every tail length of the vector loops,
+// for scores in units of log2 (to_log2 = 1) and natural ones (to_log2 = log2(e)). exp2 may be off by
+// a few units in the last place (a polynomial), never more: relative error <= 2e-7 (under 2 ulp)
+// where the result is a normal float; at most 2^-126 below that, exactly 0 for -inf and far below
+// the shift; NaN stays NaN; and a shift slightly below a value (the backward's lse after rounding)
+// still gives 2^ of a small positive number.
 // Built by tests/test_softmax_math.py; prints "skip" on a CPU without the variant's instructions.
 #include <algorithm>
 #include <cmath>
@@ -19,33 +21,43 @@ namespace math = attnkernels::cpu::ATTNKERNELS_CPU_ISA;
 static int failures = 0;
 
 static void fail(const char* what, double got, double want, double x) {
-  if (++failures <= 10) std::printf("%s: exp(%.9g) gave %.9g, expected %.9g\n", what, x, got, want);
+  if (++failures <= 10) std::printf("%s: 2^(%.9g) gave %.9g, expected %.9g\n", what, x, got, want);
 }
 
-// exp_shifted_sum over values, checked element by element and in the sum.
-static void check_exp(std::vector<float> values, float shift) {
+constexpr float kLog2e = 1.44269504088896341f;
+
+// One result against 2^t in double precision.
+static void check_one(const char* what, double got, double t) {
+  const double want = std::exp2(t);
+  if (t < -150.0) {
+    if (got != 0.0) fail(what, got, 0.0, t);
+  } else if (t >= -126.0) {  // a normal float32 result
+    if (!(std::abs(got - want) <= 2e-7 * want)) fail(what, got, want, t);
+  } else if (!(got >= 0.0 && got <= std::exp2(-126.0))) {  // may be flushed or inaccurate below 2^-126
+    fail(what, got, want, t);
+  }
+}
+
+// exp2_shifted_sum over values, checked element by element and in the sum; the scalar exp2 too.
+static void check_exp(std::vector<float> values, float shift, float to_log2 = 1.0f) {
   const std::vector<float> inputs = values;
-  const float sum = math::exp_shifted_sum(values.data(), static_cast<int64_t>(values.size()), shift);
+  const float sum = math::exp2_shifted_sum(values.data(), static_cast<int64_t>(values.size()), shift, to_log2);
   double want_sum = 0;
   bool nan_seen = false;
   for (size_t i = 0; i < values.size(); ++i) {
-    // The kernels subtract in float32 (as torch does): the test checks the exp of that difference.
-    const double x = static_cast<double>(inputs[i] - shift);
-    const double want = std::exp(x);
+    // The kernels subtract (and convert) in float32: the test checks 2^ of that exponent.
+    const float exponent = (inputs[i] - shift) * to_log2;
+    const double t = static_cast<double>(exponent);
     const double got = values[i];
     if (std::isnan(inputs[i])) {
       nan_seen = true;
-      if (!std::isnan(got)) fail("NaN input", got, want, x);
+      if (!std::isnan(got)) fail("NaN input", got, NAN, t);
+      if (!std::isnan(math::exp2_nonpositive(exponent))) fail("NaN input, scalar", got, NAN, t);
       continue;
     }
-    want_sum += want;
-    if (x < -88.0) {
-      if (got != 0.0) fail("far below the shift", got, 0.0, x);
-    } else if (want >= 1e-37) {  // a normal float32 result (the kernels may flush below)
-      if (!(std::abs(got - want) <= 2e-7 * want)) fail("relative error", got, want, x);
-    } else if (!(got >= 0.0 && got <= 2e-37)) {
-      fail("underflow", got, want, x);
-    }
+    want_sum += std::exp2(t);
+    check_one("vector", got, t);
+    check_one("scalar", math::exp2_nonpositive(exponent), t);
   }
   if (nan_seen ? !std::isnan(sum) : !(std::abs(sum - want_sum) <= 1e-6 * want_sum + 1e-30)) {
     fail("sum", sum, want_sum, shift);
@@ -65,13 +77,16 @@ int main() {
     return 0;
   }
 #endif
-  // A sweep of x = value - shift over [-100, 0] (every exponent the result can have), for shifts
-  // whose own rounding differs.
-  for (float shift : {0.0f, 3.25f, -17.5f, 88.0f, 1000.0f}) {
+  // A sweep of t = value - shift over [-155, 0] (every exponent the result can have, the
+  // denormals too), for shifts whose own rounding differs; then natural units over [-110, 0].
+  for (float shift : {0.0f, 3.25f, -17.5f, 127.0f, 1000.0f}) {
     std::vector<float> values;
-    for (double x = -100.0; x <= 0.0; x += 1.0 / 1024 + 1e-5) values.push_back(static_cast<float>(shift + x));
+    for (double t = -155.0; t <= 0.0; t += 1.0 / 1024 + 1e-5) values.push_back(static_cast<float>(shift + t));
     values.push_back(shift);
     check_exp(values, shift);
+    values.clear();
+    for (double x = -110.0; x <= 0.0; x += 1.0 / 1024 + 1e-5) values.push_back(static_cast<float>(shift + x));
+    check_exp(values, shift, kLog2e);
   }
   // Slightly positive (rounding in the backward's lse) and every tail length of the 8- and 16-wide loops.
   std::mt19937 rng(7);
@@ -80,21 +95,36 @@ int main() {
     std::vector<float> values(n);
     for (float& v : values) v = near(rng);
     check_exp(values, 0.0f);
+    check_exp(values, 0.0f, kLog2e);
   }
-  // Far above the shift (not a softmax input, but an inconsistent lse could give one): clamped, never garbage.
+  // Far above the shift (not a softmax input, but an inconsistent lse could give one): clamped
+  // to 2^127, never garbage.
   {
-    std::vector<float> values = {100.0f, 88.0f, 1e30f, 89.0f, 0.0f, 95.0f, 200.0f, 88.5f, 91.0f};
+    std::vector<float> values = {200.0f, 127.0f, 1e30f, 128.0f, 0.0f, 126.6f, 300.0f, 127.5f, 131.0f};
     const std::vector<float> inputs = values;
-    math::exp_shifted_sum(values.data(), static_cast<int64_t>(values.size()), 0.0f);
+    math::exp2_shifted_sum(values.data(), static_cast<int64_t>(values.size()), 0.0f, 1.0f);
     for (size_t i = 0; i < values.size(); ++i) {
-      const double limit = std::exp(static_cast<double>(std::min(inputs[i], 88.0f)));
-      if (!(std::abs(values[i] - limit) <= 2e-7 * limit)) fail("above 88", values[i], limit, inputs[i]);
+      const double limit = std::exp2(static_cast<double>(std::min(inputs[i], 127.0f)));
+      if (!(std::abs(values[i] - limit) <= 2e-7 * limit)) fail("above 127", values[i], limit, inputs[i]);
+      const double scalar = math::exp2_nonpositive(inputs[i]);
+      if (!(std::abs(scalar - limit) <= 2e-7 * limit)) fail("above 127, scalar", scalar, limit, inputs[i]);
     }
   }
   // Non-finite values: -inf gives exactly 0, NaN stays NaN (in the sum too).
   const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
-  check_exp({-inf, 0.0f, -1.0f, -inf, -90.0f, -87.0f, -86.0f, -1e30f, -0.0f, -inf, -2.0f}, 0.0f);
-  check_exp({-inf, 0.0f, nan, -1.0f, -3.0f, -inf, -0.5f, -7.0f, -9.0f, nan, -2.0f}, 0.0f);
+  for (float to_log2 : {1.0f, kLog2e}) {
+    check_exp({-inf, 0.0f, -1.0f, -inf, -130.0f, -127.0f, -126.0f, -1e30f, -0.0f, -inf, -2.0f, -160.0f}, 0.0f,
+              to_log2);
+    check_exp({-inf, 0.0f, nan, -1.0f, -3.0f, -inf, -0.5f, -7.0f, -9.0f, nan, -2.0f}, 0.0f, to_log2);
+  }
+  {
+    std::vector<float> values(19, -inf);
+    math::exp2_shifted_sum(values.data(), 19, 0.0f, 1.0f);
+    for (float v : values) {
+      if (v != 0.0f) fail("-inf", v, 0.0, -inf);
+    }
+    if (math::exp2_nonpositive(-inf) != 0.0f) fail("-inf, scalar", math::exp2_nonpositive(-inf), 0.0, -inf);
+  }
   // max_of: the maximum, -inf when every value is -inf, NaN when one is NaN.
   for (int n = 1; n <= 40; ++n) {
     std::vector<float> values(n, -inf);
