@@ -265,7 +265,8 @@ def _forward_kernel(
     out = acc * inverse[:, None]
     out_base = Out + bh.to(tl.int64) * L * EV
     tl.store(out_base + rows[:, None] * EV + ev[None, :], out, mask=(rows[:, None] < L) & (ev[None, :] < EV))
-    lse = tl.where(empty, float("-inf"), row_max * tl.load(Params + _TO_NATURAL) + tl.log(tl.where(empty, 1.0, row_sum)))
+    natural_max = row_max * tl.load(Params + _TO_NATURAL)
+    lse = tl.where(empty, float("-inf"), natural_max + tl.log(tl.where(empty, 1.0, row_sum)))
     tl.store(Lse + bh.to(tl.int64) * L + rows, lse, mask=rows < L)
 
 
