@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -311,6 +312,40 @@ def test_limits_probed_twice_keep_the_better_probe_and_rescale_the_fractions():
     apply_limits(records, best)
     assert [r.fraction_of_limit for r in records] == [0.75, 0.5, 0.5, None]
     assert [r.limit for r in records] == [2e11, 8e11, 4e10, None]
+
+
+def test_the_fraction_of_the_limit_compares_fastest_calls():
+    """The limit is its probe's fastest call, so a case's fraction of it is its fastest call's rate, not
+    its median's (which a busy neighbour slows while the probe's best stands); the median where the
+    fastest is not known."""
+    from attnkernels.bench.runner import MachineLimits, Record, _store, apply_limits
+    from attnkernels.bench.timing import Timing
+
+    limits = MachineLimits(copy_bytes_per_s=4e10, matmul_flop_per_s={"float32": 2e11})
+    timed = Record("op", "fwd", 1, "shape", "float32", "cpu", "cpu", status="", detail="", work=1e9,
+                   work_unit="FLOP")
+    _store(timed, Timing(0.01, 20, "time.perf_counter", fastest=0.008))
+    timed.rate = timed.work / timed.time_s
+    unknown = Record("op", "fwd", 1, "shape", "float32", "cpu", "cpu", status="ok", detail="", work=1e9,
+                     work_unit="FLOP", time_s=0.01, rate=1e11)
+    apply_limits([timed, unknown], limits)
+    assert timed.fastest_s == 0.008 and timed.rate == 1e11
+    assert timed.fraction_of_limit == pytest.approx(1e9 / 0.008 / 2e11)  # 62.5%, not the median's 50%
+    assert unknown.fraction_of_limit == pytest.approx(0.5)
+
+
+def test_timings_keep_the_fastest_call():
+    from attnkernels.bench import timing
+
+    calls = iter([0.0, 0.003, 0.001, 0.002, 0.004, 0.002] + [0.002] * 1000)
+
+    def fn():
+        time.sleep(next(calls))
+
+    result = timing.time_callable(fn, torch.device("cpu"), timing.QUICK)
+    assert result.fastest is not None and result.fastest <= result.seconds
+    interleaved = timing.time_interleaved({"a": lambda: time.sleep(0.001)}, timing.QUICK)
+    assert 0.001 <= interleaved["a"].fastest <= interleaved["a"].seconds
 
 
 @pytest.mark.skipif(not _extension.has_extension(), reason="the compiled extension is not built")

@@ -121,7 +121,9 @@ class Table:
                 continue
             row.seconds = timing.seconds
             row.rate = work / timing.seconds
-            row.fraction_of_limit = row.rate / limit if limit else None
+            # The limits are their probes' fastest calls: compared with this row's fastest call.
+            fastest_rate = work / timing.fastest if timing.fastest else row.rate
+            row.fraction_of_limit = fastest_rate / limit if limit else None
             if name == "torch":
                 torch_seconds = timing.seconds
             elif torch_seconds:

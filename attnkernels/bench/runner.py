@@ -27,6 +27,7 @@ class Record:
     status: str  # ok | WRONG | unsupported | oom | error
     detail: str
     time_s: float | None = None
+    fastest_s: float | None = None  # the fastest call's time: its rate is compared with the limit
     repetitions: int | None = None
     method: str | None = None
     speedup: float | None = None  # torch's time / this time
@@ -70,12 +71,15 @@ class MachineLimits:
 
 
 def apply_limits(records: Sequence[Record], limits: MachineLimits) -> None:
-    """Sets each timed record's limit and fraction of it from ``limits``."""
+    """Sets each timed record's limit and fraction of it from ``limits``. A limit is the rate of the
+    probe's fastest call, so the fraction takes the case's fastest call too (the median where that is
+    not known): a median slowed by a busy neighbour would be compared with a best that it was not."""
     for record in records:
         limit = limits.for_work(record.work_unit, record.dtype)
         if record.rate is not None and limit:
+            best_rate = record.work / record.fastest_s if record.fastest_s else record.rate
             record.limit = limit
-            record.fraction_of_limit = record.rate / limit
+            record.fraction_of_limit = best_rate / limit
 
 
 def measure_limits(device: torch.device, cases: Sequence[Case], budget: timing.TimingBudget,
@@ -166,6 +170,7 @@ def _guarded(record: Record, device: torch.device, step, *args) -> bool:
 
 def _store(record: Record, result: timing.Timing) -> bool:
     record.time_s, record.repetitions, record.method = result.seconds, result.repetitions, result.method
+    record.fastest_s = result.fastest
     record.status = "ok"
     return True
 

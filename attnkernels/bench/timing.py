@@ -50,6 +50,7 @@ class Timing:
     seconds: float  # the median call's time, or the fastest's (time_callable's statistic)
     repetitions: int | None  # None where do_bench chose the count
     method: str
+    fastest: float | None = None  # the fastest call's time, where the samples are known
 
 
 def _has_triton() -> bool:
@@ -68,8 +69,9 @@ def time_callable(fn: Callable[[], object], device: torch.device, budget: Timing
             import triton.testing
 
             milliseconds = triton.testing.do_bench(fn, warmup=max(1, int(budget.warmup_s * 1000)),
-                                                   rep=max(1, int(budget.measure_s * 1000)), return_mode=statistic)
-            return Timing(milliseconds / 1000.0, None, "triton.testing.do_bench")
+                                                   rep=max(1, int(budget.measure_s * 1000)), return_mode="all")
+            samples = [m / 1000.0 for m in milliseconds]
+            return Timing(_summary(samples, statistic), len(samples), "triton.testing.do_bench", min(samples))
         return _time_cuda_events(fn, budget, statistic)
     return _time_wall_clock(fn, budget, statistic)
 
@@ -90,7 +92,7 @@ def _time_wall_clock(fn: Callable[[], object], budget: TimingBudget, statistic: 
         fn()
         samples.append(time.perf_counter() - begin)
         total += samples[-1]
-    return Timing(_summary(samples, statistic), len(samples), "time.perf_counter")
+    return Timing(_summary(samples, statistic), len(samples), "time.perf_counter", min(samples))
 
 
 def time_interleaved(functions: Mapping[str, Callable[[], object]], budget: TimingBudget = FULL) -> dict[str, Timing]:
@@ -107,7 +109,7 @@ def time_interleaved(functions: Mapping[str, Callable[[], object]], budget: Timi
             samples[name].append(time.perf_counter() - begin)
             spent += samples[name][-1]
         rounds += 1
-    return {name: Timing(statistics.median(values), rounds, "time.perf_counter, interleaved")
+    return {name: Timing(statistics.median(values), rounds, "time.perf_counter, interleaved", min(values))
             for name, values in samples.items()}
 
 
@@ -128,7 +130,7 @@ def _time_cuda_events(fn: Callable[[], object], budget: TimingBudget, statistic:
         end.synchronize()
         samples.append(begin.elapsed_time(end) / 1000.0)
         total += samples[-1]
-    return Timing(_summary(samples, statistic), len(samples), "torch.cuda.Event")
+    return Timing(_summary(samples, statistic), len(samples), "torch.cuda.Event", min(samples))
 
 
 # ----------------------------------------------------------------------------- caches and input copies
