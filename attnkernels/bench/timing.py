@@ -68,8 +68,12 @@ def time_callable(fn: Callable[[], object], device: torch.device, budget: Timing
         if _has_triton():
             import triton.testing
 
-            milliseconds = triton.testing.do_bench(fn, warmup=max(1, int(budget.warmup_s * 1000)),
-                                                   rep=max(1, int(budget.measure_s * 1000)), return_mode="all")
+            warmup, rep = max(1, int(budget.warmup_s * 1000)), max(1, int(budget.measure_s * 1000))
+            try:
+                milliseconds = triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="all")
+            except (ValueError, AssertionError):  # a Triton without return_mode="all": one statistic
+                milliseconds = triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode=statistic)
+                return Timing(milliseconds / 1000.0, None, "triton.testing.do_bench")
             samples = [m / 1000.0 for m in milliseconds]
             return Timing(_summary(samples, statistic), len(samples), "triton.testing.do_bench", min(samples))
         return _time_cuda_events(fn, budget, statistic)
