@@ -209,7 +209,9 @@ def test_fused_bilinear_random_rows_match_torch(case, scale):
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @pytest.mark.parametrize("padding", ("zeros", "border"))
 @pytest.mark.parametrize("dims", (2, 3))
-@pytest.mark.parametrize("channels", (3, 6))  # the cpu kernel's planar and channels-last gradient scatter
+# 3 and 6: the cpu kernel's planar and channels-last gradient scatter; 8 and 9: either side of the
+# channel count above which its forward leaves the row path for the channels-last sampler.
+@pytest.mark.parametrize("channels", (3, 6, 8, 9))
 def test_fused_fp32_rows_within_twice_torch(backend, padding, dims, channels):
     """fp32 lanes (16 to a tile) on rows of 37 points (two whole tiles and a tail), against float64
     by the FlashAttention rule, as the low-precision test above does on shorter rows."""
