@@ -72,6 +72,7 @@ CASES = {
     "causal_L<S": ((1,), 2, 2, 7, 113, 8, 8, None, True),
     "causal_L>S": ((1,), 2, 2, 113, 7, 8, 8, None, True),
     "causal_long": ((1,), 1, 1, 257, 257, 16, 16, None, True),
+    "causal_blocks": ((1,), 2, 1, 600, 600, 16, 16, None, True),
     "value_dim": ((2,), 2, 2, 13, 19, 12, 5, None, False),
     "head_dim_1": ((1,), 2, 2, 7, 7, 1, 1, None, False),
     "head_dim_7": ((1,), 2, 2, 7, 9, 7, 7, None, False),

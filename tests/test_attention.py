@@ -76,8 +76,8 @@ def test_lse_matches_logsumexp_of_scores(device, backend):
 
 @pytest.mark.parametrize(("device", "backend"), PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("case", ["basic", "causal_long", "gqa", "float_mask_full", "bool_mask", "rank3", "rank5",
-                                  "value_dim"])
+@pytest.mark.parametrize("case", ["basic", "causal_long", "causal_blocks", "gqa", "float_mask_full", "bool_mask",
+                                  "rank3", "rank5", "value_dim"])
 def test_low_precision_flash_attention_rule(device, backend, dtype, case):
     """Our error against float64 is at most 2x torch's own in the same dtype (3x for gradients), torch
     taking its own choice of path (its exact math path for rank 3, rank 5 and Ev != E)."""

@@ -75,6 +75,8 @@ struct BlasForwardTiles {
   int64_t E, Ev;
   std::vector<acc_t> q_buffer, k_buffer, v_buffer;
   const acc_t *q_tile = nullptr, *k_tile = nullptr, *v_tile = nullptr;
+  // How many probabilities past a row's causal diagonal add_values reads (they must be 0): all of them.
+  static constexpr int64_t kReadsPastDiagonal = std::numeric_limits<int64_t>::max();
 
   // query_rows: the most rows load_queries takes; query_block: the most rows of a product.
   BlasForwardTiles(int64_t query_rows, int64_t /*query_block*/, int64_t key_block, int64_t E, int64_t Ev)
@@ -172,6 +174,9 @@ struct DotForwardTiles {
   const T* q_rows = nullptr;
   std::vector<Word> keys_packed, values_packed;
   std::vector<T> probs_buffer;
+  // How many probabilities past a row's causal diagonal add_values reads (they must be 0): a register
+  // tile's reduction runs to its last row's diagonal (rounded up to a whole pair of bfloat16).
+  static constexpr int64_t kReadsPastDiagonal = kDotRows;
 
   DotForwardTiles(int64_t /*query_rows*/, int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
       : E(E), Ev(Ev), keys_packed(Ops::packed_size(E, key_block)), values_packed(Ops::packed_size(key_block, Ev)),
@@ -392,7 +397,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const acc_t keep_scale = use_dropout ? acc_t(1.0 / (1.0 - dropout_p)) : acc_t(1);
   const ScoreUnits<acc_t> units(scale_d, mask.is_float());
   const auto [batch, q_heads, kv_heads, group, L, S, E, Ev] = shape;
-  const int64_t Bq = kForwardQueryBlock, Bk = kForwardKeyBlock;
+  const int64_t Bq = kForwardQueryBlock;
+  // Causal: key blocks as long as query blocks, so that a task's query blocks see whole key blocks
+  // (each packed once for all of them) except the one the diagonal cuts.
+  const int64_t Bk = is_causal ? Bq : kForwardKeyBlock;
   const int64_t query_blocks = ceil_div(L, Bq);
   const int64_t blocks_per_task = forward_blocks_per_task(batch * q_heads, query_blocks, at::get_num_threads());
   const int64_t tasks_per_head = ceil_div(query_blocks, blocks_per_task);
@@ -449,13 +457,13 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         tiles.scores(first, rows, cols, units.scale, scores.data(), Bk, diagonal);
         if (mask.present()) mask.apply(bh, row0, rows, col0, cols, scores.data(), Bk);
         // Online softmax: rescale what was accumulated under the old row maximum. Scores behind
-        // the causal diagonal are never read (they may not have been computed): their
-        // probabilities are set to 0, which also keeps a NaN key there hidden, as torch's fused
-        // kernels do.
+        // the causal diagonal are never read (they may not have been computed): the probabilities
+        // there that the product reads are set to 0, which also keeps a NaN key there hidden, as
+        // torch's fused kernels do.
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* row = scores.data() + r * Bk;
           const int64_t visible = visible_columns(diagonal, r, cols);
-          std::fill(row + visible, row + cols, acc_t(0));
+          std::fill(row + visible, row + visible + std::min(cols - visible, Tiles::kReadsPastDiagonal), acc_t(0));
           const acc_t tile_max = max_of(row, visible);
           const acc_t new_max = std::isnan(tile_max) ? tile_max : std::max(block_max[r], tile_max);
           if (new_max == neg_inf) {  // every key so far is masked for this row
