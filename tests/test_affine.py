@@ -302,6 +302,35 @@ def test_fused_row_path_forward_equals_grid_then_sample_bitwise(dtype, dims, pad
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the extension is not built")
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("dims", (2, 3))
+@pytest.mark.parametrize("channels", (3, 8))
+@pytest.mark.parametrize("channels_last", (False, True), ids=("planar", "channels_last"))
+def test_fused_16bit_is_the_float32_result_rounded(dtype, dims, channels, channels_last):
+    """16-bit inputs compute in float32 and round once: the CPU kernel's output is its float32 output on
+    the widened inputs, rounded, bit for bit (the vector variants run exactly that), and the gradients
+    keep the input's layout."""
+    size = [2, channels, 5, 9, 37] if dims == 3 else [2, channels, 11, 37]
+    x = (make_input(dims, channels=channels, spatial=(7, 8, 9) if dims == 3 else (8, 9)) * 4).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+    theta = make_theta(dims).to(dtype)
+    x16, theta16 = x.clone().requires_grad_(), theta.clone().requires_grad_()
+    x32, theta32 = x.float().requires_grad_(), theta.float().requires_grad_()
+    out16 = attnkernels.affine_grid_sample(x16, theta16, size, align_corners=False, backend="cpu")
+    out32 = attnkernels.affine_grid_sample(x32, theta32, size, align_corners=False, backend="cpu")
+    assert out16.dtype == dtype and torch.equal(out16, out32.to(dtype))
+    grad_out = make_input(dims, channels=channels, spatial=size[2:], seed=4)
+    grads16 = torch.autograd.grad(out16, (x16, theta16), grad_out.to(dtype))
+    grads32 = torch.autograd.grad(out32, (x32, theta32), grad_out.to(dtype).float())
+    for name, mine, wide in zip(("grad_input", "grad_theta"), grads16, grads32, strict=True):
+        assert mine.dtype == dtype, name
+        torch.testing.assert_close(mine.float(), wide.to(dtype).float(), rtol=1e-2, atol=1e-2, msg=name)
+    if channels_last:
+        assert grads16[0].is_contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the extension is not built")
 @pixel_quad_cases
 def test_fused_pixel_quads_give_each_channel_sampled_alone_bitwise(dims, padding, align, channels, spatial, threads):
     """The fused kernel's row path reads fp32 inputs of 3 or 4 channels as bordered pixel quads and scatters the

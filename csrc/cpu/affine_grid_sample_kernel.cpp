@@ -34,6 +34,19 @@ bool row_path_eligible(const at::Tensor& theta_acc, const SamplerShape& s, int64
   return eligible;
 }
 
+// Whether float16 and bfloat16 inputs on the row path take the float32 kernels on float32 copies
+// of their tensors: the vector tiles and the pixel quads read float32 only, and 16-bit inputs would
+// otherwise run on the scalar tiles, 1.3-2.5x slower than widening, running the float32 kernel and
+// rounding the result (Zen 5, both vector variants). The values are those of the 16-bit path, which
+// computes in float32 too and rounds once at the end.
+template <typename scalar_t>
+constexpr bool kRowPathWidens =
+#if defined(__AVX512F__) || defined(ATTNKERNELS_TILES_AVX2)
+    std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+#else
+    false;
+#endif
+
 // Calls body(dims, border) with both as compile-time constants.
 template <typename Body>
 void run_rows(int64_t dims, Padding padding, Body&& body) {
@@ -60,6 +73,12 @@ at::Tensor affine_grid_sample_cpu(const at::Tensor& input, const at::Tensor& the
     const at::Tensor theta_acc = theta.to(acc_type).contiguous();
     if (s.channels <= (dims == 2 ? affine_rows_forward_most_channels<2>() : affine_rows_forward_most_channels<3>()) &&
         row_path_eligible<acc_t>(theta_acc, s, dims, interpolation)) {
+      if constexpr (kRowPathWidens<scalar_t>) {
+        const at::Tensor widened =
+            input.to(input.options().dtype(at::kFloat), false, false, at::MemoryFormat::Contiguous);
+        out.copy_(affine_grid_sample_cpu(widened, theta_acc, size, interpolation, padding, align_corners));
+        return;
+      }
       const at::Tensor planar = input.contiguous();
       run_rows(dims, s.padding, [&](auto dims_tag, auto border_tag) {
         constexpr int D = decltype(dims_tag)::value;
@@ -118,6 +137,15 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
         quad_layout ? (dims == 2 ? quad_buffer_size<2>(s) : quad_buffer_size<3>(s)) : in_elems;
     const int64_t copies = private_copies(total, grad_elems * int64_t(sizeof(acc_t)), need_input);
     if (total > 0 && s.channels > 0 && row_path_eligible<acc_t>(theta_acc, s, dims, interpolation)) {
+      if constexpr (kRowPathWidens<scalar_t>) {
+        // Copies in the tensors' own layouts: the input's decides the gradient's.
+        auto [widened_grad_input, widened_grad_theta] =
+            affine_grid_sample_backward_cpu(grad_output.to(at::kFloat), input.to(at::kFloat), theta_acc, size,
+                                            interpolation, padding, align_corners, output_mask);
+        if (need_input) grad_input = widened_grad_input.to(input.scalar_type());
+        if (need_theta) grad_theta = widened_grad_theta.to(theta.scalar_type());
+        return;
+      }
       const at::Tensor planar = input.contiguous();
       const at::Tensor go = grad_output.contiguous();
       at::Tensor private_grads =
