@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .timing import FULL, TimingBudget, copy_bandwidth, matmul_throughput, time_callable
+from .timing import FULL, TimingBudget, copy_bandwidth, fraction_of_limit, matmul_throughput, time_callable
 
 # A dry run checks the table's code on tiny CPU inputs: one timed call each is enough.
 DRY_RUN = TimingBudget(warmup_s=0.0, measure_s=0.0, min_repetitions=1, max_repetitions=1)
@@ -121,9 +121,7 @@ class Table:
                 continue
             row.seconds = timing.seconds
             row.rate = work / timing.seconds
-            # The limits are their probes' fastest calls: compared with this row's fastest call.
-            fastest_rate = work / timing.fastest if timing.fastest else row.rate
-            row.fraction_of_limit = fastest_rate / limit if limit else None
+            row.fraction_of_limit = fraction_of_limit(work, timing.fastest, row.rate, limit) if limit else None
             if name == "torch":
                 torch_seconds = timing.seconds
             elif torch_seconds:

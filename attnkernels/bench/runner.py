@@ -71,15 +71,12 @@ class MachineLimits:
 
 
 def apply_limits(records: Sequence[Record], limits: MachineLimits) -> None:
-    """Sets each timed record's limit and fraction of it from ``limits``. A limit is the rate of the
-    probe's fastest call, so the fraction takes the case's fastest call too (the median where that is
-    not known): a median slowed by a busy neighbour would be compared with a best that it was not."""
+    """Sets each timed record's limit and fraction of it (timing.fraction_of_limit) from ``limits``."""
     for record in records:
         limit = limits.for_work(record.work_unit, record.dtype)
         if record.rate is not None and limit:
-            best_rate = record.work / record.fastest_s if record.fastest_s else record.rate
             record.limit = limit
-            record.fraction_of_limit = best_rate / limit
+            record.fraction_of_limit = timing.fraction_of_limit(record.work, record.fastest_s, record.rate, limit)
 
 
 def measure_limits(device: torch.device, cases: Sequence[Case], budget: timing.TimingBudget,

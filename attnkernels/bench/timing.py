@@ -53,6 +53,13 @@ class Timing:
     fastest: float | None = None  # the fastest call's time, where the samples are known
 
 
+def fraction_of_limit(work: float, fastest_s: float | None, median_rate: float, limit: float) -> float:
+    """The fraction of ``limit`` (a probe's fastest call) that ``work`` reaches in its fastest call, or at
+    its median rate where the fastest is not known: a median slowed by a busy neighbour would be compared
+    with a best that it was not."""
+    return (work / fastest_s if fastest_s else median_rate) / limit
+
+
 def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 

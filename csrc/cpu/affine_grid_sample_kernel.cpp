@@ -71,7 +71,7 @@ at::Tensor affine_grid_sample_cpu(const at::Tensor& input, const at::Tensor& the
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     const at::Tensor theta_acc = theta.to(acc_type).contiguous();
-    if (s.channels <= (dims == 2 ? affine_rows_forward_most_channels<2>() : affine_rows_forward_most_channels<3>()) &&
+    if (s.channels <= affine_rows_forward_most_channels(dims) &&
         row_path_eligible<acc_t>(theta_acc, s, dims, interpolation)) {
       if constexpr (kRowPathWidens<scalar_t>) {
         const at::Tensor widened =
