@@ -109,6 +109,8 @@ struct BlasBackwardTiles {
   int64_t E, Ev;
   std::vector<acc_t> q_buffer, do_buffer, k_buffer, v_buffer, dk, dv;
   const acc_t *q_tile = nullptr, *do_tile = nullptr, *k_tile = nullptr, *v_tile = nullptr;
+  // How many entries of P and dS past a query row's causal diagonal the products read (they must be 0).
+  static constexpr int64_t kReadsPastDiagonal = std::numeric_limits<int64_t>::max();
 
   BlasBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
       : E(E), Ev(Ev), q_buffer(kConvert ? query_block * E : 0), do_buffer(kConvert ? query_block * Ev : 0),
@@ -217,6 +219,10 @@ struct DotBackwardTiles {
   std::vector<char> slot_packed;  // per slot: whether it holds its query block's packing
   std::vector<T> grad_scores_buffer;
   std::vector<float> dk, dv;
+  // How many entries of P and dS past a query row's causal diagonal the products read (they must be 0):
+  // a register tile's reduction ends at its last row's diagonal (dS K) or starts at its first row's
+  // (P^T dO, dS^T Q), rounded to whole pairs of bfloat16.
+  static constexpr int64_t kReadsPastDiagonal = kDotRows;
 
   DotBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
       : E(E), Ev(Ev), query_words(Ops::packed_size(query_block, E)), grad_out_words(Ops::packed_size(query_block, Ev)),
@@ -641,10 +647,13 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
             const Diagonal diagonal = causal_diagonal(is_causal, row0, col0, cols);
             tiles.scores(rows, cols, units.scale, probs.data(), Bk, diagonal);
             if (mask.present()) mask.apply(bh, row0, rows, col0, cols, probs.data(), Bk);
+            // Behind the causal diagonal, what the products read of P and dS is set to 0 (all of dS when
+            // it is the mask's gradient too).
+            const int64_t zeroed = grad_mask_data != nullptr ? cols : Tiles::kReadsPastDiagonal;
             for (int64_t r = 0; r < rows; ++r) {
               acc_t* row = probs.data() + r * Bk;
               const int64_t visible = visible_columns(diagonal, r, cols);
-              std::fill(row + visible, row + cols, acc_t(0));  // behind the causal diagonal
+              std::fill(row + visible, row + visible + std::min(cols - visible, zeroed), acc_t(0));
               const acc_t row_lse = lse_data[bh * L + row0 + r];
               if (row_lse == neg_inf) {  // a fully masked row has no gradient
                 std::fill(row, row + visible, acc_t(0));
@@ -656,8 +665,8 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
             tiles.grad_probs(rows, cols, grad_probs.data(), Bk, diagonal);
             const uint64_t first = static_cast<uint64_t>((bh * L + row0) * S + col0);
             if (use_dropout) apply_dropout(dropout, keep_scale, first, S, rows, cols, grad_probs.data(), Bk);
-            // dS = P * (dP - delta), computed in place over grad_probs; exactly 0 behind the causal
-            // diagonal, where dP may not have been computed.
+            // dS = P * (dP - delta), computed in place over grad_probs; 0 behind the causal diagonal
+            // (as far as it is read), where dP may not have been computed.
             for (int64_t r = 0; r < rows; ++r) {
               const acc_t row_delta = delta[bh * L + row0 + r];
               const acc_t* p = probs.data() + r * Bk;
@@ -665,7 +674,7 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
               const int64_t visible = visible_columns(diagonal, r, cols);
 #pragma omp simd
               for (int64_t c = 0; c < visible; ++c) g[c] = p[c] * (g[c] - row_delta);
-              std::fill(g + visible, g + cols, acc_t(0));
+              std::fill(g + visible, g + visible + std::min(cols - visible, zeroed), acc_t(0));
             }
             // dV += (P after dropout)^T dO
             if (use_dropout) apply_dropout(dropout, keep_scale, first, S, rows, cols, probs.data(), Bk);
