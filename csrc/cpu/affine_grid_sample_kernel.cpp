@@ -37,7 +37,7 @@ bool row_path_eligible(const at::Tensor& theta_acc, const SamplerShape& s, int64
 // Whether float16 and bfloat16 inputs on the row path take the float32 kernels on float32 copies
 // of their tensors: the vector tiles and the pixel quads read float32 only, and 16-bit inputs would
 // otherwise run on the scalar tiles, 1.3-2.5x slower than widening, running the float32 kernel and
-// rounding the result (Zen 5, both vector variants). The values are those of the 16-bit path, which
+// rounding the result (AMD Zen 4, both vector variants). The values are those of the 16-bit path, which
 // computes in float32 too and rounds once at the end.
 template <typename scalar_t>
 constexpr bool kRowPathWidens =
