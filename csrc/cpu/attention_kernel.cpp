@@ -403,10 +403,11 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const acc_t keep_scale = use_dropout ? acc_t(1.0 / (1.0 - dropout_p)) : acc_t(1);
   const ScoreUnits<acc_t> units(scale_d, mask.is_float());
   const auto [batch, q_heads, kv_heads, group, L, S, E, Ev] = shape;
-  const int64_t Bq = kForwardQueryBlock;
+  // Blocks no longer than the sequences, so that short ones get scratch buffers of their size.
+  const int64_t Bq = std::clamp<int64_t>(L, 1, kForwardQueryBlock);
   // Causal: key blocks as long as query blocks, so that a task's query blocks see whole key blocks
   // (each packed once for all of them) except the one the diagonal cuts.
-  const int64_t Bk = is_causal ? Bq : kForwardKeyBlock;
+  const int64_t Bk = std::clamp<int64_t>(S, 1, is_causal ? Bq : kForwardKeyBlock);
   const int64_t query_blocks = ceil_div(L, Bq);
   const int64_t blocks_per_task = forward_blocks_per_task(batch * q_heads, query_blocks, at::get_num_threads());
   const int64_t tasks_per_head = ceil_div(query_blocks, blocks_per_task);
@@ -564,7 +565,9 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   const acc_t scale = static_cast<acc_t>(scale_d);
   const ScoreUnits<acc_t> units(scale_d, mask.is_float());
   const auto [batch, q_heads, kv_heads, group, L, S, E, Ev] = shape;
-  const int64_t Bq = kBackwardQueryBlock, Bk = kBackwardKeyBlock;
+  // Blocks no longer than the sequences, so that short ones get scratch buffers of their size.
+  const int64_t Bq = std::clamp<int64_t>(L, 1, kBackwardQueryBlock);
+  const int64_t Bk = std::clamp<int64_t>(S, 1, kBackwardKeyBlock);
   const int64_t query_blocks = ceil_div(L, Bq), key_blocks = ceil_div(S, Bk);
   const int64_t rows_total = batch * q_heads * L;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
