@@ -176,9 +176,7 @@ struct DotForwardTiles {
   const T* q_rows = nullptr;
   std::vector<Word> keys_packed, values_packed;
   std::vector<T> probs_buffer;
-  // How many probabilities past a row's causal diagonal add_values reads (they must be 0): a register
-  // tile's reduction runs to its last row's diagonal (rounded up to a whole pair of bfloat16).
-  static constexpr int64_t kReadsPastDiagonal = kDotRows;
+  static constexpr int64_t kReadsPastDiagonal = kDotReadsPastDiagonal;
 
   DotForwardTiles(int64_t /*query_rows*/, int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
       : E(E), Ev(Ev), keys_packed(Ops::packed_size(E, key_block)), values_packed(Ops::packed_size(key_block, Ev)),
@@ -219,10 +217,7 @@ struct DotBackwardTiles {
   std::vector<char> slot_packed;  // per slot: whether it holds its query block's packing
   std::vector<T> grad_scores_buffer;
   std::vector<float> dk, dv;
-  // How many entries of P and dS past a query row's causal diagonal the products read (they must be 0):
-  // a register tile's reduction ends at its last row's diagonal (dS K) or starts at its first row's
-  // (P^T dO, dS^T Q), rounded to whole pairs of bfloat16.
-  static constexpr int64_t kReadsPastDiagonal = kDotRows;
+  static constexpr int64_t kReadsPastDiagonal = kDotReadsPastDiagonal;
 
   DotBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
       : E(E), Ev(Ev), query_words(Ops::packed_size(query_block, E)), grad_out_words(Ops::packed_size(query_block, Ev)),
@@ -470,7 +465,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* row = scores.data() + r * Bk;
           const int64_t visible = visible_columns(diagonal, r, cols);
-          std::fill(row + visible, row + visible + std::min(cols - visible, Tiles::kReadsPastDiagonal), acc_t(0));
+          zero_behind_diagonal(row, visible, cols, Tiles::kReadsPastDiagonal);
           const acc_t tile_max = max_of(row, visible);
           const acc_t new_max = std::isnan(tile_max) ? tile_max : std::max(block_max[r], tile_max);
           if (new_max == neg_inf) {  // every key so far is masked for this row
@@ -656,7 +651,7 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
             for (int64_t r = 0; r < rows; ++r) {
               acc_t* row = probs.data() + r * Bk;
               const int64_t visible = visible_columns(diagonal, r, cols);
-              std::fill(row + visible, row + visible + std::min(cols - visible, zeroed), acc_t(0));
+              zero_behind_diagonal(row, visible, cols, zeroed);
               const acc_t row_lse = lse_data[bh * L + row0 + r];
               if (row_lse == neg_inf) {  // a fully masked row has no gradient
                 std::fill(row, row + visible, acc_t(0));
@@ -677,7 +672,7 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
               const int64_t visible = visible_columns(diagonal, r, cols);
 #pragma omp simd
               for (int64_t c = 0; c < visible; ++c) g[c] = p[c] * (g[c] - row_delta);
-              std::fill(g + visible, g + visible + std::min(cols - visible, zeroed), acc_t(0));
+              zero_behind_diagonal(g, visible, cols, zeroed);
             }
             // dV += (P after dropout)^T dO
             if (use_dropout) apply_dropout(dropout, keep_scale, first, S, rows, cols, probs.data(), Bk);

@@ -166,6 +166,13 @@ inline int64_t visible_columns(Diagonal diagonal, int64_t r, int64_t cols) {
   return diagonal.present ? std::clamp<int64_t>(r + diagonal.offset + 1, 0, cols) : cols;
 }
 
+// Sets to 0 the entries [visible, cols) of a tile row behind the causal diagonal, at most `count` of
+// them (the tile products read no further: see each Tiles' kReadsPastDiagonal).
+template <typename acc_t>
+inline void zero_behind_diagonal(acc_t* row, int64_t visible, int64_t cols, int64_t count) {
+  std::fill(row + visible, row + visible + std::min(cols - visible, count), acc_t(0));
+}
+
 // dst[i] = src[i] as acc_t for i < n. float16 and bfloat16 to float32 eight at a time where the
 // variant has AVX2 (F16C's vcvtph2ps; bfloat16 is the high half of a float32): c10's scalar
 // float16 conversion would cost as much as a tenth of a widened attention forward.

@@ -424,6 +424,11 @@ struct Skip {
   int64_t offset = 0;
 };
 
+// How many entries of a query row past its causal diagonal a skipping product reads from its left
+// operand (they must be 0): a register tile's reduction ends at its last row's diagonal or starts at
+// its first row's, rounded to whole pairs of bfloat16.
+constexpr int64_t kDotReadsPastDiagonal = kDotRows;
+
 // The register tiles of each element type, for tile_product.
 #if defined(ATTNKERNELS_CPU_AVX512)
 struct DotTile {
