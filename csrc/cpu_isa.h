@@ -33,3 +33,10 @@
 #else
 #define ATTNKERNELS_ALWAYS_INLINE inline
 #endif
+
+// The functions that use AVX512-BF16 (avx512 variant only) carry it as a target attribute, so that
+// the variant's own flags stay those of every AVX-512 CPU; they run only where
+// bf16_dot_products_enabled() (cpu/cpu_kernels.h) says the CPU has it.
+#if defined(ATTNKERNELS_CPU_AVX512)
+#define ATTNKERNELS_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#endif

@@ -77,6 +77,7 @@ struct BlasForwardTiles {
   const acc_t *q_tile = nullptr, *k_tile = nullptr, *v_tile = nullptr;
   // How many probabilities past a row's causal diagonal add_values reads (they must be 0): all of them.
   static constexpr int64_t kReadsPastDiagonal = std::numeric_limits<int64_t>::max();
+  static constexpr bool kRoundsInExpPass = false;  // see DotForwardTiles
 
   // query_rows: the most rows load_queries takes; query_block: the most rows of a product.
   BlasForwardTiles(int64_t query_rows, int64_t /*query_block*/, int64_t key_block, int64_t E, int64_t Ev)
@@ -166,8 +167,9 @@ inline Skip skip(Diagonal diagonal, CausalSkip kind) {
 
 // The products on the register tiles of dot_tiles.h: bfloat16 on the AVX512-BF16 dot products
 // (avx512 variant; E and Ev even, so that query and gradient rows are left operands as they
-// are), float32 on FMAs (avx2 and avx512 variants). The probabilities and score gradients are left operands in float32 rows (rounded to
-// bfloat16 for the dot products).
+// are), float32 on FMAs (avx2 and avx512 variants). The probabilities and score gradients are
+// left operands in float32 rows (rounded to bfloat16 for the dot products), or, in the
+// forward, rounded by the softmax's exp pass itself (kRoundsInExpPass).
 template <typename T>
 struct DotForwardTiles {
   using Ops = DotOps<T>;
@@ -177,6 +179,9 @@ struct DotForwardTiles {
   std::vector<Word> keys_packed, values_packed;
   std::vector<T> probs_buffer;
   static constexpr int64_t kReadsPastDiagonal = kDotReadsPastDiagonal;
+  // bfloat16: the exp pass may write the probabilities rounded, where add_rounded_values reads
+  // them (exp_pass_rounded), when nothing comes between (dropout does).
+  static constexpr bool kRoundsInExpPass = !std::is_same_v<T, float>;
 
   DotForwardTiles(int64_t /*query_rows*/, int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
       : E(E), Ev(Ev), keys_packed(Ops::packed_size(E, key_block)), values_packed(Ops::packed_size(key_block, Ev)),
@@ -196,6 +201,33 @@ struct DotForwardTiles {
     Ops::product(rows, Ev, cols, Ops::rounded(probs, rows, cols, ld, probs_buffer.data()), values_packed.data(), 1.0f,
                  true, accum, Ev, skip(diagonal, CausalSkip::kReductionAfter));
   }
+#if defined(ATTNKERNELS_BF16_TARGET)
+  // Row r of a tile of `cols` keys: 2^((scores - shift) * to_log2) of its `visible` leading scores,
+  // rounded, then the zeros that add_rounded_values reads past the diagonal; returns their float32 sum.
+  float exp_pass_rounded(int64_t r, int64_t cols, const float* scores, int64_t visible, float shift, float to_log2) {
+    T* row = probs_buffer.data() + r * Ops::left_row_stride(cols);
+    const float sum = exp2_shifted_sum_rounded(scores, visible, shift, to_log2, reinterpret_cast<uint16_t*>(row));
+    zero_rounded(row, visible, visible, cols);
+    return sum;
+  }
+  // Row r all zeros, as far as add_rounded_values reads it: a row that attends to nothing yet.
+  void zero_rounded_row(int64_t r, int64_t cols, int64_t visible) {
+    zero_rounded(probs_buffer.data() + r * Ops::left_row_stride(cols), 0, visible, cols);
+  }
+  // accum (rows x Ev) += the rounded probabilities of rows [0, rows) times V.
+  void add_rounded_values(int64_t rows, int64_t cols, float* accum, Diagonal diagonal = {}) {
+    Ops::product(rows, Ev, cols, Ops::rounded_rows(probs_buffer.data(), cols), values_packed.data(), 1.0f, true, accum,
+                 Ev, skip(diagonal, CausalSkip::kReductionAfter));
+  }
+
+ private:
+  // Zeros in [from, end) of a rounded row, end: as far past `visible` as the product reads, within
+  // the row and its pad.
+  void zero_rounded(T* row, int64_t from, int64_t visible, int64_t cols) const {
+    const int64_t end = std::min(Ops::left_row_stride(cols), visible + kReadsPastDiagonal);
+    if (from < end) std::fill(row + from, row + end, T(0));
+  }
+#endif
 };
 
 // dK and dV (cols x E, cols x Ev, of the block's cols keys) reduce over the query rows: P^T and
@@ -414,6 +446,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
   acc_t* lse_data = lse.mutable_data_ptr<acc_t>();
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  // Tiles that round the probabilities for their products take them from the exp pass, unless
+  // dropout comes between.
+  bool rounded_in_exp_pass = false;
+  if constexpr (Tiles::kRoundsInExpPass) rounded_in_exp_pass = !use_dropout;
 
   // accum, row_max and row_sum hold the online softmax of every query row of the task.
   struct Scratch {
@@ -465,15 +501,28 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* row = scores.data() + r * Bk;
           const int64_t visible = visible_columns(diagonal, r, cols);
-          zero_behind_diagonal(row, visible, cols, Tiles::kReadsPastDiagonal);
+          if (!rounded_in_exp_pass) zero_behind_diagonal(row, visible, cols, Tiles::kReadsPastDiagonal);
           const acc_t tile_max = max_of(row, visible);
           const acc_t new_max = std::isnan(tile_max) ? tile_max : std::max(block_max[r], tile_max);
           if (new_max == neg_inf) {  // every key so far is masked for this row
+            if constexpr (Tiles::kRoundsInExpPass) {
+              if (rounded_in_exp_pass) {
+                tiles.zero_rounded_row(r, cols, visible);
+                continue;
+              }
+            }
             std::fill(row, row + visible, acc_t(0));
             continue;
           }
           const acc_t correction = exp2_nonpositive((block_max[r] - new_max) * units.to_log2);
-          block_sum[r] = block_sum[r] * correction + exp2_shifted_sum(row, visible, new_max, units.to_log2);
+          acc_t tile_sum;
+          if constexpr (Tiles::kRoundsInExpPass) {
+            tile_sum = rounded_in_exp_pass ? tiles.exp_pass_rounded(r, cols, row, visible, new_max, units.to_log2)
+                                           : exp2_shifted_sum(row, visible, new_max, units.to_log2);
+          } else {
+            tile_sum = exp2_shifted_sum(row, visible, new_max, units.to_log2);
+          }
+          block_sum[r] = block_sum[r] * correction + tile_sum;
           block_max[r] = new_max;
           if (correction != acc_t(1)) {
             acc_t* acc_row = block_accum + r * Ev;
@@ -484,6 +533,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         if (use_dropout) {
           const uint64_t first_element = static_cast<uint64_t>((bh * L + row0) * S + col0);
           apply_dropout(dropout, keep_scale, first_element, S, rows, cols, scores.data(), Bk);
+        }
+        if constexpr (Tiles::kRoundsInExpPass) {
+          if (rounded_in_exp_pass) {
+            tiles.add_rounded_values(rows, cols, block_accum, diagonal);
+            continue;
+          }
         }
         tiles.add_values(rows, cols, scores.data(), Bk, block_accum, diagonal);
       }

@@ -223,6 +223,42 @@ inline float exp2_shifted_sum<float>(float* values, int64_t n, float shift, floa
   return to_log2 == 1.0f ? exp2_shifted_sum16<false>(values, n, shift, to_log2)
                          : exp2_shifted_sum16<true>(values, n, shift, to_log2);
 }
+
+#if defined(ATTNKERNELS_BF16_TARGET)
+// The exp pass of exp2_shifted_sum for probabilities that only a bfloat16 product reads: they go
+// to `rounded` (bfloat16 bits, rounded to nearest even) instead of back over the scores, which
+// are left as they were; the sum is of the float32 values, as exp2_shifted_sum's. One pass where
+// the exp pass and a rounding pass took two.
+template <bool kNatural>
+ATTNKERNELS_BF16_TARGET inline float exp2_shifted_sum16_rounded(const float* values, int64_t n, float shift,
+                                                                float to_log2, uint16_t* rounded) {
+  const __m512 shift16 = _mm512_set1_ps(shift), to_log2_16 = _mm512_set1_ps(to_log2);
+  const auto exponent = [&](__m512 x) {
+    const __m512 difference = _mm512_sub_ps(x, shift16);
+    return kNatural ? _mm512_mul_ps(difference, to_log2_16) : difference;
+  };
+  __m512 sum = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 p = exp2_nonpositive16(exponent(_mm512_loadu_ps(values + i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(rounded + i), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(p)));
+    sum = _mm512_add_ps(sum, p);
+  }
+  if (i < n) {
+    const __mmask16 mask = tail_mask(n - i);
+    const __m512 p = exp2_nonpositive16(exponent(_mm512_maskz_loadu_ps(mask, values + i)));
+    _mm256_mask_storeu_epi16(rounded + i, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(p)));
+    sum = _mm512_mask_add_ps(sum, mask, sum, p);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+ATTNKERNELS_BF16_TARGET inline float exp2_shifted_sum_rounded(const float* values, int64_t n, float shift,
+                                                              float to_log2, uint16_t* rounded) {
+  return to_log2 == 1.0f ? exp2_shifted_sum16_rounded<false>(values, n, shift, to_log2, rounded)
+                         : exp2_shifted_sum16_rounded<true>(values, n, shift, to_log2, rounded);
+}
+#endif
 #elif defined(__AVX2__) && defined(__FMA__)
 // 2^x on 8 lanes (see exp2_nonpositive). AVX2 has no scalef: n is added to p's exponent bits.
 // At -127 (and below, -inf too) r = 0 and p = 1, so that sum is the bits of 0. Between -127 and

@@ -28,10 +28,6 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(ATTNKERNELS_CPU_AVX512)
-#define ATTNKERNELS_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-#endif
-
 namespace attnkernels {
 namespace cpu {
 inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
@@ -532,11 +528,15 @@ struct DotOps<c10::BFloat16> {
   // Rows (m x k, k even) used as they are.
   static LeftOperand<T> rows(const T* x, int64_t ld) { return {x, ld, 2}; }
   // float32 rows (m x k), rounded into `buffer` (left_buffer_size(m, k) elements).
-  static int64_t left_buffer_size(int64_t m, int64_t k) { return m * 2 * pair_count(k); }
+  static int64_t left_buffer_size(int64_t m, int64_t k) { return m * left_row_stride(k); }
   static LeftOperand<T> rounded(const float* x, int64_t m, int64_t k, int64_t ld, T* buffer) {
     round_rows(x, m, k, ld, buffer);
-    return {buffer, 2 * pair_count(k), 2};
+    return rounded_rows(buffer, k);
   }
+  // The rows of k elements that `rounded` writes into `buffer`, written there by other means: row
+  // stride left_row_stride(k), an odd row's last element (its pad) 0.
+  static int64_t left_row_stride(int64_t k) { return 2 * pair_count(k); }
+  static LeftOperand<T> rounded_rows(const T* buffer, int64_t k) { return {buffer, left_row_stride(k), 2}; }
   // The transpose of X (k x m): A(i, p) = X[p][i], packed into `buffer` (transposed_buffer_size words).
   static int64_t transposed_buffer_size(int64_t k, int64_t m) { return packed_size(k, m); }
   template <typename Source>

@@ -9,7 +9,9 @@
 // Built by tests/test_softmax_math.py; prints "skip" on a CPU without the variant's instructions.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -63,6 +65,41 @@ static void check_exp(std::vector<float> values, float shift, float to_log2 = 1.
     fail("sum", sum, want_sum, shift);
   }
 }
+
+#if defined(ATTNKERNELS_BF16_TARGET)
+// exp2_shifted_sum_rounded: the same sum as exp2_shifted_sum, bit for bit, and each value rounded to
+// bfloat16 to nearest even (denormals may go to 0, as the conversion instruction flushes them); the
+// scores and what follows the n outputs are left as they were.
+static void check_rounded(const std::vector<float>& inputs, float shift, float to_log2) {
+  const int64_t n = static_cast<int64_t>(inputs.size());
+  std::vector<float> values = inputs;
+  const float sum = math::exp2_shifted_sum(values.data(), n, shift, to_log2);
+  constexpr uint16_t kSentinel = 0x1234;
+  std::vector<uint16_t> rounded(n + 3, kSentinel);
+  const std::vector<float> scores = inputs;
+  const float rounded_sum = math::exp2_shifted_sum_rounded(scores.data(), n, shift, to_log2, rounded.data());
+  uint32_t sum_bits, rounded_sum_bits;
+  std::memcpy(&sum_bits, &sum, 4);
+  std::memcpy(&rounded_sum_bits, &rounded_sum, 4);
+  if (sum_bits != rounded_sum_bits) fail("rounded pass's sum", rounded_sum, sum, shift);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &values[i], 4);
+    const bool is_nan = std::isnan(values[i]);
+    const uint16_t nearest_even = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    const uint16_t got = rounded[i];
+    const bool nan_kept = is_nan && (got & 0x7F80u) == 0x7F80u && (got & 0x7Fu) != 0;
+    const bool flushed = std::abs(values[i]) < std::ldexp(1.0f, -126) && (got & 0x7FFFu) == 0;
+    if (!(nan_kept || flushed || (!is_nan && got == nearest_even))) fail("rounded value", got, nearest_even, inputs[i]);
+  }
+  for (int64_t i = n; i < n + 3; ++i) {
+    if (rounded[i] != kSentinel) fail("rounded pass wrote past n", rounded[i], kSentinel, static_cast<double>(i));
+  }
+  if (n > 0 && std::memcmp(scores.data(), inputs.data(), n * sizeof(float)) != 0) {
+    fail("rounded pass changed the scores", 0, 0, shift);
+  }
+}
+#endif
 
 int main() {
   __builtin_cpu_init();
@@ -135,6 +172,24 @@ int main() {
     values[(n * 3) / 4] = nan;
     if (!std::isnan(math::max_of(values.data(), n))) fail("max with NaN", math::max_of(values.data(), n), nan, n);
   }
+#if defined(ATTNKERNELS_BF16_TARGET)
+  if (__builtin_cpu_supports("avx512bf16")) {
+    std::mt19937 rounding_rng(11);
+    std::uniform_real_distribution<float> scores(-40.0f, 0.0f);
+    for (int n = 0; n <= 40; ++n) {
+      std::vector<float> values(n);
+      for (float& v : values) v = scores(rounding_rng);
+      for (float to_log2 : {1.0f, kLog2e}) check_rounded(values, 0.0f, to_log2);
+    }
+    std::vector<float> sweep;
+    for (double t = -155.0; t <= 0.0; t += 1.0 / 256 + 1e-5) sweep.push_back(static_cast<float>(3.25 + t));
+    check_rounded(sweep, 3.25f, 1.0f);
+    for (float to_log2 : {1.0f, kLog2e}) {
+      check_rounded({-inf, 0.0f, nan, -1.0f, -3.0f, -inf, -0.5f, -7.0f, -9.0f, nan, -2.0f, -130.0f, -149.0f}, 0.0f,
+                    to_log2);
+    }
+  }
+#endif
   std::printf(failures == 0 ? "ok\n" : "%d failures\n", failures);
   return failures == 0 ? 0 : 1;
 }
