@@ -635,10 +635,7 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   const acc_t* grad_lse_data = grad_lse.has_value() ? grad_lse->const_data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, rows_total, 256, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      acc_t sum = 0;
-      for (int64_t e = 0; e < Ev; ++e) {
-        sum += static_cast<acc_t>(grad_out_data[row * Ev + e]) * static_cast<acc_t>(out_data[row * Ev + e]);
-      }
+      const acc_t sum = dot_in<scalar_t, acc_t>(grad_out_data + row * Ev, out_data + row * Ev, Ev);
       delta[row] = sum - (grad_lse_data != nullptr ? grad_lse_data[row] : acc_t(0));
     }
   });
