@@ -407,8 +407,8 @@ void fma_tile(int64_t k, const float* a, int64_t a_row, int64_t a_step, const fl
 // Which part of a product a causal mask makes useless. The mask hides (query i, key j) for
 // j > i + offset; the three cases are the attention tiles' products:
 // - kColumnsAfter: C's rows are queries and its columns keys (Q K^T, dO V^T). Register tiles
-//   wholly right of the diagonal are not computed, and C keeps what it held there (the caller
-//   masks those entries).
+//   wholly right of the diagonal are not computed, nor a tile's columns right of its last row's
+//   diagonal, and C keeps what it held there (the caller masks those entries).
 // - kReductionAfter: C's rows are queries and the reduction runs over keys (P V, dS K), whose
 //   hidden terms are zero: each register tile stops at its last row's diagonal.
 // - kReductionBefore: C's rows are keys and the reduction runs over queries (P^T dO, dS^T Q),
@@ -463,7 +463,13 @@ void tile_product(Tile tile, int64_t per_word, int64_t m, int64_t n, int64_t ste
     const int64_t columns = std::min<int64_t>(kDotColumns, n - j);
     for (int64_t i = 0; i < m; i += kDotRows) {
       const int64_t rows = std::min<int64_t>(kDotRows, m - i);
-      if (skip.kind == CausalSkip::kColumnsAfter && j > i + rows - 1 + skip.offset) continue;
+      int64_t tile_columns = columns;
+      if (skip.kind == CausalSkip::kColumnsAfter) {
+        // Only as far as the tile's last row sees: a panel the diagonal cuts within its first
+        // half takes the one-vector tile.
+        tile_columns = std::min(columns, i + rows + skip.offset - j);
+        if (tile_columns <= 0) continue;
+      }
       const int64_t first =
           skip.kind == CausalSkip::kReductionBefore ? std::min(steps, std::max<int64_t>(0, i - skip.offset) / per_word) : 0;
       const B* panel = b + packed_index(steps, first, j);
@@ -474,7 +480,7 @@ void tile_product(Tile tile, int64_t per_word, int64_t m, int64_t n, int64_t ste
       if (count == 0 && accumulate) continue;
       const A* a_i = a + i * a_row + first * a_step;
       float* c_i = c + i * ldc + j;
-      run_tile<kDotRows>(tile, rows, count, a_i, a_row, a_step, panel, columns, alpha, accumulate, c_i, ldc);
+      run_tile<kDotRows>(tile, rows, count, a_i, a_row, a_step, panel, tile_columns, alpha, accumulate, c_i, ldc);
     }
   }
 }
