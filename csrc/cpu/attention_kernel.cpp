@@ -744,7 +744,10 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
       }
     }
   });
-  if (!dq_in_place) grad_q.copy_(dq_accum.sum(0));
+  if (!dq_in_place) {
+    // One share converts as it is (a sum over one share would be a reduction and a buffer more).
+    grad_q.copy_(shares == 1 ? dq_accum.select(0, 0) : dq_accum.sum(0));
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
