@@ -228,7 +228,8 @@ inline float exp2_shifted_sum<float>(float* values, int64_t n, float shift, floa
 // The exp pass of exp2_shifted_sum for probabilities that only a bfloat16 product reads: they go
 // to `rounded` (bfloat16 bits, rounded to nearest even) instead of back over the scores, which
 // are left as they were; the sum is of the float32 values, as exp2_shifted_sum's. One pass where
-// the exp pass and a rounding pass took two.
+// the exp pass and a rounding pass took two. exp2_shifted_sum16's loop again: the conversion
+// compiles only in a function that carries the AVX512-BF16 target, which the float32 pass must not.
 template <bool kNatural>
 ATTNKERNELS_BF16_TARGET inline float exp2_shifted_sum16_rounded(const float* values, int64_t n, float shift,
                                                                 float to_log2, uint16_t* rounded) {
