@@ -121,6 +121,35 @@ def test_float32_random_shapes_match_float64(L, S, E, Ev, group, causal, mask_ki
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_tasks_split_at_the_end_change_no_bit(dtype, causal):
+    """With several threads the forward gives the last heads' query blocks out one at a time, costliest
+    first, after tasks of several blocks (with 2 threads here: two heads in tasks of 2 + 2 + 1 blocks,
+    two heads block by block; with 1 thread tasks of 4 + 1 blocks). A causal block in a task of several
+    takes the task's keys whole, its diagonal hiding what it cannot see. None of that may change a bit
+    of the output or lse, and the output must be right."""
+    L, S, E, Ev = 1100, 1100, 32, 32  # five query blocks of 256 rows, the last one partial
+    (q64, k64, v64), _ = random_problem(17, L, S, E, Ev, 2, causal, None)
+    q, k, v = (t.to(dtype) for t in (q64, k64, v64))
+    results = {}
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results[threads] = attnkernels.attention_with_lse(q, k, v, is_causal=causal, enable_gqa=True,
+                                                             backend="cpu")
+    finally:
+        torch.set_num_threads(previous)
+    for threads in (2, 3):
+        for name, one, many in zip(("out", "lse"), results[1], results[threads], strict=True):
+            assert torch.equal(one, many), f"{name} with {threads} threads"
+    exact = F.scaled_dot_product_attention(q64, k64, v64, is_causal=causal, enable_gqa=True)
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(results[1][0].double(), exact, atol=tolerance, rtol=tolerance)
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize(("causal", "mask_kind", "dropout_p"),
                          [(False, None, 0.0), (True, None, 0.0), (False, "bool", 0.0), (True, None, 0.25)])

@@ -77,6 +77,9 @@ struct BlasForwardTiles {
   const acc_t *q_tile = nullptr, *k_tile = nullptr, *v_tile = nullptr;
   // How many probabilities past a row's causal diagonal add_values reads (they must be 0): all of them.
   static constexpr int64_t kReadsPastDiagonal = std::numeric_limits<int64_t>::max();
+  // Whether the products skip what a causal diagonal hides, so that a block may take keys its rows
+  // cannot see at no cost and with no bit changed: not through BLAS.
+  static constexpr bool kSkipsBehindDiagonal = false;
   static constexpr bool kRoundsInExpPass = false;  // see DotForwardTiles
 
   // query_rows: the most rows load_queries takes; query_block: the most rows of a product.
@@ -179,6 +182,7 @@ struct DotForwardTiles {
   std::vector<Word> keys_packed, values_packed;
   std::vector<T> probs_buffer;
   static constexpr int64_t kReadsPastDiagonal = kDotReadsPastDiagonal;
+  static constexpr bool kSkipsBehindDiagonal = true;  // see BlasForwardTiles
   // bfloat16: the exp pass may write the probabilities rounded, where add_rounded_values reads
   // them (exp_pass_rounded), when nothing comes between (dropout does).
   static constexpr bool kRoundsInExpPass = !std::is_same_v<T, float>;
@@ -419,6 +423,36 @@ inline int64_t forward_blocks_per_task(int64_t heads, int64_t query_blocks, int6
   return std::min({query_blocks, for_balance, kMostBlocks});
 }
 
+// The forward's tasks, in the order the threads take them: groups of blocks_per_task query blocks
+// of a head, then the query blocks of the last heads one at a time, the costliest first (under a
+// causal mask the last block sees the most keys). Threads that take tasks of a whole head each
+// would end the call up to a task apart (on 2 cores a few percent of the call spent waiting); small
+// tasks at the end let them finish together.
+struct ForwardTasks {
+  int64_t heads, query_blocks, blocks_per_task, groups_per_head, split_heads;
+
+  ForwardTasks(int64_t heads, int64_t query_blocks, int64_t threads)
+      : heads(heads), query_blocks(query_blocks),
+        blocks_per_task(forward_blocks_per_task(heads, query_blocks, threads)),
+        groups_per_head(ceil_div(query_blocks, blocks_per_task)),
+        split_heads(blocks_per_task > 1 && threads > 1 ? std::min(heads, threads) : 0) {}
+
+  int64_t count() const { return (heads - split_heads) * groups_per_head + split_heads * query_blocks; }
+
+  struct Task {
+    int64_t head, first_block, blocks;
+  };
+  Task operator[](int64_t task) const {
+    const int64_t grouped = (heads - split_heads) * groups_per_head;
+    if (task < grouped) {
+      const int64_t first_block = (task % groups_per_head) * blocks_per_task;
+      return {task / groups_per_head, first_block, std::min(blocks_per_task, query_blocks - first_block)};
+    }
+    const int64_t single = task - grouped;
+    return {heads - split_heads + single % split_heads, query_blocks - 1 - single / split_heads, 1};
+  }
+};
+
 template <typename scalar_t, typename Tiles>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& mask_tensor, const Shape& shape, double scale_d, bool is_causal,
@@ -432,13 +466,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const auto [batch, q_heads, kv_heads, group, L, S, E, Ev] = shape;
   // Blocks no longer than the sequences, so that short ones get scratch buffers of their size.
   const int64_t Bq = std::clamp<int64_t>(L, 1, kForwardQueryBlock);
-  // Causal: key blocks as long as query blocks, so that a task's query blocks see whole key blocks
-  // (each packed once for all of them) except the one the diagonal cuts.
-  const int64_t Bk = std::clamp<int64_t>(S, 1, is_causal ? Bq : kForwardKeyBlock);
-  const int64_t query_blocks = ceil_div(L, Bq);
-  const int64_t blocks_per_task = forward_blocks_per_task(batch * q_heads, query_blocks, at::get_num_threads());
-  const int64_t tasks_per_head = ceil_div(query_blocks, blocks_per_task);
-  const int64_t task_capacity = blocks_per_task * Bq;
+  // Causal products that cannot skip what the diagonal hides take key blocks as long as query blocks,
+  // so that a task's query blocks see whole key blocks except the one the diagonal cuts.
+  const bool causal_blocks = is_causal && !Tiles::kSkipsBehindDiagonal;
+  const int64_t Bk = std::clamp<int64_t>(S, 1, causal_blocks ? Bq : kForwardKeyBlock);
+  const ForwardTasks tasks(batch * q_heads, ceil_div(L, Bq), at::get_num_threads());
+  const int64_t task_capacity = tasks.blocks_per_task * Bq;
 
   const scalar_t* q_data = q.const_data_ptr<scalar_t>();
   const scalar_t* k_data = k.const_data_ptr<scalar_t>();
@@ -461,11 +494,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    std::vector<acc_t>(task_capacity), std::vector<acc_t>(task_capacity),
                    Tiles(task_capacity, Bq, Bk, E, Ev)};
   };
-  parallel_tasks(batch * q_heads * tasks_per_head, make_scratch, [&](int64_t task, Scratch& scratch) {
+  parallel_tasks(tasks.count(), make_scratch, [&](int64_t task_index, Scratch& scratch) {
     auto& [scores, accum, row_max, row_sum, tiles] = scratch;
-    const int64_t bh = task / tasks_per_head;
-    const int64_t task_row0 = (task % tasks_per_head) * task_capacity;
-    const int64_t task_rows = std::min(task_capacity, L - task_row0);
+    const ForwardTasks::Task task = tasks[task_index];
+    const int64_t bh = task.head;
+    const int64_t task_row0 = task.first_block * Bq;
+    const int64_t task_rows = std::min(task.blocks * Bq, L - task_row0);
     const int64_t kv = (bh / q_heads) * kv_heads + (bh % q_heads) / group;
     tiles.load_queries(q_data + (bh * L + task_row0) * E, task_rows);
     std::fill(row_max.begin(), row_max.end(), neg_inf);
@@ -474,15 +508,19 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     // Causal: keys beyond the task's last row are hidden from every row.
     const int64_t task_key_end = is_causal ? std::min(S, task_row0 + task_rows) : S;
     for (int64_t col0 = 0; col0 < task_key_end; col0 += Bk) {
-      // The key block is packed once for all of the task's query blocks that see it (again only
-      // when a causal block sees more of it than the one before).
+      // The key block is packed once for all of the task's query blocks that see it. A causal
+      // block that sees only part of it takes it whole where the products skip what its diagonal
+      // hides: each of its rows then has one softmax pass per key block, however far its own keys
+      // reach. (Else the block takes what it sees, and the keys are packed again for a block that
+      // sees more.)
+      const int64_t task_cols = std::min(Bk, task_key_end - col0);
       int64_t loaded_cols = 0;
       for (int64_t first = 0; first < task_rows; first += Bq) {
         const int64_t row0 = task_row0 + first;
         const int64_t rows = std::min(Bq, task_rows - first);
         const int64_t key_end = is_causal ? std::min(S, row0 + rows) : S;
         if (col0 >= key_end) continue;
-        const int64_t cols = std::min(Bk, key_end - col0);
+        const int64_t cols = causal_blocks ? std::min(task_cols, key_end - col0) : task_cols;
         if (hidden_and_inert(mask, shape, bh, kv, row0, rows, col0, cols, q_data, k_data, v_data, scale_d)) continue;
         if (cols != loaded_cols) {
           tiles.load_keys(k_data + (kv * S + col0) * E, v_data + (kv * S + col0) * Ev, cols);
@@ -532,7 +570,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         }
         if (use_dropout) {
           const uint64_t first_element = static_cast<uint64_t>((bh * L + row0) * S + col0);
-          apply_dropout(dropout, keep_scale, first_element, S, rows, cols, scores.data(), Bk);
+          apply_dropout(dropout, keep_scale, first_element, S, rows, std::min(cols, key_end - col0), scores.data(), Bk);
         }
         if constexpr (Tiles::kRoundsInExpPass) {
           if (rounded_in_exp_pass) {
