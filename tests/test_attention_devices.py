@@ -159,8 +159,11 @@ def test_empty_inputs(device, backend):
     prec = precision(device, backend)
     q, k, v = (randn(2, 2, n, e, device=device, dtype=prec.dtype, seed=s) for s, n, e in ((0, 3, 16), (1, 5, 16),
                                                                                           (2, 5, 8)))
-    out, lse = run(backend, attnkernels.attention_with_lse, q[:, :, :0], k, v)
+    no_queries = [q[:, :, :0].detach().requires_grad_(), k.detach().requires_grad_(), v.detach().requires_grad_()]
+    out, lse = run(backend, attnkernels.attention_with_lse, *no_queries)
     assert out.shape == (2, 2, 0, 8) and lse.shape == (2, 2, 0)
+    grads = torch.autograd.grad(out.sum(), no_queries)  # no query attends to the keys: their gradients are 0
+    assert grads[0].shape == (2, 2, 0, 16) and (grads[1] == 0).all() and (grads[2] == 0).all()
     leaves = [q.requires_grad_(), k[:, :, :0].detach().requires_grad_(), v[:, :, :0].detach().requires_grad_()]
     out, lse = run(backend, attnkernels.attention_with_lse, *leaves)
     assert out.shape == (2, 2, 3, 8) and (out == 0).all() and torch.isneginf(lse).all()

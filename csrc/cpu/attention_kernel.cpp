@@ -685,7 +685,7 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   const int64_t threads = at::get_num_threads();
   const int64_t shares = std::max<int64_t>(1, std::min(key_blocks, ceil_div(2 * threads, pairs)));
   const bool dq_in_place = shares == 1 && !convert;
-  at::Tensor dq_accum = dq_in_place ? grad_q
+  at::Tensor dq_accum = dq_in_place ? grad_q.zero_()
                                     : at::zeros({shares, batch, q_heads, L, E}, q.options().dtype(
                                                                                      c10::CppTypeToScalarType<acc_t>::value));
   acc_t* dq_data = dq_accum.mutable_data_ptr<acc_t>();
@@ -811,13 +811,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   TORCH_CHECK(!want_mask_grad || attn_mask->scalar_type() != at::kBool,
               "attnkernels::attention_backward: a bool attn_mask has no gradient");
   // Every gradient is computed (dQ needs the same tiles as dK, dV); unrequested ones return empty.
-  at::Tensor grad_q = at::zeros(query.sizes(), query.options());
-  at::Tensor grad_k = at::zeros(key.sizes(), key.options());
-  at::Tensor grad_v = at::zeros(value.sizes(), value.options());
+  // backward_impl writes every element of dQ, dK and dV (zeroing dQ itself where it adds into it),
+  // so they are zero-filled only when there is nothing to compute.
+  const bool any_work = shape.batch * shape.q_heads * shape.L > 0 && shape.S > 0;
+  const auto gradient_like = [&](const at::Tensor& input) {
+    return any_work ? at::empty(input.sizes(), input.options()) : at::zeros(input.sizes(), input.options());
+  };
+  at::Tensor grad_q = gradient_like(query), grad_k = gradient_like(key), grad_v = gradient_like(value);
   at::Tensor grad_mask = want_mask_grad
                              ? at::zeros({shape.batch, shape.q_heads, shape.L, shape.S}, query.options().dtype(acc_type))
                              : at::Tensor();
-  if (shape.batch * shape.q_heads * shape.L > 0 && shape.S > 0) {
+  if (any_work) {
     const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
     const at::Tensor go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
     std::optional<at::Tensor> gl;
