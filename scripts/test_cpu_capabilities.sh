@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=0
 best=$(env -u ATTNKERNELS_CPU_CAPABILITY python -c "import attnkernels; print(attnkernels.cpu_capability())")
 tests=(tests/test_cpu_capability.py tests/test_grid_sample.py tests/test_affine.py tests/test_attention.py
-       tests/test_attention_devices.py tests/test_attention_errors.py tests/test_sampling_errors.py
+       tests/test_attention_devices.py tests/test_attention_errors.py tests/test_attention_few_queries.py
+       tests/test_sampling_errors.py
        tests/test_sampling_library.py)
 for capability in default avx2 avx512; do
   echo "== CPU kernels, ${capability} variant"

@@ -83,6 +83,18 @@ def test_attention_flop_count():
     assert cases.OPS["attention_causal"].work(shape, torch.float32, False) == 2 * 2 * 3 * 5 * 7 * 11
 
 
+def test_attention_pooling_byte_count():
+    """One query per head: counted in the bytes it must move (q, k, v read and the output written; the backward
+    reads them and dO again and writes dq, dk, dv)."""
+    spec = cases.OPS["attention_pooling"]
+    shape = spec.shape(256, "cpu")
+    assert shape["L"] == 1 and shape["B"] * shape["S"] == 16384 and spec.work_unit == "B"
+    heads, E, S = shape["B"] * shape["H"], shape["E"], shape["S"]
+    query, keys_and_values = heads * E * 2, 2 * heads * S * E * 2  # bfloat16: 2 bytes an element
+    assert spec.work(shape, torch.bfloat16, False) == 2 * query + keys_and_values
+    assert spec.work(shape, torch.bfloat16, True) == 6 * query + 3 * keys_and_values
+
+
 @pytest.mark.parametrize("direction", cases.PASSES)
 def test_wrong_kernel_is_reported_and_not_timed(tmp_path, capsys, monkeypatch, direction):
     calls = []
@@ -196,8 +208,9 @@ def test_dtype_the_gpu_lacks_exits_2(monkeypatch, capsys):
     assert len(lines) == 1 and "'bfloat16' is not supported by an old GPU" in lines[0]
 
 
-def test_attention_cases_run_with_flop_rates(monkeypatch, tmp_path):
-    # Whatever attnkernels' attention is, the command times it in FLOP/s against torch's SDPA.
+def test_attention_cases_run_with_flop_and_byte_rates(monkeypatch, tmp_path):
+    # Whatever attnkernels' attention is, the command times it against torch's SDPA: in FLOP/s, and in bytes/s for
+    # attention pooling (one query per head).
     import attnkernels
 
     if not hasattr(attnkernels, "scaled_dot_product_attention"):
@@ -207,9 +220,10 @@ def test_attention_cases_run_with_flop_rates(monkeypatch, tmp_path):
         monkeypatch.setattr(attnkernels, "scaled_dot_product_attention", stand_in, raising=False)
     assert main([*TINY, "--op", "attention", "--backend", "reference", "--out", str(tmp_path)]) == 0
     records = _records(tmp_path)
-    assert {r["op"] for r in records} == {"attention", "attention_causal"}
+    assert {r["op"] for r in records} == {"attention", "attention_causal", "attention_pooling"}
     for record in records:
-        assert record["status"] == "ok" and record["work_unit"] == "FLOP" and record["rate"] > 0, record
+        unit = "B" if record["op"] == "attention_pooling" else "FLOP"
+        assert record["status"] == "ok" and record["work_unit"] == unit and record["rate"] > 0, record
         assert record["fraction_of_limit"] > 0
     payload = json.loads((tmp_path / "results.json").read_text())
     assert payload["limits"]["matmul_flop_per_s"]["float32"] > 0

@@ -3,6 +3,11 @@ FlashAttention's shapes against torch's SDPA default and cuDNN.
 
 FLOP counts (FlashAttention's convention):
     attention forward:     4·B·H·L·S·E, half when causal;  fwd+bwd: 3.5x forward; bwd: 2.5x
+
+attention_pooling (one query per head over every token: a class token or pooling query, a decoding
+step) does a few FLOPs per key and value it reads, so it is counted in bytes, the least that must
+move: forward reads q, k, v and writes the output; the backward reads them and the output gradient
+again and writes the gradients of q, k, v.
 """
 
 from __future__ import annotations
@@ -66,6 +71,45 @@ def _attention_ops() -> list[OpSpec]:
     return ops
 
 
+# Attention pooling: one query per head against every token; a fixed number of tokens (batch x S).
+_POOLING_TOKENS = {"cpu": 16384, "cuda": 262144}
+
+
+def _pooling_shape(size: int, device_type: str) -> Shape:
+    return {"B": max(1, _POOLING_TOKENS[device_type] // size), "H": _ATTENTION_HEADS[device_type], "L": 1,
+            "S": size, "E": _ATTENTION_HEAD_DIM[device_type]}
+
+
+def _pooling_bytes(shape: Shape, dtype: torch.dtype, backward: bool) -> float:
+    element = torch.empty((), dtype=dtype).element_size()
+    heads = shape["B"] * shape["H"]
+    queries = heads * shape["L"] * shape["E"] * element
+    keys_and_values = 2 * heads * shape["S"] * shape["E"] * element
+    forward = 2 * queries + keys_and_values
+    # backward: q, k, v, out and dO read; dq, dk, dv written
+    return forward + (3 * queries + keys_and_values) + (queries + keys_and_values) if backward else forward
+
+
+def _pooling_op() -> OpSpec:
+    return OpSpec(
+        name="attention_pooling",
+        public_function="scaled_dot_product_attention",
+        size_meaning="keys per query (L = 1; batch x S fixed)",
+        work_unit="B",
+        shape=_pooling_shape,
+        make_inputs=_attention_inputs,
+        output_shape=lambda s: (s["B"], s["H"], s["L"], s["E"]),
+        torch_impl=lambda x: F.scaled_dot_product_attention(x["query"], x["key"], x["value"]),
+        ours=lambda x, backend: attnkernels.scaled_dot_product_attention(x["query"], x["key"], x["value"],
+                                                                         backend=backend),
+        differentiable_inputs=("query", "key", "value"),
+        work=_pooling_bytes,
+        label=lambda s: f"B={s['B']} H={s['H']} L=1 S={s['S']} E={s['E']}",
+        default_sizes={"cpu": (256, 1024, 4096), "cuda": (1024, 4096, 16384)},
+        quick_sizes={"cpu": (256,), "cuda": (4096,)},
+    )
+
+
 # FlashAttention's benchmark shapes for the CUDA kernels: 16k tokens (batch x L), model width
 # 2048 (heads = 2048 / E), head dims 64 and 128, L = 1k ... 16k; against torch's default SDPA
 # (sdpa_*) and its cuDNN backend (sdpa_cudnn_*: cuDNN takes float16/bfloat16 CUDA tensors only,
@@ -116,4 +160,4 @@ def _sdpa_ops() -> list[OpSpec]:
 
 def attention_ops() -> list[OpSpec]:
     """Every attention op, in the order the bench command lists them."""
-    return [*_attention_ops(), *_sdpa_ops()]
+    return [*_attention_ops(), _pooling_op(), *_sdpa_ops()]

@@ -39,6 +39,7 @@
 #include "../attention_checks.h"
 #include "attention_math.h"
 #include "attention_tiles.h"
+#include "direct_tiles.h"
 #include "dot_tiles.h"
 #include "cpu_kernels.h"
 
@@ -389,6 +390,162 @@ struct WideningBackwardTiles : DotBackwardTiles<float> {
   }
 };
 
+#endif
+
+#if defined(ATTNKERNELS_DIRECT_TILES)
+// The forward's products for a few query rows (direct_tiles.h): keys and values read where they lie,
+// the query rows widened to float32 (and padded with zeros to whole vectors).
+template <typename scalar_t>
+struct DirectForwardTiles {
+  static constexpr int64_t kReadsPastDiagonal = kDirectRows;  // a group of rows reads to its last row's diagonal
+  static constexpr bool kSkipsBehindDiagonal = true;
+  static constexpr bool kRoundsInExpPass = false;
+  int64_t E, Ev, q_ld;
+  std::vector<float> q_buffer;
+  const scalar_t *k_rows = nullptr, *v_rows = nullptr;
+
+  DirectForwardTiles(int64_t query_rows, int64_t /*query_block*/, int64_t /*key_block*/, int64_t E, int64_t Ev)
+      : E(E), Ev(Ev), q_ld(direct_padded(E)), q_buffer(query_rows * q_ld, 0.0f) {}
+
+  void load_queries(const scalar_t* q, int64_t rows) {
+    for (int64_t r = 0; r < rows; ++r) widen(q + r * E, E, q_buffer.data() + r * q_ld);
+  }
+  void load_keys(const scalar_t* k, const scalar_t* v, int64_t) {
+    k_rows = k;
+    v_rows = v;
+  }
+  void scores(int64_t first, int64_t rows, int64_t cols, float scale, float* out, int64_t ld, Diagonal diagonal = {}) {
+    for (int64_t r = 0; r < rows; r += kDirectRows) {
+      const int64_t group = std::min<int64_t>(kDirectRows, rows - r);
+      const int64_t seen = visible_columns(diagonal, r + group - 1, cols);
+      if (seen == 0) continue;
+      by_rows(group, [&](auto rows_constant) {
+        direct_scores<decltype(rows_constant)::value>(q_buffer.data() + (first + r) * q_ld, q_ld, k_rows, E, seen,
+                                                      scale, out + r * ld, ld);
+      });
+    }
+  }
+  void add_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, float* accum, Diagonal diagonal = {}) {
+    for (int64_t r = 0; r < rows; r += kDirectRows) {
+      const int64_t group = std::min<int64_t>(kDirectRows, rows - r);
+      const int64_t seen = visible_columns(diagonal, r + group - 1, cols);
+      if (seen == 0) continue;
+      by_rows(group, [&](auto rows_constant) {
+        direct_values<decltype(rows_constant)::value>(probs + r * ld, ld, v_rows, Ev, seen, accum + r * Ev);
+      });
+    }
+  }
+
+ private:
+  // f(std::integral_constant<int, rows>) for rows in [1, kDirectRows].
+  template <typename F>
+  static void by_rows(int64_t rows, F&& f) {
+    switch (rows) {
+      case 1: f(std::integral_constant<int, 1>{}); break;
+#if defined(ATTNKERNELS_CPU_AVX512)
+      case 3: f(std::integral_constant<int, 3>{}); break;
+      case 4: f(std::integral_constant<int, 4>{}); break;
+#endif
+      default: f(std::integral_constant<int, 2>{}); break;
+    }
+  }
+};
+static_assert(kDirectRows == 2 || kDirectRows == 4, "DirectForwardTiles::by_rows covers 1 to kDirectRows rows");
+
+// The backward's products for a few query rows: keys and values read where they lie, the query and
+// output-gradient rows widened to float32 and padded, dK and dV accumulated key by key in float32
+// rows padded to whole vectors.
+template <typename scalar_t>
+struct DirectBackwardTiles {
+  static constexpr int64_t kReadsPastDiagonal = kDirectRows;
+  int64_t E, Ev, q_ld, do_ld;
+  std::vector<float> q_buffer, do_buffer, dk, dv;
+  const scalar_t *k_rows = nullptr, *v_rows = nullptr;
+
+  DirectBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
+      : E(E), Ev(Ev), q_ld(direct_padded(E)), do_ld(direct_padded(Ev)), q_buffer(query_block * q_ld, 0.0f),
+        do_buffer(query_block * do_ld, 0.0f), dk(key_block * q_ld), dv(key_block * do_ld) {}
+
+  // Nothing is packed, so nothing is kept between the query blocks of a task.
+  int64_t begin_task(int64_t) { return 1; }
+  void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
+    k_rows = k;
+    v_rows = v;
+    std::fill(dk.begin(), dk.begin() + cols * q_ld, 0.0f);
+    std::fill(dv.begin(), dv.begin() + cols * do_ld, 0.0f);
+  }
+  void load_queries(const scalar_t* q, const scalar_t* grad_out, int64_t rows, int64_t /*slot*/) {
+    for (int64_t r = 0; r < rows; ++r) {
+      widen(q + r * E, E, q_buffer.data() + r * q_ld);
+      widen(grad_out + r * Ev, Ev, do_buffer.data() + r * do_ld);
+    }
+  }
+  void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld, Diagonal diagonal = {}) {
+    by_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
+      direct_scores<decltype(kRows)::value>(q_buffer.data() + r * q_ld, q_ld, k_rows, E, seen, scale, out + r * ld, ld);
+    });
+  }
+  void grad_probs(int64_t rows, int64_t cols, float* out, int64_t ld, Diagonal diagonal = {}) {
+    by_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
+      direct_scores<decltype(kRows)::value>(do_buffer.data() + r * do_ld, do_ld, v_rows, Ev, seen, 1.0f, out + r * ld,
+                                            ld);
+    });
+  }
+  // dV (cols x Ev) += P^T dO
+  void add_grad_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, Diagonal diagonal = {}) {
+    by_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
+      direct_outer<decltype(kRows)::value>(probs + r * ld, ld, do_buffer.data() + r * do_ld, do_ld, do_ld, seen, 1.0f,
+                                           dv.data(), do_ld);
+    });
+  }
+  // dK (cols x E) += scale * dS^T Q
+  void add_grad_keys(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale,
+                     Diagonal diagonal = {}) {
+    by_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
+      direct_outer<decltype(kRows)::value>(grad_scores + r * ld, ld, q_buffer.data() + r * q_ld, q_ld, q_ld, seen,
+                                           scale, dk.data(), q_ld);
+    });
+  }
+  // dq (rows x E, contiguous) += scale * dS K
+  void add_grad_queries(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale, float* dq,
+                        Diagonal diagonal = {}) {
+    by_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
+      direct_values<decltype(kRows)::value>(grad_scores + r * ld, ld, k_rows, E, seen, dq + r * E, scale);
+    });
+  }
+  template <typename Out>
+  void store_key_grads(Out* grad_k, Out* grad_v, int64_t cols) const {
+    for (int64_t j = 0; j < cols; ++j) {
+      std::transform(dk.begin() + j * q_ld, dk.begin() + j * q_ld + E, grad_k + j * E,
+                     [](float x) { return static_cast<Out>(x); });
+      std::transform(dv.begin() + j * do_ld, dv.begin() + j * do_ld + Ev, grad_v + j * Ev,
+                     [](float x) { return static_cast<Out>(x); });
+    }
+  }
+
+ private:
+  // f(rows constant, first row, keys the group's last row sees) for each group of up to kDirectRows rows.
+  template <typename F>
+  static void by_groups(int64_t rows, int64_t cols, Diagonal diagonal, F&& f) {
+    for (int64_t r = 0; r < rows; r += kDirectRows) {
+      const int64_t group = std::min<int64_t>(kDirectRows, rows - r);
+      const int64_t seen = visible_columns(diagonal, r + group - 1, cols);
+      if (seen == 0) continue;
+      switch (group) {
+        case 1: f(std::integral_constant<int, 1>{}, r, seen); break;
+#if defined(ATTNKERNELS_CPU_AVX512)
+        case 3: f(std::integral_constant<int, 3>{}, r, seen); break;
+        case 4: f(std::integral_constant<int, 4>{}, r, seen); break;
+#endif
+        default: f(std::integral_constant<int, 2>{}, r, seen); break;
+      }
+    }
+  }
+};
+
+#endif
+
+#if defined(ATTNKERNELS_DOT_TILES)
 template <typename scalar_t>
 constexpr bool kWidenedTilesFor = std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
 
@@ -408,6 +565,26 @@ bool use_dot_tiles(const Shape& shape) {
     return kDotTilesFor<scalar_t> && shape.E % 2 == 0 && shape.Ev % 2 == 0 && bf16_dot_products_enabled();
   }
   return kDotTilesFor<scalar_t>;
+}
+#endif
+
+#if defined(ATTNKERNELS_DIRECT_TILES)
+// Query rows per head up to which the forward takes the direct products rather than packing keys
+// and values for the register tiles. Measured (2 threads, 8 and 64 heads of 256 and 4096 keys, head
+// dim 64, Zen 4): float32 and the widened types gain at 16 rows on AVX-512 (0.6-0.85x the packed
+// path's time), float32 on AVX2 up to 8 (above, packing pays for its wider tiles); bfloat16 on the
+// AVX512-BF16 dot products, twice as fast as FMAs, only up to 4.
+template <typename scalar_t>
+int64_t direct_most_queries(const Shape& shape) {
+#if defined(ATTNKERNELS_DOT_TILES)
+  if constexpr (kDotTilesFor<scalar_t> && !std::is_same_v<scalar_t, float>) {
+    if (use_dot_tiles<scalar_t>(shape)) return 4;
+  }
+#endif
+#if defined(ATTNKERNELS_CPU_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) return 8;
+#endif
+  return 16;
 }
 #endif
 
@@ -614,6 +791,15 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& query, const 
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "attention_cpu", [&] {
+#if defined(ATTNKERNELS_DIRECT_TILES)
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (shape.L <= direct_most_queries<scalar_t>(shape)) {
+        forward_impl<scalar_t, DirectForwardTiles<scalar_t>>(q, k, v, attn_mask, shape, scale, is_causal, dropout_p,
+                                                             seed, out, lse);
+        return;
+      }
+    }
+#endif
 #if defined(ATTNKERNELS_DOT_TILES)
     if constexpr (kDotTilesFor<scalar_t>) {
       if (use_dot_tiles<scalar_t>(shape)) {
@@ -827,6 +1013,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     std::optional<at::Tensor> gl;
     if (grad_lse.has_value()) gl = grad_lse->contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "attention_backward_cpu", [&] {
+#if defined(ATTNKERNELS_DIRECT_TILES)
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        if (shape.L <= direct_most_queries<scalar_t>(shape)) {
+          backward_impl<scalar_t, DirectBackwardTiles<scalar_t>>(go, gl, q, k, v, attn_mask, o, l, shape, scale,
+                                                                 is_causal, dropout_p, seed, grad_q, grad_k, grad_v,
+                                                                 grad_mask);
+          return;
+        }
+      }
+#endif
 #if defined(ATTNKERNELS_DOT_TILES)
       if constexpr (kDotTilesFor<scalar_t>) {
         if (use_dot_tiles<scalar_t>(shape)) {
