@@ -11,7 +11,9 @@
 // products, as torch's own CPU flash attention does; accumulation in float32).
 // Other float16 and bfloat16 inputs are widened to float32 block by block and
 // take the float32 tiles; BLAS is left with float64 (and everything in the
-// default variant, which has no register tiles).
+// default variant, which has no register tiles). A few query rows per head
+// (direct_most_queries) take the products of direct_tiles.h in both passes:
+// keys and values read where they lie, nothing packed.
 //
 // Backward: recomputes each score tile from q, k and the saved lse. A task owns
 // a set of key blocks of one (batch, kv head): it accumulates their dK, dV over
@@ -393,6 +395,26 @@ struct WideningBackwardTiles : DotBackwardTiles<float> {
 #endif
 
 #if defined(ATTNKERNELS_DIRECT_TILES)
+// f(std::integral_constant<int, rows>, first row, keys the group's last row sees) for each group of up to
+// kDirectRows of the tile's rows that sees a key: a group's products run to its last row's diagonal.
+template <typename F>
+void for_direct_row_groups(int64_t rows, int64_t cols, Diagonal diagonal, F&& f) {
+  static_assert(kDirectRows == 2 || kDirectRows == 4, "the cases below cover 1 to kDirectRows rows");
+  for (int64_t r = 0; r < rows; r += kDirectRows) {
+    const int64_t group = std::min<int64_t>(kDirectRows, rows - r);
+    const int64_t seen = visible_columns(diagonal, r + group - 1, cols);
+    if (seen == 0) continue;
+    switch (group) {
+      case 1: f(std::integral_constant<int, 1>{}, r, seen); break;
+#if defined(ATTNKERNELS_CPU_AVX512)
+      case 3: f(std::integral_constant<int, 3>{}, r, seen); break;
+      case 4: f(std::integral_constant<int, 4>{}, r, seen); break;
+#endif
+      default: f(std::integral_constant<int, 2>{}, r, seen); break;
+    }
+  }
+}
+
 // The forward's products for a few query rows (direct_tiles.h): keys and values read where they lie,
 // the query rows widened to float32 (and padded with zeros to whole vectors).
 template <typename scalar_t>
@@ -415,42 +437,17 @@ struct DirectForwardTiles {
     v_rows = v;
   }
   void scores(int64_t first, int64_t rows, int64_t cols, float scale, float* out, int64_t ld, Diagonal diagonal = {}) {
-    for (int64_t r = 0; r < rows; r += kDirectRows) {
-      const int64_t group = std::min<int64_t>(kDirectRows, rows - r);
-      const int64_t seen = visible_columns(diagonal, r + group - 1, cols);
-      if (seen == 0) continue;
-      by_rows(group, [&](auto rows_constant) {
-        direct_scores<decltype(rows_constant)::value>(q_buffer.data() + (first + r) * q_ld, q_ld, k_rows, E, seen,
-                                                      scale, out + r * ld, ld);
-      });
-    }
+    for_direct_row_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
+      direct_scores<decltype(kRows)::value>(q_buffer.data() + (first + r) * q_ld, q_ld, k_rows, E, seen, scale,
+                                            out + r * ld, ld);
+    });
   }
   void add_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, float* accum, Diagonal diagonal = {}) {
-    for (int64_t r = 0; r < rows; r += kDirectRows) {
-      const int64_t group = std::min<int64_t>(kDirectRows, rows - r);
-      const int64_t seen = visible_columns(diagonal, r + group - 1, cols);
-      if (seen == 0) continue;
-      by_rows(group, [&](auto rows_constant) {
-        direct_values<decltype(rows_constant)::value>(probs + r * ld, ld, v_rows, Ev, seen, accum + r * Ev);
-      });
-    }
-  }
-
- private:
-  // f(std::integral_constant<int, rows>) for rows in [1, kDirectRows].
-  template <typename F>
-  static void by_rows(int64_t rows, F&& f) {
-    switch (rows) {
-      case 1: f(std::integral_constant<int, 1>{}); break;
-#if defined(ATTNKERNELS_CPU_AVX512)
-      case 3: f(std::integral_constant<int, 3>{}); break;
-      case 4: f(std::integral_constant<int, 4>{}); break;
-#endif
-      default: f(std::integral_constant<int, 2>{}); break;
-    }
+    for_direct_row_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
+      direct_values<decltype(kRows)::value>(probs + r * ld, ld, v_rows, Ev, seen, accum + r * Ev);
+    });
   }
 };
-static_assert(kDirectRows == 2 || kDirectRows == 4, "DirectForwardTiles::by_rows covers 1 to kDirectRows rows");
 
 // The backward's products for a few query rows: keys and values read where they lie, the query and
 // output-gradient rows widened to float32 and padded, dK and dV accumulated key by key in float32
@@ -481,19 +478,19 @@ struct DirectBackwardTiles {
     }
   }
   void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld, Diagonal diagonal = {}) {
-    by_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
+    for_direct_row_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
       direct_scores<decltype(kRows)::value>(q_buffer.data() + r * q_ld, q_ld, k_rows, E, seen, scale, out + r * ld, ld);
     });
   }
   void grad_probs(int64_t rows, int64_t cols, float* out, int64_t ld, Diagonal diagonal = {}) {
-    by_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
+    for_direct_row_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
       direct_scores<decltype(kRows)::value>(do_buffer.data() + r * do_ld, do_ld, v_rows, Ev, seen, 1.0f, out + r * ld,
                                             ld);
     });
   }
   // dV (cols x Ev) += P^T dO
   void add_grad_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, Diagonal diagonal = {}) {
-    by_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
+    for_direct_row_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
       direct_outer<decltype(kRows)::value>(probs + r * ld, ld, do_buffer.data() + r * do_ld, do_ld, do_ld, seen, 1.0f,
                                            dv.data(), do_ld);
     });
@@ -501,7 +498,7 @@ struct DirectBackwardTiles {
   // dK (cols x E) += scale * dS^T Q
   void add_grad_keys(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale,
                      Diagonal diagonal = {}) {
-    by_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
+    for_direct_row_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
       direct_outer<decltype(kRows)::value>(grad_scores + r * ld, ld, q_buffer.data() + r * q_ld, q_ld, q_ld, seen,
                                            scale, dk.data(), q_ld);
     });
@@ -509,7 +506,7 @@ struct DirectBackwardTiles {
   // dq (rows x E, contiguous) += scale * dS K
   void add_grad_queries(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale, float* dq,
                         Diagonal diagonal = {}) {
-    by_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
+    for_direct_row_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
       direct_values<decltype(kRows)::value>(grad_scores + r * ld, ld, k_rows, E, seen, dq + r * E, scale);
     });
   }
@@ -520,25 +517,6 @@ struct DirectBackwardTiles {
                      [](float x) { return static_cast<Out>(x); });
       std::transform(dv.begin() + j * do_ld, dv.begin() + j * do_ld + Ev, grad_v + j * Ev,
                      [](float x) { return static_cast<Out>(x); });
-    }
-  }
-
- private:
-  // f(rows constant, first row, keys the group's last row sees) for each group of up to kDirectRows rows.
-  template <typename F>
-  static void by_groups(int64_t rows, int64_t cols, Diagonal diagonal, F&& f) {
-    for (int64_t r = 0; r < rows; r += kDirectRows) {
-      const int64_t group = std::min<int64_t>(kDirectRows, rows - r);
-      const int64_t seen = visible_columns(diagonal, r + group - 1, cols);
-      if (seen == 0) continue;
-      switch (group) {
-        case 1: f(std::integral_constant<int, 1>{}, r, seen); break;
-#if defined(ATTNKERNELS_CPU_AVX512)
-        case 3: f(std::integral_constant<int, 3>{}, r, seen); break;
-        case 4: f(std::integral_constant<int, 4>{}, r, seen); break;
-#endif
-        default: f(std::integral_constant<int, 2>{}, r, seen); break;
-      }
     }
   }
 };
