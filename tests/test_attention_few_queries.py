@@ -18,7 +18,7 @@ from attention_cases import gradients
 from cpp_unit import VARIANT_FLAGS, build_and_run, needs_gxx
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_dot_tiles import flash_delta_slack
+from test_dot_tiles import assert_flash_attention_rule, flash_delta_slack, results_per_thread_count
 
 import attnkernels
 from attnkernels import reference
@@ -92,13 +92,7 @@ def test_few_queries_keep_the_flash_attention_rule(dtype, L, S, E, Ev, group, ca
     theirs = _forward_and_gradients((q, k, v), mask, dtype,
                                     lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
     # torch's math path (some small shapes) has no FlashAttention delta error: allowed for as in test_dot_tiles
-    slack = flash_delta_slack(((q, k, v), mask), dtype, causal, group)
-    for index, (mine, torchs, truth) in enumerate(zip(ours, theirs, exact, strict=True)):
-        assert mine.dtype == dtype and not mine.isnan().any()
-        our_error = (mine.double() - truth).abs().max().item()
-        torch_error = (torchs.double() - truth).abs().nan_to_num(0).max().item()
-        bound = (2 if index == 0 else 3) * torch_error + 1e-3 + 2 * slack[index]
-        assert our_error <= bound, (index, our_error, torch_error, slack[index])
+    assert_flash_attention_rule(ours, theirs, exact, dtype, flash_delta_slack(((q, k, v), mask), dtype, causal, group))
 
 
 @needs_cpu_kernel
@@ -179,14 +173,8 @@ def test_thread_counts_change_no_bit(dtype):
     """One task per (batch, head), each running over three key blocks: 1, 2 and 3 threads give the same bits."""
     q, k, v, _ = _problem(8, 3, 4, 2, 2, 1300, 64, 64, None)
     q, k, v = (t.to(dtype) for t in (q, k, v))
-    results = {}
-    previous = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            results[threads] = attnkernels.attention_with_lse(q, k, v, enable_gqa=True, backend="cpu")
-    finally:
-        torch.set_num_threads(previous)
+    results = results_per_thread_count((1, 2, 3), lambda: attnkernels.attention_with_lse(q, k, v, enable_gqa=True,
+                                                                                          backend="cpu"))
     for threads in (2, 3):
         for name, one, many in zip(("out", "lse"), results[1], results[threads], strict=True):
             assert torch.equal(one, many), f"{name} with {threads} threads"

@@ -69,7 +69,12 @@ def test_low_precision_random_shapes_keep_the_flash_attention_rule(dtype, L, S, 
                                   lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
     exact = output_and_gradients(problem, torch.float64,
                                  lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
-    slack = flash_delta_slack(problem, dtype, causal, group)
+    assert_flash_attention_rule(ours, theirs, exact, dtype, flash_delta_slack(problem, dtype, causal, group))
+
+
+def assert_flash_attention_rule(ours, theirs, exact, dtype, slack):
+    """[out, dq, dk, dv] in dtype: our error against float64 at most twice torch's (three times for gradients),
+    plus 1e-3 and twice the FlashAttention delta slack."""
     for index, (mine, torchs, truth) in enumerate(zip(ours, theirs, exact, strict=True)):
         assert mine.dtype == dtype and not mine.isnan().any()
         our_error = (mine.double() - truth).abs().max().item()
@@ -120,6 +125,19 @@ def test_float32_random_shapes_match_float64(L, S, E, Ev, group, causal, mask_ki
         torch.testing.assert_close(mine.double(), truth, atol=2e-4, rtol=1e-4, msg=name)
 
 
+def results_per_thread_count(thread_counts, run):
+    """{threads: run()} with torch's thread count set to each in turn (restored afterwards)."""
+    results = {}
+    previous = torch.get_num_threads()
+    try:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            results[threads] = run()
+    finally:
+        torch.set_num_threads(previous)
+    return results
+
+
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("causal", [False, True])
@@ -132,15 +150,8 @@ def test_forward_tasks_split_at_the_end_change_no_bit(dtype, causal):
     L, S, E, Ev = 1100, 1100, 32, 32  # five query blocks of 256 rows, the last one partial
     (q64, k64, v64), _ = random_problem(17, L, S, E, Ev, 2, causal, None)
     q, k, v = (t.to(dtype) for t in (q64, k64, v64))
-    results = {}
-    previous = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            results[threads] = attnkernels.attention_with_lse(q, k, v, is_causal=causal, enable_gqa=True,
-                                                             backend="cpu")
-    finally:
-        torch.set_num_threads(previous)
+    results = results_per_thread_count((1, 2, 3), lambda: attnkernels.attention_with_lse(
+        q, k, v, is_causal=causal, enable_gqa=True, backend="cpu"))
     for threads in (2, 3):
         for name, one, many in zip(("out", "lse"), results[1], results[threads], strict=True):
             assert torch.equal(one, many), f"{name} with {threads} threads"
@@ -163,17 +174,14 @@ def test_tasks_of_several_blocks_change_no_bit(dtype, causal, mask_kind, dropout
     problem = random_problem(11, L, S, E, Ev, group, causal, mask_kind)
     (q64, k64, v64), mask = problem
     kwargs = {"dropout_p": dropout_p, "is_causal": causal, "enable_gqa": True, "backend": "cpu"}
-    results = {}
-    previous = torch.get_num_threads()
-    try:
-        for threads in (1, 8):
-            torch.set_num_threads(threads)
-            q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
-            torch.manual_seed(5)  # the dropout mask's seed
-            out, lse = attnkernels.attention_with_lse(q, k, v, mask, **kwargs)
-            results[threads] = [out, lse, *gradients(out, (q, k, v))]
-    finally:
-        torch.set_num_threads(previous)
+
+    def run():
+        q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
+        torch.manual_seed(5)  # the dropout mask's seed
+        out, lse = attnkernels.attention_with_lse(q, k, v, mask, **kwargs)
+        return [out, lse, *gradients(out, (q, k, v))]
+
+    results = results_per_thread_count((1, 8), run)
     for name, one, many in zip(("out", "lse", "dq", "dk", "dv"), results[1], results[8], strict=True):
         if name == "dq":
             torch.testing.assert_close(one, many, atol=1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5,

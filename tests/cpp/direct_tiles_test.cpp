@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu/direct_tiles.h"
+#include "cpu_variant.h"
 
 namespace tiles = attnkernels::cpu::ATTNKERNELS_CPU_ISA;
 using tiles::kDirectRows;
@@ -165,19 +166,7 @@ void check_type(const char* type) {
 }  // namespace
 
 int main() {
-  __builtin_cpu_init();
-#if defined(ATTNKERNELS_CPU_AVX512)
-  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
-      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq")) {
-    std::printf("skip: this CPU has no AVX-512\n");
-    return 0;
-  }
-#else
-  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c")) {
-    std::printf("skip: this CPU has no AVX2 + FMA + F16C\n");
-    return 0;
-  }
-#endif
+  if (!cpu_runs_this_variant()) return 0;
   check_type<float>("float");
   check_type<c10::BFloat16>("bfloat16");
   check_type<c10::Half>("float16");

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/dot_tiles.h"
+#include "cpu_variant.h"
 
 namespace tiles = attnkernels::cpu::ATTNKERNELS_CPU_ISA;
 using tiles::CausalSkip;
@@ -279,19 +280,7 @@ void non_finite_stays_in_its_row() {
 }  // namespace
 
 int main() {
-  __builtin_cpu_init();
-#if defined(ATTNKERNELS_CPU_AVX512)
-  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
-      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq")) {
-    std::printf("skip: this CPU has no AVX-512\n");
-    return 0;
-  }
-#else
-  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
-    std::printf("skip: this CPU has no AVX2 + FMA\n");
-    return 0;
-  }
-#endif
+  if (!cpu_runs_this_variant()) return 0;
   std::uniform_int_distribution<int64_t> rows(1, 37), cols(1, 100), depth(1, 70);
   std::uniform_int_distribution<int64_t> offsets(-40, 60);
   for (int trial = 0; trial < 60; ++trial) float_products(rows(rng), cols(rng), depth(rng));
