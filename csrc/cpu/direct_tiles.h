@@ -1,5 +1,5 @@
-// Products of the CPU attention forward for a few query rows, on keys and values read where they
-// lie (avx2 and avx512 variants).
+// Products of the CPU attention (forward and backward) for a few query rows, on keys and values read
+// where they lie (avx2 and avx512 variants).
 //
 // With one to a handful of query rows per head (attention pooling, a class token attending to the
 // patches, decoding) every key and value is used by those few rows only: packing them into panels
