@@ -1,5 +1,6 @@
 """pytest-benchmark: attention, causal and not, and attention pooling (one query per head), forward and
 forward + backward, every backend and torch (cases from attnkernels.bench.cases), and the peak memory of one
+long head.
 
 The peak-memory check runs one head with L=S=16384 (fp32, CPU) in a fresh process: the L x S
 score matrix would take 1 GiB; the cpu kernel must stay far below.
