@@ -566,6 +566,42 @@ int64_t direct_most_queries(const Shape& shape) {
 }
 #endif
 
+// The forward and backward tiles of one family.
+template <typename Forward, typename Backward>
+struct TileFamily {
+  using ForwardTiles = Forward;
+  using BackwardTiles = Backward;
+};
+
+// Calls run(TileFamily<...>{}) with the tiles that serve this dtype and shape, the one choice the
+// forward and the backward share: the direct products for a few query rows, else the register tiles
+// of the dtype, else float16 and bfloat16 widened to the float32 tiles, else (float64, or a build
+// without vector tiles) BLAS.
+template <typename scalar_t, typename Run>
+void with_tiles(const Shape& shape, Run&& run) {
+#if defined(ATTNKERNELS_DIRECT_TILES)
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (shape.L <= direct_most_queries<scalar_t>(shape)) {
+      run(TileFamily<DirectForwardTiles<scalar_t>, DirectBackwardTiles<scalar_t>>{});
+      return;
+    }
+  }
+#endif
+#if defined(ATTNKERNELS_DOT_TILES)
+  if constexpr (kDotTilesFor<scalar_t>) {
+    if (use_dot_tiles<scalar_t>(shape)) {
+      run(TileFamily<DotForwardTiles<scalar_t>, DotBackwardTiles<scalar_t>>{});
+      return;
+    }
+  }
+  if constexpr (kWidenedTilesFor<scalar_t>) {
+    run(TileFamily<WideningForwardTiles<scalar_t>, WideningBackwardTiles<scalar_t>>{});
+    return;
+  }
+#endif
+  run(TileFamily<BlasForwardTiles<scalar_t>, BlasBackwardTiles<scalar_t>>{});
+}
+
 // ----------------------------------------------------------------------------- forward
 
 // Query blocks per forward task. A task packs each key block once for all of its query blocks, so
@@ -769,33 +805,10 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& query, const 
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "attention_cpu", [&] {
-#if defined(ATTNKERNELS_DIRECT_TILES)
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      if (shape.L <= direct_most_queries<scalar_t>(shape)) {
-        forward_impl<scalar_t, DirectForwardTiles<scalar_t>>(q, k, v, attn_mask, shape, scale, is_causal, dropout_p,
-                                                             seed, out, lse);
-        return;
-      }
-    }
-#endif
-#if defined(ATTNKERNELS_DOT_TILES)
-    if constexpr (kDotTilesFor<scalar_t>) {
-      if (use_dot_tiles<scalar_t>(shape)) {
-        forward_impl<scalar_t, DotForwardTiles<scalar_t>>(q, k, v, attn_mask, shape, scale, is_causal, dropout_p, seed,
-                                                          out, lse);
-        return;
-      }
-    }
-    if constexpr (kWidenedTilesFor<scalar_t>) {
-      forward_impl<scalar_t, WideningForwardTiles<scalar_t>>(q, k, v, attn_mask, shape, scale, is_causal, dropout_p,
-                                                             seed, out, lse);
-      return;
-    }
-#endif
-    {
-      forward_impl<scalar_t, BlasForwardTiles<scalar_t>>(q, k, v, attn_mask, shape, scale, is_causal, dropout_p, seed,
-                                                         out, lse);
-    }
+    with_tiles<scalar_t>(shape, [&](auto family) {
+      using Tiles = typename decltype(family)::ForwardTiles;
+      forward_impl<scalar_t, Tiles>(q, k, v, attn_mask, shape, scale, is_causal, dropout_p, seed, out, lse);
+    });
   });
   return {out, lse};
 }
@@ -991,37 +1004,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     std::optional<at::Tensor> gl;
     if (grad_lse.has_value()) gl = grad_lse->contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "attention_backward_cpu", [&] {
-#if defined(ATTNKERNELS_DIRECT_TILES)
-      if constexpr (!std::is_same_v<scalar_t, double>) {
-        if (shape.L <= direct_most_queries<scalar_t>(shape)) {
-          backward_impl<scalar_t, DirectBackwardTiles<scalar_t>>(go, gl, q, k, v, attn_mask, o, l, shape, scale,
-                                                                 is_causal, dropout_p, seed, grad_q, grad_k, grad_v,
-                                                                 grad_mask);
-          return;
-        }
-      }
-#endif
-#if defined(ATTNKERNELS_DOT_TILES)
-      if constexpr (kDotTilesFor<scalar_t>) {
-        if (use_dot_tiles<scalar_t>(shape)) {
-          backward_impl<scalar_t, DotBackwardTiles<scalar_t>>(go, gl, q, k, v, attn_mask, o, l, shape, scale,
-                                                              is_causal, dropout_p, seed, grad_q, grad_k, grad_v,
-                                                              grad_mask);
-          return;
-        }
-      }
-      if constexpr (kWidenedTilesFor<scalar_t>) {
-        backward_impl<scalar_t, WideningBackwardTiles<scalar_t>>(go, gl, q, k, v, attn_mask, o, l, shape, scale,
-                                                                 is_causal, dropout_p, seed, grad_q, grad_k, grad_v,
-                                                                 grad_mask);
-        return;
-      }
-#endif
-      {
-        backward_impl<scalar_t, BlasBackwardTiles<scalar_t>>(go, gl, q, k, v, attn_mask, o, l, shape, scale,
-                                                             is_causal, dropout_p, seed, grad_q, grad_k, grad_v,
-                                                             grad_mask);
-      }
+      with_tiles<scalar_t>(shape, [&](auto family) {
+        using Tiles = typename decltype(family)::BackwardTiles;
+        backward_impl<scalar_t, Tiles>(go, gl, q, k, v, attn_mask, o, l, shape, scale, is_causal, dropout_p, seed,
+                                       grad_q, grad_k, grad_v, grad_mask);
+      });
     });
   }
   auto empty = [&](bool wanted, const at::Tensor& t) { return wanted ? t : t.new_empty({0}); };
