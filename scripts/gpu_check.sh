@@ -26,6 +26,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 command -v "$PY" > /dev/null || PY=python
 export PYTHONUNBUFFERED=1
+# The checkout is not installed on the GPU machine: scripts/*.py import the package from here.
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export ATTNKERNELS_TRITON_ONE_CONFIG=1  # tests: the first config that fits, no autotuning (the bench unsets it)
 SANITIZER=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")}
