@@ -118,7 +118,6 @@ __global__ void __launch_bounds__(kThreads, forward_blocks_per_sm(D))
 
     // Online softmax. A row's maximum may stay -inf (every key so far masked):
     // exponents then use 0 instead, so that -inf - -inf never makes a NaN.
-    bool any_weight = false;  // a nonzero (or NaN) probability in this thread's rows
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float tile_max = negative_infinity();
@@ -138,7 +137,6 @@ __global__ void __launch_bounds__(kThreads, forward_blocks_per_sm(D))
         sum += scores[n][2 * r] + scores[n][2 * r + 1];
       }
       row_sum[r] = row_sum[r] * correction + sum;
-      any_weight |= sum != 0.0f;
 #pragma unroll
       for (int d = 0; d < kOutTiles; ++d) {
         out[d][2 * r] *= correction;
@@ -146,8 +144,8 @@ __global__ void __launch_bounds__(kThreads, forward_blocks_per_sm(D))
       }
     }
 
-    // A tile the mask hides from all 16 rows of the warp adds nothing: skip its P V.
-    if (kMaskOrDropout && !__any_sync(0xffffffffu, any_weight)) continue;
+    // P V runs on every visible tile, also one the mask hides from all the warp's rows: torch multiplies
+    // those zero probabilities by V too, so a NaN value behind the mask reaches every row, as in torch.
 
     // Dropout acts on the probabilities that multiply V, not on the row sums.
     if (kMaskOrDropout && p.dropout) {
