@@ -231,11 +231,12 @@ def test_deterministic_mode_gives_identical_bits():
 
 
 @pytest.mark.skipif(DRY_RUN, reason="the dispatch to the cuda backend needs CUDA tensors")
-def test_dispatch_chooses_cuda_and_declines_with_reasons():
+def test_dispatch_prefers_triton_then_cuda_and_cuda_declines_with_reasons():
     q = randn(1, 2, 40, 64, seed=0)
     half = q.bfloat16()
     chosen = attnkernels.scaled_dot_product_attention(half, half, half)
-    assert torch.equal(chosen, attnkernels.scaled_dot_product_attention(half, half, half, backend="cuda"))
+    first = "triton" if "triton" in attnkernels.available_backends() else "cuda"
+    assert torch.equal(chosen, attnkernels.scaled_dot_product_attention(half, half, half, backend=first))
     declined = {
         "float32": (q.float(), {}),
         "float64": (q, {}),

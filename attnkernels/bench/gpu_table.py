@@ -4,8 +4,8 @@
     python -m attnkernels.bench.gpu_table --out DIR --dry-run  # tiny sizes on the CPU (CI)
 
 Rows: the machine's measured copy bandwidth and bf16 matrix rate; attention (bf16, head dim 64 and
-128, L = S = 4k and 16k, causal and not, forward and forward+backward) for attnkernels' default
-backend, torch's SDPA default, torch's cuDNN backend and attnkernels' triton backend; 3-D
+128, L = S = 4k and 16k, causal and not, forward and forward+backward) for attnkernels' cuda and
+triton backends (triton is the default on CUDA tensors), torch's SDPA default and its cuDNN backend; 3-D
 grid_sample and the fused affine_grid_sample (forward and forward+backward) against torch. Each
 result is checked against torch's before it is timed. Rows go to DIR/bench.jsonl as they are
 measured (a run stopped by its time limit keeps them) and the table to DIR/bench.md at the end.
@@ -196,7 +196,8 @@ def run_attention(table: Table, dry_run: bool, dtype: torch.dtype, triton_rows: 
         impls = ["torch"]
         if device.type == "cuda":
             impls.append("torch-cudnn")
-        impls += ["attnkernels:triton"] if triton_rows else ["attnkernels"]
+        compiled = "attnkernels:cuda" if device.type == "cuda" else "attnkernels"
+        impls.append("attnkernels:triton" if triton_rows else compiled)
         base = Row("attention" + ("_causal" if causal else ""), "fwd+bwd" if backward else "fwd",
                    "x".join(map(str, shape)), str(dtype).replace("torch.", ""), "")
         work = _attention_flops(batch, heads, length, head_dim, causal, backward)
