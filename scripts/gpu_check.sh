@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: on a bare GPU machine, in one call of at most 8 minutes, build (or take a carried _C),
+# The GPU check: on a bare GPU machine, in one call of at most 9.5 minutes, build (or take a carried _C),
 # check that every CUDA op is registered, run every test that exercises CUDA or Triton-on-CUDA code,
 # run compute-sanitizer (memcheck on every attnkernels kernel, racecheck on attention) on a small workload, and
 # measure the fixed benchmark table against torch.
@@ -9,7 +9,7 @@
 #
 # Stage budgets (seconds; a stage past its budget is stopped and the script goes on):
 #   env 15, build 170 (about 5 when a carried gpu_build/attnkernels/_C.abi3.so loads), registry 20,
-#   tests 120, sanitizer 160 (memcheck 120 + racecheck 30), bench 90: at most 575 s with a build.
+#   tests 120, sanitizer 140 (memcheck 100 + racecheck 30), bench 90: at most 555 s with a build.
 #   Time a stage leaves unused goes to the tests and the benchmark. Override one with e.g. BUDGET_TESTS=200.
 # Results, written as they happen (a killed run still returns what it did), at most 8 files:
 #   summary.txt (one line per stage at the end), env.txt, build.log, tests.log, sanitizer.log,
@@ -194,7 +194,7 @@ sanitize() {
   # instrumenting only attnkernels' own (every one is in that namespace) keeps memcheck inside its time.
   "$SANITIZER" --help 2>&1 | grep -q -- "--kernel-name " && only_ours=(--kernel-name kns=attnkernels)
   echo "== memcheck: the workload's kernels ${only_ours[*]}"
-  timeout 120 "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 20 "${only_ours[@]}" \
+  timeout 100 "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 20 "${only_ours[@]}" \
     $PY scripts/gpu_workload.py || { local status=$?; rc=1; echo "memcheck: exit status $status (124: out of time)"; }
   echo "== racecheck: the kernels with shared memory (the CUDA attention, scripts/sanitize_attention.py quick)"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 30 "$SANITIZER" --tool racecheck --error-exitcode 3 --print-limit 20 \
@@ -202,7 +202,7 @@ sanitize() {
   return $rc
 }
 export -f sanitize
-stage sanitizer "$(budget SANITIZER 160)" sanitizer.log sanitize
+stage sanitizer "$(budget SANITIZER 140)" sanitizer.log sanitize
 
 # ----------------------------------------------------------------------------- bench
 bench() {
