@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from . import _extension
 
@@ -154,8 +155,20 @@ def _listed(words: Sequence[str], last: str = "or") -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {last} {words[-1]}"
 
 
+def _carries_tangent(request: Request) -> bool:
+    """Whether a forward-mode AD tangent (a dual tensor) rides on any of the call's tensors."""
+    if forward_ad._current_level < 0:  # no dual level is open: the common case, one global read
+        return False
+    tensors = (request.tensor, *request.tensors.values())
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def not_supported_reasons(backend: Backend, request: Request) -> str | None:
     """None when ``backend`` can serve ``request``, else the sentence saying why not."""
+    if backend.name != "reference" and _carries_tangent(request):
+        # The kernels' ops have no forward derivative, and would drop the tangent without a word;
+        # the reference is plain torch code, which propagates it.
+        return f"{_label(backend)} has no forward-mode AD (dual tensors): the reference backend serves it"
     reason = why_not_device(request.tensor, backend.name, request.op)
     if reason is not None:
         return reason

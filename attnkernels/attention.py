@@ -94,7 +94,7 @@ _CPU = Backend("cpu", run=_compiled, label="the CPU attention kernel", features=
 
 def _backends() -> tuple[Backend, ...]:
     """Attention's table, in the order tried on CUDA tensors: Triton before the hand-written CUDA
-    kernels, then cpu and reference. On an H200 (bench/RESULTS.md) the Triton kernels ran bf16
+    kernels, then cpu and reference. On an H200 (bench/RESULTS-gpu.md) the Triton kernels ran bf16
     attention 1.5-2.9x faster than the CUDA ones (mma.sync, no Hopper wgmma) at 4k and 16k tokens,
     forward and backward; the CUDA kernels serve where Triton is missing or declines."""
     return backend_table(_OP, _build_backends)

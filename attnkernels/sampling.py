@@ -128,7 +128,8 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     _check_grid_sample(input, grid)
     input_shape = input.shape
     _check_fits_in_memory("grid_sample", "grid", (*input_shape[:2], *grid.shape[1:-1]), input)
-    request = Request("grid_sample", input, dims=len(input_shape) - 2, mode=mode)
+    request = Request("grid_sample", input, dims=len(input_shape) - 2, mode=mode,
+                      tensors={"input": input, "grid": grid})
     chosen = select("grid_sample", backend, _backends("grid_sample"), request)
     return chosen.run(input, grid, interpolation, padding, align)
 
@@ -215,7 +216,8 @@ def affine_grid(theta: torch.Tensor, size: Sequence[int], align_corners: bool | 
     if min(size) <= 0:  # torch's rule: no empty grids
         raise ValueError(f"attnkernels.affine_grid: expected positive sizes in `size`, got {tuple(size)}")
     _check_fits_in_memory("affine_grid", "size", (size[0], *size[2:], len(size) - 2), theta)
-    chosen = select("affine_grid", backend, _backends("affine_grid"), Request("affine_grid", theta))
+    request = Request("affine_grid", theta, tensors={"theta": theta})
+    chosen = select("affine_grid", backend, _backends("affine_grid"), request)
     return chosen.run(theta, size, align)
 
 
@@ -241,7 +243,8 @@ def affine_grid_sample(input: torch.Tensor, theta: torch.Tensor, size: Sequence[
                          f"and channels of `input` {tuple(input_shape[:2])}, got {tuple(size)}")
     check_like(op, "theta", theta, "input", input)
     _check_fits_in_memory(op, "size", size, input)
-    chosen = select(op, backend, _backends(op), Request(op, input, dims=len(input_shape) - 2, mode=mode))
+    chosen = select(op, backend, _backends(op), Request(op, input, dims=len(input_shape) - 2, mode=mode,
+                                                        tensors={"input": input, "theta": theta}))
     return chosen.run(input, theta, size, interpolation, padding, align)
 
 
