@@ -75,6 +75,19 @@ def test_lse_matches_logsumexp_of_scores(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), PAIRS)
+def test_a_call_without_gradients_gives_what_a_recorded_call_gives(device, backend):
+    """Calls autograd would not record skip the op's autograd wrapper: the same results, no graph."""
+    q, k, v = make_inputs((2,), 2, 2, 9, 13, 8, 8)
+    mask = make_mask("float", (2,), 2, 9, 13)
+    with torch.no_grad():
+        plain = run(backend, attnkernels.attention_with_lse, q, k, v, mask)
+    recorded = run(backend, attnkernels.attention_with_lse, q.requires_grad_(), k, v, mask)
+    assert recorded[0].grad_fn is not None and plain[0].grad_fn is None
+    for mine, theirs in zip(plain, recorded, strict=True):
+        assert torch.equal(mine, theirs.detach())
+
+
+@pytest.mark.parametrize(("device", "backend"), PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", ["basic", "causal_long", "causal_blocks", "gqa", "float_mask_full", "bool_mask",
                                   "rank3", "rank5", "value_dim"])
