@@ -5,9 +5,11 @@
 
 Rows: the machine's measured copy bandwidth and bf16 matrix rate; attention (bf16, head dim 64 and
 128, L = S = 4k and 16k, causal and not, forward and forward+backward) for attnkernels' cuda and
-triton backends (triton is the default on CUDA tensors), torch's SDPA default and its cuDNN backend; 3-D
-grid_sample and the fused affine_grid_sample (forward and forward+backward) against torch. Each
-result is checked against torch's before it is timed. Rows go to DIR/bench.jsonl as they are
+triton backends (triton is the default on CUDA tensors), torch's SDPA default and its cuDNN backend;
+2-D and 3-D grid_sample and the fused 3-D affine_grid_sample (forward and forward+backward, fp32
+and bf16) for attnkernels' cuda and triton backends against torch. Each
+result is checked before it is timed: attention against torch's, sampling against float64 (the
+FlashAttention rule: at most twice torch's own error). Rows go to DIR/bench.jsonl as they are
 measured (a run stopped by its time limit keeps them) and the table to DIR/bench.md at the end.
 The triton rows come last: they autotune from a cold cache.
 """
@@ -206,40 +208,51 @@ def run_attention(table: Table, dry_run: bool, dtype: torch.dtype, triton_rows: 
                       context={"torch-cudnn": _cudnn_context})
 
 
+def _sampling_backends(device: torch.device) -> tuple[str, ...]:
+    """Our backends to time on this device: on a GPU the CUDA kernels and the Triton ones, each by name."""
+    return ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+
+
 def run_sampling(table: Table, dry_run: bool, dtypes: tuple[torch.dtype, ...]) -> None:
     import attnkernels
 
     device = table.device
     generator = torch.Generator(device=device).manual_seed(1)
-    # A video volume (16 frames at 112 x 112, as the CPU targets) and 4 RGB clips for the fused sampler.
+    ours = _sampling_backends(device)
+    # Images (16 of 64 channels at 128 x 128, a spatial transformer's feature maps), a video volume
+    # (16 frames at 112 x 112, as the CPU targets) and 16 RGB clips for the fused sampler.
+    images = (2, 4, 8, 8) if dry_run else (16, 64, 128, 128)
     volume = (1, 4, 4, 8, 8) if dry_run else (4, 32, 16, 112, 112)
     clips = (2, 3, 4, 8, 8) if dry_run else (16, 3, 16, 112, 112)
     for dtype in dtypes:
         for backward in (False, True):
             direction = "fwd+bwd" if backward else "fwd"
-            x = torch.randn(volume, device=device, dtype=dtype, generator=generator).requires_grad_(backward)
-            theta = torch.eye(3, 4, device=device).repeat(volume[0], 1, 1)
-            theta = (theta + 0.1 * torch.randn(theta.shape, device=device, generator=generator)).to(dtype)
-            grid = F.affine_grid(theta, list(volume), align_corners=False).detach().requires_grad_(backward)
-            grad = torch.randn(volume, device=device, dtype=dtype, generator=generator)
+            for shape in (images, volume):
+                dims = len(shape) - 2
+                x = torch.randn(shape, device=device, dtype=dtype, generator=generator).requires_grad_(backward)
+                theta = torch.eye(dims, dims + 1, device=device).repeat(shape[0], 1, 1)
+                theta = (theta + 0.1 * torch.randn(theta.shape, device=device, generator=generator)).to(dtype)
+                grid = F.affine_grid(theta, list(shape), align_corners=False).detach().requires_grad_(backward)
+                grad = torch.randn(shape, device=device, dtype=dtype, generator=generator)
 
-            def sampled(fn, *args, backward=backward, grad=grad):
-                def call():
-                    out = fn(*args)
-                    if backward:
-                        out.backward(grad)
-                    return out
-                return call
+                def sampled(fn, x=x, grid=grid, backward=backward, grad=grad):
+                    def call():
+                        out = fn(x, grid)
+                        if backward:
+                            out.backward(grad)
+                        return out
+                    return call
 
-            points = volume[2] * volume[3] * volume[4]
-            base = Row("grid_sample_3d", direction, "x".join(map(str, volume)), str(dtype).replace("torch.", ""), "")
-            table.measure(base, {
-                "torch": sampled(lambda a, g: F.grid_sample(a, g, align_corners=False), x, grid),
-                "attnkernels": sampled(lambda a, g: attnkernels.grid_sample(a, g, align_corners=False), x, grid),
-            }, _sampling_bytes(x, points, 3, backward), "byte", table.limits.get("copy_bytes", 0.0),
-                tolerance=1e-3, context={},
-                exact=lambda x=x, grid=grid: F.grid_sample(x.detach().double(), grid.detach().double(),
-                                                           align_corners=False))
+                impls = {"torch": sampled(lambda a, g: F.grid_sample(a, g, align_corners=False))}
+                for name in ours:
+                    impls[f"attnkernels:{name}"] = sampled(
+                        lambda a, g, name=name: attnkernels.grid_sample(a, g, align_corners=False, backend=name))
+                base = Row(f"grid_sample_{dims}d", direction, "x".join(map(str, shape)),
+                           str(dtype).replace("torch.", ""), "")
+                table.measure(base, impls, _sampling_bytes(x, math.prod(shape[2:]), dims, backward), "byte",
+                              table.limits.get("copy_bytes", 0.0), tolerance=1e-3, context={},
+                              exact=lambda x=x, grid=grid: F.grid_sample(x.detach().double(), grid.detach().double(),
+                                                                         align_corners=False))
 
             c = torch.randn(clips, device=device, dtype=dtype, generator=generator).requires_grad_(backward)
             theta_c = torch.eye(3, 4, device=device).repeat(clips[0], 1, 1)
@@ -255,17 +268,19 @@ def run_sampling(table: Table, dry_run: bool, dtypes: tuple[torch.dtype, ...]) -
                     return out
                 return call
 
+            impls = {"torch": fused_call(lambda a, t: F.grid_sample(
+                a, F.affine_grid(t, list(clips), align_corners=False), align_corners=False))}
+            for name in ours:
+                impls[f"attnkernels:{name}"] = fused_call(
+                    lambda a, t, name=name: attnkernels.affine_grid_sample(a, t, align_corners=False, backend=name))
             base = Row("affine_grid_sample_3d", direction, "x".join(map(str, clips)), str(dtype).replace("torch.", ""),
                        "")
-            table.measure(base, {
-                "torch": fused_call(lambda a, t: F.grid_sample(
-                    a, F.affine_grid(t, list(clips), align_corners=False), align_corners=False)),
-                "attnkernels": fused_call(lambda a, t: attnkernels.affine_grid_sample(a, t, align_corners=False)),
-            }, _sampling_bytes(c, clips[2] * clips[3] * clips[4], 0, backward), "byte",
-                table.limits.get("copy_bytes", 0.0), tolerance=1e-3, context={},
-                exact=lambda c=c, theta_c=theta_c: F.grid_sample(
-                    c.detach().double(), F.affine_grid(theta_c.detach().double(), list(clips), align_corners=False),
-                    align_corners=False))
+            table.measure(base, impls, _sampling_bytes(c, math.prod(clips[2:]), 0, backward), "byte",
+                          table.limits.get("copy_bytes", 0.0), tolerance=1e-3, context={},
+                          exact=lambda c=c, theta_c=theta_c: F.grid_sample(
+                              c.detach().double(),
+                              F.affine_grid(theta_c.detach().double(), list(clips), align_corners=False),
+                              align_corners=False))
 
 
 def main(argv: list[str] | None = None) -> int:
