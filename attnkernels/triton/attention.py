@@ -182,21 +182,26 @@ def _load_query(Q, b, h, rows, e, q_b, q_h, q_l, q_e, L, E, DOT_FP32: tl.constex
 @triton.jit
 def _scores(q, k_t, mask_ptr, rows, cols, L, S, m_l, m_s, params_ptr,
             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-            ACC: tl.constexpr):
+            ACC: tl.constexpr, BOUNDED: tl.constexpr = True):
     """The (BLOCK_M, BLOCK_N) scores q kᵀ · scale (+ mask) in the units of _SCORE_SCALE, -inf where
-    masked, causal (column > row) or out of range."""
+    masked, causal (column > row) or out of range. BOUNDED=False: the caller knows every column is
+    inside S and left of the diagonal for every row, so only the attention mask applies."""
     s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC) * tl.load(params_ptr + _SCORE_SCALE)
-    inside = (rows[:, None] < L) & (cols[None, :] < S)
     if HAS_MASK:
+        inside = rows[:, None] < L
+        if BOUNDED:
+            inside = inside & (cols[None, :] < S)
         tile = tl.load(mask_ptr + rows[:, None] * m_l + cols[None, :] * m_s, mask=inside, other=0)
         if MASK_BOOL:
             s = tl.where(tile != 0, s, s + float("-inf"))  # added, as torch: a NaN or +inf score stays NaN
         else:
             s += tile.to(ACC)
-    keep = cols[None, :] < S
-    if IS_CAUSAL:
-        keep = keep & (cols[None, :] <= rows[:, None])
-    return tl.where(keep, s, float("-inf"))
+    if BOUNDED:
+        keep = cols[None, :] < S
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        s = tl.where(keep, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -209,6 +214,47 @@ def _exp2_of_difference(s, shift, params_ptr, NATURAL: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _forward_block(acc, row_sum, row_max, q, k_base, v_base, mask_base, params_ptr, seed, bh, rows, start_n, e, ev,
+                   k_s, k_e, v_s, v_e, m_l, m_s, L, S, E, EV, dropout_p, DTYPE: tl.constexpr, BOUNDED: tl.constexpr,
+                   HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """One key block of the online softmax: the updated (acc, row_sum, row_max). BOUNDED: the block
+    may reach past S or right of the causal diagonal, so columns are masked; a block every row sees
+    whole skips those masks (the attention mask, if any, still applies)."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if BOUNDED:
+        k_t = tl.load(k_base + cols[None, :] * k_s + e[:, None] * k_e,
+                      mask=(cols[None, :] < S) & (e[:, None] < E), other=0)
+    else:
+        k_t = tl.load(k_base + cols[None, :] * k_s + e[:, None] * k_e, mask=e[:, None] < E, other=0)
+    k_t = _operand(k_t, DOT_FP32)
+    if BOUNDED:
+        s = _scores(q, k_t, mask_base, rows, cols, L, S, m_l, m_s, params_ptr,
+                    HAS_MASK, MASK_BOOL, IS_CAUSAL, PRECISION, ACC)
+    else:
+        s = _scores(q, k_t, mask_base, rows, cols, L, S, m_l, m_s, params_ptr,
+                    HAS_MASK, MASK_BOOL, False, PRECISION, ACC, BOUNDED=False)
+    new_max = tl.maximum(row_max, tl.max(s, 1))
+    # A row masked so far keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    p = _exp2_of_difference(s, shift[:, None], params_ptr, HAS_MASK and not MASK_BOOL)
+    rescale = _exp2_of_difference(row_max, shift, params_ptr, HAS_MASK and not MASK_BOOL)
+    row_sum = row_sum * rescale + tl.sum(p, 1)
+    if HAS_DROPOUT:
+        p = tl.where(_keep(seed, bh, rows, cols, dropout_p), p, 0.0)
+    if BOUNDED:
+        v = tl.load(v_base + cols[:, None] * v_s + ev[None, :] * v_e,
+                    mask=(cols[:, None] < S) & (ev[None, :] < EV), other=0)
+    else:
+        v = tl.load(v_base + cols[:, None] * v_s + ev[None, :] * v_e, mask=ev[None, :] < EV, other=0)
+    v = _operand(v, DOT_FP32)
+    weights = _rounded(p, DTYPE, DOT_FP32)
+    acc = acc * rescale[:, None] + tl.dot(weights, v, input_precision=PRECISION, out_dtype=ACC)
+    return acc, row_sum, new_max
 
 
 @triton.autotune(configs=_configs("forward"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("forward")})
@@ -232,32 +278,24 @@ def _forward_kernel(
     row_max = tl.full((BLOCK_M,), float("-inf"), ACC)
     row_sum = tl.zeros((BLOCK_M,), ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_EV), ACC)
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)
+    seed = tl.load(Seed) if HAS_DROPOUT else 0
+    # Key blocks every row of this block sees whole (inside S, left of the causal diagonal) run
+    # without the bounds and causal masks; the blocks after them, up to the end, with them.
     end_n = S
+    full_end = (S // BLOCK_N) * BLOCK_N
     if IS_CAUSAL:
         end_n = tl.minimum(S, start_m + BLOCK_M)  # blocks right of the diagonal are skipped
-    for start_n in range(0, end_n, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k_t = tl.load(k_base + cols[None, :] * k_s + e[:, None] * k_e,
-                      mask=(cols[None, :] < S) & (e[:, None] < E), other=0)
-        k_t = _operand(k_t, DOT_FP32)
-        s = _scores(q, k_t, mask_base, rows, cols, L, S, m_l, m_s, Params,
-                    HAS_MASK, MASK_BOOL, IS_CAUSAL, PRECISION, ACC)
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        # A row masked so far keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = _exp2_of_difference(s, shift[:, None], Params, HAS_MASK and not MASK_BOOL)
-        rescale = _exp2_of_difference(row_max, shift, Params, HAS_MASK and not MASK_BOOL)
-        row_sum = row_sum * rescale + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            p = tl.where(_keep(seed, bh, rows, cols, dropout_p), p, 0.0)
-        v = tl.load(v_base + cols[:, None] * v_s + ev[None, :] * v_e,
-                    mask=(cols[:, None] < S) & (ev[None, :] < EV), other=0)
-        v = _operand(v, DOT_FP32)
-        weights = _rounded(p, Q.dtype.element_ty, DOT_FP32)
-        acc = acc * rescale[:, None] + tl.dot(weights, v, input_precision=PRECISION, out_dtype=ACC)
-        row_max = new_max
+        full_end = tl.minimum(full_end, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, row_sum, row_max = _forward_block(
+            acc, row_sum, row_max, q, k_base, v_base, mask_base, Params, seed, bh, rows, start_n, e, ev,
+            k_s, k_e, v_s, v_e, m_l, m_s, L, S, E, EV, dropout_p, Q.dtype.element_ty, False,
+            HAS_MASK, MASK_BOOL, IS_CAUSAL, HAS_DROPOUT, PRECISION, DOT_FP32, ACC, BLOCK_N)
+    for start_n in range(full_end, end_n, BLOCK_N):
+        acc, row_sum, row_max = _forward_block(
+            acc, row_sum, row_max, q, k_base, v_base, mask_base, Params, seed, bh, rows, start_n, e, ev,
+            k_s, k_e, v_s, v_e, m_l, m_s, L, S, E, EV, dropout_p, Q.dtype.element_ty, True,
+            HAS_MASK, MASK_BOOL, IS_CAUSAL, HAS_DROPOUT, PRECISION, DOT_FP32, ACC, BLOCK_N)
     empty = row_sum == 0  # every column masked: output 0, log-sum-exp -inf
     inverse = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, row_sum))
     if HAS_DROPOUT:
@@ -284,6 +322,45 @@ def _probabilities(s, lse, params_ptr, NATURAL: tl.constexpr):
 def _score_lse(lse, params_ptr):
     """The natural log-sum-exp in score units, fully masked rows (-inf) as +inf."""
     return tl.where(lse == float("-inf"), float("inf"), lse * tl.load(params_ptr + _PER_NATURAL))
+
+
+@triton.jit
+def _backward_kv_block(grad_k, grad_v, q_base, o_base, mask_base, lse_ptr, delta_ptr, params_ptr, seed, keep_scale, bh,
+                       start_m, cols, e, ev, k, k_t, v_t, q_l, q_e, o_l, o_e, m_l, m_s, L, S, E, EV, dropout_p,
+                       DTYPE: tl.constexpr, BOUNDED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                       IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                       DOT_FP32: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One query block's share of dK and dV for this key block: the updated (grad_k, grad_v).
+    BOUNDED=False: every column is inside S and left of the diagonal for every row of the block."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    in_rows = rows < L
+    q = tl.load(q_base + rows[:, None] * q_l + e[None, :] * q_e, mask=in_rows[:, None] & (e[None, :] < E), other=0)
+    q = _operand(q, DOT_FP32)
+    grad_out = tl.load(o_base + rows[:, None] * o_l + ev[None, :] * o_e,
+                       mask=in_rows[:, None] & (ev[None, :] < EV), other=0)
+    grad_out = _operand(grad_out, DOT_FP32)
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * L + rows, mask=in_rows, other=float("inf"))
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * L + rows, mask=in_rows, other=0)
+    if BOUNDED:
+        s = _scores(q, k_t, mask_base, rows, cols, L, S, m_l, m_s, params_ptr,
+                    HAS_MASK, MASK_BOOL, IS_CAUSAL, PRECISION, ACC)
+    else:
+        s = _scores(q, k_t, mask_base, rows, cols, L, S, m_l, m_s, params_ptr,
+                    HAS_MASK, MASK_BOOL, False, PRECISION, ACC, BOUNDED=False)
+    p = _probabilities(s, _score_lse(lse, params_ptr), params_ptr, HAS_MASK and not MASK_BOOL)
+    grad_p = tl.dot(grad_out, v_t, input_precision=PRECISION, out_dtype=ACC)
+    if HAS_DROPOUT:
+        keep = _keep(seed, bh, rows, cols, dropout_p)
+        p_dropped = tl.where(keep, p * keep_scale, 0.0)
+        grad_p = tl.where(keep, grad_p * keep_scale, 0.0)
+    else:
+        p_dropped = p
+    weights = _rounded(p_dropped, DTYPE, DOT_FP32)
+    grad_v += tl.dot(tl.trans(weights), grad_out, input_precision=PRECISION, out_dtype=ACC)
+    grad_s = p * (grad_p - delta[:, None])
+    grad_scores = _rounded(grad_s, DTYPE, DOT_FP32)
+    grad_k += tl.dot(tl.trans(grad_scores), q, input_precision=PRECISION, out_dtype=ACC)
+    return grad_k, grad_v
 
 
 @triton.autotune(configs=_configs("backward"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("kv")})
@@ -316,47 +393,76 @@ def _backward_kv_kernel(
     v_t = tl.trans(v)
     grad_k = tl.zeros((BLOCK_N, BLOCK_E), ACC)
     grad_v = tl.zeros((BLOCK_N, BLOCK_EV), ACC)
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)
-        keep_scale = tl.load(Params + _KEEP_SCALE)
+    seed = tl.load(Seed) if HAS_DROPOUT else 0
+    keep_scale = tl.load(Params + _KEEP_SCALE) if HAS_DROPOUT else 1.0
     begin_m = 0
+    # Query blocks before split_m run with the bounds and causal masks, the rest without: with every
+    # column of this block inside S, a query block past the diagonal (its first row at or after the
+    # last column) sees all of them. Rows past L add nothing either way (their lse is +inf).
+    split_m = 0
     if IS_CAUSAL:
         begin_m = (start_n // BLOCK_M) * BLOCK_M  # rows above the diagonal never see these columns
+        split_m = tl.minimum(L, tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M)
+    if start_n + BLOCK_N > S:
+        split_m = L
     for h in range(kv_h * GROUP, kv_h * GROUP + GROUP):
         bh = b * Hq + h
         q_base = Q + b.to(tl.int64) * q_b + h * q_h
         o_base = GradOut + b.to(tl.int64) * o_b + h * o_h
         mask_base = Mask + b.to(tl.int64) * m_b + h * m_h
-        for start_m in range(begin_m, L, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M)
-            in_rows = rows < L
-            q = tl.load(q_base + rows[:, None] * q_l + e[None, :] * q_e, mask=in_rows[:, None] & (e[None, :] < E),
-                        other=0)
-            q = _operand(q, DOT_FP32)
-            grad_out = tl.load(o_base + rows[:, None] * o_l + ev[None, :] * o_e,
-                               mask=in_rows[:, None] & (ev[None, :] < EV), other=0)
-            grad_out = _operand(grad_out, DOT_FP32)
-            lse = tl.load(Lse + bh.to(tl.int64) * L + rows, mask=in_rows, other=float("inf"))
-            delta = tl.load(Delta + bh.to(tl.int64) * L + rows, mask=in_rows, other=0)
-            s = _scores(q, k_t, mask_base, rows, cols, L, S, m_l, m_s, Params,
-                        HAS_MASK, MASK_BOOL, IS_CAUSAL, PRECISION, ACC)
-            p = _probabilities(s, _score_lse(lse, Params), Params, HAS_MASK and not MASK_BOOL)
-            grad_p = tl.dot(grad_out, v_t, input_precision=PRECISION, out_dtype=ACC)
-            if HAS_DROPOUT:
-                keep = _keep(seed, bh, rows, cols, dropout_p)
-                p_dropped = tl.where(keep, p * keep_scale, 0.0)
-                grad_p = tl.where(keep, grad_p * keep_scale, 0.0)
-            else:
-                p_dropped = p
-            weights = _rounded(p_dropped, Q.dtype.element_ty, DOT_FP32)
-            grad_v += tl.dot(tl.trans(weights), grad_out, input_precision=PRECISION, out_dtype=ACC)
-            grad_s = p * (grad_p - delta[:, None])
-            grad_scores = _rounded(grad_s, Q.dtype.element_ty, DOT_FP32)
-            grad_k += tl.dot(tl.trans(grad_scores), q, input_precision=PRECISION, out_dtype=ACC)
+        for start_m in range(begin_m, split_m, BLOCK_M):
+            grad_k, grad_v = _backward_kv_block(
+                grad_k, grad_v, q_base, o_base, mask_base, Lse, Delta, Params, seed, keep_scale, bh, start_m, cols,
+                e, ev, k, k_t, v_t, q_l, q_e, o_l, o_e, m_l, m_s, L, S, E, EV, dropout_p, Q.dtype.element_ty, True,
+                HAS_MASK, MASK_BOOL, IS_CAUSAL, HAS_DROPOUT, PRECISION, DOT_FP32, ACC, BLOCK_M)
+        for start_m in range(split_m, L, BLOCK_M):
+            grad_k, grad_v = _backward_kv_block(
+                grad_k, grad_v, q_base, o_base, mask_base, Lse, Delta, Params, seed, keep_scale, bh, start_m, cols,
+                e, ev, k, k_t, v_t, q_l, q_e, o_l, o_e, m_l, m_s, L, S, E, EV, dropout_p, Q.dtype.element_ty, False,
+                HAS_MASK, MASK_BOOL, IS_CAUSAL, HAS_DROPOUT, PRECISION, DOT_FP32, ACC, BLOCK_M)
     grad_k = grad_k * tl.load(Params + _SCALE)
     out_rows = bkv.to(tl.int64) * S + cols
     tl.store(GradK + out_rows[:, None] * E + e[None, :], grad_k, mask=(cols[:, None] < S) & (e[None, :] < E))
     tl.store(GradV + out_rows[:, None] * EV + ev[None, :], grad_v, mask=(cols[:, None] < S) & (ev[None, :] < EV))
+
+
+@triton.jit
+def _backward_q_block(grad_q, q, grad_out, lse, delta, k_base, v_base, mask_base, grad_mask_ptr, params_ptr, seed,
+                      keep_scale, bh, rows, start_n, e, ev, k_s, k_e, v_s, v_e, m_l, m_s, L, S, E, EV, dropout_p,
+                      DTYPE: tl.constexpr, BOUNDED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
+                      PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block's share of dQ (and, with MASK_GRAD, its tile of the score gradient): the updated
+    grad_q. BOUNDED=False: every column is inside S and left of the diagonal for every row."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if BOUNDED:
+        k = tl.load(k_base + cols[:, None] * k_s + e[None, :] * k_e, mask=(cols[:, None] < S) & (e[None, :] < E),
+                    other=0)
+        v_t = tl.load(v_base + cols[None, :] * v_s + ev[:, None] * v_e,
+                      mask=(cols[None, :] < S) & (ev[:, None] < EV), other=0)
+    else:
+        k = tl.load(k_base + cols[:, None] * k_s + e[None, :] * k_e, mask=e[None, :] < E, other=0)
+        v_t = tl.load(v_base + cols[None, :] * v_s + ev[:, None] * v_e, mask=ev[:, None] < EV, other=0)
+    k = _operand(k, DOT_FP32)
+    v_t = _operand(v_t, DOT_FP32)
+    if BOUNDED:
+        s = _scores(q, tl.trans(k), mask_base, rows, cols, L, S, m_l, m_s, params_ptr,
+                    HAS_MASK, MASK_BOOL, IS_CAUSAL, PRECISION, ACC)
+    else:
+        s = _scores(q, tl.trans(k), mask_base, rows, cols, L, S, m_l, m_s, params_ptr,
+                    HAS_MASK, MASK_BOOL, False, PRECISION, ACC, BOUNDED=False)
+    p = _probabilities(s, lse, params_ptr, HAS_MASK and not MASK_BOOL)
+    grad_p = tl.dot(grad_out, v_t, input_precision=PRECISION, out_dtype=ACC)
+    if HAS_DROPOUT:
+        keep = _keep(seed, bh, rows, cols, dropout_p)
+        grad_p = tl.where(keep, grad_p * keep_scale, 0.0)
+    grad_s = p * (grad_p - delta[:, None])
+    grad_scores = _rounded(grad_s, DTYPE, DOT_FP32)
+    grad_q += tl.dot(grad_scores, k, input_precision=PRECISION, out_dtype=ACC)
+    if MASK_GRAD:
+        tl.store(grad_mask_ptr + (bh.to(tl.int64) * L + rows[:, None]) * S + cols[None, :], grad_s,
+                 mask=(rows[:, None] < L) & (cols[None, :] < S))
+    return grad_q
 
 
 @triton.autotune(configs=_configs("backward"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("q")})
@@ -385,33 +491,23 @@ def _backward_q_kernel(
     v_base = V + b.to(tl.int64) * v_b + kv_h * v_h
     mask_base = Mask + b.to(tl.int64) * m_b + h * m_h
     grad_q = tl.zeros((BLOCK_M, BLOCK_E), ACC)
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)
-        keep_scale = tl.load(Params + _KEEP_SCALE)
+    seed = tl.load(Seed) if HAS_DROPOUT else 0
+    keep_scale = tl.load(Params + _KEEP_SCALE) if HAS_DROPOUT else 1.0
     end_n = S
+    full_end = (S // BLOCK_N) * BLOCK_N  # as in the forward: whole blocks without masks first
     if IS_CAUSAL:
         end_n = tl.minimum(S, start_m + BLOCK_M)
-    for start_n in range(0, end_n, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + cols[:, None] * k_s + e[None, :] * k_e, mask=(cols[:, None] < S) & (e[None, :] < E),
-                    other=0)
-        k = _operand(k, DOT_FP32)
-        v_t = tl.load(v_base + cols[None, :] * v_s + ev[:, None] * v_e,
-                      mask=(cols[None, :] < S) & (ev[:, None] < EV), other=0)
-        v_t = _operand(v_t, DOT_FP32)
-        s = _scores(q, tl.trans(k), mask_base, rows, cols, L, S, m_l, m_s, Params,
-                    HAS_MASK, MASK_BOOL, IS_CAUSAL, PRECISION, ACC)
-        p = _probabilities(s, lse, Params, HAS_MASK and not MASK_BOOL)
-        grad_p = tl.dot(grad_out, v_t, input_precision=PRECISION, out_dtype=ACC)
-        if HAS_DROPOUT:
-            keep = _keep(seed, bh, rows, cols, dropout_p)
-            grad_p = tl.where(keep, grad_p * keep_scale, 0.0)
-        grad_s = p * (grad_p - delta[:, None])
-        grad_scores = _rounded(grad_s, Q.dtype.element_ty, DOT_FP32)
-        grad_q += tl.dot(grad_scores, k, input_precision=PRECISION, out_dtype=ACC)
-        if MASK_GRAD:
-            tl.store(GradMask + (bh.to(tl.int64) * L + rows[:, None]) * S + cols[None, :], grad_s,
-                     mask=in_rows[:, None] & (cols[None, :] < S))
+        full_end = tl.minimum(full_end, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+    for start_n in range(0, full_end, BLOCK_N):
+        grad_q = _backward_q_block(
+            grad_q, q, grad_out, lse, delta, k_base, v_base, mask_base, GradMask, Params, seed, keep_scale, bh,
+            rows, start_n, e, ev, k_s, k_e, v_s, v_e, m_l, m_s, L, S, E, EV, dropout_p, Q.dtype.element_ty, False,
+            HAS_MASK, MASK_BOOL, IS_CAUSAL, HAS_DROPOUT, MASK_GRAD, PRECISION, DOT_FP32, ACC, BLOCK_N)
+    for start_n in range(full_end, end_n, BLOCK_N):
+        grad_q = _backward_q_block(
+            grad_q, q, grad_out, lse, delta, k_base, v_base, mask_base, GradMask, Params, seed, keep_scale, bh,
+            rows, start_n, e, ev, k_s, k_e, v_s, v_e, m_l, m_s, L, S, E, EV, dropout_p, Q.dtype.element_ty, True,
+            HAS_MASK, MASK_BOOL, IS_CAUSAL, HAS_DROPOUT, MASK_GRAD, PRECISION, DOT_FP32, ACC, BLOCK_N)
     grad_q = grad_q * tl.load(Params + _SCALE)
     tl.store(GradQ + (bh.to(tl.int64) * L + rows[:, None]) * E + e[None, :], grad_q,
              mask=in_rows[:, None] & (e[None, :] < E))
