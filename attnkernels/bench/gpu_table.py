@@ -213,6 +213,16 @@ def _sampling_backends(device: torch.device) -> tuple[str, ...]:
     return ("cuda", "triton") if device.type == "cuda" else ("cpu",)
 
 
+def _two_input_call(fn, first: torch.Tensor, second: torch.Tensor, backward: bool, grad: torch.Tensor):
+    """A timed call: fn(first, second), and its backward from `grad` when `backward`."""
+    def call():
+        out = fn(first, second)
+        if backward:
+            out.backward(grad)
+        return out
+    return call
+
+
 def run_sampling(table: Table, dry_run: bool, dtypes: tuple[torch.dtype, ...]) -> None:
     import attnkernels
 
@@ -235,18 +245,12 @@ def run_sampling(table: Table, dry_run: bool, dtypes: tuple[torch.dtype, ...]) -
                 grid = F.affine_grid(theta, list(shape), align_corners=False).detach().requires_grad_(backward)
                 grad = torch.randn(shape, device=device, dtype=dtype, generator=generator)
 
-                def sampled(fn, x=x, grid=grid, backward=backward, grad=grad):
-                    def call():
-                        out = fn(x, grid)
-                        if backward:
-                            out.backward(grad)
-                        return out
-                    return call
-
-                impls = {"torch": sampled(lambda a, g: F.grid_sample(a, g, align_corners=False))}
+                impls = {"torch": _two_input_call(lambda a, g: F.grid_sample(a, g, align_corners=False),
+                                                  x, grid, backward, grad)}
                 for name in ours:
-                    impls[f"attnkernels:{name}"] = sampled(
-                        lambda a, g, name=name: attnkernels.grid_sample(a, g, align_corners=False, backend=name))
+                    impls[f"attnkernels:{name}"] = _two_input_call(
+                        lambda a, g, name=name: attnkernels.grid_sample(a, g, align_corners=False, backend=name),
+                        x, grid, backward, grad)
                 base = Row(f"grid_sample_{dims}d", direction, "x".join(map(str, shape)),
                            str(dtype).replace("torch.", ""), "")
                 table.measure(base, impls, _sampling_bytes(x, math.prod(shape[2:]), dims, backward), "byte",
@@ -260,19 +264,13 @@ def run_sampling(table: Table, dry_run: bool, dtypes: tuple[torch.dtype, ...]) -
             theta_c.requires_grad_(backward)
             grad_c = torch.randn(clips, device=device, dtype=dtype, generator=generator)
 
-            def fused_call(fn, c=c, theta_c=theta_c, backward=backward, grad_c=grad_c):
-                def call():
-                    out = fn(c, theta_c)
-                    if backward:
-                        out.backward(grad_c)
-                    return out
-                return call
-
-            impls = {"torch": fused_call(lambda a, t: F.grid_sample(
-                a, F.affine_grid(t, list(clips), align_corners=False), align_corners=False))}
+            impls = {"torch": _two_input_call(lambda a, t: F.grid_sample(
+                a, F.affine_grid(t, list(clips), align_corners=False), align_corners=False), c, theta_c, backward,
+                grad_c)}
             for name in ours:
-                impls[f"attnkernels:{name}"] = fused_call(
-                    lambda a, t, name=name: attnkernels.affine_grid_sample(a, t, align_corners=False, backend=name))
+                impls[f"attnkernels:{name}"] = _two_input_call(
+                    lambda a, t, name=name: attnkernels.affine_grid_sample(a, t, align_corners=False, backend=name),
+                    c, theta_c, backward, grad_c)
             base = Row("affine_grid_sample_3d", direction, "x".join(map(str, clips)), str(dtype).replace("torch.", ""),
                        "")
             table.measure(base, impls, _sampling_bytes(c, math.prod(clips[2:]), 0, backward), "byte",

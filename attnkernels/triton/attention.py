@@ -185,7 +185,8 @@ def _scores(q, k_t, mask_ptr, rows, cols, L, S, m_l, m_s, params_ptr,
             ACC: tl.constexpr, BOUNDED: tl.constexpr = True):
     """The (BLOCK_M, BLOCK_N) scores q kᵀ · scale (+ mask) in the units of _SCORE_SCALE, -inf where
     masked, causal (column > row) or out of range. BOUNDED=False: the caller knows every column is
-    inside S and left of the diagonal for every row, so only the attention mask applies."""
+    inside S and left of the diagonal for every row, so only the attention mask applies (and
+    IS_CAUSAL has nothing left to mask)."""
     s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC) * tl.load(params_ptr + _SCORE_SCALE)
     if HAS_MASK:
         inside = rows[:, None] < L
@@ -232,12 +233,8 @@ def _forward_block(acc, row_sum, row_max, q, k_base, v_base, mask_base, params_p
     else:
         k_t = tl.load(k_base + cols[None, :] * k_s + e[:, None] * k_e, mask=e[:, None] < E, other=0)
     k_t = _operand(k_t, DOT_FP32)
-    if BOUNDED:
-        s = _scores(q, k_t, mask_base, rows, cols, L, S, m_l, m_s, params_ptr,
-                    HAS_MASK, MASK_BOOL, IS_CAUSAL, PRECISION, ACC)
-    else:
-        s = _scores(q, k_t, mask_base, rows, cols, L, S, m_l, m_s, params_ptr,
-                    HAS_MASK, MASK_BOOL, False, PRECISION, ACC, BOUNDED=False)
+    s = _scores(q, k_t, mask_base, rows, cols, L, S, m_l, m_s, params_ptr,
+                HAS_MASK, MASK_BOOL, IS_CAUSAL, PRECISION, ACC, BOUNDED)
     new_max = tl.maximum(row_max, tl.max(s, 1))
     # A row masked so far keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -341,12 +338,8 @@ def _backward_kv_block(grad_k, grad_v, q_base, o_base, mask_base, lse_ptr, delta
     grad_out = _operand(grad_out, DOT_FP32)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * L + rows, mask=in_rows, other=float("inf"))
     delta = tl.load(delta_ptr + bh.to(tl.int64) * L + rows, mask=in_rows, other=0)
-    if BOUNDED:
-        s = _scores(q, k_t, mask_base, rows, cols, L, S, m_l, m_s, params_ptr,
-                    HAS_MASK, MASK_BOOL, IS_CAUSAL, PRECISION, ACC)
-    else:
-        s = _scores(q, k_t, mask_base, rows, cols, L, S, m_l, m_s, params_ptr,
-                    HAS_MASK, MASK_BOOL, False, PRECISION, ACC, BOUNDED=False)
+    s = _scores(q, k_t, mask_base, rows, cols, L, S, m_l, m_s, params_ptr,
+                HAS_MASK, MASK_BOOL, IS_CAUSAL, PRECISION, ACC, BOUNDED)
     p = _probabilities(s, _score_lse(lse, params_ptr), params_ptr, HAS_MASK and not MASK_BOOL)
     grad_p = tl.dot(grad_out, v_t, input_precision=PRECISION, out_dtype=ACC)
     if HAS_DROPOUT:
@@ -445,12 +438,8 @@ def _backward_q_block(grad_q, q, grad_out, lse, delta, k_base, v_base, mask_base
         v_t = tl.load(v_base + cols[None, :] * v_s + ev[:, None] * v_e, mask=ev[:, None] < EV, other=0)
     k = _operand(k, DOT_FP32)
     v_t = _operand(v_t, DOT_FP32)
-    if BOUNDED:
-        s = _scores(q, tl.trans(k), mask_base, rows, cols, L, S, m_l, m_s, params_ptr,
-                    HAS_MASK, MASK_BOOL, IS_CAUSAL, PRECISION, ACC)
-    else:
-        s = _scores(q, tl.trans(k), mask_base, rows, cols, L, S, m_l, m_s, params_ptr,
-                    HAS_MASK, MASK_BOOL, False, PRECISION, ACC, BOUNDED=False)
+    s = _scores(q, tl.trans(k), mask_base, rows, cols, L, S, m_l, m_s, params_ptr,
+                HAS_MASK, MASK_BOOL, IS_CAUSAL, PRECISION, ACC, BOUNDED)
     p = _probabilities(s, lse, params_ptr, HAS_MASK and not MASK_BOOL)
     grad_p = tl.dot(grad_out, v_t, input_precision=PRECISION, out_dtype=ACC)
     if HAS_DROPOUT:
