@@ -61,9 +61,9 @@ struct PointTaps {
       axis[a] = sampling::axis_taps<mode, policy>(xyz[a], g.in_size[a], g.padding, g.align_corners);
     }
   }
-  // K is 1, 2 or 4, so the digit is a shift and a mask. Written with int_pow's loop, nvcc left
-  // that loop (and a division) in the per-channel code of 3-D kernels and indexed the taps in
-  // local memory: 3-D trilinear ran 6x slower than torch on an H200.
+  // A shift and a mask (K is 1, 2 or 4), which nvcc folds once the tap loop is unrolled. It does
+  // not fold a division by int_pow(K, a) in the 3-D kernels: the taps then sit in local memory and
+  // every channel re-reads them (tests/test_cuda_sampling_static.py).
   static_assert(K == 1 || K == 2 || K == 4, "taps per axis: a power of two up to 4");
   static constexpr int kDigitBits = K == 4 ? 2 : K == 2 ? 1 : 0;
   __device__ __forceinline__ static int digit(int t, int a) { return (t >> (a * kDigitBits)) & (K - 1); }
