@@ -11,6 +11,7 @@ Environment:
 import glob
 import os
 import platform
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -24,6 +25,51 @@ def _flag(name):
 
 def _say(message):
     print(f"attnkernels setup: {message}", file=sys.stderr, flush=True)
+
+
+def _compiler_finds(compiler, name):
+    """The path `compiler -print-file-name=name` gives, or None where it does not find the file."""
+    try:
+        found = subprocess.run([*compiler, f"-print-file-name={name}"], capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found if os.path.isabs(found) and os.path.exists(found) else None
+
+
+def _loaded_libstdcxx():
+    """The libstdc++ shared library this process has loaded (torch links it), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and os.path.basename(fields[-1]).startswith("libstdc++.so"):
+                    return fields[-1]
+    except OSError:
+        pass
+    return None
+
+
+def _shared_libstdcxx_args(compiler, loaded=None):
+    """Link arguments that keep the C++ library shared where `compiler` would link it statically.
+
+    A compiler installed with libstdc++.a but no libstdc++.so (e.g. a GCC under /opt that CXX names)
+    links its static copy into the extension. The process then runs two copies of the C++ library,
+    and where the extension binds its own calls to its own copy (Ubuntu's Python links extensions with
+    -Bsymbolic-functions), formatting a number into an error message crashes (SIGSEGV). Naming the
+    libstdc++.so that torch runs with resolves the C++ library there instead.
+    """
+    if not sys.platform.startswith("linux"):
+        return []
+    if _compiler_finds(compiler, "libstdc++.so") or not _compiler_finds(compiler, "libstdc++.a"):
+        return []
+    loaded = loaded or _loaded_libstdcxx()
+    if loaded is None:
+        _say(f"WARNING: {compiler[0]} would link libstdc++ statically and no shared libstdc++ is loaded to "
+             "link instead; if error messages crash, build with a compiler that has libstdc++.so (set CXX)")
+        return []
+    _say(f"{compiler[0]} has only a static libstdc++: linking {loaded} (the one torch runs with) instead")
+    return [loaded]
 
 
 # The hot CPU kernels, compiled once more per x86-64 variant (see csrc/cpu_isa.h); csrc/cpu/cpu_dispatch.cpp
@@ -137,6 +183,14 @@ def _build_ext():
         def build_extension(self, ext):
             # The variants compile in threads (one ninja run each) while the extension's own sources
             # compile; the link waits for them.
+            # The link runs the C++ compiler (CXX) or the linker command Python names: check each.
+            linkers = {tuple(getattr(self.compiler, name, None) or ())[:1]
+                       for name in ("compiler_cxx", "linker_so_cxx", "linker_so")} - {()}
+            for linker in sorted(linkers):
+                fix = _shared_libstdcxx_args(list(linker))
+                if fix:
+                    ext.extra_link_args = list(ext.extra_link_args or []) + fix
+                    break
             pool, futures, variant_objects = _start_cpu_variants(self, ext)
             ext.extra_objects = [o for o in (ext.extra_objects or []) if o not in variant_objects] + variant_objects
             link = self.compiler.link_shared_object
@@ -156,9 +210,11 @@ def _build_ext():
     return BuildExtension
 
 
-setup(
-    packages=find_packages(include=["attnkernels", "attnkernels.*"]),
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": _build_ext()},
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
-)
+# Run by pip (setuptools' build backend) and `python setup.py` as __main__; the tests import the helpers.
+if __name__ == "__main__":
+    setup(
+        packages=find_packages(include=["attnkernels", "attnkernels.*"]),
+        ext_modules=[_extension()],
+        cmdclass={"build_ext": _build_ext()},
+        options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    )
