@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The GPU check: on a bare GPU machine, in one call of at most 9.5 minutes, build (or take a carried _C),
 # check that every CUDA op is registered, run every test that exercises CUDA or Triton-on-CUDA code,
-# run compute-sanitizer (memcheck on every attnkernels kernel, racecheck on attention) on a small workload, and
-# measure the fixed benchmark table against torch.
+# measure the fixed benchmark table against torch, and run compute-sanitizer (memcheck on every attnkernels
+# kernel, racecheck on attention) on a small workload.
 #
 #   OUT=<dir> bash scripts/gpu_check.sh              # on the GPU machine ($OUT: where results go)
 #   bash scripts/gpu_check.sh --dry-run              # CI on a CPU machine: each stage's Python on tiny inputs
 #
 # Stage budgets (seconds; a stage past its budget is stopped and the script goes on):
 #   env 15, build 170 (about 5 when a carried gpu_build/attnkernels/_C.abi3.so loads), registry 20,
-#   tests 120, sanitizer 140 (memcheck 100 + racecheck 30), bench 90: at most 555 s with a build.
+#   tests 120, bench 90, sanitizer 140 (memcheck its budget less 40, racecheck 30): at most 555 s with a build.
 #   Time a stage leaves unused goes to the tests and the benchmark. Override one with e.g. BUDGET_TESTS=200.
 # Results, written as they happen (a killed run still returns what it did), at most 8 files:
 #   summary.txt (one line per stage at the end), env.txt, build.log, tests.log, sanitizer.log,
@@ -182,6 +182,19 @@ tests_budget=$(( $(budget TESTS 120) + spare / 2 ))
 spare=$(( spare - spare / 2 ))
 stage tests "$tests_budget" tests.log run_tests
 
+# ----------------------------------------------------------------------------- bench
+bench() {
+  unset ATTNKERNELS_TRITON_ONE_CONFIG  # the benchmark autotunes for real
+  export TRITON_PRINT_AUTOTUNING=1  # the log names each kernel's winning config (to prune the config lists)
+  if [ "$DRY_RUN" = 1 ]; then
+    $PY -m attnkernels.bench.gpu_table --out "$OUT" --dry-run
+  else
+    $PY -m attnkernels.bench.gpu_table --out "$OUT"
+  fi
+}
+export -f bench
+stage bench "$(( $(budget BENCH 90) + spare ))" bench.log bench
+
 # ----------------------------------------------------------------------------- sanitizer
 sanitize() {
   if [ "$DRY_RUN" = 1 ]; then
@@ -194,7 +207,7 @@ sanitize() {
   # instrumenting only attnkernels' own (every one is in that namespace) keeps memcheck inside its time.
   "$SANITIZER" --help 2>&1 | grep -q -- "--kernel-name " && only_ours=(--kernel-name kns=attnkernels)
   echo "== memcheck: the workload's kernels ${only_ours[*]}"
-  timeout 100 "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 20 "${only_ours[@]}" \
+  timeout "$(( SANITIZER_SECONDS - 40 ))" "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 20 "${only_ours[@]}" \
     $PY scripts/gpu_workload.py || { local status=$?; rc=1; echo "memcheck: exit status $status (124: out of time)"; }
   echo "== racecheck: the kernels with shared memory (the CUDA attention, scripts/sanitize_attention.py quick)"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 30 "$SANITIZER" --tool racecheck --error-exitcode 3 --print-limit 20 \
@@ -202,19 +215,9 @@ sanitize() {
   return $rc
 }
 export -f sanitize
-stage sanitizer "$(budget SANITIZER 140)" sanitizer.log sanitize
-
-# ----------------------------------------------------------------------------- bench
-bench() {
-  unset ATTNKERNELS_TRITON_ONE_CONFIG  # the benchmark autotunes for real
-  if [ "$DRY_RUN" = 1 ]; then
-    $PY -m attnkernels.bench.gpu_table --out "$OUT" --dry-run
-  else
-    $PY -m attnkernels.bench.gpu_table --out "$OUT"
-  fi
-}
-export -f bench
-stage bench "$(( $(budget BENCH 90) + spare ))" bench.log bench
+SANITIZER_SECONDS=$(budget SANITIZER 140)
+export SANITIZER_SECONDS
+stage sanitizer "$SANITIZER_SECONDS" sanitizer.log sanitize
 
 {
   echo "== summary ($(( $(date +%s) - START )) s in all$([ "$DRY_RUN" = 1 ] && echo ', dry run'))"

@@ -10,8 +10,9 @@ triton backends (triton is the default on CUDA tensors), torch's SDPA default an
 and bf16) for attnkernels' cuda and triton backends against torch. Each
 result is checked before it is timed: attention against torch's, sampling against float64 (the
 FlashAttention rule: at most twice torch's own error). Rows go to DIR/bench.jsonl as they are
-measured (a run stopped by its time limit keeps them) and the table to DIR/bench.md at the end.
-The triton rows come last: they autotune from a cold cache.
+measured (a run stopped by its time limit keeps them) and the table to DIR/bench.md after each part.
+Each op's default backend comes first (Triton attention, which autotunes from a cold cache; CUDA
+sampling), the CUDA attention kernels last.
 """
 
 from __future__ import annotations
@@ -310,12 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     table.jsonl.write(json.dumps({"limits": limits, "torch": torch.__version__}) + "\n")
     attention_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     sampling_dtypes = (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
-    run_attention(table, args.dry_run, attention_dtype, triton_rows=False)
-    table.write_markdown(header)
-    run_sampling(table, args.dry_run, sampling_dtypes)
-    table.write_markdown(header)
+    # The default backend of each op first (Triton for attention, CUDA for sampling), so that a run
+    # cut short by its time limit still has them; the CUDA attention kernels last.
     if not args.skip_triton:
         run_attention(table, args.dry_run, attention_dtype, triton_rows=True)
+        table.write_markdown(header)
+    run_sampling(table, args.dry_run, sampling_dtypes)
+    table.write_markdown(header)
+    run_attention(table, args.dry_run, attention_dtype, triton_rows=False)
     table.write_markdown(header)
     wrong = [r for r in table.rows if r.note.startswith("WRONG")]
     print(f"{len(table.rows)} rows, {len(wrong)} wrong, {time.perf_counter() - start:.0f} s", flush=True)

@@ -58,11 +58,13 @@ def _configs(kind: str, interpreter: bool = INTERPRETER) -> list[triton.Config]:
     if interpreter:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
     if kind == "forward":
-        shapes = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-                  (64, 64, 4, 2), (64, 32, 4, 4), (32, 32, 4, 2), (16, 32, 4, 2)]
+        shapes = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3),
+                  (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 4), (32, 32, 4, 2), (16, 32, 4, 2)]
     else:
-        shapes = [(64, 128, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2),
-                  (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)]
+        # (32, 128, 4, 5) and (128, 32, 4, 5): the Triton tutorial's Hopper choices for the key-block
+        # (dK, dV) and the query-block (dQ) kernel.
+        shapes = [(64, 128, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 128, 4, 5), (128, 32, 4, 5),
+                  (64, 64, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
             for m, n, w, st in shapes]
 
