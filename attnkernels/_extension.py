@@ -36,9 +36,12 @@ if _C is not None:
 
 
 def cpu_capability() -> str | None:
-    """The CPU variant of the compiled kernels in use: ``"default"``, ``"avx2"``, ``"avx512"`` or ``"avx512_bf16"``.
+    """The CPU variant of the compiled kernels in use: ``"default"``, ``"avx2"``, ``"avx512"``, ``"avx512_bf16"``
+    or ``"avx512_amx"``.
 
-    ``"avx512_bf16"`` is the avx512 variant with bfloat16 attention on the AVX512-BF16 dot products.
+    ``"avx512_bf16"`` is the avx512 variant with bfloat16 attention on the AVX512-BF16 dot products;
+    ``"avx512_amx"`` that, with the bfloat16 attention forward on the AMX tile multipliers (head dims that
+    are multiples of 32).
 
     The best one this CPU runs, unless the environment variable ``ATTNKERNELS_CPU_CAPABILITY`` (read once,
     at import) names a lower one. None when the compiled extension is not loaded.

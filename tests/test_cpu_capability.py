@@ -19,7 +19,7 @@ import attnkernels
 
 pytestmark = pytest.mark.skipif(not attnkernels._extension.has_extension(), reason="the extension is not built")
 
-ORDER = ("default", "avx2", "avx512", "avx512_bf16")
+ORDER = ("default", "avx2", "avx512", "avx512_bf16", "avx512_amx")
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -46,7 +46,10 @@ def best_for_this_cpu() -> str:
         return "default"
     if not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
         return "avx2"
-    return "avx512_bf16" if "avx512_bf16" in flags else "avx512"
+    if "avx512_bf16" not in flags:
+        return "avx512"
+    # AMX also needs the OS to grant the tile state (Linux 5.16 and later do when asked).
+    return "avx512_amx" if {"amx_bf16", "amx_tile"} <= flags else "avx512_bf16"
 
 
 def run_python(code: str, capability: str | None) -> subprocess.CompletedProcess:
@@ -96,18 +99,19 @@ def test_forcing_a_variant_this_cpu_runs_uses_it(capability):
 
 def test_forcing_a_variant_this_cpu_lacks_warns_and_uses_the_best():
     best = best_for_this_cpu()
-    if best == "avx512_bf16":
+    if best == "avx512_amx":
         pytest.skip("this CPU runs every variant")
-    result = run_python(REPORT, "avx512_bf16")
+    result = run_python(REPORT, "avx512_amx")
     assert reported(result) == best
-    assert "ATTNKERNELS_CPU_CAPABILITY=avx512_bf16 cannot be used" in result.stderr
+    assert "ATTNKERNELS_CPU_CAPABILITY=avx512_amx cannot be used" in result.stderr
     assert f"using the best available variant, '{best}'" in result.stderr
 
 
 def test_an_unknown_variant_name_warns_and_uses_the_best():
     result = run_python(REPORT, "avx9000")
     assert reported(result) == best_for_this_cpu()
-    expected = "ATTNKERNELS_CPU_CAPABILITY=avx9000 is not one of 'default', 'avx2', 'avx512', 'avx512_bf16'"
+    expected = ("ATTNKERNELS_CPU_CAPABILITY=avx9000 is not one of 'default', 'avx2', 'avx512', 'avx512_bf16', "
+                "'avx512_amx'")
     assert expected in result.stderr
 
 

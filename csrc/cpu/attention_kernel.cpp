@@ -40,6 +40,7 @@
 #include "../cpu_isa.h"
 #include "../attention_checks.h"
 #include "attention_math.h"
+#include "amx_tiles.h"
 #include "attention_tiles.h"
 #include "direct_tiles.h"
 #include "dot_tiles.h"
@@ -336,6 +337,77 @@ struct DotBackwardTiles {
   }
 };
 
+#if defined(ATTNKERNELS_AMX_TILES)
+// The forward's bfloat16 products on AMX (amx_tiles.h), on CPUs that have it, for head dims that are
+// multiples of 32 (a query row holds whole reduction steps). The same roles as DotForwardTiles, with
+// operands laid out for 32 x 32 blocks: the task's query rows copied with zero rows after them (a
+// block reads up to 32 rows), the values padded with zero keys to a multiple of 32 (the reduction's
+// step), the rounded probabilities in rows of that padded length.
+struct AmxForwardTiles {
+  using T = c10::BFloat16;
+  using Ops = DotOps<T>;
+  using Word = uint32_t;
+  int64_t E, Ev, padded_keys = 0;
+  std::vector<T> q_buffer, v_buffer, probs_buffer;
+  std::vector<Word> keys_packed, values_packed;
+  static constexpr int64_t kReadsPastDiagonal = kAmxReadsPastDiagonal;
+  static constexpr bool kSkipsBehindDiagonal = true;
+  static constexpr bool kRoundsInExpPass = true;  // see DotForwardTiles
+
+  AmxForwardTiles(int64_t query_rows, int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
+      : E(E), Ev(Ev), q_buffer((round_up(query_rows, kAmxRows) + kAmxRows) * E),
+        v_buffer(round_up(key_block, kAmxDepth) * Ev),
+        probs_buffer(round_up(query_block, kAmxRows) * round_up(key_block, kAmxDepth)),
+        keys_packed(Ops::packed_size(E, key_block)), values_packed(Ops::packed_size(round_up(key_block, kAmxDepth), Ev)) {}
+
+  void load_queries(const T* q, int64_t rows) {
+    std::copy(q, q + rows * E, q_buffer.begin());
+    std::fill(q_buffer.begin() + rows * E, q_buffer.end(), T(0));
+  }
+  void load_keys(const T* k, const T* v, int64_t cols) {
+    padded_keys = round_up(cols, kAmxDepth);
+    Ops::pack_rows(k, cols, E, E, keys_packed.data());
+    std::copy(v, v + cols * Ev, v_buffer.begin());
+    std::fill(v_buffer.begin() + cols * Ev, v_buffer.begin() + padded_keys * Ev, T(0));
+    Ops::pack_columns(v_buffer.data(), padded_keys, Ev, Ev, values_packed.data());
+  }
+  void scores(int64_t first, int64_t rows, int64_t cols, float scale, float* out, int64_t ld,
+              Diagonal diagonal = {}) {
+    amx_product(rows, cols, E, q_buffer.data() + first * E, E, keys_packed.data(), E / 2, scale, false, out, ld,
+                skip(diagonal, CausalSkip::kColumnsAfter));
+  }
+  // With dropout: the float32 probabilities rounded into the rows the product reads.
+  void add_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, float* accum, Diagonal diagonal = {}) {
+    for (int64_t r = 0; r < rows; ++r) {
+      T* row = probs_buffer.data() + r * padded_keys;
+      for (int64_t j = 0; j < cols; ++j) row[j] = static_cast<T>(probs[r * ld + j]);
+      std::fill(row + cols, row + padded_keys, T(0));
+    }
+    add_rounded_values(rows, cols, accum, diagonal);
+  }
+  float exp_pass_rounded(int64_t r, int64_t cols, const float* scores, int64_t visible, float shift, float to_log2) {
+    T* row = probs_buffer.data() + r * padded_keys;
+    const float sum = exp2_shifted_sum_rounded(scores, visible, shift, to_log2, reinterpret_cast<uint16_t*>(row));
+    zero_rounded(row, visible, visible);
+    return sum;
+  }
+  void zero_rounded_row(int64_t r, int64_t /*cols*/, int64_t visible) {
+    zero_rounded(probs_buffer.data() + r * padded_keys, 0, visible);
+  }
+  void add_rounded_values(int64_t rows, int64_t /*cols*/, float* accum, Diagonal diagonal = {}) {
+    amx_product(rows, Ev, padded_keys, probs_buffer.data(), padded_keys, values_packed.data(), padded_keys / 2, 1.0f,
+                true, accum, Ev, skip(diagonal, CausalSkip::kReductionAfter));
+  }
+
+ private:
+  // Zeros in [from, end) of a rounded row, end: as far past `visible` as the product reads.
+  void zero_rounded(T* row, int64_t from, int64_t visible) const {
+    const int64_t end = std::min(padded_keys, visible + kReadsPastDiagonal);
+    if (from < end) std::fill(row + from, row + end, T(0));
+  }
+};
+#endif
+
 // float16 and bfloat16 inputs that have no register tiles of their own (float16 everywhere, bfloat16
 // without AVX512-BF16 or with an odd head dimension) run on the float32 tiles: each block's rows are
 // widened to float32 as they are loaded, as the BLAS path widens them, and everything after that is
@@ -583,6 +655,14 @@ void with_tiles(const Shape& shape, Run&& run) {
   if constexpr (!std::is_same_v<scalar_t, double>) {
     if (shape.L <= direct_most_queries<scalar_t>(shape)) {
       run(TileFamily<DirectForwardTiles<scalar_t>, DirectBackwardTiles<scalar_t>>{});
+      return;
+    }
+  }
+#endif
+#if defined(ATTNKERNELS_AMX_TILES)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (use_dot_tiles<scalar_t>(shape) && amx_tiles_enabled() && shape.E % kAmxDepth == 0) {
+      run(TileFamily<AmxForwardTiles, DotBackwardTiles<scalar_t>>{});
       return;
     }
   }

@@ -6,12 +6,19 @@
 // `default` (plain x86-64, or whatever the target is elsewhere), and on x86-64
 // `avx2` (AVX2 + FMA + F16C) and `avx512` (AVX-512 F/BW/VL/DQ). The capability
 // `avx512_bf16` is the avx512 variant with its bfloat16 attention products on
-// the AVX512-BF16 dot-product instruction (csrc/cpu/dot_tiles.h). This file is
+// the AVX512-BF16 dot-product instruction (csrc/cpu/dot_tiles.h), and `avx512_amx`
+// that variant with its bfloat16 attention forward on the AMX tiles (csrc/cpu/amx_tiles.h). This file is
 // compiled with the plain flags only: it must run on every CPU, to find out
 // which variant the CPU can run. The choice is made once, at the first call:
 // the best capability the CPU supports, or a lower one named by the environment
-// variable ATTNKERNELS_CPU_CAPABILITY (default, avx2, avx512, avx512_bf16).
+// variable ATTNKERNELS_CPU_CAPABILITY (default, avx2, avx512, avx512_bf16, avx512_amx).
 #include <torch/library.h>
+
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <cctype>
 #include <cstdlib>
@@ -31,15 +38,32 @@ ATTNKERNELS_DECLARE_CPU_KERNELS(avx512)
 
 namespace {
 
-enum class Capability { Default = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
+enum class Capability { Default = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, Avx512Amx = 4 };
 
 const char* name_of(Capability capability) {
   switch (capability) {
+    case Capability::Avx512Amx: return "avx512_amx";
     case Capability::Avx512Bf16: return "avx512_bf16";
     case Capability::Avx512: return "avx512";
     case Capability::Avx2: return "avx2";
     default: return "default";
   }
+}
+
+// Whether the CPU has AMX-BF16 and the OS lets this process use the tile registers: Linux gives a
+// process the (8 KiB) tile state only when it asks for it (ARCH_REQ_XCOMP_PERM for XTILEDATA).
+bool amx_usable() {
+#if defined(ATTNKERNELS_CPU_VARIANTS) && defined(__x86_64__) && defined(__linux__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool amx_bf16 = (edx >> 22) & 1u, amx_tile = (edx >> 24) & 1u;
+  if (!amx_bf16 || !amx_tile) return false;
+  constexpr long kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+  constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
+  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+#else
+  return false;
+#endif
 }
 
 // The highest variant that this build has and this CPU (and OS) can run.
@@ -50,7 +74,9 @@ Capability best_supported() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  if (avx2 && avx512 && __builtin_cpu_supports("avx512bf16")) return Capability::Avx512Bf16;
+  if (avx2 && avx512 && __builtin_cpu_supports("avx512bf16")) {
+    return amx_usable() ? Capability::Avx512Amx : Capability::Avx512Bf16;
+  }
   if (avx2 && avx512) return Capability::Avx512;
   if (avx2) return Capability::Avx2;
 #endif
@@ -72,8 +98,9 @@ Selection select() {
     std::string name(requested);
     for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
     const std::string use = std::string("; using the best available variant, '") + name_of(best) + "'.";
-    if (name == "default" || name == "avx2" || name == "avx512" || name == "avx512_bf16") {
-      const Capability wanted = name == "avx512_bf16" ? Capability::Avx512Bf16
+    if (name == "default" || name == "avx2" || name == "avx512" || name == "avx512_bf16" || name == "avx512_amx") {
+      const Capability wanted = name == "avx512_amx"    ? Capability::Avx512Amx
+                                : name == "avx512_bf16" ? Capability::Avx512Bf16
                                 : name == "avx512"    ? Capability::Avx512
                                 : name == "avx2"      ? Capability::Avx2
                                                       : Capability::Default;
@@ -81,7 +108,10 @@ Selection select() {
         chosen.capability = wanted;
       } else {
 #if defined(ATTNKERNELS_CPU_VARIANTS)
-        const char* why = wanted == Capability::Avx512Bf16 ? "this CPU lacks AVX-512 (F, BW, VL and DQ) or AVX512-BF16"
+        const char* why = wanted == Capability::Avx512Amx
+                              ? "this CPU lacks AVX-512 (F, BW, VL and DQ), AVX512-BF16 or AMX-BF16, or the OS "
+                                "did not grant the AMX tile state"
+                          : wanted == Capability::Avx512Bf16 ? "this CPU lacks AVX-512 (F, BW, VL and DQ) or AVX512-BF16"
                           : wanted == Capability::Avx512 ? "this CPU lacks AVX-512 (F, BW, VL and DQ)"
                                                          : "this CPU lacks AVX2, FMA or F16C";
 #else
@@ -92,11 +122,12 @@ Selection select() {
       }
     } else {
       chosen.note = "attnkernels: ATTNKERNELS_CPU_CAPABILITY=" + std::string(requested) +
-                    " is not one of 'default', 'avx2', 'avx512', 'avx512_bf16'" + use;
+                    " is not one of 'default', 'avx2', 'avx512', 'avx512_bf16', 'avx512_amx'" + use;
     }
   }
   switch (chosen.capability) {
 #if defined(ATTNKERNELS_CPU_VARIANTS)
+    case Capability::Avx512Amx:
     case Capability::Avx512Bf16:
     case Capability::Avx512: chosen.kernels = ATTNKERNELS_CPU_KERNELS_OF(avx512); break;
     case Capability::Avx2: chosen.kernels = ATTNKERNELS_CPU_KERNELS_OF(avx2); break;
@@ -125,7 +156,8 @@ struct ChosenVariant<Entry> {
 // For attnkernels.cpu_capability() (csrc/ops.cpp).
 const char* cpu_capability_name() { return name_of(selection().capability); }
 const char* cpu_capability_note() { return selection().note.c_str(); }
-bool bf16_dot_products_enabled() { return selection().capability == Capability::Avx512Bf16; }
+bool bf16_dot_products_enabled() { return selection().capability >= Capability::Avx512Bf16; }
+bool amx_tiles_enabled() { return selection().capability == Capability::Avx512Amx; }
 
 // Every CPU kernel of the library is registered here.
 TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {

@@ -41,8 +41,12 @@ struct CpuKernels {
   }
 
 // Whether the avx512 variant may use the AVX512-BF16 dot products (csrc/cpu/dot_tiles.h): the
-// CPU has them and the chosen capability is avx512_bf16. Defined in cpu_dispatch.cpp.
+// CPU has them and the chosen capability is avx512_bf16 or avx512_amx. Defined in cpu_dispatch.cpp.
 bool bf16_dot_products_enabled();
+
+// Whether the avx512 variant may use the AMX tiles (csrc/cpu/amx_tiles.h): the CPU has AMX-BF16, the
+// OS gave the process the tile state, and the chosen capability is avx512_amx.
+bool amx_tiles_enabled();
 
 // csrc/cpu/affine_grid_kernel.cpp (one build for every variant: it is not hot).
 AffineGridKernel affine_grid_cpu;
