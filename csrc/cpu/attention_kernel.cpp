@@ -8,7 +8,8 @@
 // or, in the avx2 and avx512 variants, to the register tiles of dot_tiles.h:
 // float32 on FMAs, and (avx512) bfloat16 on a CPU with AVX512-BF16 on its dot
 // products (the probabilities and score gradients rounded to bfloat16 for their
-// products, as torch's own CPU flash attention does; accumulation in float32).
+// products, as torch's own CPU flash attention does; accumulation in float32),
+// the forward's on the AMX tiles of amx_tiles.h where the CPU has AMX-BF16.
 // Other float16 and bfloat16 inputs are widened to float32 block by block and
 // take the float32 tiles; BLAS is left with float64 (and everything in the
 // default variant, which has no register tiles). A few query rows per head
