@@ -40,8 +40,8 @@ def cpu_capability() -> str | None:
     or ``"avx512_amx"``.
 
     ``"avx512_bf16"`` is the avx512 variant with bfloat16 attention on the AVX512-BF16 dot products;
-    ``"avx512_amx"`` that, with the bfloat16 attention forward on the AMX tile multipliers (head dims that
-    are multiples of 32).
+    ``"avx512_amx"`` that, with bfloat16 attention on the AMX tile multipliers (head dims that are
+    multiples of 32).
 
     The best one this CPU runs, unless the environment variable ``ATTNKERNELS_CPU_CAPABILITY`` (read once,
     at import) names a lower one. None when the compiled extension is not loaded.

@@ -9,7 +9,7 @@
 // float32 on FMAs, and (avx512) bfloat16 on a CPU with AVX512-BF16 on its dot
 // products (the probabilities and score gradients rounded to bfloat16 for their
 // products, as torch's own CPU flash attention does; accumulation in float32),
-// the forward's on the AMX tiles of amx_tiles.h where the CPU has AMX-BF16.
+// on the AMX tiles of amx_tiles.h where the CPU has AMX-BF16.
 // Other float16 and bfloat16 inputs are widened to float32 block by block and
 // take the float32 tiles; BLAS is left with float64 (and everything in the
 // default variant, which has no register tiles). A few query rows per head
@@ -407,6 +407,119 @@ struct AmxForwardTiles {
     if (from < end) std::fill(row + from, row + end, T(0));
   }
 };
+
+// The backward's bfloat16 products on AMX, for head dims (E and Ev) that are multiples of 32. dK and
+// dV reduce over query rows: they are accumulated transposed (E x keys, Ev x keys: C's rows are the
+// head dim), from Q^T and dO^T (the query block transposed once per task, in its slot) times P and
+// dS packed as right operands, and transposed back once per key block. P and dS are rounded to
+// bfloat16 for their products, as DotBackwardTiles rounds them.
+struct AmxBackwardTiles {
+  using T = c10::BFloat16;
+  using Ops = DotOps<T>;
+  using Word = uint32_t;
+  int64_t E, Ev, query_rows, key_rows, cols_padded = 0, rows_padded = 0;
+  // Per slot: the query block's q and dO rows (query_rows x E, x Ev, zero rows after the block) and
+  // their transposes (E x query_rows, Ev x query_rows, zero columns after the block).
+  std::vector<T> q_slots, do_slots, q_t_slots, do_t_slots, rounded_grad;
+  std::vector<char> slot_packed;
+  const T *q_rows = nullptr, *do_rows = nullptr, *q_t = nullptr, *do_t = nullptr;
+  std::vector<Word> keys_by_rows, values_by_rows, keys_by_columns, probs_packed, grad_packed;
+  std::vector<float> dk_t, dv_t;  // E x key_rows, Ev x key_rows
+  // Products without a causal skip read whole rows: the caller zeroes everything behind the diagonal.
+  static constexpr int64_t kReadsPastDiagonal = std::numeric_limits<int64_t>::max();
+
+  AmxBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
+      : E(E), Ev(Ev), query_rows(round_up(query_block, kAmxRows)), key_rows(round_up(key_block, kAmxDepth)),
+        rounded_grad(query_rows * key_rows), keys_by_rows(Ops::packed_size(E, key_block)),
+        values_by_rows(Ops::packed_size(Ev, key_block)), keys_by_columns(Ops::packed_size(key_rows, E)),
+        probs_packed(Ops::packed_size(query_rows, key_block)), grad_packed(Ops::packed_size(query_rows, key_block)),
+        dk_t(E * key_rows), dv_t(Ev * key_rows) {}
+
+  int64_t slot_words() const { return query_rows * (E + Ev); }
+  int64_t begin_task(int64_t query_slots) {
+    constexpr int64_t kSlotBytes = int64_t(16) << 20;
+    const int64_t slots = query_slots * 2 * slot_words() * int64_t(sizeof(T)) <= kSlotBytes ? query_slots : 1;
+    if (static_cast<int64_t>(q_slots.size()) < slots * query_rows * E) {
+      q_slots.resize(slots * query_rows * E);
+      q_t_slots.resize(slots * query_rows * E);
+      do_slots.resize(slots * query_rows * Ev);
+      do_t_slots.resize(slots * query_rows * Ev);
+    }
+    slot_packed.assign(slots, 0);
+    return slots;
+  }
+  void load_keys(const T* k, const T* v, int64_t cols) {
+    cols_padded = round_up(cols, kAmxDepth);
+    Ops::pack_rows(k, cols, E, E, keys_by_rows.data());
+    Ops::pack_rows(v, cols, Ev, Ev, values_by_rows.data());
+    amx_pack_pairs_from_columns(k, cols, E, E, cols_padded / 2, keys_by_columns.data());
+    std::fill(dk_t.begin(), dk_t.end(), 0.0f);
+    std::fill(dv_t.begin(), dv_t.end(), 0.0f);
+  }
+  void load_queries(const T* q, const T* grad_out, int64_t rows, int64_t slot) {
+    rows_padded = round_up(rows, kAmxRows);
+    const int64_t index = slot_packed.size() > 1 ? slot : 0;
+    T* q_slot = q_slots.data() + index * query_rows * E;
+    T* do_slot = do_slots.data() + index * query_rows * Ev;
+    T* q_t_slot = q_t_slots.data() + index * query_rows * E;
+    T* do_t_slot = do_t_slots.data() + index * query_rows * Ev;
+    q_rows = q_slot;
+    do_rows = do_slot;
+    q_t = q_t_slot;
+    do_t = do_t_slot;
+    if (slot_packed.size() > 1 && slot_packed[static_cast<size_t>(index)]) return;
+    copy_padded(q, rows, E, q_slot, q_t_slot);
+    copy_padded(grad_out, rows, Ev, do_slot, do_t_slot);
+    if (slot_packed.size() > 1) slot_packed[static_cast<size_t>(index)] = 1;
+  }
+  void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld, Diagonal diagonal = {}) {
+    amx_product(rows, cols, E, q_rows, E, keys_by_rows.data(), E / 2, scale, false, out, ld,
+                skip(diagonal, CausalSkip::kColumnsAfter));
+  }
+  void grad_probs(int64_t rows, int64_t cols, float* out, int64_t ld, Diagonal diagonal = {}) {
+    amx_product(rows, cols, Ev, do_rows, Ev, values_by_rows.data(), Ev / 2, 1.0f, false, out, ld,
+                skip(diagonal, CausalSkip::kColumnsAfter));
+  }
+  // dV^T (Ev x cols) += dO^T P
+  void add_grad_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, Diagonal = {}) {
+    amx_pack_pairs_from_columns(probs, rows, cols, ld, rows_padded / 2, probs_packed.data());
+    amx_product(Ev, cols, rows_padded, do_t, query_rows, probs_packed.data(), rows_padded / 2, 1.0f, true,
+                dv_t.data(), key_rows);
+  }
+  // dK^T (E x cols) += scale * Q^T dS
+  void add_grad_keys(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale, Diagonal = {}) {
+    amx_pack_pairs_from_columns(grad_scores, rows, cols, ld, rows_padded / 2, grad_packed.data());
+    amx_product(E, cols, rows_padded, q_t, query_rows, grad_packed.data(), rows_padded / 2, scale, true, dk_t.data(),
+                key_rows);
+  }
+  // dq (rows x E) += scale * dS K
+  void add_grad_queries(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale, float* dq,
+                        Diagonal diagonal = {}) {
+    amx_round_rows(grad_scores, rows, cols, ld, rounded_grad.data(), cols_padded);
+    amx_product(rows, E, cols_padded, rounded_grad.data(), cols_padded, keys_by_columns.data(), cols_padded / 2,
+                scale, true, dq, E, skip(diagonal, CausalSkip::kReductionAfter));
+  }
+  template <typename Out>
+  void store_key_grads(Out* grad_k, Out* grad_v, int64_t cols) const {
+    for (int64_t j = 0; j < cols; ++j) {
+      for (int64_t e = 0; e < E; ++e) grad_k[j * E + e] = static_cast<Out>(dk_t[e * key_rows + j]);
+      for (int64_t e = 0; e < Ev; ++e) grad_v[j * Ev + e] = static_cast<Out>(dv_t[e * key_rows + j]);
+    }
+  }
+
+ private:
+  // x (rows x width) into `rows_out` (query_rows x width, zero rows after `rows`) and its transpose
+  // `columns_out` (width x query_rows, zero columns after `rows`).
+  void copy_padded(const T* x, int64_t rows, int64_t width, T* rows_out, T* columns_out) const {
+    std::copy(x, x + rows * width, rows_out);
+    std::fill(rows_out + rows * width, rows_out + query_rows * width, T(0));
+    for (int64_t e = 0; e < width; ++e) {
+      T* column = columns_out + e * query_rows;
+      for (int64_t i = 0; i < rows; ++i) column[i] = x[i * width + e];
+      std::fill(column + rows, column + query_rows, T(0));
+    }
+  }
+};
 #endif
 
 // float16 and bfloat16 inputs that have no register tiles of their own (float16 everywhere, bfloat16
@@ -663,7 +776,11 @@ void with_tiles(const Shape& shape, Run&& run) {
 #if defined(ATTNKERNELS_AMX_TILES)
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (use_dot_tiles<scalar_t>(shape) && amx_tiles_enabled() && shape.E % kAmxDepth == 0) {
-      run(TileFamily<AmxForwardTiles, DotBackwardTiles<scalar_t>>{});
+      if (shape.Ev % kAmxDepth == 0) {
+        run(TileFamily<AmxForwardTiles, AmxBackwardTiles>{});
+      } else {
+        run(TileFamily<AmxForwardTiles, DotBackwardTiles<scalar_t>>{});
+      }
       return;
     }
   }

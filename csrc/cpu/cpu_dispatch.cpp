@@ -7,7 +7,7 @@
 // `avx2` (AVX2 + FMA + F16C) and `avx512` (AVX-512 F/BW/VL/DQ). The capability
 // `avx512_bf16` is the avx512 variant with its bfloat16 attention products on
 // the AVX512-BF16 dot-product instruction (csrc/cpu/dot_tiles.h), and `avx512_amx`
-// that variant with its bfloat16 attention forward on the AMX tiles (csrc/cpu/amx_tiles.h). This file is
+// that variant with its bfloat16 attention on the AMX tiles (csrc/cpu/amx_tiles.h). This file is
 // compiled with the plain flags only: it must run on every CPU, to find out
 // which variant the CPU can run. The choice is made once, at the first call:
 // the best capability the CPU supports, or a lower one named by the environment
