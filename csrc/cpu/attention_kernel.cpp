@@ -349,8 +349,8 @@ struct AmxForwardTiles {
   using Ops = DotOps<T>;
   using Word = uint32_t;
   int64_t E, Ev, padded_keys = 0;
-  std::vector<T> q_buffer, v_buffer, probs_buffer;
-  std::vector<Word> keys_packed, values_packed;
+  ScratchBuffer<T> q_buffer, v_buffer, probs_buffer;
+  ScratchBuffer<Word> keys_packed, values_packed;
   static constexpr int64_t kReadsPastDiagonal = kAmxReadsPastDiagonal;
   static constexpr bool kSkipsBehindDiagonal = true;
   static constexpr bool kRoundsInExpPass = true;  // see DotForwardTiles
@@ -361,9 +361,12 @@ struct AmxForwardTiles {
         probs_buffer(round_up(query_block, kAmxRows) * round_up(key_block, kAmxDepth)),
         keys_packed(Ops::packed_size(E, key_block)), values_packed(Ops::packed_size(round_up(key_block, kAmxDepth), Ev)) {}
 
+  // The rows after the task's (read by its last 32-row block, up to 32 past its end when a query
+  // block is not a multiple of 32 rows) are zero.
   void load_queries(const T* q, int64_t rows) {
     std::copy(q, q + rows * E, q_buffer.begin());
-    std::fill(q_buffer.begin() + rows * E, q_buffer.end(), T(0));
+    std::fill(q_buffer.begin() + rows * E, q_buffer.begin() + std::min(q_buffer.size(), (round_up(rows, kAmxRows) +
+              kAmxRows) * E), T(0));
   }
   void load_keys(const T* k, const T* v, int64_t cols) {
     padded_keys = round_up(cols, kAmxDepth);
@@ -420,11 +423,12 @@ struct AmxBackwardTiles {
   int64_t E, Ev, query_rows, key_rows, cols_padded = 0, rows_padded = 0;
   // Per slot: the query block's q and dO rows (query_rows x E, x Ev, zero rows after the block) and
   // their transposes (E x query_rows, Ev x query_rows, zero columns after the block).
-  std::vector<T> q_slots, do_slots, q_t_slots, do_t_slots, rounded_grad;
+  std::vector<T> q_slots, do_slots, q_t_slots, do_t_slots;
+  ScratchBuffer<T> rounded_grad;
   std::vector<char> slot_packed;
   const T *q_rows = nullptr, *do_rows = nullptr, *q_t = nullptr, *do_t = nullptr;
-  std::vector<Word> keys_by_rows, values_by_rows, keys_by_columns, probs_packed, grad_packed;
-  std::vector<float> dk_t, dv_t;  // E x key_rows, Ev x key_rows
+  ScratchBuffer<Word> keys_by_rows, values_by_rows, keys_by_columns, probs_packed, grad_packed;
+  ScratchBuffer<float> dk_t, dv_t;  // E x key_rows, Ev x key_rows
   // Products without a causal skip read whole rows: the caller zeroes everything behind the diagonal.
   static constexpr int64_t kReadsPastDiagonal = std::numeric_limits<int64_t>::max();
 
@@ -875,12 +879,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
   // accum, row_max and row_sum hold the online softmax of every query row of the task.
   struct Scratch {
-    std::vector<acc_t> scores, accum, row_max, row_sum;
+    ScratchBuffer<acc_t> scores, accum, row_max, row_sum;
     Tiles tiles;
   };
   auto make_scratch = [&] {
-    return Scratch{std::vector<acc_t>(Bq * Bk), std::vector<acc_t>(task_capacity * Ev),
-                   std::vector<acc_t>(task_capacity), std::vector<acc_t>(task_capacity),
+    return Scratch{ScratchBuffer<acc_t>(Bq * Bk), ScratchBuffer<acc_t>(task_capacity * Ev),
+                   ScratchBuffer<acc_t>(task_capacity), ScratchBuffer<acc_t>(task_capacity),
                    Tiles(task_capacity, Bq, Bk, E, Ev)};
   };
   parallel_tasks(tasks.count(), make_scratch, [&](int64_t task_index, Scratch& scratch) {
@@ -1069,11 +1073,11 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   acc_t* grad_mask_data = grad_mask.defined() ? grad_mask.mutable_data_ptr<acc_t>() : nullptr;
 
   struct Scratch {
-    std::vector<acc_t> probs, grad_probs;
+    ScratchBuffer<acc_t> probs, grad_probs;
     Tiles tiles;
   };
   auto make_scratch = [&] {
-    return Scratch{std::vector<acc_t>(Bq * Bk), std::vector<acc_t>(Bq * Bk), Tiles(Bq, Bk, E, Ev)};
+    return Scratch{ScratchBuffer<acc_t>(Bq * Bk), ScratchBuffer<acc_t>(Bq * Bk), Tiles(Bq, Bk, E, Ev)};
   };
   parallel_tasks(pairs * shares, make_scratch, [&](int64_t task, Scratch& scratch) {
     auto& [probs, grad_probs, tiles] = scratch;

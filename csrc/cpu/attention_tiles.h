@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <type_traits>
 
@@ -230,6 +231,28 @@ void apply_dropout(const DropoutMask& dropout, acc_t keep_scale, uint64_t first,
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A thread's scratch buffer of n elements, left uninitialised: std::vector zeroes its elements, a pass
+// over up to a few MiB per thread and call that a short call (256 queries x 256 keys) felt. Whoever
+// reads an element writes it first.
+template <typename T>
+class ScratchBuffer {
+ public:
+  explicit ScratchBuffer(int64_t n = 0) : data_(n > 0 ? new T[static_cast<size_t>(n)] : nullptr), size_(n) {}
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+  T* begin() { return data_.get(); }
+  T* end() { return data_.get() + size_; }
+  const T* begin() const { return data_.get(); }
+  const T* end() const { return data_.get() + size_; }
+  int64_t size() const { return size_; }
+  T& operator[](int64_t i) { return data_[static_cast<size_t>(i)]; }
+  const T& operator[](int64_t i) const { return data_[static_cast<size_t>(i)]; }
+
+ private:
+  std::unique_ptr<T[]> data_;
+  int64_t size_;
+};
 
 // Runs run(task) for task in [0, tasks) on torch's intra-op threads, handing
 // tasks out one at a time: causal tiles differ in cost, and on a shared machine
