@@ -234,7 +234,8 @@ def results_markdown(info: dict, limits: MachineLimits | None, records: Sequence
         f"- Date: {info['date']}",
         f"- Command: `{info['command']}`",
         f"- Machine: {machine}; {info['platform']}",
-        f"- CPU kernels: the `{info.get('cpu_capability')}` variant (set by ATTNKERNELS_CPU_CAPABILITY); "
+        f"- CPU kernels: the `{info.get('cpu_capability')}` variant (the best this CPU runs unless "
+        "ATTNKERNELS_CPU_CAPABILITY names a lower one); "
         f"torch's CPU kernels: `{info.get('torch_cpu_capability')}`; "
         f"the CPU's vector flags: {info.get('cpu_flags') or 'none found'}",
         f"- Versions: attnkernels {info['attnkernels']}, torch {info['torch']} (CUDA {info['cuda']}), "
