@@ -2,7 +2,7 @@
 # Runs the CPU-kernel tests under every CPU variant of the kernels that this machine can run (default, avx2,
 # avx512: see csrc/cpu/cpu_dispatch.cpp), each forced with ATTNKERNELS_CPU_CAPABILITY. Extra arguments go to pytest.
 # The best capability is not repeated here: the plain `pytest` run uses it. avx512_bf16 (the avx512 variant with
-# bfloat16 attention on AVX512-BF16) runs here only where avx512_amx (its forward on AMX tiles) is the best.
+# bfloat16 attention on AVX512-BF16) runs here only where avx512_amx (bfloat16 attention on AMX tiles) is the best.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -35,7 +35,7 @@ def _fake_compiler(tmp_path, shared: bool):
     """A compiler that answers -print-file-name like a GCC with (or without) libstdc++.so."""
     static = tmp_path / "libstdc++.a"
     static.write_bytes(b"!<arch>\n")
-    answers = {"libstdc++.a": str(static), "libstdc++.so": str(static) if shared else "libstdc++.so"}
+    answers = {"libstdc++.a": str(static), "libstdc++.so": "libstdc++.so"}  # a bare name: not found
     if shared:
         answers["libstdc++.so"] = str(tmp_path / "libstdc++.so")
         (tmp_path / "libstdc++.so").write_bytes(b"")

@@ -135,8 +135,7 @@ ATTNKERNELS_AMX_TARGET void amx_pack_pairs_from_columns(const T* x, int64_t k, i
 }
 
 // Rows of float32 X (rows x k, row stride ld) rounded to bfloat16 into rows of out_ld >= k elements
-// (a multiple of 32),
-// zero after k: a left operand of amx_product.
+// (a multiple of 32), zero after k: a left operand of amx_product.
 ATTNKERNELS_AMX_TARGET inline void amx_round_rows(const float* x, int64_t rows, int64_t k, int64_t ld,
                                                   c10::BFloat16* out, int64_t out_ld) {
   for (int64_t r = 0; r < rows; ++r) {
