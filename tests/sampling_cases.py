@@ -38,9 +38,11 @@ def make_theta(dims: int, batch: int = 2, dtype=torch.float64, spread=0.3, seed=
 
 def pixel_quad_cases(test):
     """The cases of the CPU pixel-quad tests (fp32 bilinear with 3 or 4 channels): 2-D and 3-D, zeros and border
-    padding, both alignments, 3 and 4 channels, odd and one-pixel axes, 1 and 3 threads."""
+    padding, both alignments, 3 and 4 channels, odd and one-pixel axes, 1 and 3 threads, and the forward reading the
+    quads or gathering (ATTNKERNELS_PIXEL_QUADS; the CPU's own choice is one of the two)."""
     for name, values in reversed((("dims", (2, 3)), ("padding", ("zeros", "border")), ("align", (False, True)),
-                                  ("channels", (3, 4)), ("spatial", ("odd", "thin")), ("threads", (1, 3)))):
+                                  ("channels", (3, 4)), ("spatial", ("odd", "thin")), ("threads", (1, 3)),
+                                  ("forward_quads", ("on", "off")))):
         test = pytest.mark.parametrize(name, values)(test)
     return test
 

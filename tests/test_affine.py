@@ -332,11 +332,13 @@ def test_fused_16bit_is_the_float32_result_rounded(dtype, dims, channels, channe
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the extension is not built")
 @pixel_quad_cases
-def test_fused_pixel_quads_give_each_channel_sampled_alone_bitwise(dims, padding, align, channels, spatial, threads):
+def test_fused_pixel_quads_give_each_channel_sampled_alone_bitwise(dims, padding, align, channels, spatial, threads,
+                                                                   forward_quads, monkeypatch):
     """The fused kernel's row path reads fp32 inputs of 3 or 4 channels as bordered pixel quads and scatters the
     input gradient into quads (one channel gathers from the planar input): output and input gradient bit for
     bit what each channel sampled alone gives, the theta gradient (summed per lane in float64) their sum to
     rounding; maps reaching past every edge, infinite and NaN input values, one-pixel axes, 1 and 3 threads."""
+    monkeypatch.setenv("ATTNKERNELS_PIXEL_QUADS", forward_quads)
     x = pixel_quad_input(dims, channels, spatial)
     theta = make_theta(dims, spread=0.6).float()
     size = [2, channels, *((3, 7, 40) if dims == 3 else (11, 40))]

@@ -377,14 +377,46 @@ def test_cpu_point_tiles_equal_the_per_point_path_bitwise(dims, padding, align, 
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the extension is not built")
+@pytest.mark.parametrize("fused", (False, True))
+def test_pixel_quads_setting_is_checked(fused, monkeypatch):
+    """ATTNKERNELS_PIXEL_QUADS takes on, off or auto (empty: auto); anything else is an error naming it and the
+    values it takes, where a forward of 3 channels reads it. Other channel counts never read it."""
+    x = torch.rand(1, 3, 6, 7)
+    theta = torch.tensor([[[0.9, 0.2, 0.1], [-0.2, 0.9, 0.0]]])
+    grid = torch.nn.functional.affine_grid(theta, [1, 3, 5, 8], align_corners=False)
+
+    def forward(channels=3):
+        if fused:
+            return attnkernels.affine_grid_sample(x[:, :channels], theta, [1, channels, 5, 8], align_corners=False,
+                                                  backend="cpu")
+        return attnkernels.grid_sample(x[:, :channels], grid, align_corners=False, backend="cpu")
+
+    results = {}
+    for value in ("on", "off", "auto", ""):
+        monkeypatch.setenv("ATTNKERNELS_PIXEL_QUADS", value)
+        results[value] = forward()
+    for value in ("off", "auto", ""):
+        assert torch.equal(results[value], results["on"]), value
+    monkeypatch.setenv("ATTNKERNELS_PIXEL_QUADS", "yes")
+    forward(channels=2)
+    if attnkernels.cpu_capability() == "default":
+        forward()  # no vector tiles: no quads, nothing to choose
+        return
+    with pytest.raises(RuntimeError, match="ATTNKERNELS_PIXEL_QUADS must be 'on', 'off' or 'auto'.*got 'yes'"):
+        forward()
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the extension is not built")
 @pixel_quad_cases
-def test_cpu_pixel_quads_give_each_channel_sampled_alone_bitwise(dims, padding, align, channels, spatial, threads):
+def test_cpu_pixel_quads_give_each_channel_sampled_alone_bitwise(dims, padding, align, channels, spatial, threads,
+                                                                 forward_quads, monkeypatch):
     """fp32 bilinear with 3 or 4 channels reads the input as bordered pixel quads (a tap pair's channels in one
     load, a zero border for taps one position outside, a block of zeros for pairs further out) and scatters the
     input gradient into quads; one channel gathers from the planar input instead. Output, input gradient and
     grid gradient (the channels' terms added in channel order) must be bit for bit what each channel sampled
     alone gives: points exactly on and just past every edge, pairs wholly beyond the border, infinite and NaN
     input values, one-pixel axes, 1 and 3 threads (3 private gradients)."""
+    monkeypatch.setenv("ATTNKERNELS_PIXEL_QUADS", forward_quads)
     x = pixel_quad_input(dims, channels, spatial)
     grid = make_grid(dims, torch.float32, out=(3, 7, 40) if dims == 3 else (11, 40), spread=1.3).clone()
     flat = grid.view(2, -1, dims)

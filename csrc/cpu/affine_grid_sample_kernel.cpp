@@ -16,6 +16,7 @@
 #include "affine_coords.h"
 #include "affine_rows.h"
 #include "channels_last_layout.h"
+#include "planar_sampler.h"
 #include "sampler_loops.h"
 
 namespace attnkernels {
@@ -85,7 +86,7 @@ at::Tensor affine_grid_sample_cpu(const at::Tensor& input, const at::Tensor& the
         AffineCoords<acc_t, D> coords(theta_acc.const_data_ptr<acc_t>(), s.batch, s.out_size, align_corners, 0);
         at::Tensor quads;
         if constexpr (std::is_same_v<scalar_t, float>) {
-          if (quads_apply<D>(s)) {
+          if (forward_reads_quads<D>(s)) {
             quads = packed_quads<D>(s, planar);
           }
         }

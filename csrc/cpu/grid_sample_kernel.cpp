@@ -128,7 +128,7 @@ at::Tensor grid_sample_cpu(const at::Tensor& input, const at::Tensor& grid, int6
     dispatch_dims(dims, [&](auto dims_tag) {
       constexpr int D = decltype(dims_tag)::value;
       at::Tensor quads;
-      if (quads_apply<D>(s)) {
+      if (forward_reads_quads<D>(s)) {
         quads = packed_quads<D>(s, planar);
       }
       planar_forward<D, nan_policy_for<D>()>(s, planar.const_data_ptr<float>(), points.const_data_ptr<float>(),

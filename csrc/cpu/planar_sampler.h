@@ -20,7 +20,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
 
 #include "pixel_quads.h"
 #include "point_tile.h"
@@ -101,6 +107,79 @@ void planar_forward(const SamplerShape& s, const float* input, const float* grid
       }
     }
   });
+}
+
+// Whether the forwards of 3 or 4 fp32 channels (grid_sample's and the fused op's) read pixel quads
+// or gather each channel from the planar input. Both give the same bits; which is faster depends on
+// the CPU. Measured on RGB 224 x 224, N = 4, 2 threads: on AMD Zen 5 the quads were ~2x faster (its
+// 16-lane gathers are slow); on an Intel Xeon with AMX the gathers were 1.2-1.6x faster (they are
+// fast there, and packing the quads is a pass over the input into a buffer a third larger, which
+// costs more than they save). So the first forward that could use them times both on a synthetic
+// RGB image (a few hundred microseconds, once per process and instruction-set variant) and keeps
+// the faster. ATTNKERNELS_PIXEL_QUADS=on or off forces either (read at every call: tests, tuning).
+// The backward always reads and scatters quads (faster or even on both CPUs).
+enum class QuadsChoice { Measure, On, Off };
+
+inline QuadsChoice quads_choice_from_environment() {
+  const char* value = std::getenv("ATTNKERNELS_PIXEL_QUADS");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return QuadsChoice::Measure;
+  if (std::strcmp(value, "on") == 0) return QuadsChoice::On;
+  if (std::strcmp(value, "off") == 0) return QuadsChoice::Off;
+  TORCH_CHECK(false, "ATTNKERNELS_PIXEL_QUADS must be 'on', 'off' or 'auto' (unset: auto), got '", value, "'");
+}
+
+// Times the quad and gather forwards on a 2 x 3 x 128 x 128 image under a rotated, scaled grid (the
+// quads' time includes packing them, as a call pays it); the best of 5 alternating runs of each.
+inline bool measure_quads_faster() {
+  constexpr int64_t kBatch = 2, kSide = 128;
+  SamplerShape s;
+  s.batch = kBatch;
+  s.channels = 3;
+  s.in_size[0] = s.in_size[1] = s.out_size[0] = s.out_size[1] = kSide;
+  s.in_points = s.out_points = kSide * kSide;
+  s.padding = Padding::Zeros;
+  s.align_corners = false;
+  if (!quads_apply<2>(s)) return false;
+  std::vector<float> input(kBatch * 3 * kSide * kSide), grid(kBatch * kSide * kSide * 2), out(input.size());
+  for (size_t i = 0; i < input.size(); ++i) input[i] = float(i % 251) / 251.0f;
+  const float turn = 0.3f, scale = 0.9f;
+  for (int64_t n = 0; n < kBatch; ++n) {
+    for (int64_t y = 0; y < kSide; ++y) {
+      for (int64_t x = 0; x < kSide; ++x) {
+        const float u = (2.0f * x + 1.0f) / kSide - 1.0f, v = (2.0f * y + 1.0f) / kSide - 1.0f;
+        float* point = grid.data() + ((n * kSide + y) * kSide + x) * 2;
+        point[0] = scale * (std::cos(turn) * u - std::sin(turn) * v);
+        point[1] = scale * (std::sin(turn) * u + std::cos(turn) * v);
+      }
+    }
+  }
+  at::Tensor quads = at::empty({quad_buffer_size<2>(s)}, at::kFloat);
+  const auto seconds = [&](bool with_quads) {
+    const auto start = std::chrono::steady_clock::now();
+    if (with_quads) pack_quads<2>(s, input.data(), quads.mutable_data_ptr<float>());
+    planar_forward<2, nan_policy_for<2>()>(s, input.data(), grid.data(), out.data(),
+                                           with_quads ? quads.const_data_ptr<float>() : nullptr);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  double best_quads = std::numeric_limits<double>::infinity(), best_gathers = best_quads;
+  for (int run = 0; run < 5; ++run) {
+    best_quads = std::min(best_quads, seconds(true));
+    best_gathers = std::min(best_gathers, seconds(false));
+  }
+  return best_quads < best_gathers;
+}
+
+// Whether this forward reads quads (quads_apply<Dims>(s) checked here too).
+template <int Dims>
+inline bool forward_reads_quads(const SamplerShape& s) {
+  if (!quads_apply<Dims>(s)) return false;
+  switch (quads_choice_from_environment()) {
+    case QuadsChoice::On: return true;
+    case QuadsChoice::Off: return false;
+    case QuadsChoice::Measure: break;
+  }
+  static const bool quads_faster = measure_quads_faster();
+  return quads_faster;
 }
 
 // The backward of one point that the tiles decline, with the general sampler's
