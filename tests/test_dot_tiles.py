@@ -231,3 +231,30 @@ def test_bfloat16_head_dims_of_32_keep_the_flash_attention_rule(L, S, E, Ev, cau
                                  lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, **kwargs))
     assert_flash_attention_rule(ours, theirs, exact, torch.bfloat16,
                                 flash_delta_slack(problem, torch.bfloat16, causal, 2))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("causal", [False, True])
+def test_tiles_dropout_keeps_the_kernels_mask(causal):
+    """bfloat16 dropout on the tile products (AMX where the CPU has it: head dims of 32 and 64, many queries): with
+    value = identity the output is the dropped probabilities, rounded to bfloat16 for the product; the keep pattern
+    is the kernel's own mask (kernel_dropout_mask) and the kept weights P / (1 - p) to bfloat16's precision."""
+    from attnkernels.reference.attention import kernel_dropout_mask
+
+    p, L, S, heads = 0.3, 70, 64, 2
+    generator = torch.Generator().manual_seed(8)
+    q = torch.randn(1, heads, L, 32, generator=generator, dtype=torch.float64).bfloat16()
+    k = torch.randn(1, heads, S, 32, generator=generator, dtype=torch.float64).bfloat16()
+    identity = torch.eye(S, dtype=torch.bfloat16).expand(1, heads, S, S)
+    torch.manual_seed(4)
+    weights = attnkernels.scaled_dot_product_attention(q, k, identity, dropout_p=p, is_causal=causal, backend="cpu")
+    torch.manual_seed(4)
+    drawn = int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
+    keep = kernel_dropout_mask(drawn, (1, heads, L, S), p)
+    scores = (q.double() @ k.double().transpose(-1, -2)) / 32**0.5
+    if causal:
+        keep &= torch.ones(L, S, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
+    assert torch.equal(weights != 0, keep)
+    probs = scores.softmax(-1)
+    torch.testing.assert_close(weights[keep].double(), probs[keep] / (1 - p), atol=1e-2, rtol=1e-2)

@@ -116,36 +116,6 @@ ATTNKERNELS_AMX_TARGET inline void amx_product(int64_t m, int64_t n, int64_t k, 
   _tile_release();
 }
 
-// Packs B from X (k x n, row stride ld; the reduction index runs down the columns) into panels of
-// padded_pairs >= pair_count(k) pair rows, the pairs past k zero: the layout of
-// pack_pairs_from_columns (dot_tiles.h) with room for whole reduction steps. T: c10::BFloat16, or
-// float (rounded to bfloat16 to nearest even).
-template <typename T>
-ATTNKERNELS_AMX_TARGET void amx_pack_pairs_from_columns(const T* x, int64_t k, int64_t n, int64_t ld,
-                                                        int64_t padded_pairs, uint32_t* out) {
-  for (int64_t p = 0; p < padded_pairs; ++p) {
-    const T* low = x + 2 * p * ld;
-    for (int64_t j = 0; j < n; j += kDotColumns) {
-      const int64_t count = std::min<int64_t>(kDotColumns, n - j);
-      const __m512i lo = 2 * p < k ? load_bf16x32(low + j, count) : _mm512_setzero_si512();
-      const __m512i hi = 2 * p + 1 < k ? load_bf16x32(low + ld + j, count) : _mm512_setzero_si512();
-      interleave32(lo, hi, out + (j / kDotColumns) * padded_pairs * kDotColumns + p * kDotColumns, count);
-    }
-  }
-}
-
-// Rows of float32 X (rows x k, row stride ld) rounded to bfloat16 into rows of out_ld >= k elements
-// (a multiple of 32), zero after k: a left operand of amx_product.
-ATTNKERNELS_AMX_TARGET inline void amx_round_rows(const float* x, int64_t rows, int64_t k, int64_t ld,
-                                                  c10::BFloat16* out, int64_t out_ld) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < out_ld; j += 32) {
-      const __m512i values = j < k ? load_bf16x32(x + r * ld + j, std::min<int64_t>(32, k - j)) : _mm512_setzero_si512();
-      _mm512_storeu_si512(out + r * out_ld + j, values);
-    }
-  }
-}
-
 }  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu
 }  // namespace attnkernels

@@ -239,6 +239,23 @@ struct DotForwardTiles {
 #endif
 };
 
+// Which of a backward task's query slots hold their query block's packing (see DotBackwardTiles).
+// With one slot (the task's blocks did not fit) every use packs again into slot 0.
+class QuerySlots {
+ public:
+  void reset(int64_t slots) { packed_.assign(static_cast<size_t>(slots), 0); }
+  bool kept() const { return packed_.size() > 1; }
+  // Where a slot's packing goes.
+  int64_t index(int64_t slot) const { return kept() ? slot : 0; }
+  bool holds(int64_t slot) const { return kept() && packed_[static_cast<size_t>(slot)]; }
+  void mark_packed(int64_t slot) {
+    if (kept()) packed_[static_cast<size_t>(slot)] = 1;
+  }
+
+ private:
+  std::vector<char> packed_ = std::vector<char>(1, 0);
+};
+
 // dK and dV (cols x E, cols x Ev, of the block's cols keys) reduce over the query rows: P^T and
 // dS^T are their left operands (float32 read transposed in place; bfloat16 rounded and packed
 // as pairs of query rows), Q and dO their right operands, packed by columns per query block.
@@ -255,7 +272,7 @@ struct DotBackwardTiles {
   const Word *q_packed = nullptr, *do_packed = nullptr;
   std::vector<Word> keys_by_rows, values_by_rows, keys_by_columns, queries_by_columns, grad_out_by_columns,
       operand_transposed;
-  std::vector<char> slot_packed;  // per slot: whether it holds its query block's packing
+  QuerySlots slots;
   std::vector<T> grad_scores_buffer;
   std::vector<float> dk, dv;
   static constexpr int64_t kReadsPastDiagonal = kDotReadsPastDiagonal;
@@ -265,25 +282,20 @@ struct DotBackwardTiles {
         keys_by_rows(Ops::packed_size(E, key_block)), values_by_rows(Ops::packed_size(Ev, key_block)),
         keys_by_columns(Ops::packed_size(key_block, E)), queries_by_columns(query_words),
         grad_out_by_columns(grad_out_words), operand_transposed(Ops::transposed_buffer_size(query_block, key_block)),
-        slot_packed(1, 0), grad_scores_buffer(Ops::left_buffer_size(query_block, key_block)), dk(key_block * E),
+        grad_scores_buffer(Ops::left_buffer_size(query_block, key_block)), dk(key_block * E),
         dv(key_block * Ev) {}
 
   // How many slots a task gets (1, repacked for every use, when query_slots do not fit), all empty.
   int64_t begin_task(int64_t query_slots, int64_t extra_bytes_per_slot = 0) {
     const int64_t per_slot = (query_words + grad_out_words) * int64_t(sizeof(Word)) + extra_bytes_per_slot;
-    const int64_t slots = query_slots * per_slot <= kQuerySlotBytes ? query_slots : 1;
-    if (static_cast<int64_t>(queries_by_columns.size()) < slots * query_words) {
-      queries_by_columns.resize(slots * query_words);
-      grad_out_by_columns.resize(slots * grad_out_words);
+    const int64_t count = query_slots * per_slot <= kQuerySlotBytes ? query_slots : 1;
+    if (static_cast<int64_t>(queries_by_columns.size()) < count * query_words) {
+      queries_by_columns.resize(count * query_words);
+      grad_out_by_columns.resize(count * grad_out_words);
     }
-    slot_packed.assign(slots, 0);
-    return slots;
+    slots.reset(count);
+    return count;
   }
-  bool keeps_slots() const { return slot_packed.size() > 1; }
-  // Where a slot's packing goes: the slot itself, or 0 when the task has one slot (repacked for every use).
-  int64_t slot_index(int64_t slot) const { return keeps_slots() ? slot : 0; }
-  // Whether the slot holds its packing.
-  bool holds(int64_t slot) const { return keeps_slots() && slot_packed[static_cast<size_t>(slot)]; }
   void load_keys(const T* k, const T* v, int64_t cols) {
     Ops::pack_rows(k, cols, E, E, keys_by_rows.data());
     Ops::pack_rows(v, cols, Ev, Ev, values_by_rows.data());
@@ -295,15 +307,15 @@ struct DotBackwardTiles {
   void load_queries(const T* q, const T* grad_out, int64_t rows, int64_t slot) {
     q_rows = q;
     do_rows = grad_out;
-    const int64_t index = slot_index(slot);
+    const int64_t index = slots.index(slot);
     Word* q_slot = queries_by_columns.data() + index * query_words;
     Word* do_slot = grad_out_by_columns.data() + index * grad_out_words;
     q_packed = q_slot;
     do_packed = do_slot;
-    if (holds(slot)) return;
+    if (slots.holds(slot)) return;
     Ops::pack_columns(q, rows, E, E, q_slot);
     Ops::pack_columns(grad_out, rows, Ev, Ev, do_slot);
-    if (keeps_slots()) slot_packed[static_cast<size_t>(index)] = 1;
+    slots.mark_packed(slot);
   }
   void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld, Diagonal diagonal = {}) {
     Ops::product(rows, cols, E, Ops::rows(q_rows, E), keys_by_rows.data(), scale, false, out, ld,
@@ -382,11 +394,7 @@ struct AmxForwardTiles {
   }
   // With dropout: the float32 probabilities rounded into the rows the product reads.
   void add_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, float* accum, Diagonal diagonal = {}) {
-    for (int64_t r = 0; r < rows; ++r) {
-      T* row = probs_buffer.data() + r * padded_keys;
-      for (int64_t j = 0; j < cols; ++j) row[j] = static_cast<T>(probs[r * ld + j]);
-      std::fill(row + cols, row + padded_keys, T(0));
-    }
+    round_rows(probs, rows, cols, ld, probs_buffer.data(), padded_keys);
     add_rounded_values(rows, cols, accum, diagonal);
   }
   float exp_pass_rounded(int64_t r, int64_t cols, const float* scores, int64_t visible, float shift, float to_log2) {
@@ -425,7 +433,7 @@ struct AmxBackwardTiles {
   // their transposes (E x query_rows, Ev x query_rows, zero columns after the block).
   std::vector<T> q_slots, do_slots, q_t_slots, do_t_slots;
   ScratchBuffer<T> rounded_grad;
-  std::vector<char> slot_packed;
+  QuerySlots slots;
   const T *q_rows = nullptr, *do_rows = nullptr, *q_t = nullptr, *do_t = nullptr;
   ScratchBuffer<Word> keys_by_rows, values_by_rows, keys_by_columns, probs_packed, grad_packed;
   ScratchBuffer<float> dk_t, dv_t;  // E x key_rows, Ev x key_rows
@@ -442,27 +450,27 @@ struct AmxBackwardTiles {
   int64_t slot_words() const { return query_rows * (E + Ev); }
   int64_t begin_task(int64_t query_slots) {
     constexpr int64_t kSlotBytes = int64_t(16) << 20;
-    const int64_t slots = query_slots * 2 * slot_words() * int64_t(sizeof(T)) <= kSlotBytes ? query_slots : 1;
-    if (static_cast<int64_t>(q_slots.size()) < slots * query_rows * E) {
-      q_slots.resize(slots * query_rows * E);
-      q_t_slots.resize(slots * query_rows * E);
-      do_slots.resize(slots * query_rows * Ev);
-      do_t_slots.resize(slots * query_rows * Ev);
+    const int64_t count = query_slots * 2 * slot_words() * int64_t(sizeof(T)) <= kSlotBytes ? query_slots : 1;
+    if (static_cast<int64_t>(q_slots.size()) < count * query_rows * E) {
+      q_slots.resize(count * query_rows * E);
+      q_t_slots.resize(count * query_rows * E);
+      do_slots.resize(count * query_rows * Ev);
+      do_t_slots.resize(count * query_rows * Ev);
     }
-    slot_packed.assign(slots, 0);
-    return slots;
+    slots.reset(count);
+    return count;
   }
   void load_keys(const T* k, const T* v, int64_t cols) {
     cols_padded = round_up(cols, kAmxDepth);
     Ops::pack_rows(k, cols, E, E, keys_by_rows.data());
     Ops::pack_rows(v, cols, Ev, Ev, values_by_rows.data());
-    amx_pack_pairs_from_columns(k, cols, E, E, cols_padded / 2, keys_by_columns.data());
+    pack_pairs_from_columns(k, cols, E, E, keys_by_columns.data(), PairLayout::kPanels, cols_padded / 2);
     std::fill(dk_t.begin(), dk_t.end(), 0.0f);
     std::fill(dv_t.begin(), dv_t.end(), 0.0f);
   }
   void load_queries(const T* q, const T* grad_out, int64_t rows, int64_t slot) {
     rows_padded = round_up(rows, kAmxRows);
-    const int64_t index = slot_packed.size() > 1 ? slot : 0;
+    const int64_t index = slots.index(slot);
     T* q_slot = q_slots.data() + index * query_rows * E;
     T* do_slot = do_slots.data() + index * query_rows * Ev;
     T* q_t_slot = q_t_slots.data() + index * query_rows * E;
@@ -471,10 +479,10 @@ struct AmxBackwardTiles {
     do_rows = do_slot;
     q_t = q_t_slot;
     do_t = do_t_slot;
-    if (slot_packed.size() > 1 && slot_packed[static_cast<size_t>(index)]) return;
+    if (slots.holds(slot)) return;
     copy_padded(q, rows, E, q_slot, q_t_slot);
     copy_padded(grad_out, rows, Ev, do_slot, do_t_slot);
-    if (slot_packed.size() > 1) slot_packed[static_cast<size_t>(index)] = 1;
+    slots.mark_packed(slot);
   }
   void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld, Diagonal diagonal = {}) {
     amx_product(rows, cols, E, q_rows, E, keys_by_rows.data(), E / 2, scale, false, out, ld,
@@ -486,20 +494,20 @@ struct AmxBackwardTiles {
   }
   // dV^T (Ev x cols) += dO^T P
   void add_grad_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, Diagonal = {}) {
-    amx_pack_pairs_from_columns(probs, rows, cols, ld, rows_padded / 2, probs_packed.data());
+    pack_pairs_from_columns(probs, rows, cols, ld, probs_packed.data(), PairLayout::kPanels, rows_padded / 2);
     amx_product(Ev, cols, rows_padded, do_t, query_rows, probs_packed.data(), rows_padded / 2, 1.0f, true,
                 dv_t.data(), key_rows);
   }
   // dK^T (E x cols) += scale * Q^T dS
   void add_grad_keys(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale, Diagonal = {}) {
-    amx_pack_pairs_from_columns(grad_scores, rows, cols, ld, rows_padded / 2, grad_packed.data());
+    pack_pairs_from_columns(grad_scores, rows, cols, ld, grad_packed.data(), PairLayout::kPanels, rows_padded / 2);
     amx_product(E, cols, rows_padded, q_t, query_rows, grad_packed.data(), rows_padded / 2, scale, true, dk_t.data(),
                 key_rows);
   }
   // dq (rows x E) += scale * dS K
   void add_grad_queries(int64_t rows, int64_t cols, const float* grad_scores, int64_t ld, float scale, float* dq,
                         Diagonal diagonal = {}) {
-    amx_round_rows(grad_scores, rows, cols, ld, rounded_grad.data(), cols_padded);
+    round_rows(grad_scores, rows, cols, ld, rounded_grad.data(), cols_padded);
     amx_product(rows, E, cols_padded, rounded_grad.data(), cols_padded, keys_by_columns.data(), cols_padded / 2,
                 scale, true, dq, E, skip(diagonal, CausalSkip::kReductionAfter));
   }
@@ -560,21 +568,21 @@ struct WideningBackwardTiles : DotBackwardTiles<float> {
 
   // The slots keep the widened rows too (the products read them as left operands).
   int64_t begin_task(int64_t query_slots) {
-    const int64_t slots = Base::begin_task(query_slots, query_block * (E + Ev) * int64_t(sizeof(float)));
-    if (static_cast<int64_t>(q_buffer.size()) < slots * query_block * E) {
-      q_buffer.resize(slots * query_block * E);
-      do_buffer.resize(slots * query_block * Ev);
+    const int64_t count = Base::begin_task(query_slots, query_block * (E + Ev) * int64_t(sizeof(float)));
+    if (static_cast<int64_t>(q_buffer.size()) < count * query_block * E) {
+      q_buffer.resize(count * query_block * E);
+      do_buffer.resize(count * query_block * Ev);
     }
-    return slots;
+    return count;
   }
   void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
     Base::load_keys(rows_as_acc(k, 0, cols, E, k_buffer.data()), rows_as_acc(v, 0, cols, Ev, v_buffer.data()), cols);
   }
   void load_queries(const scalar_t* q, const scalar_t* grad_out, int64_t rows, int64_t slot) {
-    const int64_t index = slot_index(slot);
+    const int64_t index = Base::slots.index(slot);
     float* q_rows_widened = q_buffer.data() + index * query_block * E;
     float* do_rows_widened = do_buffer.data() + index * query_block * Ev;
-    if (!holds(slot)) {
+    if (!Base::slots.holds(slot)) {
       widen(q, rows * E, q_rows_widened);
       widen(grad_out, rows * Ev, do_rows_widened);
     }

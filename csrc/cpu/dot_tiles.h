@@ -254,31 +254,34 @@ enum class PairLayout { kPanels, kRows };
 
 // Packs B from X (k x n, row stride ld) where the reduction index runs down the columns:
 // word (p, j) = (X[2p][j], X[2p + 1][j]). T: c10::BFloat16, or float (rounded to bfloat16).
+// padded_pairs (panels only; 0: pair_count(k)) pads each panel to that many pair rows, zero past k,
+// for products that reduce in whole steps (AMX: 32 at a time).
 template <typename T>
 ATTNKERNELS_BF16_TARGET void pack_pairs_from_columns(const T* x, int64_t k, int64_t n, int64_t ld, uint32_t* out,
-                                                     PairLayout layout = PairLayout::kPanels) {
+                                                     PairLayout layout = PairLayout::kPanels,
+                                                     int64_t padded_pairs = 0) {
   static_assert(kDotColumns == 32, "a packed panel row is the 32 words interleave32 writes");
-  const int64_t pairs = pair_count(k), width = packed_width(n);
+  const int64_t pairs = padded_pairs > 0 ? padded_pairs : pair_count(k), width = packed_width(n);
   for (int64_t p = 0; p < pairs; ++p) {
     const T* low = x + 2 * p * ld;
-    const bool has_high = 2 * p + 1 < k;
+    const bool has_low = 2 * p < k, has_high = 2 * p + 1 < k;
     for (int64_t j = 0; j < n; j += 32) {
       const int64_t count = std::min<int64_t>(32, n - j);
-      const __m512i lo = load_bf16x32(low + j, count);
+      const __m512i lo = has_low ? load_bf16x32(low + j, count) : _mm512_setzero_si512();
       const __m512i hi = has_high ? load_bf16x32(low + ld + j, count) : _mm512_setzero_si512();
       interleave32(lo, hi, out + (layout == PairLayout::kPanels ? packed_index(pairs, p, j) : p * width + j), count);
     }
   }
 }
 
-// Rows of float32 X (rows x k, row stride ld) rounded to bfloat16, each row zero-padded to an
-// even length: out (rows x 2 * pair_count(k)), a left operand with row stride 2 * pair_count(k).
+// Rows of float32 X (rows x k, row stride ld) rounded to bfloat16, each row zero-padded to out_ld
+// elements (0: k rounded up to even): a left operand with row stride out_ld.
 ATTNKERNELS_BF16_TARGET inline void round_rows(const float* x, int64_t rows, int64_t k, int64_t ld,
-                                               c10::BFloat16* out) {
-  const int64_t out_ld = 2 * pair_count(k);
+                                               c10::BFloat16* out, int64_t out_ld = 0) {
+  if (out_ld == 0) out_ld = 2 * pair_count(k);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < out_ld; j += 32) {
-      const int64_t count = std::min<int64_t>(32, k - j);
+      const int64_t count = std::clamp<int64_t>(k - j, 0, 32);
       _mm512_mask_storeu_epi16(out + r * out_ld + j, mask32(std::min<int64_t>(32, out_ld - j)),
                                load_bf16x32(x + r * ld + j, count));
     }
