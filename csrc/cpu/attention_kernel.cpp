@@ -636,8 +636,10 @@ struct DirectForwardTiles {
   }
   void scores(int64_t first, int64_t rows, int64_t cols, float scale, float* out, int64_t ld, Diagonal diagonal = {}) {
     for_direct_row_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
+      // The first group of rows prefetches the values that add_values reads next.
       direct_scores<decltype(kRows)::value>(q_buffer.data() + (first + r) * q_ld, q_ld, k_rows, E, seen, scale,
-                                            out + r * ld, ld);
+                                            out + r * ld, ld, r == 0 ? values_to_prefetch(v_rows, Ev, cols)
+                                                                     : RowsToPrefetch{});
     });
   }
   void add_values(int64_t rows, int64_t cols, const float* probs, int64_t ld, float* accum, Diagonal diagonal = {}) {
@@ -677,7 +679,9 @@ struct DirectBackwardTiles {
   }
   void scores(int64_t rows, int64_t cols, float scale, float* out, int64_t ld, Diagonal diagonal = {}) {
     for_direct_row_groups(rows, cols, diagonal, [&](auto kRows, int64_t r, int64_t seen) {
-      direct_scores<decltype(kRows)::value>(q_buffer.data() + r * q_ld, q_ld, k_rows, E, seen, scale, out + r * ld, ld);
+      // The first group of rows prefetches the values that grad_probs reads next.
+      direct_scores<decltype(kRows)::value>(q_buffer.data() + r * q_ld, q_ld, k_rows, E, seen, scale, out + r * ld, ld,
+                                            r == 0 ? values_to_prefetch(v_rows, Ev, cols) : RowsToPrefetch{});
     });
   }
   void grad_probs(int64_t rows, int64_t cols, float* out, int64_t ld, Diagonal diagonal = {}) {

@@ -112,17 +112,42 @@ constexpr int kDirectKeys = 4;
 // Vectors of value columns the value products keep in registers per row.
 constexpr int kDirectValueVectors = 4;
 
+// Rows another product reads next (the values after the scores), prefetched into L2 while the
+// scores stream the keys: both streams in flight at once, where the scores alone would leave
+// memory idle between the keys of one head and the values.
+struct RowsToPrefetch {
+  const char* base = nullptr;  // contiguous rows of row_bytes
+  int64_t row_bytes = 0;
+  ATTNKERNELS_ALWAYS_INLINE void rows(int64_t first, int64_t count) const {
+    if (base == nullptr) return;
+    const char* end = base + (first + count) * row_bytes;
+    for (const char* line = base + first * row_bytes; line < end; line += 64) _mm_prefetch(line, _MM_HINT_T1);
+  }
+};
+
+// The rows of `cols` values (row length Ev) as RowsToPrefetch, or none when they would not sit in
+// L2 (a quarter of Zen 3's 512 KiB) until they are read.
+template <typename T>
+inline RowsToPrefetch values_to_prefetch(const T* v, int64_t Ev, int64_t cols) {
+  constexpr int64_t kMostBytes = int64_t(128) << 10;
+  const int64_t row_bytes = Ev * int64_t(sizeof(T));
+  if (cols * row_bytes > kMostBytes) return {};
+  return {reinterpret_cast<const char*>(v), row_bytes};
+}
+
 // out[r][j] = alpha * (q_r . k_j) for kRows query rows (float32, row stride q_ld, E elements and
-// zeros to a multiple of Lanes::kWidth) and keys [0, cols) (rows of k, stride E).
+// zeros to a multiple of Lanes::kWidth) and keys [0, cols) (rows of k, stride E); the rows of
+// `prefetch` of those keys prefetched on the way.
 template <int kRows, typename T>
 void direct_scores(const float* q, int64_t q_ld, const T* k, int64_t E, int64_t cols, float alpha, float* out,
-                   int64_t ld) {
+                   int64_t ld, RowsToPrefetch prefetch = {}) {
   using V = Lanes::V;
   constexpr int64_t W = Lanes::kWidth;
   const int64_t whole = E / W * W, rest = E - whole;
   const __m128 alpha4 = _mm_set1_ps(alpha);
   int64_t j = 0;
   for (; j < cols; j += kDirectKeys) {
+    prefetch.rows(j, std::min<int64_t>(kDirectKeys, cols - j));
     // A last step of fewer keys repeats its last key in the missing ones and stores only its own.
     const T* key[kDirectKeys];
     for (int i = 0; i < kDirectKeys; ++i) key[i] = k + std::min(j + i, cols - 1) * E;
