@@ -169,6 +169,12 @@ inline bool measure_quads_faster() {
   return best_quads < best_gathers;
 }
 
+// measure_quads_faster's answer, measured once (for 2-D and 3-D alike).
+inline bool quads_faster_here() {
+  static const bool faster = measure_quads_faster();
+  return faster;
+}
+
 // Whether this forward reads quads (quads_apply<Dims>(s) checked here too).
 template <int Dims>
 inline bool forward_reads_quads(const SamplerShape& s) {
@@ -178,8 +184,7 @@ inline bool forward_reads_quads(const SamplerShape& s) {
     case QuadsChoice::Off: return false;
     case QuadsChoice::Measure: break;
   }
-  static const bool quads_faster = measure_quads_faster();
-  return quads_faster;
+  return quads_faster_here();
 }
 
 // The backward of one point that the tiles decline, with the general sampler's
