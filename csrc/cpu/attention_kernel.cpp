@@ -361,6 +361,7 @@ struct AmxForwardTiles {
   using Ops = DotOps<T>;
   using Word = uint32_t;
   int64_t E, Ev, padded_keys = 0;
+  const T* q_rows = nullptr;  // the task's query rows: the input's, or q_buffer
   ScratchBuffer<T> q_buffer, v_buffer, probs_buffer;
   ScratchBuffer<Word> keys_packed, values_packed;
   static constexpr int64_t kReadsPastDiagonal = kAmxReadsPastDiagonal;
@@ -373,23 +374,34 @@ struct AmxForwardTiles {
         probs_buffer(round_up(query_block, kAmxRows) * round_up(key_block, kAmxDepth)),
         keys_packed(Ops::packed_size(E, key_block)), values_packed(Ops::packed_size(round_up(key_block, kAmxDepth), Ev)) {}
 
-  // The rows after the task's (read by its last 32-row block, up to 32 past its end when a query
-  // block is not a multiple of 32 rows) are zero.
+  // A task of whole 32-row blocks (its query blocks are multiples of 32 rows) is read where it lies;
+  // else it is copied, and the rows after it (read by its last 32-row block, up to 32 past its end
+  // when a query block is not a multiple of 32 rows) are zero.
   void load_queries(const T* q, int64_t rows) {
+    if (rows % kAmxRows == 0) {
+      q_rows = q;
+      return;
+    }
     std::copy(q, q + rows * E, q_buffer.begin());
     std::fill(q_buffer.begin() + rows * E, q_buffer.begin() + std::min(q_buffer.size(), (round_up(rows, kAmxRows) +
               kAmxRows) * E), T(0));
+    q_rows = q_buffer.data();
   }
+  // Values of whole reduction steps are packed where they lie; else copied with zero keys after them.
   void load_keys(const T* k, const T* v, int64_t cols) {
     padded_keys = round_up(cols, kAmxDepth);
     Ops::pack_rows(k, cols, E, E, keys_packed.data());
-    std::copy(v, v + cols * Ev, v_buffer.begin());
-    std::fill(v_buffer.begin() + cols * Ev, v_buffer.begin() + padded_keys * Ev, T(0));
-    Ops::pack_columns(v_buffer.data(), padded_keys, Ev, Ev, values_packed.data());
+    const T* values = v;
+    if (padded_keys != cols) {
+      std::copy(v, v + cols * Ev, v_buffer.begin());
+      std::fill(v_buffer.begin() + cols * Ev, v_buffer.begin() + padded_keys * Ev, T(0));
+      values = v_buffer.data();
+    }
+    Ops::pack_columns(values, padded_keys, Ev, Ev, values_packed.data());
   }
   void scores(int64_t first, int64_t rows, int64_t cols, float scale, float* out, int64_t ld,
               Diagonal diagonal = {}) {
-    amx_product(rows, cols, E, q_buffer.data() + first * E, E, keys_packed.data(), E / 2, scale, false, out, ld,
+    amx_product(rows, cols, E, q_rows + first * E, E, keys_packed.data(), E / 2, scale, false, out, ld,
                 skip(diagonal, CausalSkip::kColumnsAfter));
   }
   // With dropout: the float32 probabilities rounded into the rows the product reads.
