@@ -253,8 +253,9 @@ def test_tiles_dropout_keeps_the_kernels_mask(causal):
     keep = kernel_dropout_mask(drawn, (1, heads, L, S), p)
     scores = (q.double() @ k.double().transpose(-1, -2)) / 32**0.5
     if causal:
-        keep &= torch.ones(L, S, dtype=torch.bool).tril()
-        scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
+        visible = torch.ones(L, S, dtype=torch.bool).tril()
+        keep &= visible
+        scores = scores.masked_fill(~visible, float("-inf"))
     assert torch.equal(weights != 0, keep)
     probs = scores.softmax(-1)
     torch.testing.assert_close(weights[keep].double(), probs[keep] / (1 - p), atol=1e-2, rtol=1e-2)

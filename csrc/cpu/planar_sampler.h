@@ -18,6 +18,8 @@
 
 #include "../cpu_isa.h"
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
 
 #include <algorithm>
 #include <chrono>
@@ -129,7 +131,8 @@ inline QuadsChoice quads_choice_from_environment() {
 }
 
 // Times the quad and gather forwards on a 2 x 3 x 128 x 128 image under a rotated, scaled grid (the
-// quads' time includes packing them, as a call pays it); the best of 5 alternating runs of each.
+// quads' time includes allocating and packing them, as a call pays it); the best of 5 alternating runs
+// of each.
 inline bool measure_quads_faster() {
   constexpr int64_t kBatch = 2, kSide = 128;
   SamplerShape s;
@@ -140,8 +143,8 @@ inline bool measure_quads_faster() {
   s.padding = Padding::Zeros;
   s.align_corners = false;
   if (!quads_apply<2>(s)) return false;
-  std::vector<float> input(kBatch * 3 * kSide * kSide), grid(kBatch * kSide * kSide * 2), out(input.size());
-  for (size_t i = 0; i < input.size(); ++i) input[i] = float(i % 251) / 251.0f;
+  const at::Tensor input = at::arange(kBatch * 3 * kSide * kSide, at::kFloat).remainder_(251.0).div_(251.0);
+  std::vector<float> grid(kBatch * kSide * kSide * 2), out(input.numel());
   const float turn = 0.3f, scale = 0.9f;
   for (int64_t n = 0; n < kBatch; ++n) {
     for (int64_t y = 0; y < kSide; ++y) {
@@ -153,11 +156,10 @@ inline bool measure_quads_faster() {
       }
     }
   }
-  at::Tensor quads = at::empty({quad_buffer_size<2>(s)}, at::kFloat);
   const auto seconds = [&](bool with_quads) {
     const auto start = std::chrono::steady_clock::now();
-    if (with_quads) pack_quads<2>(s, input.data(), quads.mutable_data_ptr<float>());
-    planar_forward<2, nan_policy_for<2>()>(s, input.data(), grid.data(), out.data(),
+    const at::Tensor quads = with_quads ? packed_quads<2>(s, input) : at::Tensor();
+    planar_forward<2, nan_policy_for<2>()>(s, input.const_data_ptr<float>(), grid.data(), out.data(),
                                            with_quads ? quads.const_data_ptr<float>() : nullptr);
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
