@@ -18,7 +18,16 @@ import torch
 
 from . import reference
 from ._checks import broadcast_shapes, check_like, check_tensor
-from ._dispatch import Backend, Request, backend_table, not_supported_reasons, select, triton_module, unavailable
+from ._dispatch import (
+    Backend,
+    Request,
+    backend_table,
+    call_op,
+    not_supported_reasons,
+    select,
+    triton_module,
+    unavailable,
+)
 from .reference.attention import accumulation_dtype, default_scale
 from .reference.backends import BACKENDS as REFERENCE_BACKENDS
 
@@ -52,14 +61,6 @@ def _tensors_for_kernels(query, key, value, attn_mask):
     return q, k, v, mask
 
 
-_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowADInplaceOrView
-
-
-def _records_gradient(*tensors) -> bool:
-    """Whether autograd records a call on these tensors (None entries allowed)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _compiled(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """Runs attnkernels::attention (the C++ and CUDA kernels) on inputs of any batch rank."""
     q, k, v, mask = _tensors_for_kernels(query, key, value, attn_mask)
@@ -68,13 +69,7 @@ def _compiled(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
     # The op's one overload, named: calling the overload packet resolves the overload on every call.
     args = (q, k, v, mask, float(dropout_p), bool(is_causal), float(scale), seed)
-    if torch.compiler.is_compiling() or _records_gradient(q, k, v, mask):
-        out, lse = torch.ops.attnkernels.attention.default(*args)
-    else:
-        # Nothing to differentiate: below autograd, skipping torch.library's Python autograd wrapper
-        # (about 4 us of a 25 us decoding step).
-        with _BELOW_AUTOGRAD():
-            out, lse = torch.ops.attnkernels.attention.default(*args)
+    out, lse = call_op(torch.ops.attnkernels.attention.default, args, (q, k, v, mask))
     if query.dim() == 4:
         return out, lse
     return out.reshape(*query.shape[:-1], value.shape[-1]), lse.reshape(query.shape[:-1])

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from ._checks import check_like, check_tensor
-from ._dispatch import Backend, Request, backend_table, select, triton_module, unavailable
+from ._dispatch import Backend, Request, backend_table, call_op, select, triton_module, unavailable
 from ._modes import INTERPOLATIONS, PADDINGS
 from .reference.backends import BACKENDS as REFERENCE_BACKENDS
 
@@ -28,7 +28,8 @@ def _compiled(op: str):
     """The C++ op attnkernels::<op>: its CPU and CUDA kernels serve every dtype, mode and dims the API takes."""
     def run(*args):
         # Its one overload, named: calling the overload packet resolves the overload on every call.
-        return getattr(torch.ops.attnkernels, op).default(*args)
+        overload = getattr(torch.ops.attnkernels, op).default
+        return call_op(overload, args, [a for a in args if isinstance(a, torch.Tensor)])
     return run
 
 

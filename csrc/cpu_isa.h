@@ -30,8 +30,10 @@
 // them) every live vector register is spilled around each call.
 #if defined(__GNUC__) || defined(__clang__)
 #define ATTNKERNELS_ALWAYS_INLINE inline __attribute__((always_inline))
+#define ATTNKERNELS_LAMBDA_ALWAYS_INLINE __attribute__((always_inline))
 #else
 #define ATTNKERNELS_ALWAYS_INLINE inline
+#define ATTNKERNELS_LAMBDA_ALWAYS_INLINE
 #endif
 
 // The functions that use AVX512-BF16 (avx512 variant only) carry it as a target attribute, so that

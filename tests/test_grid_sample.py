@@ -19,6 +19,7 @@ from sampling_cases import (
     float_bits,
     make_grid,
     make_input,
+    make_theta,
     pixel_quad_cases,
     pixel_quad_input,
     random_case,
@@ -404,6 +405,47 @@ def test_pixel_quads_setting_is_checked(fused, monkeypatch):
         return
     with pytest.raises(RuntimeError, match="ATTNKERNELS_PIXEL_QUADS must be 'on', 'off' or 'auto'.*got 'yes'"):
         forward()
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the extension is not built")
+@pytest.mark.parametrize("fused", (False, True))
+@pytest.mark.parametrize("dims", (2, 3))
+@pytest.mark.parametrize("padding", ("zeros", "border"))
+def test_pair_gathers_setting_gives_the_same_bits(fused, dims, padding, monkeypatch):
+    """The avx2 variant's forwards of 1 to 4 planar fp32 channels load x-neighbour taps as 64-bit pairs or one tap
+    at a time, whichever the CPU runs faster (ATTNKERNELS_PAIR_GATHERS=on|off forces it): both must give the same
+    bits, at points on and just past every edge and with infinite and NaN input values. Any other value is an error
+    naming the variable where the avx2 variant reads it; the other variants never read it."""
+    x = pixel_quad_input(dims, 4, "odd")
+    theta = make_theta(dims, spread=0.6).float()
+    size = [2, 4, *((3, 7, 40) if dims == 3 else (11, 40))]
+    grid = torch.nn.functional.affine_grid(theta, size, align_corners=False).contiguous()
+    flat = grid.view(2, -1, dims)
+    special = torch.tensor([-1.0, 1.0, -1.2, 1.2, 3.9, -3.9, 1.0 + 1e-6, -1.0 - 1e-6])
+    for axis in range(dims):
+        flat[:, 8 * axis:8 * axis + 8, axis] = special
+
+    def forward(channels):
+        if fused:
+            return attnkernels.affine_grid_sample(x[:, :channels], theta, [2, channels, *size[2:]],
+                                                  padding_mode=padding, align_corners=False, backend="cpu")
+        return attnkernels.grid_sample(x[:, :channels], grid, "bilinear", padding, False, backend="cpu")
+
+    monkeypatch.setenv("ATTNKERNELS_PIXEL_QUADS", "off")  # 3 and 4 channels gather too
+    for channels in (1, 2, 3, 4):
+        results = {}
+        for value in ("on", "off", "auto", ""):
+            monkeypatch.setenv("ATTNKERNELS_PAIR_GATHERS", value)
+            results[value] = forward(channels)
+        for value in ("off", "auto", ""):
+            assert torch.equal(float_bits(results[value]), float_bits(results["on"])), (channels, value)
+        assert results["on"].isnan().any() and results["on"].isfinite().any()
+    monkeypatch.setenv("ATTNKERNELS_PAIR_GATHERS", "yes")
+    if attnkernels.cpu_capability() != "avx2":
+        forward(1)
+        return
+    with pytest.raises(RuntimeError, match="ATTNKERNELS_PAIR_GATHERS must be 'on', 'off' or 'auto'.*got 'yes'"):
+        forward(1)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the extension is not built")

@@ -118,6 +118,10 @@ void affine_rows_forward(const SamplerShape& s, const scalar_t* input, const Aff
   const int64_t C = s.channels;
   const std::vector<acc_t> bx = padded_base_x(coords, W);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
+#if defined(ATTNKERNELS_TILES_AVX2)
+  const bool pair_gathers = std::is_same_v<scalar_t, float> && quads == nullptr && pair_gathers_avx2();
+  (void)pair_gathers;  // read by the fp32 tiles only
+#endif
   at::parallel_for(0, output_rows<Dims>(s), grain, [&](int64_t begin, int64_t end) {
     Tile tile;
     for (int64_t row = begin; row < end; ++row) {
@@ -138,11 +142,12 @@ void affine_rows_forward(const SamplerShape& s, const scalar_t* input, const Aff
                          out_plane, count);
             continue;
           }
-          tile.template build<border, false>(t, bx.data() + x0, by, bz, s);
 #if defined(__AVX512F__)
-          tile.sample_avx512(planes, in_plane, C, dst, out_plane, count);
+          Tile::template sample_row_avx512<border>(t, bx.data() + x0, by, bz, s, planes, in_plane, C, dst, out_plane,
+                                                   count);
 #else
-          sample_avx2(tile, planes, in_plane, C, dst, out_plane, count);
+          sample_row_avx2<border, Dims>(t, bx.data() + x0, by, bz, s, planes, in_plane, C, dst, out_plane, count,
+                                        pair_gathers);
 #endif
           continue;
         }

@@ -7,10 +7,12 @@
 // (and, backward, a channels-last gradient transposed at the end); torch's 2-D
 // kernel, vectorised over points, was ~2x faster on RGB images. Here each
 // group of consecutive output points gets its taps as vectors (PointTile, from
-// the stored grid). With 1 or 2 channels each channel is one masked gather per
-// tap and one contiguous store, and the backward scatters per tap into planar
-// private copies of the input gradient; with 3 or 4 the tiles read and scatter
-// pixel quads (pixel_quads.h), with the same results. A group with a
+// the stored grid). The forward keeps them in registers and gathers each
+// channel per tap (or pair of x-neighbour taps) with one contiguous store per
+// channel; the backward builds a tile and scatters per tap into planar private
+// copies of the input gradient. With 3 or 4 channels the tiles can read, and
+// the backward scatters, pixel quads (pixel_quads.h), with the same results
+// (forward_reads_quads says when the forward does). A group with a
 // non-finite or far-out coordinate goes point by point, with the general
 // sampler's NaN rules and, for its other points, the tiles' arithmetic (so a
 // point's results never depend on its neighbours).
@@ -54,6 +56,22 @@ inline bool planar_applies(const SamplerShape& s, int64_t interpolation) {
 #endif
 }
 
+// Flattened (item, group within the item) indices from `first` on, each next() one further: by
+// counting, not a division per group (which cost ~10 % of a one-channel forward).
+struct GroupWalk {
+  int64_t per_item;
+  int64_t item;
+  int64_t group;  // within the item
+  GroupWalk(int64_t first, int64_t groups_per_item)
+      : per_item(groups_per_item), item(first / groups_per_item), group(first - item * groups_per_item - 1) {}
+  void next() {
+    if (++group == per_item) {
+      group = 0;
+      ++item;
+    }
+  }
+};
+
 // out[n, c, p] for every output position; `input` (N, C, ...) contiguous fp32,
 // `grid` (N, out_points, Dims) contiguous fp32; `quads`, when given, the input
 // packed by pack_quads (quads_apply), which the tiles then read instead.
@@ -67,37 +85,39 @@ void planar_forward(const SamplerShape& s, const float* input, const float* grid
   const int64_t groups_per_item = (P + kPointGroup - 1) / kPointGroup;
   SamplerShape one_channel = s;  // per-point fallback: offsets within one plane
   one_channel.channels = 1;
+#if defined(ATTNKERNELS_TILES_AVX2)
+  const bool pair_gathers = quads == nullptr && pair_gathers_avx2();
+#endif
   at::parallel_for(0, s.batch * groups_per_item, 64, [&](int64_t begin, int64_t end) {
-    Tile tile;
+    [[maybe_unused]] Tile tile;  // for the quads
     PointTaps<float, Dims, Interpolation::Bilinear> taps;
+    GroupWalk walk(begin, groups_per_item);
     for (int64_t group = begin; group < end; ++group) {
-      const int64_t n = group / groups_per_item;
-      const int64_t p0 = (group - n * groups_per_item) * kPointGroup;
+      walk.next();
+      const int64_t n = walk.item;
+      const int64_t p0 = walk.group * kPointGroup;
       const int64_t count = std::min(kPointGroup, P - p0);
       const float* points = grid + (n * P + p0) * Dims;
       const float* item = input + n * C * plane;
       float* dst = out + n * C * P + p0;
-      if (build_tile(tile, points, count, s, false, quads != nullptr)) {
 #if defined(__AVX512F__) || defined(ATTNKERNELS_TILES_AVX2)
-        if (quads != nullptr) {
-          sample_quads(tile, quads + n * bordered_points<Dims>(s) * kQuad, quad_zeros<Dims>(quads, s), C, dst, P,
-                       count);
-          continue;
-        }
-#endif
+      // The planar input is sampled from taps kept in registers, the quads through a built tile.
+      bool sampled = false;
+      if (quads == nullptr) {
+        const bool border = s.padding == Padding::Border;
 #if defined(__AVX512F__)
-        tile.sample_avx512(item, plane, C, dst, P, count);
-#elif defined(ATTNKERNELS_TILES_AVX2)
-        sample_avx2(tile, item, plane, C, dst, P, count);
+        sampled = border ? Tile::template sample_points_avx512<true>(points, count, s, item, plane, C, dst, P)
+                         : Tile::template sample_points_avx512<false>(points, count, s, item, plane, C, dst, P);
 #else
-        for (int64_t c = 0; c < C; ++c) {
-          float acc[Tile::kLanes];
-          tile.sample(item + c * plane, acc);
-          std::copy(acc, acc + count, dst + c * P);
-        }
+        sampled = border ? sample_points_avx2<true, Dims>(points, count, s, item, plane, C, dst, P, pair_gathers)
+                         : sample_points_avx2<false, Dims>(points, count, s, item, plane, C, dst, P, pair_gathers);
 #endif
-        continue;
+      } else if (build_tile(tile, points, count, s, false, true)) {
+        sample_quads(tile, quads + n * bordered_points<Dims>(s) * kQuad, quad_zeros<Dims>(quads, s), C, dst, P, count);
+        sampled = true;
       }
+      if (sampled) continue;
+#endif
       for (int64_t j = 0; j < count; ++j) {
         taps.template build<policy>(points + j * Dims, one_channel);
         for (int64_t c = 0; c < C; ++c) {
@@ -120,15 +140,6 @@ void planar_forward(const SamplerShape& s, const float* input, const float* grid
 // RGB image (a few hundred microseconds, once per process and instruction-set variant) and keeps
 // the faster. ATTNKERNELS_PIXEL_QUADS=on or off forces either (read at every call: tests, tuning).
 // The backward always reads and scatters quads (faster or even on both CPUs).
-enum class QuadsChoice { Measure, On, Off };
-
-inline QuadsChoice quads_choice_from_environment() {
-  const char* value = std::getenv("ATTNKERNELS_PIXEL_QUADS");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return QuadsChoice::Measure;
-  if (std::strcmp(value, "on") == 0) return QuadsChoice::On;
-  if (std::strcmp(value, "off") == 0) return QuadsChoice::Off;
-  TORCH_CHECK(false, "ATTNKERNELS_PIXEL_QUADS must be 'on', 'off' or 'auto' (unset: auto), got '", value, "'");
-}
 
 // Times the quad and gather forwards on a 2 x 3 x 128 x 128 image under a rotated, scaled grid (the
 // quads' time includes allocating and packing them, as a call pays it); the best of 5 alternating runs
@@ -181,10 +192,10 @@ inline bool quads_faster_here() {
 template <int Dims>
 inline bool forward_reads_quads(const SamplerShape& s) {
   if (!quads_apply<Dims>(s)) return false;
-  switch (quads_choice_from_environment()) {
-    case QuadsChoice::On: return true;
-    case QuadsChoice::Off: return false;
-    case QuadsChoice::Measure: break;
+  switch (path_choice_from_environment("ATTNKERNELS_PIXEL_QUADS")) {
+    case PathChoice::On: return true;
+    case PathChoice::Off: return false;
+    case PathChoice::Measure: break;
   }
   return quads_faster_here();
 }
@@ -250,9 +261,12 @@ void planar_backward(const SamplerShape& s, const float* input, const float* gri
     float tile_grads[kPlanarMaxChannels * L];
     for (int64_t r = first; r < last; ++r) {
       float* grads = private_grads == nullptr ? nullptr : private_grads + r * per_copy;
-      for (int64_t group = groups * r / copies; group < groups * (r + 1) / copies; ++group) {
-        const int64_t n = group / groups_per_item;
-        const int64_t p0 = (group - n * groups_per_item) * L;
+      const int64_t first_group = groups * r / copies, end_group = groups * (r + 1) / copies;
+      GroupWalk walk(first_group, groups_per_item);
+      for (int64_t group = first_group; group < end_group; ++group) {
+        walk.next();
+        const int64_t n = walk.item;
+        const int64_t p0 = walk.group * L;
         const int64_t count = std::min<int64_t>(L, P - p0);
         const float* points = grid + (n * P + p0) * Dims;
         const float* item_input = input + n * C * plane;

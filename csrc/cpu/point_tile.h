@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #if defined(__AVX512F__)
@@ -23,7 +25,7 @@ inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 // K = kGroup (at most 4) from c0 = 0, then once for those left: the vectorised
 // tile loops load a tap's offsets, mask and weights once per group of channels.
 template <int kGroup = 4, typename Group>
-inline void for_channel_groups(int64_t channels, Group&& group) {
+ATTNKERNELS_ALWAYS_INLINE void for_channel_groups(int64_t channels, Group&& group) {
   static_assert(kGroup >= 1 && kGroup <= 4, "groups of 1 to 4 channels");
   int64_t c0 = 0;
   for (; c0 + kGroup <= channels; c0 += kGroup) group(c0, std::integral_constant<int, kGroup>{});
@@ -37,6 +39,19 @@ inline void for_channel_groups(int64_t channels, Group&& group) {
   if constexpr (kGroup > 1) {
     if (left == 1) group(c0, std::integral_constant<int, 1>{});
   }
+}
+
+// A choice between two code paths that give the same bits and whose speed depends on the CPU:
+// measured once per process, or forced by an environment variable set to "on" or "off" ("auto" or
+// unset: measured). Read at every kernel call (tests, tuning), once per call.
+enum class PathChoice { Measure, On, Off };
+
+inline PathChoice path_choice_from_environment(const char* variable) {
+  const char* value = std::getenv(variable);
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return PathChoice::Measure;
+  if (std::strcmp(value, "on") == 0) return PathChoice::On;
+  if (std::strcmp(value, "off") == 0) return PathChoice::Off;
+  TORCH_CHECK(false, variable, " must be 'on', 'off' or 'auto' (unset: auto), got '", value, "'");
 }
 
 }  // namespace ATTNKERNELS_CPU_ISA
@@ -129,7 +144,7 @@ struct PointTile {
 
   // acc[lane] = the bilinear sample of one input plane at the tile's points: the
   // sum over taps of weight * value, taps outside the input skipped (plain loops;
-  // sample_avx512 and sample_avx2 in intrinsics).
+  // sample_vectors_avx512 and sample_vectors_avx2 in intrinsics).
   template <typename scalar_t>
   void sample(const scalar_t* plane, acc_t* acc) const {
 #pragma omp simd
@@ -244,25 +259,56 @@ struct PointTile {
   // loops above partly scalar). Same operations in the same order.
   template <bool border, bool with_dweight, bool with_quads = false>
   void build_avx512(const float* t, const float* bx, float by, float bz, const SamplerShape& s) {
+    __m512 coords[Dims];
+    coords_from_theta_avx512(t, bx, by, bz, coords);
+    taps_from_coords_avx512<border, with_dweight, with_quads>(coords, s);
+  }
+
+  // theta @ [x, y, (z,) 1] for the points with base x coordinates bx[0 .. kLanes) in the row at
+  // base (by, bz): the normalised coordinates, one vector per axis.
+  ATTNKERNELS_ALWAYS_INLINE static void coords_from_theta_avx512(const float* t, const float* bx, float by, float bz,
+                                                                 __m512 (&coords)[Dims]) {
     constexpr int kCols = Dims + 1;
     const __m512 base_x = _mm512_loadu_ps(bx);
-    __m512 coords[Dims];
     for (int r = 0; r < Dims; ++r) {
       __m512 v = _mm512_add_ps(_mm512_set1_ps(t[r * kCols + Dims]), _mm512_mul_ps(_mm512_set1_ps(t[r * kCols]), base_x));
       if constexpr (Dims > 1) v = _mm512_add_ps(v, _mm512_set1_ps(t[r * kCols + 1] * by));
       if constexpr (Dims > 2) v = _mm512_add_ps(v, _mm512_set1_ps(t[r * kCols + 2] * bz));
       coords[r] = v;
     }
-    taps_from_coords_avx512<border, with_dweight, with_quads>(coords, s);
+  }
+
+  // build_avx512 and the sampling in one, the taps kept in registers (see sample_points_avx512):
+  // the first `count` points of the row.
+  template <bool border>
+  static void sample_row_avx512(const float* t, const float* bx, float by, float bz, const SamplerShape& s,
+                                const float* planes, int64_t plane_size, int64_t channels, float* dst,
+                                int64_t dst_stride, int64_t count) {
+    __m512 coords[Dims];
+    coords_from_theta_avx512(t, bx, by, bz, coords);
+    sample_coords_avx512<border>(coords, s, planes, plane_size, channels, dst, dst_stride, count);
+  }
+
+  // The samples at normalised coordinates (one vector per axis), the taps in registers.
+  template <bool border>
+  ATTNKERNELS_ALWAYS_INLINE static void sample_coords_avx512(const __m512 (&coords)[Dims], const SamplerShape& s,
+                                                             const float* planes, int64_t plane_size,
+                                                             int64_t channels, float* dst, int64_t dst_stride,
+                                                             int64_t count) {
+    AxisVectors axes[Dims];
+    axis_vectors_avx512<border>(coords, s, axes);
+    TapVectors taps;
+    for (int tap = 0; tap < kTaps; ++tap) tap_vector_avx512(axes, tap, taps);
+    sample_vectors_avx512(taps, planes, plane_size, channels, dst, dst_stride, count);
   }
 
 
-  // Taps of the first `count` (1..kLanes) points whose normalised coordinates
-  // are stored interleaved (x, y[, z]) from `points` (a grid_sample grid).
-  // Returns false, with nothing usable built, when a coordinate is not finite
-  // or beyond kTileReach: the per-point path decides those (torch's NaN rules).
-  template <bool border, bool with_dweight, bool with_quads = false>
-  bool build_from_points_avx512(const float* points, int64_t count, const SamplerShape& s) {
+  // The normalised coordinates of the first `count` (1..kLanes) points stored interleaved
+  // (x, y[, z]) from `points` (a grid_sample grid), one vector per axis, zero past `count`.
+  // Returns false when a coordinate is not finite or beyond kTileReach: the per-point path
+  // decides those (torch's NaN rules).
+  ATTNKERNELS_ALWAYS_INLINE static bool coords_from_points_avx512(const float* points, int64_t count,
+                                                                  __m512 (&coords)[Dims]) {
     const __mmask16 lanes = __mmask16((1u << count) - 1u);
     // The count * Dims values as Dims contiguous (masked) loads, zero past the end; each axis is
     // then permuted out of them (two gathers per tile cost more than the whole rest of the build).
@@ -274,7 +320,6 @@ struct PointTile {
     const __m512i first = _mm512_mullo_epi32(
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(Dims));
     const __m512 reach = _mm512_set1_ps(kTileReach);
-    __m512 coords[Dims];
     __mmask16 ok = lanes;
     for (int a = 0; a < Dims; ++a) {
       const __m512i index = _mm512_add_epi32(first, _mm512_set1_epi32(a));  // of lane l's value: l * Dims + a
@@ -285,8 +330,29 @@ struct PointTile {
       }
       ok &= _mm512_cmp_ps_mask(_mm512_abs_ps(coords[a]), reach, _CMP_LE_OQ);  // false for NaN
     }
-    if (ok != lanes) return false;
+    return ok == lanes;
+  }
+
+  // Taps of the first `count` (1..kLanes) points whose normalised coordinates
+  // are stored interleaved (x, y[, z]) from `points` (a grid_sample grid).
+  // Returns false, with nothing usable built, when coords_from_points_avx512 does.
+  template <bool border, bool with_dweight, bool with_quads = false>
+  bool build_from_points_avx512(const float* points, int64_t count, const SamplerShape& s) {
+    __m512 coords[Dims];
+    if (!coords_from_points_avx512(points, count, coords)) return false;
     taps_from_coords_avx512<border, with_dweight, with_quads>(coords, s);
+    return true;
+  }
+
+  // build_from_points_avx512 and the sampling in one, the taps kept in registers (with one or two
+  // channels the tile's stores and reloads cost about as much as the samples): the same operations,
+  // so the same bits. Returns false, sampling nothing, where build_from_points_avx512 does.
+  template <bool border>
+  static bool sample_points_avx512(const float* points, int64_t count, const SamplerShape& s, const float* planes,
+                                   int64_t plane_size, int64_t channels, float* dst, int64_t dst_stride) {
+    __m512 coords[Dims];
+    if (!coords_from_points_avx512(points, count, coords)) return false;
+    sample_coords_avx512<border>(coords, s, planes, plane_size, channels, dst, dst_stride, count);
     return true;
   }
 
@@ -296,49 +362,62 @@ struct PointTile {
     return _mm512_test_epi32_mask(inside, inside);
   }
 
-  // The values of one input plane at taps `tap` (even) and tap + 1, its neighbour along x
-  // (offset + 1 where both are inside): 0 where a tap is outside. Lanes with both taps inside
-  // load them as one 64-bit pair (two 8-lane gathers for 32 values instead of two 16-lane ones);
-  // lanes with one of them inside gather it alone. No lane reads outside the input.
-  ATTNKERNELS_ALWAYS_INLINE void gather_pair_avx512(const float* plane, int tap, __m512& low, __m512& high) const {
-    const __mmask16 in_low = inside_avx512(tap), in_high = inside_avx512(tap + 1);
+  // The values of one input plane at a tap (`in_low` the lanes where it is inside, `off_low` their
+  // offsets) and at its neighbour along x (offset + 1 where both are inside; `in_high`, `off_high`):
+  // 0 where a tap is outside. Lanes with both taps inside load them as one 64-bit pair (two 8-lane
+  // gathers for 32 values instead of two 16-lane ones); lanes with one of them inside gather it
+  // alone. No lane reads outside the input.
+  ATTNKERNELS_ALWAYS_INLINE static void gather_pair_avx512(const float* plane, __mmask16 in_low, __mmask16 in_high,
+                                                           __m512i off_low, __m512i off_high, __m512& low,
+                                                           __m512& high) {
     const __mmask16 both = in_low & in_high;
-    const __m512i offsets = _mm512_loadu_si512(offset[tap]);
     const __m512i first8 = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), __mmask8(both),
-                                                       _mm512_castsi512_si256(offsets), plane, 4);
+                                                       _mm512_castsi512_si256(off_low), plane, 4);
     const __m512i last8 = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), __mmask8(both >> 8),
-                                                      _mm512_extracti32x8_epi32(offsets, 1), plane, 4);
+                                                      _mm512_extracti32x8_epi32(off_low, 1), plane, 4);
     const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
     low = _mm512_castsi512_ps(_mm512_permutex2var_epi32(first8, evens, last8));
     high = _mm512_castsi512_ps(_mm512_permutex2var_epi32(first8, odds, last8));
     const __mmask16 low_alone = in_low & ~both, high_alone = in_high & ~both;
-    if (low_alone != 0) low = _mm512_mask_i32gather_ps(low, low_alone, offsets, plane, 4);
-    if (high_alone != 0) {
-      high = _mm512_mask_i32gather_ps(high, high_alone, _mm512_loadu_si512(offset[tap + 1]), plane, 4);
-    }
+    if (low_alone != 0) low = _mm512_mask_i32gather_ps(low, low_alone, off_low, plane, 4);
+    if (high_alone != 0) high = _mm512_mask_i32gather_ps(high, high_alone, off_high, plane, 4);
   }
 
-  // The bilinear samples of `channels` input planes (`plane_size` apart from
-  // `planes`) at the tile's first `count` points: dst[c * dst_stride + lane] =
-  // the sum over taps of weight * value, taps outside the input skipped (taken
-  // as 0). Channels go in groups of up to 4, so that each tap's offsets, mask
-  // and weights are loaded once per group; each channel sums in tap order.
-  void sample_avx512(const float* planes, int64_t plane_size, int64_t channels, float* dst, int64_t dst_stride,
-                     int64_t count) const {
+  // gather_pair_avx512 for the tile's taps `tap` (even) and tap + 1.
+  ATTNKERNELS_ALWAYS_INLINE void gather_pair_avx512(const float* plane, int tap, __m512& low, __m512& high) const {
+    gather_pair_avx512(plane, inside_avx512(tap), inside_avx512(tap + 1), _mm512_loadu_si512(offset[tap]),
+                       _mm512_loadu_si512(offset[tap + 1]), low, high);
+  }
+
+  // Per tap: the offset within an input plane (any value where the tap is outside), the lanes
+  // where it is inside, the weight.
+  struct TapVectors {
+    __m512i offset[kTaps];
+    __mmask16 inside[kTaps];
+    __m512 weight[kTaps];
+  };
+
+  // The bilinear samples of `channels` input planes (`plane_size` apart from `planes`) at the
+  // first `count` points of taps in registers: dst[c * dst_stride + lane] = the sum over taps of
+  // weight * value, taps outside the input skipped (taken as 0). Channels go in groups of up to 4,
+  // so that each tap's offsets, mask and weights serve a group; each channel sums in tap order.
+  ATTNKERNELS_ALWAYS_INLINE static void sample_vectors_avx512(const TapVectors& taps, const float* planes,
+                                                              int64_t plane_size, int64_t channels, float* dst,
+                                                              int64_t dst_stride, int64_t count) {
     const __mmask16 lanes = __mmask16((1u << count) - 1u);
-    auto group = [&](int64_t c0, auto size_tag) {
+    auto group = [&](int64_t c0, auto size_tag) ATTNKERNELS_LAMBDA_ALWAYS_INLINE {
       constexpr int K = decltype(size_tag)::value;
       __m512 acc[K];
       for (int k = 0; k < K; ++k) acc[k] = _mm512_setzero_ps();
       for (int tap = 0; tap < kTaps; tap += 2) {  // x-neighbour taps in pairs
-        const __mmask16 in_low = inside_avx512(tap), in_high = inside_avx512(tap + 1);
-        const __m512 w_low = _mm512_loadu_ps(weight[tap]), w_high = _mm512_loadu_ps(weight[tap + 1]);
+        const __mmask16 in_low = taps.inside[tap], in_high = taps.inside[tap + 1];
         for (int k = 0; k < K; ++k) {
           __m512 low, high;
-          gather_pair_avx512(planes + (c0 + k) * plane_size, tap, low, high);
-          acc[k] = _mm512_add_ps(acc[k], _mm512_maskz_mul_ps(in_low, w_low, low));
-          acc[k] = _mm512_add_ps(acc[k], _mm512_maskz_mul_ps(in_high, w_high, high));
+          gather_pair_avx512(planes + (c0 + k) * plane_size, in_low, in_high, taps.offset[tap], taps.offset[tap + 1],
+                             low, high);
+          acc[k] = _mm512_add_ps(acc[k], _mm512_maskz_mul_ps(in_low, taps.weight[tap], low));
+          acc[k] = _mm512_add_ps(acc[k], _mm512_maskz_mul_ps(in_high, taps.weight[tap + 1], high));
         }
       }
       for (int k = 0; k < K; ++k) {
@@ -350,14 +429,20 @@ struct PointTile {
     for_channel_groups(channels, group);
   }
 
-  // The taps from normalised coordinates (one vector per axis).
-  template <bool border, bool with_dweight, bool with_quads = false>
-  void taps_from_coords_avx512(const __m512* coords, const SamplerShape& s) {
-    __m512i low_of[Dims];  // the low tap's index per axis
-    __m512i offset_of[Dims][2];
-    __m512 weight_of[Dims][2];
-    __m512 dweight_of[Dims][2];
-    __mmask16 inside_of[Dims][2];
+  // Per axis: the low tap's index, and for the low and high tap the offset, weight, d weight and
+  // the lanes where it is inside.
+  struct AxisVectors {
+    __m512i low;
+    __m512i offset[2];
+    __m512 weight[2];
+    __m512 dweight[2];
+    __mmask16 inside[2];
+  };
+
+  // The AxisVectors of normalised coordinates (one vector per axis).
+  template <bool border>
+  ATTNKERNELS_ALWAYS_INLINE static void axis_vectors_avx512(const __m512* coords, const SamplerShape& s,
+                                                            AxisVectors (&axes)[Dims]) {
     const __m512 one = _mm512_set1_ps(1.0f);
     const __m512 two = _mm512_set1_ps(2.0f);
     const __m512 zero = _mm512_setzero_ps();
@@ -383,41 +468,60 @@ struct PointTile {
       const __m512 x0 = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
       const __m512i i0 = _mm512_cvttps_epi32(x0);
       const __m512i i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(1));
-      low_of[r] = i0;
       const __m512 frac = _mm512_sub_ps(x, x0);
       const __m512i vsize = _mm512_set1_epi32(size);
       const __m512i vzero = _mm512_setzero_si512();
       const __m512i vstride = _mm512_set1_epi32(stride);
-      offset_of[r][0] = _mm512_mullo_epi32(i0, vstride);
-      offset_of[r][1] = _mm512_mullo_epi32(i1, vstride);
-      weight_of[r][0] = _mm512_sub_ps(one, frac);
-      weight_of[r][1] = frac;
-      dweight_of[r][0] = _mm512_castsi512_ps(
+      AxisVectors& axis = axes[r];
+      axis.low = i0;
+      axis.offset[0] = _mm512_mullo_epi32(i0, vstride);
+      axis.offset[1] = _mm512_mullo_epi32(i1, vstride);
+      axis.weight[0] = _mm512_sub_ps(one, frac);
+      axis.weight[1] = frac;
+      axis.dweight[0] = _mm512_castsi512_ps(
           _mm512_xor_si512(_mm512_castps_si512(slope), _mm512_set1_epi32(int32_t(0x80000000u))));  // -slope
-      dweight_of[r][1] = slope;
-      inside_of[r][0] = _mm512_cmpge_epi32_mask(i0, vzero) & _mm512_cmplt_epi32_mask(i0, vsize);
-      inside_of[r][1] = _mm512_cmpge_epi32_mask(i1, vzero) & _mm512_cmplt_epi32_mask(i1, vsize);
+      axis.dweight[1] = slope;
+      axis.inside[0] = _mm512_cmpge_epi32_mask(i0, vzero) & _mm512_cmplt_epi32_mask(i0, vsize);
+      axis.inside[1] = _mm512_cmpge_epi32_mask(i1, vzero) & _mm512_cmplt_epi32_mask(i1, vsize);
       stride *= size;
     }
+  }
+
+  // Tap `tap` (x fastest) of the axes: offsets summed, inside on every axis, weights multiplied in axis order.
+  ATTNKERNELS_ALWAYS_INLINE static void tap_vector_avx512(const AxisVectors (&axes)[Dims], int tap, TapVectors& taps) {
+    const int k[3] = {tap & 1, (tap >> 1) & 1, (tap >> 2) & 1};
+    __m512i off = axes[0].offset[k[0]];
+    __mmask16 ok = axes[0].inside[k[0]];
+    __m512 w = axes[0].weight[k[0]];
+    for (int a = 1; a < Dims; ++a) {
+      off = _mm512_add_epi32(off, axes[a].offset[k[a]]);
+      ok &= axes[a].inside[k[a]];
+      w = _mm512_mul_ps(w, axes[a].weight[k[a]]);
+    }
+    taps.offset[tap] = off;
+    taps.inside[tap] = ok;
+    taps.weight[tap] = w;
+  }
+
+  // The taps from normalised coordinates (one vector per axis), stored in the tile.
+  template <bool border, bool with_dweight, bool with_quads = false>
+  void taps_from_coords_avx512(const __m512* coords, const SamplerShape& s) {
+    AxisVectors axes[Dims];
+    axis_vectors_avx512<border>(coords, s, axes);
     const __m512i ones = _mm512_set1_epi32(1);
+    TapVectors taps;
     for (int tap = 0; tap < kTaps; ++tap) {
-      const int k[3] = {tap & 1, (tap >> 1) & 1, (tap >> 2) & 1};
-      __m512i off = offset_of[0][k[0]];
-      __mmask16 ok = inside_of[0][k[0]];
-      __m512 w = weight_of[0][k[0]];
-      for (int a = 1; a < Dims; ++a) {
-        off = _mm512_add_epi32(off, offset_of[a][k[a]]);
-        ok &= inside_of[a][k[a]];
-        w = _mm512_mul_ps(w, weight_of[a][k[a]]);
-      }
-      _mm512_storeu_si512(offset[tap], _mm512_maskz_mov_epi32(ok, off));
+      tap_vector_avx512(axes, tap, taps);
+      const __mmask16 ok = taps.inside[tap];
+      _mm512_storeu_si512(offset[tap], _mm512_maskz_mov_epi32(ok, taps.offset[tap]));
       _mm512_storeu_si512(valid[tap], _mm512_maskz_mov_epi32(ok, ones));
-      _mm512_storeu_ps(weight[tap], w);
+      _mm512_storeu_ps(weight[tap], taps.weight[tap]);
       if constexpr (with_dweight) {
+        const int k[3] = {tap & 1, (tap >> 1) & 1, (tap >> 2) & 1};
         for (int a = 0; a < Dims; ++a) {
-          __m512 d = dweight_of[a][k[a]];
+          __m512 d = axes[a].dweight[k[a]];
           for (int b = 0; b < Dims; ++b) {
-            if (b != a) d = _mm512_mul_ps(d, weight_of[b][k[b]]);
+            if (b != a) d = _mm512_mul_ps(d, axes[b].weight[k[b]]);
           }
           _mm512_storeu_ps(dweight[tap][a], d);
         }
@@ -426,13 +530,13 @@ struct PointTile {
     if constexpr (with_quads) {
       // Bordered indices run from -1 to size on every axis (x: the pair's low tap up to size - 1).
       for (int pair = 0; pair < kTaps / 2; ++pair) {
-        const __m512i x = low_of[0];
+        const __m512i x = axes[0].low;
         __mmask16 ok = _mm512_cmpge_epi32_mask(x, _mm512_set1_epi32(-1)) &
                        _mm512_cmplt_epi32_mask(x, _mm512_set1_epi32(int32_t(s.in_size[0])));
         __m512i index = _mm512_add_epi32(x, _mm512_set1_epi32(1));
         int32_t stride = int32_t(s.in_size[0]) + 2;
         for (int a = 1; a < Dims; ++a) {
-          const __m512i i = _mm512_add_epi32(low_of[a], _mm512_set1_epi32((pair >> (a - 1)) & 1));
+          const __m512i i = _mm512_add_epi32(axes[a].low, _mm512_set1_epi32((pair >> (a - 1)) & 1));
           ok &= _mm512_cmpge_epi32_mask(i, _mm512_set1_epi32(-1)) &
                 _mm512_cmple_epi32_mask(i, _mm512_set1_epi32(int32_t(s.in_size[a])));
           index = _mm512_add_epi32(index, _mm512_mullo_epi32(_mm512_add_epi32(i, ones), _mm512_set1_epi32(stride)));

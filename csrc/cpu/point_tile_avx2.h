@@ -18,8 +18,12 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "../sampler_shape.h"
 
@@ -42,35 +46,132 @@ ATTNKERNELS_ALWAYS_INLINE __m256i inside_avx2(const PointTile<float, Dims>& tile
   return _mm256_cmpgt_epi32(valid, _mm256_setzero_si256());
 }
 
-// The values of one input plane at taps `tap` (even) and tap + 1, its neighbour along x, in half
-// `half` of the tile: 0 where a tap is outside. Lanes with both taps inside load them as one
-// 64-bit pair (two 4-lane gathers for 16 values instead of two 8-lane ones); lanes with one of
-// them inside gather it alone. No lane reads outside the input.
-template <int Dims>
-ATTNKERNELS_ALWAYS_INLINE void gather_pair_avx2(const PointTile<float, Dims>& tile, const float* plane, int tap, int half,
-                                                __m256& low, __m256& high) {
-  const __m256i in_low = inside_avx2(tile, tap, half), in_high = inside_avx2(tile, tap + 1, half);
+// The values of one input plane at a tap (`in_low`: all ones in the lanes where it is inside,
+// `off_low` their offsets) and at its neighbour along x (offset + 1 where both are inside;
+// `in_high`, `off_high`), 8 lanes: 0 where a tap is outside. Lanes with both taps inside load them
+// as one 64-bit pair (two 4-lane gathers for 16 values instead of two 8-lane ones); lanes with one
+// of them inside gather it alone. No lane reads outside the input.
+ATTNKERNELS_ALWAYS_INLINE void gather_pair_avx2(const float* plane, __m256i in_low, __m256i in_high, __m256i off_low,
+                                                __m256i off_high, __m256& low, __m256& high) {
   const __m256i both = _mm256_and_si256(in_low, in_high);
-  const __m256i offsets = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile.offset[tap] + 8 * half));
   const auto* words = reinterpret_cast<const long long*>(plane);
   const __m256 first4 = _mm256_castsi256_ps(_mm256_mask_i32gather_epi64(
-      _mm256_setzero_si256(), words, _mm256_castsi256_si128(offsets), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(both)),
+      _mm256_setzero_si256(), words, _mm256_castsi256_si128(off_low), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(both)),
       4));
   const __m256 last4 = _mm256_castsi256_ps(_mm256_mask_i32gather_epi64(
-      _mm256_setzero_si256(), words, _mm256_extracti128_si256(offsets, 1),
+      _mm256_setzero_si256(), words, _mm256_extracti128_si256(off_low, 1),
       _mm256_cvtepi32_epi64(_mm256_extracti128_si256(both, 1)), 4));
   // Within each 128-bit half: (first4[0], first4[2], last4[0], last4[2]); then the 64-bit quarters in order.
   low = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(first4, last4, 0x88)), 0xD8));
   high = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(first4, last4, 0xDD)), 0xD8));
   const __m256i low_alone = _mm256_andnot_si256(both, in_low), high_alone = _mm256_andnot_si256(both, in_high);
   if (!_mm256_testz_si256(low_alone, low_alone)) {
-    low = _mm256_mask_i32gather_ps(low, plane, offsets, _mm256_castsi256_ps(low_alone), 4);
+    low = _mm256_mask_i32gather_ps(low, plane, off_low, _mm256_castsi256_ps(low_alone), 4);
   }
   if (!_mm256_testz_si256(high_alone, high_alone)) {
-    const __m256i high_offsets =
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile.offset[tap + 1] + 8 * half));
-    high = _mm256_mask_i32gather_ps(high, plane, high_offsets, _mm256_castsi256_ps(high_alone), 4);
+    high = _mm256_mask_i32gather_ps(high, plane, off_high, _mm256_castsi256_ps(high_alone), 4);
   }
+}
+
+// gather_pair_avx2 for the tile's taps `tap` (even) and tap + 1 in half `half`.
+template <int Dims>
+ATTNKERNELS_ALWAYS_INLINE void gather_pair_avx2(const PointTile<float, Dims>& tile, const float* plane, int tap, int half,
+                                                __m256& low, __m256& high) {
+  const auto offsets = [&](int t) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile.offset[t] + 8 * half));
+  };
+  gather_pair_avx2(plane, inside_avx2(tile, tap, half), inside_avx2(tile, tap + 1, half), offsets(tap),
+                   offsets(tap + 1), low, high);
+}
+
+// Per axis of 8 lanes: the low tap's index, and for the low and high tap the offset, weight,
+// d weight and whether it is inside (all ones or zero).
+template <int Dims>
+struct AxisVectors8 {
+  __m256i low;
+  __m256i offset[2];
+  __m256 weight[2];
+  __m256 dweight[2];
+  __m256i inside[2];
+};
+
+// Per tap of 8 lanes: the offset within an input plane (any value where the tap is outside),
+// whether it is inside (all ones or zero), the weight.
+template <int Dims>
+struct TapVectors8 {
+  static constexpr int kTaps = 1 << Dims;
+  __m256i offset[kTaps];
+  __m256i inside[kTaps];
+  __m256 weight[kTaps];
+};
+
+// The AxisVectors8 of one half's normalised coordinates, coords[axis].
+template <bool border, int Dims>
+ATTNKERNELS_ALWAYS_INLINE void axis_vectors_avx2(const __m256 (&coords)[Dims], const SamplerShape& s,
+                                                 AxisVectors8<Dims> (&axes)[Dims]) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 two = _mm256_set1_ps(2.0f);  // GCC divides by it as a multiply by 0.5 (exact, the same result)
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(int32_t(0x80000000u)));
+  const __m256i ones = _mm256_set1_epi32(1);
+  int32_t stride = 1;
+  for (int r = 0; r < Dims; ++r) {
+    const int32_t size = int32_t(s.in_size[r]);
+    const float last = float(size - 1);
+    const float scale = s.align_corners ? last / 2.0f : float(size) / 2.0f;
+    const __m256 v = coords[r];
+    const __m256 vlast = _mm256_set1_ps(last);
+    // unnormalize(): align_corners: (v + 1) / 2 * last; else ((v + 1) * size - 1) / 2.
+    __m256 x = s.align_corners
+                   ? _mm256_mul_ps(_mm256_div_ps(_mm256_add_ps(v, one), two), vlast)
+                   : _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_add_ps(v, one), _mm256_set1_ps(float(size))), one),
+                                   two);
+    __m256 slope = _mm256_set1_ps(scale);
+    if constexpr (border) {
+      const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), _mm256_cmp_ps(x, vlast, _CMP_LT_OQ));
+      const __m256 low = _mm256_cmp_ps(x, zero, _CMP_LE_OQ);
+      const __m256 clipped = _mm256_blendv_ps(vlast, zero, low);
+      x = _mm256_blendv_ps(clipped, x, inside);
+      slope = _mm256_and_ps(inside, slope);
+    }
+    const __m256 x0 = _mm256_round_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m256i i0 = _mm256_cvttps_epi32(x0);
+    const __m256i i1 = _mm256_add_epi32(i0, ones);
+    const __m256 frac = _mm256_sub_ps(x, x0);
+    const __m256i vstride = _mm256_set1_epi32(stride);
+    AxisVectors8<Dims>& axis = axes[r];
+    axis.low = i0;
+    axis.offset[0] = r == 0 ? i0 : _mm256_mullo_epi32(i0, vstride);
+    axis.offset[1] = r == 0 ? i1 : _mm256_mullo_epi32(i1, vstride);
+    axis.weight[0] = _mm256_sub_ps(one, frac);
+    axis.weight[1] = frac;
+    axis.dweight[0] = _mm256_xor_ps(slope, sign);  // -slope
+    axis.dweight[1] = slope;
+    // 0 <= i < size as size > i > -1.
+    const __m256i vsize = _mm256_set1_epi32(size);
+    const __m256i below = _mm256_set1_epi32(-1);
+    axis.inside[0] = _mm256_and_si256(_mm256_cmpgt_epi32(i0, below), _mm256_cmpgt_epi32(vsize, i0));
+    axis.inside[1] = _mm256_and_si256(_mm256_cmpgt_epi32(i1, below), _mm256_cmpgt_epi32(vsize, i1));
+    stride *= size;
+  }
+}
+
+// Tap `tap` (x fastest) of the axes: offsets summed, inside on every axis, weights multiplied in axis order.
+template <int Dims>
+ATTNKERNELS_ALWAYS_INLINE void tap_vector_avx2(const AxisVectors8<Dims> (&axes)[Dims], int tap,
+                                               TapVectors8<Dims>& taps) {
+  const int k[3] = {tap & 1, (tap >> 1) & 1, (tap >> 2) & 1};
+  __m256i off = axes[0].offset[k[0]];
+  __m256i ok = axes[0].inside[k[0]];
+  __m256 w = axes[0].weight[k[0]];
+  for (int a = 1; a < Dims; ++a) {
+    off = _mm256_add_epi32(off, axes[a].offset[k[a]]);
+    ok = _mm256_and_si256(ok, axes[a].inside[k[a]]);
+    w = _mm256_mul_ps(w, axes[a].weight[k[a]]);
+  }
+  taps.offset[tap] = off;
+  taps.inside[tap] = ok;
+  taps.weight[tap] = w;
 }
 
 // The taps from normalised coordinates, coords[axis][half]: taps_from_coords_avx512 for two halves.
@@ -78,76 +179,26 @@ template <bool border, bool with_dweight, bool with_quads = false, int Dims>
 inline void taps_from_coords_avx2(PointTile<float, Dims>& tile, const __m256 (&coords)[Dims][2],
                                   const SamplerShape& s) {
   static_assert(Dims == 2 || Dims == 3, "tiles hold 2-D or 3-D taps");
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 two = _mm256_set1_ps(2.0f);  // GCC divides by it as a multiply by 0.5 (exact, the same result)
-  const __m256 zero = _mm256_setzero_ps();
-  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(int32_t(0x80000000u)));
   const __m256i ones = _mm256_set1_epi32(1);
   for (int h = 0; h < 2; ++h) {
-    // Per axis: the low tap's index, the low and high tap's offset, weight, d weight, and whether it is inside.
-    __m256i low_of[Dims];
-    __m256i offset_of[Dims][2];
-    __m256 weight_of[Dims][2];
-    __m256 dweight_of[Dims][2];
-    __m256i inside_of[Dims][2];
-    int32_t stride = 1;
-    for (int r = 0; r < Dims; ++r) {
-      const int32_t size = int32_t(s.in_size[r]);
-      const float last = float(size - 1);
-      const float scale = s.align_corners ? last / 2.0f : float(size) / 2.0f;
-      const __m256 v = coords[r][h];
-      const __m256 vlast = _mm256_set1_ps(last);
-      // unnormalize(): align_corners: (v + 1) / 2 * last; else ((v + 1) * size - 1) / 2.
-      __m256 x = s.align_corners
-                     ? _mm256_mul_ps(_mm256_div_ps(_mm256_add_ps(v, one), two), vlast)
-                     : _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_add_ps(v, one), _mm256_set1_ps(float(size))), one),
-                                     two);
-      __m256 slope = _mm256_set1_ps(scale);
-      if constexpr (border) {
-        const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), _mm256_cmp_ps(x, vlast, _CMP_LT_OQ));
-        const __m256 low = _mm256_cmp_ps(x, zero, _CMP_LE_OQ);
-        const __m256 clipped = _mm256_blendv_ps(vlast, zero, low);
-        x = _mm256_blendv_ps(clipped, x, inside);
-        slope = _mm256_and_ps(inside, slope);
-      }
-      const __m256 x0 = _mm256_round_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-      const __m256i i0 = _mm256_cvttps_epi32(x0);
-      const __m256i i1 = _mm256_add_epi32(i0, ones);
-      low_of[r] = i0;
-      const __m256 frac = _mm256_sub_ps(x, x0);
-      const __m256i vstride = _mm256_set1_epi32(stride);
-      offset_of[r][0] = r == 0 ? i0 : _mm256_mullo_epi32(i0, vstride);
-      offset_of[r][1] = r == 0 ? i1 : _mm256_mullo_epi32(i1, vstride);
-      weight_of[r][0] = _mm256_sub_ps(one, frac);
-      weight_of[r][1] = frac;
-      dweight_of[r][0] = _mm256_xor_ps(slope, sign);  // -slope
-      dweight_of[r][1] = slope;
-      // 0 <= i < size as size > i > -1.
-      const __m256i vsize = _mm256_set1_epi32(size);
-      const __m256i below = _mm256_set1_epi32(-1);
-      inside_of[r][0] = _mm256_and_si256(_mm256_cmpgt_epi32(i0, below), _mm256_cmpgt_epi32(vsize, i0));
-      inside_of[r][1] = _mm256_and_si256(_mm256_cmpgt_epi32(i1, below), _mm256_cmpgt_epi32(vsize, i1));
-      stride *= size;
-    }
+    __m256 half_coords[Dims];
+    for (int r = 0; r < Dims; ++r) half_coords[r] = coords[r][h];
+    AxisVectors8<Dims> axes[Dims];
+    axis_vectors_avx2<border>(half_coords, s, axes);
+    TapVectors8<Dims> taps;
     for (int tap = 0; tap < PointTile<float, Dims>::kTaps; ++tap) {
-      const int k[3] = {tap & 1, (tap >> 1) & 1, (tap >> 2) & 1};
-      __m256i off = offset_of[0][k[0]];
-      __m256i ok = inside_of[0][k[0]];
-      __m256 w = weight_of[0][k[0]];
-      for (int a = 1; a < Dims; ++a) {
-        off = _mm256_add_epi32(off, offset_of[a][k[a]]);
-        ok = _mm256_and_si256(ok, inside_of[a][k[a]]);
-        w = _mm256_mul_ps(w, weight_of[a][k[a]]);
-      }
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile.offset[tap] + 8 * h), _mm256_and_si256(ok, off));
+      tap_vector_avx2(axes, tap, taps);
+      const __m256i ok = taps.inside[tap];
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile.offset[tap] + 8 * h), _mm256_and_si256(ok, taps.offset[tap]));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile.valid[tap] + 8 * h), _mm256_and_si256(ok, ones));
-      _mm256_storeu_ps(tile.weight[tap] + 8 * h, w);
+      _mm256_storeu_ps(tile.weight[tap] + 8 * h, taps.weight[tap]);
       if constexpr (with_dweight) {
         // d weight / d coordinate a: that axis's d weight times the other axes' weights, in axis order.
+        const int k[3] = {tap & 1, (tap >> 1) & 1, (tap >> 2) & 1};
         for (int a = 0; a < Dims; ++a) {
-          __m256 d = dweight_of[a][k[a]];
+          __m256 d = axes[a].dweight[k[a]];
           for (int b = 0; b < Dims; ++b) {
-            if (b != a) d = _mm256_mul_ps(d, weight_of[b][k[b]]);
+            if (b != a) d = _mm256_mul_ps(d, axes[b].weight[k[b]]);
           }
           _mm256_storeu_ps(tile.dweight[tap][a] + 8 * h, d);
         }
@@ -158,13 +209,13 @@ inline void taps_from_coords_avx2(PointTile<float, Dims>& tile, const __m256 (&c
       // tap up to size - 1); -1 < i < size + 1 as two comparisons.
       const __m256i below = _mm256_set1_epi32(-2);
       for (int pair = 0; pair < PointTile<float, Dims>::kTaps / 2; ++pair) {
-        const __m256i x = low_of[0];
+        const __m256i x = axes[0].low;
         __m256i ok = _mm256_and_si256(_mm256_cmpgt_epi32(x, below),
                                       _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(s.in_size[0])), x));
         __m256i index = _mm256_add_epi32(x, ones);
         int32_t stride = int32_t(s.in_size[0]) + 2;
         for (int a = 1; a < Dims; ++a) {
-          const __m256i i = _mm256_add_epi32(low_of[a], _mm256_set1_epi32((pair >> (a - 1)) & 1));
+          const __m256i i = _mm256_add_epi32(axes[a].low, _mm256_set1_epi32((pair >> (a - 1)) & 1));
           ok = _mm256_and_si256(ok, _mm256_and_si256(_mm256_cmpgt_epi32(i, below),
                                                      _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(s.in_size[a]) + 1), i)));
           index = _mm256_add_epi32(index, _mm256_mullo_epi32(_mm256_add_epi32(i, ones), _mm256_set1_epi32(stride)));
@@ -180,11 +231,10 @@ inline void taps_from_coords_avx2(PointTile<float, Dims>& tile, const __m256 (&c
 
 // PointTile::build() for fp32: the points with base x coordinates bx[0 .. 16)
 // in the row at base (by, bz) of the batch item whose theta is `t`.
-template <bool border, bool with_dweight, bool with_quads = false, int Dims>
-inline void build_avx2(PointTile<float, Dims>& tile, const float* t, const float* bx, float by, float bz,
-                       const SamplerShape& s) {
+template <int Dims>
+ATTNKERNELS_ALWAYS_INLINE void coords_from_theta_avx2(const float* t, const float* bx, float by, float bz,
+                                                      __m256 (&coords)[Dims][2]) {
   constexpr int kCols = Dims + 1;
-  __m256 coords[Dims][2];
   for (int h = 0; h < 2; ++h) {
     const __m256 base_x = _mm256_loadu_ps(bx + 8 * h);
     for (int r = 0; r < Dims; ++r) {
@@ -195,6 +245,13 @@ inline void build_avx2(PointTile<float, Dims>& tile, const float* t, const float
       coords[r][h] = v;
     }
   }
+}
+
+template <bool border, bool with_dweight, bool with_quads = false, int Dims>
+inline void build_avx2(PointTile<float, Dims>& tile, const float* t, const float* bx, float by, float bz,
+                       const SamplerShape& s) {
+  __m256 coords[Dims][2];
+  coords_from_theta_avx2<Dims>(t, bx, by, bz, coords);
   taps_from_coords_avx2<border, with_dweight, with_quads>(tile, coords, s);
 }
 
@@ -221,12 +278,11 @@ inline void deinterleave_points_avx2(const float* p, __m256 (&axes)[Dims]) {
   }
 }
 
-// PointTile::build_from_points() for fp32: the taps of the first `count`
-// (1..16) points stored interleaved from `points`; false, with nothing usable
-// built, when a coordinate is not finite or beyond kTileReach.
-template <bool border, bool with_dweight, bool with_quads = false, int Dims>
-inline bool build_from_points_avx2(PointTile<float, Dims>& tile, const float* points, int64_t count,
-                                   const SamplerShape& s) {
+// The normalised coordinates of the first `count` (1..16) points stored interleaved from `points`,
+// coords[axis][half], lanes past `count` 0; false when a coordinate is not finite or beyond kTileReach.
+template <int Dims>
+ATTNKERNELS_ALWAYS_INLINE bool coords_from_points_avx2(const float* points, int64_t count,
+                                                       __m256 (&coords)[Dims][2]) {
   constexpr int L = PointTile<float, Dims>::kLanes;
   float padded[L * Dims];
   if (count < L) {  // lanes past `count` take coordinate 0, as in build_from_points
@@ -235,7 +291,6 @@ inline bool build_from_points_avx2(PointTile<float, Dims>& tile, const float* po
   }
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256 reach = _mm256_set1_ps(PointTile<float, Dims>::kTileReach);
-  __m256 coords[Dims][2];
   __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
   for (int h = 0; h < 2; ++h) {
     __m256 axes[Dims];
@@ -245,46 +300,153 @@ inline bool build_from_points_avx2(PointTile<float, Dims>& tile, const float* po
       ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_and_ps(axes[a], magnitude), reach, _CMP_LE_OQ));  // false for NaN
     }
   }
-  if (_mm256_movemask_ps(ok) != 0xff) return false;
+  return _mm256_movemask_ps(ok) == 0xff;
+}
+
+// PointTile::build_from_points() for fp32: the taps of the first `count`
+// (1..16) points stored interleaved from `points`; false, with nothing usable
+// built, when a coordinate is not finite or beyond kTileReach.
+template <bool border, bool with_dweight, bool with_quads = false, int Dims>
+inline bool build_from_points_avx2(PointTile<float, Dims>& tile, const float* points, int64_t count,
+                                   const SamplerShape& s) {
+  __m256 coords[Dims][2];
+  if (!coords_from_points_avx2<Dims>(points, count, coords)) return false;
   taps_from_coords_avx2<border, with_dweight, with_quads>(tile, coords, s);
   return true;
 }
 
-// The bilinear samples of `channels` input planes (`plane_size` apart from
-// `planes`) at the tile's first `count` points: dst[c * dst_stride + lane] =
-// the sum over taps of weight * value, taps outside the input skipped (as 0).
-// Channels go in groups of up to 4, so that each tap's offsets, mask and
-// weights are loaded once per group; each channel sums in tap order.
+// The bilinear samples of `channels` input planes (`plane_size` apart from `planes`) at half `h`
+// of a tile's first `count` points, its taps in registers: dst[c * dst_stride + 8 h + lane] = the
+// sum over taps of weight * value, taps outside the input skipped (as 0). Channels go in groups
+// of up to 4, so that each tap's offsets, mask and weights serve a group; each channel sums in
+// tap order. `pair_gathers`: x-neighbour taps load as 64-bit pairs (gather_pair_avx2), else each
+// tap is one 8-lane gather; the same values either way (pair_gathers_avx2 says which is faster).
 template <int Dims>
-inline void sample_avx2(const PointTile<float, Dims>& tile, const float* planes, int64_t plane_size,
-                        int64_t channels, float* dst, int64_t dst_stride, int64_t count) {
-  for (int h = 0; h < 2 && 8 * h < count; ++h) {
-    const bool whole = count >= 8 * (h + 1);
-    const __m256i lanes = first_lanes_avx2(count, h);
-    auto group = [&](int64_t c0, auto size_tag) {
-      constexpr int K = decltype(size_tag)::value;
-      __m256 acc[K];
-      for (int k = 0; k < K; ++k) acc[k] = _mm256_setzero_ps();
-      for (int tap = 0; tap < PointTile<float, Dims>::kTaps; tap += 2) {  // x-neighbour taps in pairs
-        const __m256 in_low = _mm256_castsi256_ps(inside_avx2(tile, tap, h));
-        const __m256 in_high = _mm256_castsi256_ps(inside_avx2(tile, tap + 1, h));
-        const __m256 w_low = _mm256_loadu_ps(tile.weight[tap] + 8 * h);
-        const __m256 w_high = _mm256_loadu_ps(tile.weight[tap + 1] + 8 * h);
-        for (int k = 0; k < K; ++k) {
-          __m256 low, high;
-          gather_pair_avx2(tile, planes + (c0 + k) * plane_size, tap, h, low, high);
-          acc[k] = _mm256_add_ps(acc[k], _mm256_and_ps(in_low, _mm256_mul_ps(w_low, low)));
-          acc[k] = _mm256_add_ps(acc[k], _mm256_and_ps(in_high, _mm256_mul_ps(w_high, high)));
-        }
-      }
+ATTNKERNELS_ALWAYS_INLINE void sample_vectors_avx2(const TapVectors8<Dims>& taps, const float* planes,
+                                                   int64_t plane_size, int64_t channels, float* dst,
+                                                   int64_t dst_stride, int h, int64_t count, bool pair_gathers) {
+  const bool whole = count >= 8 * (h + 1);
+  const __m256i lanes = first_lanes_avx2(count, h);
+  auto group = [&](int64_t c0, auto size_tag) ATTNKERNELS_LAMBDA_ALWAYS_INLINE {
+    constexpr int K = decltype(size_tag)::value;
+    __m256 acc[K];
+    for (int k = 0; k < K; ++k) acc[k] = _mm256_setzero_ps();
+    for (int tap = 0; tap < TapVectors8<Dims>::kTaps; tap += 2) {  // x-neighbour taps in pairs
+      const __m256 in_low = _mm256_castsi256_ps(taps.inside[tap]);
+      const __m256 in_high = _mm256_castsi256_ps(taps.inside[tap + 1]);
       for (int k = 0; k < K; ++k) {
-        float* at = dst + (c0 + k) * dst_stride + 8 * h;
-        if (whole) _mm256_storeu_ps(at, acc[k]);
-        else _mm256_maskstore_ps(at, lanes, acc[k]);
+        const float* plane = planes + (c0 + k) * plane_size;
+        __m256 low, high;
+        if (pair_gathers) {
+          gather_pair_avx2(plane, taps.inside[tap], taps.inside[tap + 1], taps.offset[tap], taps.offset[tap + 1], low,
+                           high);
+        } else {
+          low = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), plane, taps.offset[tap], in_low, 4);
+          high = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), plane, taps.offset[tap + 1], in_high, 4);
+        }
+        acc[k] = _mm256_add_ps(acc[k], _mm256_and_ps(in_low, _mm256_mul_ps(taps.weight[tap], low)));
+        acc[k] = _mm256_add_ps(acc[k], _mm256_and_ps(in_high, _mm256_mul_ps(taps.weight[tap + 1], high)));
       }
-    };
-    for_channel_groups(channels, group);
+    }
+    for (int k = 0; k < K; ++k) {
+      float* at = dst + (c0 + k) * dst_stride + 8 * h;
+      if (whole) _mm256_storeu_ps(at, acc[k]);
+      else _mm256_maskstore_ps(at, lanes, acc[k]);
+    }
+  };
+  for_channel_groups(channels, group);
+}
+
+// The samples at normalised coordinates coords[axis][half] (the first `count` lanes), each half's
+// taps in registers.
+template <bool border, int Dims>
+ATTNKERNELS_ALWAYS_INLINE void sample_coords_avx2(const __m256 (&coords)[Dims][2], const SamplerShape& s,
+                                                  const float* planes, int64_t plane_size, int64_t channels,
+                                                  float* dst, int64_t dst_stride, int64_t count, bool pair_gathers) {
+  for (int h = 0; h < 2 && 8 * h < count; ++h) {
+    __m256 half_coords[Dims];
+    for (int r = 0; r < Dims; ++r) half_coords[r] = coords[r][h];
+    AxisVectors8<Dims> axes[Dims];
+    axis_vectors_avx2<border>(half_coords, s, axes);
+    TapVectors8<Dims> taps;
+    for (int tap = 0; tap < TapVectors8<Dims>::kTaps; ++tap) tap_vector_avx2(axes, tap, taps);
+    sample_vectors_avx2(taps, planes, plane_size, channels, dst, dst_stride, h, count, pair_gathers);
   }
+}
+
+// build_from_points_avx2 and the sampling in one, the taps of each half kept in registers (with one
+// or two channels the tile's stores and reloads cost about as much as the samples): the same
+// operations, so the same bits. Returns false, sampling nothing, where build_from_points_avx2 does.
+template <bool border, int Dims>
+inline bool sample_points_avx2(const float* points, int64_t count, const SamplerShape& s, const float* planes,
+                               int64_t plane_size, int64_t channels, float* dst, int64_t dst_stride,
+                               bool pair_gathers) {
+  __m256 coords[Dims][2];
+  if (!coords_from_points_avx2<Dims>(points, count, coords)) return false;
+  sample_coords_avx2<border>(coords, s, planes, plane_size, channels, dst, dst_stride, count, pair_gathers);
+  return true;
+}
+
+// build_avx2 and the sampling in one, the taps kept in registers (see sample_points_avx2): the
+// first `count` points of the row at base (by, bz) whose base x coordinates are bx[0 .. 16).
+template <bool border, int Dims>
+inline void sample_row_avx2(const float* t, const float* bx, float by, float bz, const SamplerShape& s,
+                            const float* planes, int64_t plane_size, int64_t channels, float* dst,
+                            int64_t dst_stride, int64_t count, bool pair_gathers) {
+  __m256 coords[Dims][2];
+  coords_from_theta_avx2<Dims>(t, bx, by, bz, coords);
+  sample_coords_avx2<border>(coords, s, planes, plane_size, channels, dst, dst_stride, count, pair_gathers);
+}
+
+// Times sample_points_avx2 with and without pair gathers over a 128 x 128 plane under a rotated,
+// scaled grid: the best of 5 alternating runs of each (about a millisecond in all).
+inline bool measure_pair_gathers_faster_avx2() {
+  constexpr int64_t kSide = 128, kPoints = kSide * kSide;
+  SamplerShape s;
+  s.batch = 1;
+  s.channels = 1;
+  s.in_size[0] = s.in_size[1] = s.out_size[0] = s.out_size[1] = kSide;
+  s.in_points = s.out_points = kPoints;
+  s.padding = Padding::Zeros;
+  s.align_corners = false;
+  std::vector<float> plane(kPoints), grid(kPoints * 2), out(kPoints);
+  for (int64_t i = 0; i < kPoints; ++i) plane[i] = float(i % 251) / 251.0f;
+  const float turn = 0.3f, scale = 0.9f;
+  for (int64_t y = 0; y < kSide; ++y) {
+    for (int64_t x = 0; x < kSide; ++x) {
+      const float u = (2.0f * x + 1.0f) / kSide - 1.0f, v = (2.0f * y + 1.0f) / kSide - 1.0f;
+      grid[(y * kSide + x) * 2] = scale * (std::cos(turn) * u - std::sin(turn) * v);
+      grid[(y * kSide + x) * 2 + 1] = scale * (std::sin(turn) * u + std::cos(turn) * v);
+    }
+  }
+  const auto seconds = [&](bool pairs) {
+    const auto start = std::chrono::steady_clock::now();
+    for (int64_t p = 0; p < kPoints; p += 16) {
+      sample_points_avx2<false, 2>(grid.data() + p * 2, 16, s, plane.data(), kPoints, 1, out.data() + p, kPoints,
+                                   pairs);
+    }
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  double best_pairs = std::numeric_limits<double>::infinity(), best_single = best_pairs;
+  for (int run = 0; run < 5; ++run) {
+    best_pairs = std::min(best_pairs, seconds(true));
+    best_single = std::min(best_single, seconds(false));
+  }
+  return best_pairs < best_single;
+}
+
+// Whether the avx2 tiles' forwards load x-neighbour taps as 64-bit pairs (two 4-lane gathers for 16
+// values) or each tap by itself (one 8-lane gather for 8): the pairs were faster where gathers are
+// slow (AMD Zen), single taps 1.3x faster on an Intel Xeon, where the pairs' shuffles compete with
+// the gathers for one port. Measured once per process (ATTNKERNELS_PAIR_GATHERS=on or off forces it).
+inline bool pair_gathers_avx2() {
+  switch (path_choice_from_environment("ATTNKERNELS_PAIR_GATHERS")) {
+    case PathChoice::On: return true;
+    case PathChoice::Off: return false;
+    case PathChoice::Measure: break;
+  }
+  static const bool faster = measure_pair_gathers_faster_avx2();
+  return faster;
 }
 
 }  // namespace ATTNKERNELS_CPU_ISA
