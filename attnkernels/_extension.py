@@ -49,6 +49,14 @@ def cpu_capability() -> str | None:
     return CPU_CAPABILITY
 
 
+def cpu_sampling_paths() -> str | None:
+    """Which of the CPU sampling forwards' machine-dependent paths the variant in use takes, in words (pixel quads
+    or gathers for 3-4 channels, pair or single-tap gathers in the avx2 variant): each is measured once per process
+    on first use (this call measures them if no forward has) unless its environment variable forces it. None when
+    the compiled extension is not loaded."""
+    return None if _C is None else _C.cpu_sampling_paths()
+
+
 def _ops_with_kernel(dispatch_key: str) -> frozenset[str]:
     if _C is None:
         return frozenset()

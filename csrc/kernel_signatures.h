@@ -11,10 +11,13 @@
 #include <array>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace attnkernels {
 
+// Which of the sampling forwards' CPU-dependent paths this variant takes (measuring them if it has not yet).
+using SamplingPathsKernel = std::string();
 using GridSampleKernel = at::Tensor(const at::Tensor& input, const at::Tensor& grid, int64_t interpolation,
                                     int64_t padding, bool align_corners);
 using GridSampleBackwardKernel = std::tuple<at::Tensor, at::Tensor>(

@@ -9,6 +9,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 TORCH_LIBRARY(attnkernels, m) {
   // Sampling. input (N, C, [D,] H, W), grid (N, [Do,] Ho, Wo, 2 or 3).
   m.def("grid_sample(Tensor input, Tensor grid, int interpolation, int padding, bool align_corners) -> Tensor");
@@ -48,6 +50,7 @@ namespace cpu {
 // csrc/cpu/cpu_dispatch.cpp: the CPU variant in use, and why it is not the requested one ("" if it is).
 const char* cpu_capability_name();
 const char* cpu_capability_note();
+std::string cpu_sampling_paths();
 }  // namespace cpu
 }  // namespace attnkernels
 
@@ -59,17 +62,23 @@ PyObject* cpu_capability_note(PyObject*, PyObject*) {
   return PyUnicode_FromString(attnkernels::cpu::cpu_capability_note());
 }
 
+PyObject* cpu_sampling_paths(PyObject*, PyObject*) {
+  return PyUnicode_FromString(attnkernels::cpu::cpu_sampling_paths().c_str());
+}
+
 PyMethodDef module_methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS, "The CPU variant of the kernels in use: default, avx2, avx512 or avx512_bf16."},
     {"cpu_capability_note", cpu_capability_note, METH_NOARGS,
      "Why the variant in use is not the one ATTNKERNELS_CPU_CAPABILITY asks for ('' when it is)."},
+    {"cpu_sampling_paths", cpu_sampling_paths, METH_NOARGS,
+     "Which CPU-dependent paths the variant's sampling forwards take (measuring them on first use)."},
     {nullptr, nullptr, 0, nullptr},
 };
 
 }  // namespace
 
 // `import attnkernels._C` loads this library, which runs the registrations
-// above; the module's only members report the CPU variant in use.
+// above; the module's only members report the CPU variant in use and its paths.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   return PyModule_Create(&module_def);

@@ -84,6 +84,28 @@ def test_the_variant_in_use_is_reported():
     assert attnkernels.cpu_capability() == expected
 
 
+def test_the_sampling_paths_in_use_are_reported(monkeypatch):
+    """cpu_sampling_paths() names the paths the variant's sampling forwards take, and says when the environment
+    forces one (the bench header shows it)."""
+    paths = attnkernels._extension.cpu_sampling_paths()
+    capability = attnkernels.cpu_capability()
+    if capability == "default":
+        assert paths == "point by point (no vector tiles in this variant)"
+        return
+    assert re.fullmatch(r"3-4 channel fp32 forwards read (pixel quads|gathers) \((measured|forced by "
+                        r"ATTNKERNELS_PIXEL_QUADS)\); gathers load (x-neighbour pairs|single taps).*", paths), paths
+    monkeypatch.setenv("ATTNKERNELS_PIXEL_QUADS", "on")
+    assert "read pixel quads (forced by ATTNKERNELS_PIXEL_QUADS)" in attnkernels._extension.cpu_sampling_paths()
+    monkeypatch.setenv("ATTNKERNELS_PIXEL_QUADS", "off")
+    monkeypatch.setenv("ATTNKERNELS_PAIR_GATHERS", "off")
+    paths = attnkernels._extension.cpu_sampling_paths()
+    assert "read gathers (forced by ATTNKERNELS_PIXEL_QUADS)" in paths
+    if capability == "avx2":  # the only variant that chooses how its gathers load
+        assert paths.endswith("gathers load single taps (forced by ATTNKERNELS_PAIR_GATHERS)"), paths
+    else:
+        assert paths.endswith("gathers load x-neighbour pairs"), paths
+
+
 def test_unforced_the_best_variant_for_this_cpu_is_used():
     assert reported(run_python(REPORT, None)) == best_for_this_cpu()
 

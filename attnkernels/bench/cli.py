@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"attnkernels benchmark on {info['gpu'] or info['cpu']} ({device.type}), torch {info['torch']}, "
           f"{info['date']}" + (f", load average at start {load[0]}" if load else "")
           + f"; CPU kernels: the {info['cpu_capability']} variant (ATTNKERNELS_CPU_CAPABILITY), "
-          f"torch's: {info['torch_cpu_capability']}"
+          f"torch's: {info['torch_cpu_capability']}; sampling paths: {info['cpu_sampling_paths']}"
           + "".join(f", {name}={value}" for name, value in info["isa_caps"].items()) + ", "
           f"CPU vector flags: {info['cpu_flags'] or 'none found'}")
     print(report.format_limits(limits, device))

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import attnkernels
+from attnkernels import _extension
 
 from .cases import OPS
 from .runner import MachineLimits, Record
@@ -61,6 +62,7 @@ def machine_info(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "cpu_flags": " ".join(vector_flags) or None,
         "cpu_capability": attnkernels.cpu_capability(),
+        "cpu_sampling_paths": _extension.cpu_sampling_paths(),
         # torch's own CPU kernels, and the libraries under its matmuls, can be capped too
         # (to measure an AVX2 machine's code paths on an AVX-512 one): say what they ran.
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -238,6 +240,7 @@ def results_markdown(info: dict, limits: MachineLimits | None, records: Sequence
         "ATTNKERNELS_CPU_CAPABILITY names a lower one); "
         f"torch's CPU kernels: `{info.get('torch_cpu_capability')}`; "
         f"the CPU's vector flags: {info.get('cpu_flags') or 'none found'}",
+        f"- CPU sampling paths (measured once per process, or forced): {info.get('cpu_sampling_paths')}",
         f"- Versions: attnkernels {info['attnkernels']}, torch {info['torch']} (CUDA {info['cuda']}), "
         f"Triton {info['triton']}, Python {info['python']}",
     ]

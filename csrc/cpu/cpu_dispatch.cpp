@@ -156,6 +156,7 @@ struct ChosenVariant<Entry> {
 // For attnkernels.cpu_capability() (csrc/ops.cpp).
 const char* cpu_capability_name() { return name_of(selection().capability); }
 const char* cpu_capability_note() { return selection().note.c_str(); }
+std::string cpu_sampling_paths() { return selection().kernels.sampling_paths(); }
 bool bf16_dot_products_enabled() { return selection().capability >= Capability::Avx512Bf16; }
 bool amx_tiles_enabled() { return selection().capability == Capability::Avx512Amx; }
 

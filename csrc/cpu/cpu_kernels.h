@@ -20,6 +20,7 @@ struct CpuKernels {
   AffineGridSampleBackwardKernel* affine_grid_sample_backward = nullptr;
   AttentionKernel* attention = nullptr;
   AttentionBackwardKernel* attention_backward = nullptr;
+  SamplingPathsKernel* sampling_paths = nullptr;
 };
 
 // The entry points each kernel file defines in the variant namespace `isa`.
@@ -31,13 +32,15 @@ struct CpuKernels {
   AffineGridSampleBackwardKernel affine_grid_sample_backward_cpu; \
   AttentionKernel attention_cpu;                            \
   AttentionBackwardKernel attention_backward_cpu;           \
+  SamplingPathsKernel sampling_paths_cpu;                   \
   }
 
 // The table of the variant `isa`.
 #define ATTNKERNELS_CPU_KERNELS_OF(isa)                                                                    \
   CpuKernels {                                                                                             \
     &isa::grid_sample_cpu, &isa::grid_sample_backward_cpu, &isa::affine_grid_sample_cpu,                   \
-        &isa::affine_grid_sample_backward_cpu, &isa::attention_cpu, &isa::attention_backward_cpu           \
+        &isa::affine_grid_sample_backward_cpu, &isa::attention_cpu, &isa::attention_backward_cpu,          \
+        &isa::sampling_paths_cpu                                                                           \
   }
 
 // Whether the avx512 variant may use the AVX512-BF16 dot products (csrc/cpu/dot_tiles.h): the

@@ -219,6 +219,33 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& gr
   return {grad_input, grad_grid};
 }
 
+std::string sampling_paths_cpu() {
+#if defined(__AVX512F__) || defined(ATTNKERNELS_TILES_AVX2)
+  const auto how = [](const char* variable) {
+    return path_choice_from_environment(variable) == PathChoice::Measure ? "measured" : "forced by " + std::string(variable);
+  };
+  SamplerShape rgb;  // a shape whose forward could read quads
+  rgb.batch = 1;
+  rgb.channels = 3;
+  rgb.in_size[0] = rgb.in_size[1] = rgb.out_size[0] = rgb.out_size[1] = 8;
+  rgb.in_points = rgb.out_points = 64;
+  rgb.padding = Padding::Zeros;
+  rgb.align_corners = false;
+  std::string paths = std::string("3-4 channel fp32 forwards read ") +
+                      (forward_reads_quads<2>(rgb) ? "pixel quads" : "gathers") + " (" +
+                      how("ATTNKERNELS_PIXEL_QUADS") + ")";
+#if defined(ATTNKERNELS_TILES_AVX2)
+  paths += std::string("; gathers load ") + (pair_gathers_avx2() ? "x-neighbour pairs" : "single taps") + " (" +
+           how("ATTNKERNELS_PAIR_GATHERS") + ")";
+#else
+  paths += "; gathers load x-neighbour pairs";
+#endif
+  return paths;
+#else
+  return "point by point (no vector tiles in this variant)";
+#endif
+}
+
 }  // namespace ATTNKERNELS_CPU_ISA
 }  // namespace cpu
 }  // namespace attnkernels
