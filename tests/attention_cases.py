@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import attnkernels
+
 
 def torch_math(q, k, v, **kwargs):
     """torch's own math path (float64 exact, NaN where torch gives NaN)."""
@@ -89,3 +91,28 @@ CASES = {
     "float_mask_row": ((2,), 2, 2, 9, 13, 8, 8, "float_row", False),
     "gqa_mask": ((1,), 4, 2, 9, 13, 8, 8, "float_full", False),
 }
+
+
+def keep_pattern_after_seed(seed: int, shape: tuple[int, ...], p: float) -> torch.Tensor:
+    """The dropout keep pattern of shape (B, H, L, S) that the compiled kernels use for a call made right after
+    torch.manual_seed(seed): the kernel's seed is torch's next draw, its mask kernel_dropout_mask's."""
+    from attnkernels.reference.attention import kernel_dropout_mask
+
+    torch.manual_seed(seed)
+    return kernel_dropout_mask(int(torch.randint(0, 2**62, (1,), dtype=torch.int64)), shape, p)
+
+
+def cpu_dropout_on_identity(q: torch.Tensor, k: torch.Tensor, p: float, is_causal: bool = False):
+    """The cpu kernel's attention of q (1, H, L, E) and k (1, H, S, E) on value = identity with dropout p, and the
+    keep pattern kernel_dropout_mask draws from the same seed: returns (weights, keep), both (1, H, L, S). The
+    output is the dropped probabilities, so weights != 0 must be keep (causal: within the visible triangle) and the
+    kept weights P / (1 - p)."""
+    heads, L, S = q.shape[1], q.shape[2], k.shape[2]
+    identity = torch.eye(S, dtype=q.dtype).expand(1, heads, S, S)
+    torch.manual_seed(4)
+    weights = attnkernels.scaled_dot_product_attention(q, k, identity, dropout_p=p, is_causal=is_causal,
+                                                       backend="cpu")
+    keep = keep_pattern_after_seed(4, (1, heads, L, S), p)
+    if is_causal:
+        keep &= torch.ones(L, S, dtype=torch.bool).tril()
+    return weights, keep

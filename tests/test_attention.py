@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from attention_cases import CASES, gradients, make_inputs, make_mask, torch_math
+from attention_cases import CASES, gradients, keep_pattern_after_seed, make_inputs, make_mask, torch_math
 from backends import ON_CPU, device_backends, serve_or_skip
 from conftest import cpu_backends
 from hypothesis import given, settings
@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 
 import attnkernels
 from attnkernels import reference
-from attnkernels.reference.attention import kernel_dropout_mask
 
 BACKENDS = cpu_backends()
 PAIRS = device_backends(*ON_CPU)
@@ -255,9 +254,7 @@ def test_dropout_statistics(device, backend, p):
 def test_kernel_dropout_mask_mirror_matches_the_kernel():
     p, seed, L, S = 0.4, 3, 40, 50
     weights, _ = dropped_weights("cpu", p, seed, L, S, heads=2)
-    torch.manual_seed(seed)
-    drawn = int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
-    assert torch.equal(kernel_dropout_mask(drawn, (1, 2, L, S), p), weights != 0)
+    assert torch.equal(keep_pattern_after_seed(seed, (1, 2, L, S), p), weights != 0)
 
 
 # ----------------------------------------------------------------------------- torch integration

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import torch
 import torch.nn.functional as F
-from attention_cases import gradients
+from attention_cases import cpu_dropout_on_identity, gradients, keep_pattern_after_seed
 from cpp_unit import VARIANT_FLAGS, build_and_run, needs_gxx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,7 +22,6 @@ from test_dot_tiles import assert_flash_attention_rule, flash_delta_slack, resul
 
 import attnkernels
 from attnkernels import reference
-from attnkernels.reference.attention import kernel_dropout_mask
 
 needs_cpu_kernel = pytest.mark.skipif(not attnkernels._extension.has_extension(),
                                       reason="the compiled extension is not built")
@@ -118,14 +117,9 @@ def test_dropout_draws_the_kernels_mask(dtype):
     (kernel_dropout_mask, the one every query count draws), kept weights P / (1 - p)."""
     p, L, S, heads = 0.3, 3, 40, 2
     q, k, _, _ = _problem(9, 1, heads, heads, L, S, 8, 8, None)
-    identity = torch.eye(S, dtype=torch.float64).expand(1, heads, S, S)
-    torch.manual_seed(4)
-    weights = attnkernels.scaled_dot_product_attention(q.to(dtype), k.to(dtype), identity.to(dtype), dropout_p=p,
-                                                       backend="cpu")
-    torch.manual_seed(4)
-    drawn = int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
-    keep = kernel_dropout_mask(drawn, (1, heads, L, S), p)
+    weights, keep = cpu_dropout_on_identity(q.to(dtype), k.to(dtype), p)
     assert torch.equal(weights != 0, keep)
+    identity = torch.eye(S, dtype=torch.float64).expand(1, heads, S, S)
     probs = reference.scaled_dot_product_attention(q.to(dtype).double(), k.to(dtype).double(), identity)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(weights[keep].double(), probs[keep] / (1 - p), atol=tolerance, rtol=tolerance)
@@ -205,8 +199,7 @@ def test_gradients_with_dropout_and_a_float_mask(dtype, L):
     torch.manual_seed(21)
     out = attnkernels.scaled_dot_product_attention(*inputs[:3], attn_mask=inputs[3], dropout_p=p, backend="cpu")
     ours = [out, *gradients(out, inputs)]
-    torch.manual_seed(21)
-    keep = kernel_dropout_mask(int(torch.randint(0, 2**62, (1,), dtype=torch.int64)), (1, heads, L, S), p)
+    keep = keep_pattern_after_seed(21, (1, heads, L, S), p)
     exact_inputs = [t.detach().double().requires_grad_() for t in inputs]
     exact_out = _manual_attention(*exact_inputs, keep=keep, p=p)
     exact = [exact_out, *gradients(exact_out, exact_inputs)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from attention_cases import gradients, output_gradient
+from attention_cases import cpu_dropout_on_identity, gradients, output_gradient
 from cpp_unit import VARIANT_FLAGS, build_and_run, needs_gxx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -239,23 +239,14 @@ def test_tiles_dropout_keeps_the_kernels_mask(causal):
     """bfloat16 dropout on the tile products (AMX where the CPU has it: head dims of 32 and 64, many queries): with
     value = identity the output is the dropped probabilities, rounded to bfloat16 for the product; the keep pattern
     is the kernel's own mask (kernel_dropout_mask) and the kept weights P / (1 - p) to bfloat16's precision."""
-    from attnkernels.reference.attention import kernel_dropout_mask
-
     p, L, S, heads = 0.3, 70, 64, 2
     generator = torch.Generator().manual_seed(8)
     q = torch.randn(1, heads, L, 32, generator=generator, dtype=torch.float64).bfloat16()
     k = torch.randn(1, heads, S, 32, generator=generator, dtype=torch.float64).bfloat16()
-    identity = torch.eye(S, dtype=torch.bfloat16).expand(1, heads, S, S)
-    torch.manual_seed(4)
-    weights = attnkernels.scaled_dot_product_attention(q, k, identity, dropout_p=p, is_causal=causal, backend="cpu")
-    torch.manual_seed(4)
-    drawn = int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
-    keep = kernel_dropout_mask(drawn, (1, heads, L, S), p)
+    weights, keep = cpu_dropout_on_identity(q, k, p, causal)
     scores = (q.double() @ k.double().transpose(-1, -2)) / 32**0.5
     if causal:
-        visible = torch.ones(L, S, dtype=torch.bool).tril()
-        keep &= visible
-        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
     assert torch.equal(weights != 0, keep)
     probs = scores.softmax(-1)
     torch.testing.assert_close(weights[keep].double(), probs[keep] / (1 - p), atol=1e-2, rtol=1e-2)
