@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from .._dispatch import call_op
 from ..reference import attention as reference
 from ._devices import check_one_device
 from ._names import op_name
@@ -117,7 +118,8 @@ def register_attention(forward, backward, *, dropout_mask: DropoutMask) -> None:
                   ctx.needs_input_grad[3] and mask_has_grad]
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        grads = backward(grad_out, grad_lse, query, key, value, attn_mask, out, lse, *ctx.options, seed, wanted)
+        args = (grad_out, grad_lse, query, key, value, attn_mask, out, lse, *ctx.options, seed, wanted)
+        grads = call_op(backward, args, (grad_out, grad_lse, query, key, value, attn_mask, out, lse))
         grad_q, grad_k, grad_v, grad_mask = (g if w else None for g, w in zip(grads, wanted, strict=True))
         if grad_mask is not None:
             grad_mask = grad_mask.to(attn_mask.dtype)

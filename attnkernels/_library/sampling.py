@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import reference
+from .._dispatch import call_op
 from .._gradients import empty_gradient_like, second_order
 from .._modes import INTERPOLATION_NAMES, PADDING_NAMES
 from ._devices import check_one_device
@@ -72,7 +73,8 @@ def register_sampler(family: str, forward, backward) -> None:
     def backward_of_forward(ctx, grad_output):
         input, coords = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
-        grad_input, grad_coords = backward(grad_output, input, coords, *ctx.options, mask)
+        grad_input, grad_coords = call_op(backward, (grad_output, input, coords, *ctx.options, mask),
+                                          (grad_output, input, coords))
         return (grad_input if mask[0] else None, grad_coords if mask[1] else None, *(None,) * len(ctx.options))
 
     def backward_setup(ctx, inputs, output):

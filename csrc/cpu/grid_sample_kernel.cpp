@@ -72,7 +72,18 @@ bool try_planar_backward(const at::Tensor& grad_output, const at::Tensor& input,
   const bool quad_layout = dims == 2 ? quads_apply<2>(s) : quads_apply<3>(s);
   const int64_t grad_elems = quad_layout ? (dims == 2 ? quad_buffer_size<2>(s) : quad_buffer_size<3>(s)) : in_elems;
   const int64_t copies = private_copies(total, grad_elems * int64_t(sizeof(float)), need_input);
-  at::Tensor private_grads = need_input ? at::zeros({copies * grad_elems}, planar.options()) : at::Tensor();
+  // When the point ranges split the batch into whole items, no two ranges scatter into the same item: they
+  // share one buffer (as torch's kernel, which splits by item), with no extra copies to zero and sum.
+  const bool shared_buffer = s.batch % copies == 0;
+  const int64_t buffers = shared_buffer ? 1 : copies;
+  // An fp32 planar gradient in one buffer is the input gradient itself.
+  const bool direct = need_input && buffers == 1 && !quad_layout && input.scalar_type() == at::kFloat;
+  at::Tensor private_grads;
+  if (direct) {
+    private_grads = at::zeros(input.sizes(), planar.options().memory_format(at::MemoryFormat::Contiguous));
+  } else if (need_input) {
+    private_grads = at::zeros({buffers * grad_elems}, planar.options());
+  }
   grad_grid = need_grid ? at::empty(grid.sizes(), points.options()) : at::empty({0}, grid.options());
   dispatch_dims(dims, [&](auto dims_tag) {
     constexpr int D = decltype(dims_tag)::value;
@@ -85,18 +96,21 @@ bool try_planar_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                             go.const_data_ptr<float>(),
                                             need_input ? private_grads.mutable_data_ptr<float>() : nullptr,
                                             need_grid ? grad_grid.mutable_data_ptr<float>() : nullptr, copies,
-                                            quad_layout, quads.defined() ? quads.const_data_ptr<float>() : nullptr);
+                                            quad_layout, quads.defined() ? quads.const_data_ptr<float>() : nullptr,
+                                            shared_buffer);
   });
   grad_input = at::empty({0}, input.options());
-  if (need_input) {
+  if (direct) {
+    grad_input = in_gradient_layout(private_grads, input);
+  } else if (need_input) {
     // Only planar_dtype's three types reach here.
     const auto reduce = [&](auto type_tag) {
       using scalar_t = decltype(type_tag);
       if (quad_layout) {
-        return dims == 2 ? reduce_quad_private_grads<scalar_t, 2>(private_grads.const_data_ptr<float>(), copies, s, input)
-                         : reduce_quad_private_grads<scalar_t, 3>(private_grads.const_data_ptr<float>(), copies, s, input);
+        return dims == 2 ? reduce_quad_private_grads<scalar_t, 2>(private_grads.const_data_ptr<float>(), buffers, s, input)
+                         : reduce_quad_private_grads<scalar_t, 3>(private_grads.const_data_ptr<float>(), buffers, s, input);
       }
-      return reduce_planar_private_grads<scalar_t>(private_grads.const_data_ptr<float>(), copies, input);
+      return reduce_planar_private_grads<scalar_t>(private_grads.const_data_ptr<float>(), buffers, input);
     };
     switch (input.scalar_type()) {
       case at::kHalf: grad_input = reduce(at::Half{}); break;

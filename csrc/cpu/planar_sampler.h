@@ -235,7 +235,8 @@ inline void planar_point_backward(const float* point, const SamplerShape& one_ch
 
 // The backward over `copies` contiguous ranges of point groups: range r
 // scatters weight * grad_output into its own (N, C, in_points) slice of
-// `private_grads` (zeroed; when given), and every point's d loss / d coordinate
+// `private_grads` (zeroed; when given), or with `shared_buffer` (the ranges
+// hold whole batch items: N % copies == 0) all into the one slice, and every point's d loss / d coordinate
 // goes to `grad_grid` (N, out_points, Dims) when given. `input`, `grid` and
 // `grad_out` contiguous. With `quad_layout` (quads_apply), each slice of
 // `private_grads` is in the quad layout (quad_buffer_size floats), and the
@@ -244,7 +245,7 @@ inline void planar_point_backward(const float* point, const SamplerShape& one_ch
 template <int Dims, NanPolicy policy>
 void planar_backward(const SamplerShape& s, const float* input, const float* grid, const float* grad_out,
                      float* private_grads, float* grad_grid, int64_t copies, bool quad_layout = false,
-                     const float* quads = nullptr) {
+                     const float* quads = nullptr, bool shared_buffer = false) {
   using Tile = PointTile<float, Dims>;
   constexpr int L = Tile::kLanes;
   const int64_t P = s.out_points;
@@ -260,7 +261,7 @@ void planar_backward(const SamplerShape& s, const float* input, const float* gri
     Tile tile;
     float tile_grads[kPlanarMaxChannels * L];
     for (int64_t r = first; r < last; ++r) {
-      float* grads = private_grads == nullptr ? nullptr : private_grads + r * per_copy;
+      float* grads = private_grads == nullptr ? nullptr : private_grads + (shared_buffer ? 0 : r * per_copy);
       const int64_t first_group = groups * r / copies, end_group = groups * (r + 1) / copies;
       GroupWalk walk(first_group, groups_per_item);
       for (int64_t group = first_group; group < end_group; ++group) {
