@@ -149,8 +149,11 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
       }
       const at::Tensor planar = input.contiguous();
       const at::Tensor go = grad_output.contiguous();
+      // Row ranges of whole batch items never scatter into the same item: they share one buffer.
+      const bool shared_buffer = s.batch % copies == 0;
+      const int64_t buffers = shared_buffer ? 1 : copies;
       at::Tensor private_grads =
-          need_input ? at::zeros({copies * grad_elems}, input.options().dtype(acc_type)) : at::Tensor();
+          need_input ? at::zeros({buffers * grad_elems}, input.options().dtype(acc_type)) : at::Tensor();
       run_rows(dims, s.padding, [&](auto dims_tag, auto border_tag) {
         constexpr int D = decltype(dims_tag)::value;
         AffineCoords<acc_t, D> coords(theta_acc.const_data_ptr<acc_t>(), s.batch, s.out_size, align_corners,
@@ -165,19 +168,19 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
         affine_rows_backward<scalar_t, acc_t, D, decltype(border_tag)::value>(
             s, planar.const_data_ptr<scalar_t>(), coords, go.const_data_ptr<scalar_t>(),
             need_input ? private_grads.mutable_data_ptr<acc_t>() : nullptr, need_theta, copies, quad_layout,
-            quads.defined() ? quads.const_data_ptr<float>() : nullptr);
+            quads.defined() ? quads.const_data_ptr<float>() : nullptr, shared_buffer);
         if (need_theta) coords.reduce_grad(copies, grad_theta.mutable_data_ptr<scalar_t>());
       });
       if (need_input && quad_layout) {
         if constexpr (std::is_same_v<scalar_t, float>) {
           grad_input = dims == 2
-                           ? reduce_quad_private_grads<float, 2>(private_grads.const_data_ptr<float>(), copies, s, input)
-                           : reduce_quad_private_grads<float, 3>(private_grads.const_data_ptr<float>(), copies, s, input);
+                           ? reduce_quad_private_grads<float, 2>(private_grads.const_data_ptr<float>(), buffers, s, input)
+                           : reduce_quad_private_grads<float, 3>(private_grads.const_data_ptr<float>(), buffers, s, input);
         }
       } else if (need_input && scatter_channels_last(s.channels)) {
-        grad_input = reduce_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), copies, input, s);
+        grad_input = reduce_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), buffers, input, s);
       } else if (need_input) {
-        grad_input = reduce_planar_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), copies, input);
+        grad_input = reduce_planar_private_grads<scalar_t>(private_grads.const_data_ptr<acc_t>(), buffers, input);
       }
       return;
     }

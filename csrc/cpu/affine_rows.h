@@ -171,10 +171,12 @@ void affine_rows_forward(const SamplerShape& s, const scalar_t* input, const Aff
 // theta gradient to slot r of `coords`. With `quad_layout` (fp32, quads_apply)
 // the slices are in the quad layout (quad_buffer_size floats) and the tiles read
 // the input from `quads` (packed by pack_quads; needed only with `need_theta`).
+// With `shared_buffer` (the ranges hold whole batch items: N % copies == 0)
+// every range scatters into the one slice.
 template <typename scalar_t, typename acc_t, int Dims, bool border>
 void affine_rows_backward(const SamplerShape& s, const scalar_t* input, AffineCoords<acc_t, Dims>& coords,
                           const scalar_t* grad_out, acc_t* private_grads, bool need_theta, int64_t copies,
-                          bool quad_layout = false, const float* quads = nullptr) {
+                          bool quad_layout = false, const float* quads = nullptr, bool shared_buffer = false) {
   using Tile = PointTile<acc_t, Dims>;
   constexpr int L = Tile::kLanes;
   constexpr int kCols = Dims + 1;
@@ -192,7 +194,7 @@ void affine_rows_backward(const SamplerShape& s, const scalar_t* input, AffineCo
     Tile tile;
     std::vector<acc_t> tile_grads(C * L);  // grad_output of the tile, channel-major
     for (int64_t r = first; r < last; ++r) {
-      acc_t* grads = private_grads == nullptr ? nullptr : private_grads + r * per_copy;
+      acc_t* grads = private_grads == nullptr ? nullptr : private_grads + (shared_buffer ? 0 : r * per_copy);
       for (int64_t row = rows * r / copies; row < rows * (r + 1) / copies; ++row) {
         const int64_t n = row / rows_per_item;
         const int64_t within = row - n * rows_per_item;
