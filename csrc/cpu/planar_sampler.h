@@ -24,7 +24,6 @@
 #include <ATen/ops/arange.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -141,45 +140,20 @@ void planar_forward(const SamplerShape& s, const float* input, const float* grid
 // the faster. ATTNKERNELS_PIXEL_QUADS=on or off forces either (read at every call: tests, tuning).
 // The backward always reads and scatters quads (faster or even on both CPUs).
 
-// Times the quad and gather forwards on a 2 x 3 x 128 x 128 image under a rotated, scaled grid (the
-// quads' time includes allocating and packing them, as a call pays it); the best of 5 alternating runs
-// of each.
+// Times the quad and gather forwards on a 2 x 3 x 128 x 128 image (calibration_grid; the quads' time
+// includes allocating and packing them, as a call pays it).
 inline bool measure_quads_faster() {
   constexpr int64_t kBatch = 2, kSide = 128;
-  SamplerShape s;
-  s.batch = kBatch;
-  s.channels = 3;
-  s.in_size[0] = s.in_size[1] = s.out_size[0] = s.out_size[1] = kSide;
-  s.in_points = s.out_points = kSide * kSide;
-  s.padding = Padding::Zeros;
-  s.align_corners = false;
+  const SamplerShape s = calibration_shape(kBatch, 3, kSide);
   if (!quads_apply<2>(s)) return false;
   const at::Tensor input = at::arange(kBatch * 3 * kSide * kSide, at::kFloat).remainder_(251.0).div_(251.0);
-  std::vector<float> grid(kBatch * kSide * kSide * 2), out(input.numel());
-  const float turn = 0.3f, scale = 0.9f;
-  for (int64_t n = 0; n < kBatch; ++n) {
-    for (int64_t y = 0; y < kSide; ++y) {
-      for (int64_t x = 0; x < kSide; ++x) {
-        const float u = (2.0f * x + 1.0f) / kSide - 1.0f, v = (2.0f * y + 1.0f) / kSide - 1.0f;
-        float* point = grid.data() + ((n * kSide + y) * kSide + x) * 2;
-        point[0] = scale * (std::cos(turn) * u - std::sin(turn) * v);
-        point[1] = scale * (std::sin(turn) * u + std::cos(turn) * v);
-      }
-    }
-  }
-  const auto seconds = [&](bool with_quads) {
-    const auto start = std::chrono::steady_clock::now();
+  const std::vector<float> grid = calibration_grid(kBatch, kSide);
+  std::vector<float> out(input.numel());
+  return first_path_faster([&](bool with_quads) {
     const at::Tensor quads = with_quads ? packed_quads<2>(s, input) : at::Tensor();
     planar_forward<2, nan_policy_for<2>()>(s, input.const_data_ptr<float>(), grid.data(), out.data(),
                                            with_quads ? quads.const_data_ptr<float>() : nullptr);
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  };
-  double best_quads = std::numeric_limits<double>::infinity(), best_gathers = best_quads;
-  for (int run = 0; run < 5; ++run) {
-    best_quads = std::min(best_quads, seconds(true));
-    best_gathers = std::min(best_gathers, seconds(false));
-  }
-  return best_quads < best_gathers;
+  });
 }
 
 // measure_quads_faster's answer, measured once (for 2-D and 3-D alike).
@@ -191,13 +165,7 @@ inline bool quads_faster_here() {
 // Whether this forward reads quads (quads_apply<Dims>(s) checked here too).
 template <int Dims>
 inline bool forward_reads_quads(const SamplerShape& s) {
-  if (!quads_apply<Dims>(s)) return false;
-  switch (path_choice_from_environment("ATTNKERNELS_PIXEL_QUADS")) {
-    case PathChoice::On: return true;
-    case PathChoice::Off: return false;
-    case PathChoice::Measure: break;
-  }
-  return quads_faster_here();
+  return quads_apply<Dims>(s) && path_taken("ATTNKERNELS_PIXEL_QUADS", &quads_faster_here);
 }
 
 // The backward of one point that the tiles decline, with the general sampler's

@@ -5,11 +5,14 @@
 
 #include "../cpu_isa.h"
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -52,6 +55,63 @@ inline PathChoice path_choice_from_environment(const char* variable) {
   if (std::strcmp(value, "on") == 0) return PathChoice::On;
   if (std::strcmp(value, "off") == 0) return PathChoice::Off;
   TORCH_CHECK(false, variable, " must be 'on', 'off' or 'auto' (unset: auto), got '", value, "'");
+}
+
+// Whether the path `variable` names is taken: forced by it, else `measured()`'s answer (which keeps
+// it in a function-local static: measured once per process and variant).
+inline bool path_taken(const char* variable, bool (*measured)()) {
+  switch (path_choice_from_environment(variable)) {
+    case PathChoice::On: return true;
+    case PathChoice::Off: return false;
+    case PathChoice::Measure: break;
+  }
+  return measured();
+}
+
+// The calibration problem of the measured choices: `batch` items of `channels` side x side fp32 planes
+// (zeros padding, corners not aligned), sampled at the same size under a grid rotated by 0.3 rad and
+// scaled by 0.9 (N, side, side, 2).
+inline SamplerShape calibration_shape(int64_t batch, int64_t channels, int64_t side) {
+  SamplerShape s;
+  s.batch = batch;
+  s.channels = channels;
+  s.in_size[0] = s.in_size[1] = s.out_size[0] = s.out_size[1] = side;
+  s.in_points = s.out_points = side * side;
+  s.padding = Padding::Zeros;
+  s.align_corners = false;
+  return s;
+}
+
+inline std::vector<float> calibration_grid(int64_t batch, int64_t side) {
+  std::vector<float> grid(batch * side * side * 2);
+  const float turn = 0.3f, scale = 0.9f;
+  for (int64_t n = 0; n < batch; ++n) {
+    for (int64_t y = 0; y < side; ++y) {
+      for (int64_t x = 0; x < side; ++x) {
+        const float u = (2.0f * x + 1.0f) / side - 1.0f, v = (2.0f * y + 1.0f) / side - 1.0f;
+        float* point = grid.data() + ((n * side + y) * side + x) * 2;
+        point[0] = scale * (std::cos(turn) * u - std::sin(turn) * v);
+        point[1] = scale * (std::sin(turn) * u + std::cos(turn) * v);
+      }
+    }
+  }
+  return grid;
+}
+
+// Whether run(true) is faster than run(false): the best of 5 alternating timed runs of each.
+template <typename Run>
+bool first_path_faster(Run&& run) {
+  const auto seconds = [&](bool first) {
+    const auto start = std::chrono::steady_clock::now();
+    run(first);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  double best_first = std::numeric_limits<double>::infinity(), best_second = best_first;
+  for (int repeat = 0; repeat < 5; ++repeat) {
+    best_first = std::min(best_first, seconds(true));
+    best_second = std::min(best_second, seconds(false));
+  }
+  return best_first < best_second;
 }
 
 }  // namespace ATTNKERNELS_CPU_ISA

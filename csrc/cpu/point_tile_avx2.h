@@ -18,10 +18,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <chrono>
-#include <cmath>
 #include <cstdint>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -398,41 +395,20 @@ inline void sample_row_avx2(const float* t, const float* bx, float by, float bz,
   sample_coords_avx2<border>(coords, s, planes, plane_size, channels, dst, dst_stride, count, pair_gathers);
 }
 
-// Times sample_points_avx2 with and without pair gathers over a 128 x 128 plane under a rotated,
-// scaled grid: the best of 5 alternating runs of each (about a millisecond in all).
+// Times sample_points_avx2 with and without pair gathers over a 128 x 128 plane (calibration_grid;
+// about a millisecond in all).
 inline bool measure_pair_gathers_faster_avx2() {
   constexpr int64_t kSide = 128, kPoints = kSide * kSide;
-  SamplerShape s;
-  s.batch = 1;
-  s.channels = 1;
-  s.in_size[0] = s.in_size[1] = s.out_size[0] = s.out_size[1] = kSide;
-  s.in_points = s.out_points = kPoints;
-  s.padding = Padding::Zeros;
-  s.align_corners = false;
-  std::vector<float> plane(kPoints), grid(kPoints * 2), out(kPoints);
+  const SamplerShape s = calibration_shape(1, 1, kSide);
+  const std::vector<float> grid = calibration_grid(1, kSide);
+  std::vector<float> plane(kPoints), out(kPoints);
   for (int64_t i = 0; i < kPoints; ++i) plane[i] = float(i % 251) / 251.0f;
-  const float turn = 0.3f, scale = 0.9f;
-  for (int64_t y = 0; y < kSide; ++y) {
-    for (int64_t x = 0; x < kSide; ++x) {
-      const float u = (2.0f * x + 1.0f) / kSide - 1.0f, v = (2.0f * y + 1.0f) / kSide - 1.0f;
-      grid[(y * kSide + x) * 2] = scale * (std::cos(turn) * u - std::sin(turn) * v);
-      grid[(y * kSide + x) * 2 + 1] = scale * (std::sin(turn) * u + std::cos(turn) * v);
-    }
-  }
-  const auto seconds = [&](bool pairs) {
-    const auto start = std::chrono::steady_clock::now();
+  return first_path_faster([&](bool pairs) {
     for (int64_t p = 0; p < kPoints; p += 16) {
       sample_points_avx2<false, 2>(grid.data() + p * 2, 16, s, plane.data(), kPoints, 1, out.data() + p, kPoints,
                                    pairs);
     }
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  };
-  double best_pairs = std::numeric_limits<double>::infinity(), best_single = best_pairs;
-  for (int run = 0; run < 5; ++run) {
-    best_pairs = std::min(best_pairs, seconds(true));
-    best_single = std::min(best_single, seconds(false));
-  }
-  return best_pairs < best_single;
+  });
 }
 
 // Whether the avx2 tiles' forwards load x-neighbour taps as 64-bit pairs (two 4-lane gathers for 16
@@ -440,13 +416,10 @@ inline bool measure_pair_gathers_faster_avx2() {
 // slow (AMD Zen), single taps 1.3x faster on an Intel Xeon, where the pairs' shuffles compete with
 // the gathers for one port. Measured once per process (ATTNKERNELS_PAIR_GATHERS=on or off forces it).
 inline bool pair_gathers_avx2() {
-  switch (path_choice_from_environment("ATTNKERNELS_PAIR_GATHERS")) {
-    case PathChoice::On: return true;
-    case PathChoice::Off: return false;
-    case PathChoice::Measure: break;
-  }
-  static const bool faster = measure_pair_gathers_faster_avx2();
-  return faster;
+  return path_taken("ATTNKERNELS_PAIR_GATHERS", [] {
+    static const bool faster = measure_pair_gathers_faster_avx2();
+    return faster;
+  });
 }
 
 }  // namespace ATTNKERNELS_CPU_ISA
