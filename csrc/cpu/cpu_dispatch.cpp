@@ -22,6 +22,7 @@
 
 #include <cctype>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <utility>
 
@@ -152,6 +153,14 @@ struct ChosenVariant<Entry> {
 };
 
 }  // namespace
+
+PathChoice path_choice_from_environment(const char* variable) {
+  const char* value = std::getenv(variable);
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return PathChoice::Measure;
+  if (std::strcmp(value, "on") == 0) return PathChoice::On;
+  if (std::strcmp(value, "off") == 0) return PathChoice::Off;
+  TORCH_CHECK(false, variable, " must be 'on', 'off' or 'auto' (unset: auto), got '", value, "'");
+}
 
 // For attnkernels.cpu_capability() (csrc/ops.cpp).
 const char* cpu_capability_name() { return name_of(selection().capability); }

@@ -11,6 +11,14 @@
 namespace attnkernels {
 namespace cpu {
 
+// A choice between two code paths that give the same bits and whose speed depends on the CPU:
+// measured once per process, or forced by an environment variable set to "on" or "off" ("auto" or
+// unset: measured). Read at every kernel call (tests, tuning), once per call. Defined in
+// cpu_dispatch.cpp, compiled once for every CPU: its error message's inline helpers must not be
+// instantiated in a variant's translation unit, where the linker could keep an AVX copy for all.
+enum class PathChoice { Measure, On, Off };
+PathChoice path_choice_from_environment(const char* variable);
+
 // One variant's hot kernels. Plain function pointers: this type has no inline
 // code, so it is the same in every variant's translation unit.
 struct CpuKernels {

@@ -238,13 +238,7 @@ std::string sampling_paths_cpu() {
   const auto how = [](const char* variable) {
     return path_choice_from_environment(variable) == PathChoice::Measure ? "measured" : "forced by " + std::string(variable);
   };
-  SamplerShape rgb;  // a shape whose forward could read quads
-  rgb.batch = 1;
-  rgb.channels = 3;
-  rgb.in_size[0] = rgb.in_size[1] = rgb.out_size[0] = rgb.out_size[1] = 8;
-  rgb.in_points = rgb.out_points = 64;
-  rgb.padding = Padding::Zeros;
-  rgb.align_corners = false;
+  const SamplerShape rgb = calibration_shape(1, 3, 8);  // a forward that could read quads
   std::string paths = std::string("3-4 channel fp32 forwards read ") +
                       (forward_reads_quads<2>(rgb) ? "pixel quads" : "gathers") + " (" +
                       how("ATTNKERNELS_PIXEL_QUADS") + ")";

@@ -8,8 +8,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -19,9 +17,11 @@
 #endif
 
 #include "../sampler_shape.h"
+#include "cpu_kernels.h"
 
 namespace attnkernels {
 namespace cpu {
+
 inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
 // Calls group(c0, std::integral_constant<int, K>{}) for the channels in groups of
@@ -42,19 +42,6 @@ ATTNKERNELS_ALWAYS_INLINE void for_channel_groups(int64_t channels, Group&& grou
   if constexpr (kGroup > 1) {
     if (left == 1) group(c0, std::integral_constant<int, 1>{});
   }
-}
-
-// A choice between two code paths that give the same bits and whose speed depends on the CPU:
-// measured once per process, or forced by an environment variable set to "on" or "off" ("auto" or
-// unset: measured). Read at every kernel call (tests, tuning), once per call.
-enum class PathChoice { Measure, On, Off };
-
-inline PathChoice path_choice_from_environment(const char* variable) {
-  const char* value = std::getenv(variable);
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return PathChoice::Measure;
-  if (std::strcmp(value, "on") == 0) return PathChoice::On;
-  if (std::strcmp(value, "off") == 0) return PathChoice::Off;
-  TORCH_CHECK(false, variable, " must be 'on', 'off' or 'auto' (unset: auto), got '", value, "'");
 }
 
 // Whether the path `variable` names is taken: forced by it, else `measured()`'s answer (which keeps
