@@ -149,8 +149,7 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
       }
       const at::Tensor planar = input.contiguous();
       const at::Tensor go = grad_output.contiguous();
-      // Row ranges of whole batch items never scatter into the same item: they share one buffer.
-      const bool shared_buffer = s.batch % copies == 0;
+      const bool shared_buffer = ranges_hold_whole_items(s.batch, copies);
       const int64_t buffers = shared_buffer ? 1 : copies;
       at::Tensor private_grads =
           need_input ? at::zeros({buffers * grad_elems}, input.options().dtype(acc_type)) : at::Tensor();

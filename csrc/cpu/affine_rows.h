@@ -171,8 +171,8 @@ void affine_rows_forward(const SamplerShape& s, const scalar_t* input, const Aff
 // theta gradient to slot r of `coords`. With `quad_layout` (fp32, quads_apply)
 // the slices are in the quad layout (quad_buffer_size floats) and the tiles read
 // the input from `quads` (packed by pack_quads; needed only with `need_theta`).
-// With `shared_buffer` (the ranges hold whole batch items: N % copies == 0)
-// every range scatters into the one slice.
+// With `shared_buffer` (ranges_hold_whole_items) every range scatters into the
+// one slice.
 template <typename scalar_t, typename acc_t, int Dims, bool border>
 void affine_rows_backward(const SamplerShape& s, const scalar_t* input, AffineCoords<acc_t, Dims>& coords,
                           const scalar_t* grad_out, acc_t* private_grads, bool need_theta, int64_t copies,

@@ -72,9 +72,8 @@ bool try_planar_backward(const at::Tensor& grad_output, const at::Tensor& input,
   const bool quad_layout = dims == 2 ? quads_apply<2>(s) : quads_apply<3>(s);
   const int64_t grad_elems = quad_layout ? (dims == 2 ? quad_buffer_size<2>(s) : quad_buffer_size<3>(s)) : in_elems;
   const int64_t copies = private_copies(total, grad_elems * int64_t(sizeof(float)), need_input);
-  // When the point ranges split the batch into whole items, no two ranges scatter into the same item: they
-  // share one buffer (as torch's kernel, which splits by item), with no extra copies to zero and sum.
-  const bool shared_buffer = s.batch % copies == 0;
+  // No extra copies to zero and sum where the ranges share one buffer.
+  const bool shared_buffer = ranges_hold_whole_items(s.batch, copies);
   const int64_t buffers = shared_buffer ? 1 : copies;
   // An fp32 planar gradient in one buffer is the input gradient itself.
   const bool direct = need_input && buffers == 1 && !quad_layout && input.scalar_type() == at::kFloat;

@@ -26,8 +26,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -203,9 +201,9 @@ inline void planar_point_backward(const float* point, const SamplerShape& one_ch
 
 // The backward over `copies` contiguous ranges of point groups: range r
 // scatters weight * grad_output into its own (N, C, in_points) slice of
-// `private_grads` (zeroed; when given), or with `shared_buffer` (the ranges
-// hold whole batch items: N % copies == 0) all into the one slice, and every point's d loss / d coordinate
-// goes to `grad_grid` (N, out_points, Dims) when given. `input`, `grid` and
+// `private_grads` (zeroed; when given), or with `shared_buffer`
+// (ranges_hold_whole_items) all into the one slice, and every point's d loss /
+// d coordinate goes to `grad_grid` (N, out_points, Dims) when given. `input`, `grid` and
 // `grad_out` contiguous. With `quad_layout` (quads_apply), each slice of
 // `private_grads` is in the quad layout (quad_buffer_size floats), and the
 // tiles read the input from `quads` (packed by pack_quads; needed only with

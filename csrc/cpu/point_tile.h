@@ -21,7 +21,6 @@
 
 namespace attnkernels {
 namespace cpu {
-
 inline namespace ATTNKERNELS_CPU_ISA {  // see cpu_isa.h
 
 // Calls group(c0, std::integral_constant<int, K>{}) for the channels in groups of
@@ -348,7 +347,6 @@ struct PointTile {
     for (int tap = 0; tap < kTaps; ++tap) tap_vector_avx512(axes, tap, taps);
     sample_vectors_avx512(taps, planes, plane_size, channels, dst, dst_stride, count);
   }
-
 
   // The normalised coordinates of the first `count` (1..kLanes) points stored interleaved
   // (x, y[, z]) from `points` (a grid_sample grid), one vector per axis, zero past `count`.

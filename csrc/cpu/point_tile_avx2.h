@@ -83,7 +83,6 @@ ATTNKERNELS_ALWAYS_INLINE void gather_pair_avx2(const PointTile<float, Dims>& ti
 
 // Per axis of 8 lanes: the low tap's index, and for the low and high tap the offset, weight,
 // d weight and whether it is inside (all ones or zero).
-template <int Dims>
 struct AxisVectors8 {
   __m256i low;
   __m256i offset[2];
@@ -105,7 +104,7 @@ struct TapVectors8 {
 // The AxisVectors8 of one half's normalised coordinates, coords[axis].
 template <bool border, int Dims>
 ATTNKERNELS_ALWAYS_INLINE void axis_vectors_avx2(const __m256 (&coords)[Dims], const SamplerShape& s,
-                                                 AxisVectors8<Dims> (&axes)[Dims]) {
+                                                 AxisVectors8 (&axes)[Dims]) {
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 two = _mm256_set1_ps(2.0f);  // GCC divides by it as a multiply by 0.5 (exact, the same result)
   const __m256 zero = _mm256_setzero_ps();
@@ -136,7 +135,7 @@ ATTNKERNELS_ALWAYS_INLINE void axis_vectors_avx2(const __m256 (&coords)[Dims], c
     const __m256i i1 = _mm256_add_epi32(i0, ones);
     const __m256 frac = _mm256_sub_ps(x, x0);
     const __m256i vstride = _mm256_set1_epi32(stride);
-    AxisVectors8<Dims>& axis = axes[r];
+    AxisVectors8& axis = axes[r];
     axis.low = i0;
     axis.offset[0] = r == 0 ? i0 : _mm256_mullo_epi32(i0, vstride);
     axis.offset[1] = r == 0 ? i1 : _mm256_mullo_epi32(i1, vstride);
@@ -155,7 +154,7 @@ ATTNKERNELS_ALWAYS_INLINE void axis_vectors_avx2(const __m256 (&coords)[Dims], c
 
 // Tap `tap` (x fastest) of the axes: offsets summed, inside on every axis, weights multiplied in axis order.
 template <int Dims>
-ATTNKERNELS_ALWAYS_INLINE void tap_vector_avx2(const AxisVectors8<Dims> (&axes)[Dims], int tap,
+ATTNKERNELS_ALWAYS_INLINE void tap_vector_avx2(const AxisVectors8 (&axes)[Dims], int tap,
                                                TapVectors8<Dims>& taps) {
   const int k[3] = {tap & 1, (tap >> 1) & 1, (tap >> 2) & 1};
   __m256i off = axes[0].offset[k[0]];
@@ -180,7 +179,7 @@ inline void taps_from_coords_avx2(PointTile<float, Dims>& tile, const __m256 (&c
   for (int h = 0; h < 2; ++h) {
     __m256 half_coords[Dims];
     for (int r = 0; r < Dims; ++r) half_coords[r] = coords[r][h];
-    AxisVectors8<Dims> axes[Dims];
+    AxisVectors8 axes[Dims];
     axis_vectors_avx2<border>(half_coords, s, axes);
     TapVectors8<Dims> taps;
     for (int tap = 0; tap < PointTile<float, Dims>::kTaps; ++tap) {
@@ -363,7 +362,7 @@ ATTNKERNELS_ALWAYS_INLINE void sample_coords_avx2(const __m256 (&coords)[Dims][2
   for (int h = 0; h < 2 && 8 * h < count; ++h) {
     __m256 half_coords[Dims];
     for (int r = 0; r < Dims; ++r) half_coords[r] = coords[r][h];
-    AxisVectors8<Dims> axes[Dims];
+    AxisVectors8 axes[Dims];
     axis_vectors_avx2<border>(half_coords, s, axes);
     TapVectors8<Dims> taps;
     for (int tap = 0; tap < TapVectors8<Dims>::kTaps; ++tap) tap_vector_avx2(axes, tap, taps);

@@ -295,6 +295,11 @@ inline int64_t private_copies(int64_t total_points, int64_t grad_bytes, bool nee
   return copies;
 }
 
+// Whether `copies` contiguous ranges of the batch's points (range r: [total r / copies,
+// total (r + 1) / copies)) hold whole batch items: then no two ranges scatter into the same
+// item, and they can share one gradient buffer (as torch's kernels, which split by item).
+inline bool ranges_hold_whole_items(int64_t batch, int64_t copies) { return batch % copies == 0; }
+
 // The input positions that the points [begin, end) can scatter into: the
 // planes (of the faster axes) that their taps along the slowest input axis
 // reach, one plane of margin either side, as whole reduction tiles. Only the
