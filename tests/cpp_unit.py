@@ -20,14 +20,15 @@ VARIANT_FLAGS = {
 needs_gxx = pytest.mark.skipif(not X86 or shutil.which("g++") is None, reason="needs x86-64 and g++")
 
 
-def build_and_run(source: str, tmp_path: Path, flags: list[str]) -> str:
+def build_and_run(source: str, tmp_path: Path, flags: list[str], standard: str = "c++17") -> str:
     """Compiles tests/cpp/<source> with ``flags`` against csrc and torch's headers, runs it and returns what it
-    printed; fails the test when the build or the run fails, skips it when the binary says "skip"."""
+    printed; fails the test when the build or the run fails, skips it when the binary says "skip". C++17 is the
+    oldest standard the extension is built with (torch 2.11); a test that includes ATen's tensor headers needs
+    C++20 with the newer torch releases."""
     from torch.utils.cpp_extension import include_paths
 
     binary = tmp_path / Path(source).stem
-    # C++17: the oldest standard the extension is built with (torch 2.11).
-    build = subprocess.run(["g++", "-std=c++17", "-O1", *flags, "-I", str(ROOT / "csrc"), "-I", include_paths()[0],
+    build = subprocess.run(["g++", f"-std={standard}", "-O1", *flags, "-I", str(ROOT / "csrc"), "-I", include_paths()[0],
                             str(ROOT / "tests" / "cpp" / source), "-o", str(binary)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)

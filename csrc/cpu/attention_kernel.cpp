@@ -78,7 +78,7 @@ struct BlasForwardTiles {
   using acc_t = at::opmath_type<scalar_t>;
   static constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   int64_t E, Ev;
-  std::vector<acc_t> q_buffer, k_buffer, v_buffer;
+  AlignedVector<acc_t> q_buffer, k_buffer, v_buffer;
   const acc_t *q_tile = nullptr, *k_tile = nullptr, *v_tile = nullptr;
   // How many probabilities past a row's causal diagonal add_values reads (they must be 0): all of them.
   static constexpr int64_t kReadsPastDiagonal = std::numeric_limits<int64_t>::max();
@@ -116,7 +116,7 @@ struct BlasBackwardTiles {
   using acc_t = at::opmath_type<scalar_t>;
   static constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   int64_t E, Ev;
-  std::vector<acc_t> q_buffer, do_buffer, k_buffer, v_buffer, dk, dv;
+  AlignedVector<acc_t> q_buffer, do_buffer, k_buffer, v_buffer, dk, dv;
   const acc_t *q_tile = nullptr, *do_tile = nullptr, *k_tile = nullptr, *v_tile = nullptr;
   // How many entries of P and dS past a query row's causal diagonal the products read (they must be 0).
   static constexpr int64_t kReadsPastDiagonal = std::numeric_limits<int64_t>::max();
@@ -184,8 +184,8 @@ struct DotForwardTiles {
   using Word = typename Ops::Word;
   int64_t E, Ev;
   const T* q_rows = nullptr;
-  std::vector<Word> keys_packed, values_packed;
-  std::vector<T> probs_buffer;
+  AlignedVector<Word> keys_packed, values_packed;
+  AlignedVector<T> probs_buffer;
   static constexpr int64_t kReadsPastDiagonal = kDotReadsPastDiagonal;
   static constexpr bool kSkipsBehindDiagonal = true;  // see BlasForwardTiles
   // bfloat16: the exp pass may write the probabilities rounded, where add_rounded_values reads
@@ -270,11 +270,11 @@ struct DotBackwardTiles {
   int64_t E, Ev, query_words, grad_out_words;
   const T *q_rows = nullptr, *do_rows = nullptr;
   const Word *q_packed = nullptr, *do_packed = nullptr;
-  std::vector<Word> keys_by_rows, values_by_rows, keys_by_columns, queries_by_columns, grad_out_by_columns,
+  AlignedVector<Word> keys_by_rows, values_by_rows, keys_by_columns, queries_by_columns, grad_out_by_columns,
       operand_transposed;
   QuerySlots slots;
-  std::vector<T> grad_scores_buffer;
-  std::vector<float> dk, dv;
+  AlignedVector<T> grad_scores_buffer;
+  AlignedVector<float> dk, dv;
   static constexpr int64_t kReadsPastDiagonal = kDotReadsPastDiagonal;
 
   DotBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
@@ -443,7 +443,7 @@ struct AmxBackwardTiles {
   int64_t E, Ev, query_rows, key_rows, cols_padded = 0, rows_padded = 0;
   // Per slot: the query block's q and dO rows (query_rows x E, x Ev, zero rows after the block) and
   // their transposes (E x query_rows, Ev x query_rows, zero columns after the block).
-  std::vector<T> q_slots, do_slots, q_t_slots, do_t_slots;
+  AlignedVector<T> q_slots, do_slots, q_t_slots, do_t_slots;
   ScratchBuffer<T> rounded_grad;
   QuerySlots slots;
   const T *q_rows = nullptr, *do_rows = nullptr, *q_t = nullptr, *do_t = nullptr;
@@ -554,7 +554,7 @@ struct AmxBackwardTiles {
 template <typename scalar_t>
 struct WideningForwardTiles : DotForwardTiles<float> {
   using Base = DotForwardTiles<float>;
-  std::vector<float> q_buffer, k_buffer, v_buffer;
+  AlignedVector<float> q_buffer, k_buffer, v_buffer;
 
   WideningForwardTiles(int64_t query_rows, int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
       : Base(query_rows, query_block, key_block, E, Ev), q_buffer(query_rows * E), k_buffer(key_block * E),
@@ -572,7 +572,7 @@ template <typename scalar_t>
 struct WideningBackwardTiles : DotBackwardTiles<float> {
   using Base = DotBackwardTiles<float>;
   int64_t query_block;
-  std::vector<float> q_buffer, do_buffer, k_buffer, v_buffer;  // q_buffer, do_buffer: per slot
+  AlignedVector<float> q_buffer, do_buffer, k_buffer, v_buffer;  // q_buffer, do_buffer: per slot
 
   WideningBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
       : Base(query_block, key_block, E, Ev), query_block(query_block), q_buffer(query_block * E),
@@ -633,7 +633,7 @@ struct DirectForwardTiles {
   static constexpr bool kSkipsBehindDiagonal = true;
   static constexpr bool kRoundsInExpPass = false;
   int64_t E, Ev, q_ld;
-  std::vector<float> q_buffer;
+  AlignedVector<float> q_buffer;
   const scalar_t *k_rows = nullptr, *v_rows = nullptr;
 
   DirectForwardTiles(int64_t query_rows, int64_t /*query_block*/, int64_t /*key_block*/, int64_t E, int64_t Ev)
@@ -668,7 +668,7 @@ template <typename scalar_t>
 struct DirectBackwardTiles {
   static constexpr int64_t kReadsPastDiagonal = kDirectRows;
   int64_t E, Ev, q_ld, do_ld;
-  std::vector<float> q_buffer, do_buffer, dk, dv;
+  AlignedVector<float> q_buffer, do_buffer, dk, dv;
   const scalar_t *k_rows = nullptr, *v_rows = nullptr;
 
   DirectBackwardTiles(int64_t query_block, int64_t key_block, int64_t E, int64_t Ev)
