@@ -268,17 +268,50 @@ def select(op: str, requested: str | None, table: Sequence[Backend], request: Re
 _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowADInplaceOrView
 
 
+# Eager autograd of the compiled ops: OpOverload -> a torch.autograd.Function that runs the op below
+# autograd and applies the setup_context and backward registered for it (register_autograd).
+_EAGER_AUTOGRAD: dict[object, type[torch.autograd.Function]] = {}
+
+
+def register_autograd(overload, backward: Callable, setup_context: Callable) -> None:
+    """``torch.library.register_autograd(overload, backward, setup_context=setup_context)``, and the same
+    rule as an autograd.Function that ``call_op`` applies in eager mode.
+
+    torch.library's autograd wrapper costs ~20 us a call in Python (it rebuilds the schema's argument
+    list to fill in defaults and redispatches), more than a small grid_sample's kernel; the Function
+    runs the one backward formula without it. Traced calls (torch.compile) and direct calls of
+    torch.ops.attnkernels.* keep the registered autograd, which opcheck checks.
+    """
+    torch.library.register_autograd(overload, backward, setup_context=setup_context)
+    if not isinstance(overload, torch._ops.OpOverload):
+        return
+
+    # forward(ctx, *args), which calls setup_context itself: a Function that defines setup_context
+    # has apply bind its arguments to forward's signature (inspect.signature) on every call.
+    def forward(ctx, *args):
+        with _BELOW_AUTOGRAD():
+            output = overload(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    name = f"Eager_{overload.name().replace('::', '_').replace('.', '_')}"
+    _EAGER_AUTOGRAD[overload] = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
 def call_op(overload, args: Sequence, differentiable: Sequence[torch.Tensor | None]):
-    """``overload(*args)`` of a compiled op (its autograd registered through torch.library).
+    """``overload(*args)`` of a compiled op (its autograd registered through ``register_autograd``).
 
     When autograd records nothing (grad mode off, or none of ``differentiable`` requires grad) the
     call goes below autograd, skipping torch.library's Python autograd wrapper, which would only
-    redispatch: about 4 us a call, a tenth of a small grid_sample or a decoding step. Traced
-    (torch.compile) calls keep the plain call.
+    redispatch: about 4 us a call, a tenth of a small grid_sample or a decoding step. When it records,
+    the op's eager autograd.Function records it. Traced (torch.compile) calls keep the plain call.
     """
-    if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)):
+    if torch.compiler.is_compiling():
         return overload(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+        function = _EAGER_AUTOGRAD.get(overload)
+        return overload(*args) if function is None else function.apply(*args)
     with _BELOW_AUTOGRAD():
         return overload(*args)
 

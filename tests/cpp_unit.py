@@ -28,8 +28,9 @@ def build_and_run(source: str, tmp_path: Path, flags: list[str], standard: str =
     from torch.utils.cpp_extension import include_paths
 
     binary = tmp_path / Path(source).stem
-    build = subprocess.run(["g++", f"-std={standard}", "-O1", *flags, "-I", str(ROOT / "csrc"), "-I", include_paths()[0],
-                            str(ROOT / "tests" / "cpp" / source), "-o", str(binary)], capture_output=True, text=True)
+    build = subprocess.run(["g++", f"-std={standard}", "-O1", *flags, "-I", str(ROOT / "csrc"), "-I",
+                            include_paths()[0], str(ROOT / "tests" / "cpp" / source), "-o", str(binary)],
+                           capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -286,6 +286,31 @@ def test_opcheck():
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("masked", (False, True))
+def test_eager_autograd_matches_the_registered_autograd(masked):
+    """attention_with_lse records the op through the autograd.Function of call_op in eager mode; a
+    direct call of the op goes through torch.library's autograd. Same bits through out and lse, to
+    first and second order (the double backward of each), and the graph node is the eager Function's."""
+    q, k, v = (t.double().requires_grad_() for t in make_inputs((2,), 4, 2, 9, 13, 8, 6))
+    mask = torch.randn(2, 4, 9, 13, dtype=torch.float64, requires_grad=True) if masked else None
+    leaves = [t for t in (q, k, v, mask) if t is not None]
+
+    def first_and_second_order(attention):
+        out, lse = attention()
+        grads = torch.autograd.grad((out, lse), leaves, (torch.cos(out), torch.sin(lse)), create_graph=True)
+        return (out, lse, *grads, *torch.autograd.grad(sum(g.square().sum() for g in grads), leaves))
+
+    ours = first_and_second_order(lambda: attnkernels.attention_with_lse(q, k, v, mask, scale=0.35, enable_gqa=True,
+                                                                backend="cpu"))
+    registered = first_and_second_order(
+        lambda: torch.ops.attnkernels.attention.default(q, k, v, mask, 0.0, False, 0.35, None))
+    for a, b in zip(ours, registered, strict=True):
+        assert torch.equal(a, b)
+    out, _ = attnkernels.attention_with_lse(q, k, v, mask, enable_gqa=True, backend="cpu")
+    assert type(out.grad_fn).__name__ == "Eager_attnkernels_attentionBackward"
+
+
+@needs_cpu_kernel
 def test_torch_compile_fullgraph():
     q, k, v = (t.float().requires_grad_() for t in make_inputs((2,), 4, 2, 9, 13, 8, 8))
     mask = torch.randn(9, 13, requires_grad=True)

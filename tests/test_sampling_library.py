@@ -77,6 +77,44 @@ def test_gradient_penalty_trains():
     torch.testing.assert_close(second, second_ref, rtol=0, atol=1e-10)
 
 
+def _first_and_second_order(function, x, g):
+    """The output, the gradients to x and g, and the gradients of their squared norm (double backward)."""
+    out = function(x, g)
+    grads = torch.autograd.grad(out, (x, g), torch.ones_like(out), create_graph=True)
+    second = torch.autograd.grad(sum(t.square().sum() for t in grads), (x, g))
+    return out, *grads, *second
+
+
+@needs_extension
+@pytest.mark.parametrize("dims", (2, 3))
+def test_eager_autograd_matches_the_registered_autograd(dims):
+    """In eager mode the public functions record the op through an autograd.Function that applies the
+    registered setup_context and backward (call_op); a direct call of the op goes through
+    torch.library's autograd. The two give the same bits, to first and second order, and the eager
+    graph node is the Function's."""
+    x, g = small(dims)
+    ops = torch.ops.attnkernels
+    ours = _first_and_second_order(
+        lambda a, b: attnkernels.grid_sample(a, b, "bicubic" if dims == 2 else "bilinear", "border",
+                                             align_corners=True, backend="cpu"), x, g)
+    registered = _first_and_second_order(lambda a, b: ops.grid_sample.default(a, b, 2 if dims == 2 else 0, 1, True),
+                                         x, g)
+    for a, b in zip(ours, registered, strict=True):
+        assert torch.equal(a, b)
+    node = attnkernels.grid_sample(x, g, align_corners=False, backend="cpu").grad_fn
+    assert type(node).__name__ == "Eager_attnkernels_grid_sampleBackward"
+    assert type(ops.grid_sample.default(x, g, 0, 0, False).grad_fn).__name__ != type(node).__name__
+
+    theta = torch.randn(1, dims, dims + 1, dtype=torch.float64, requires_grad=True)
+    size = list(x.shape[:2]) + [3] * dims
+    fused = _first_and_second_order(
+        lambda a, t: attnkernels.affine_grid_sample(a, t, size, align_corners=False, backend="cpu"), x, theta)
+    fused_registered = _first_and_second_order(
+        lambda a, t: ops.affine_grid_sample.default(a, t, size, 0, 0, False), x, theta)
+    for a, b in zip(fused, fused_registered, strict=True):
+        assert torch.equal(a, b)
+
+
 @needs_extension
 @pytest.mark.parametrize("dims", (2, 3))
 @pytest.mark.parametrize("mode", (0, 1, 2))

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from .._dispatch import call_op
+from .._dispatch import call_op, register_autograd
 from ..reference import attention as reference
 from ._devices import check_one_device
 from ._names import op_name
@@ -135,5 +135,5 @@ def register_attention(forward, backward, *, dropout_mask: DropoutMask) -> None:
 
     torch.library.register_fake(forward, _attention_fake(op_name(forward)))
     torch.library.register_fake(backward, _attention_backward_fake(op_name(backward)))
-    torch.library.register_autograd(forward, backward_of_forward, setup_context=_setup)
-    torch.library.register_autograd(backward, double_backward, setup_context=_backward_setup)
+    register_autograd(forward, backward_of_forward, setup_context=_setup)
+    register_autograd(backward, double_backward, setup_context=_backward_setup)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import reference
-from .._dispatch import call_op
+from .._dispatch import call_op, register_autograd
 from .._gradients import empty_gradient_like, second_order
 from .._modes import INTERPOLATION_NAMES, PADDING_NAMES
 from ._devices import check_one_device
@@ -95,8 +95,8 @@ def register_sampler(family: str, forward, backward) -> None:
 
     torch.library.register_fake(forward, forward_fake)
     torch.library.register_fake(backward, backward_fake)
-    torch.library.register_autograd(forward, backward_of_forward, setup_context=setup)
-    torch.library.register_autograd(backward, double_backward, setup_context=backward_setup)
+    register_autograd(forward, backward_of_forward, setup_context=setup)
+    register_autograd(backward, double_backward, setup_context=backward_setup)
 
 
 def affine_grid_fake(theta, size, align_corners):
@@ -119,7 +119,7 @@ def register_affine_grid(forward, transpose: Callable, transpose_op=None) -> Non
         return transpose(grad_grid.contiguous(), *ctx.options), None, None
 
     torch.library.register_fake(forward, affine_grid_fake)
-    torch.library.register_autograd(forward, backward_of_forward, setup_context=setup)
+    register_autograd(forward, backward_of_forward, setup_context=setup)
     if transpose_op is None:
         return
 
@@ -131,4 +131,4 @@ def register_affine_grid(forward, transpose: Callable, transpose_op=None) -> Non
         return forward(grad_grad_theta, *ctx.options), None, None
 
     torch.library.register_fake(transpose_op, transpose_fake)
-    torch.library.register_autograd(transpose_op, backward_of_transpose, setup_context=setup)
+    register_autograd(transpose_op, backward_of_transpose, setup_context=setup)
