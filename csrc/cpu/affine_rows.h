@@ -36,6 +36,7 @@
 #include "tile_backward.h"
 #include "channels_last_layout.h"
 #include "sampler_loops.h"
+#include "scratch_memory.h"
 
 namespace attnkernels {
 namespace cpu {
@@ -95,9 +96,9 @@ inline int64_t output_rows(const SamplerShape& s) {
 
 // Base x coordinates padded with zeros to whole tiles.
 template <typename acc_t, int Dims>
-std::vector<acc_t> padded_base_x(const AffineCoords<acc_t, Dims>& coords, int64_t width) {
+AlignedVector<acc_t> padded_base_x(const AffineCoords<acc_t, Dims>& coords, int64_t width) {
   constexpr int L = PointTile<acc_t, Dims>::kLanes;
-  std::vector<acc_t> bx(((width + L - 1) / L) * L, acc_t(0));
+  AlignedVector<acc_t> bx(((width + L - 1) / L) * L, acc_t(0));
   std::copy(coords.base[0].begin(), coords.base[0].end(), bx.begin());
   return bx;
 }
@@ -116,7 +117,7 @@ void affine_rows_forward(const SamplerShape& s, const scalar_t* input, const Aff
   const int64_t in_plane = s.in_points;
   const int64_t out_plane = s.out_points;
   const int64_t C = s.channels;
-  const std::vector<acc_t> bx = padded_base_x(coords, W);
+  const AlignedVector<acc_t> bx = padded_base_x(coords, W);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
 #if defined(ATTNKERNELS_TILES_AVX2)
   const bool pair_gathers = std::is_same_v<scalar_t, float> && quads == nullptr && pair_gathers_avx2();
@@ -189,10 +190,10 @@ void affine_rows_backward(const SamplerShape& s, const scalar_t* input, AffineCo
   const int64_t C = s.channels;
   const int64_t per_copy = quad_layout ? quad_buffer_size<Dims>(s) : s.batch * C * in_plane;
   const int64_t item_grads = quad_layout ? bordered_points<Dims>(s) * kQuad : C * in_plane;
-  const std::vector<acc_t> bx = padded_base_x(coords, W);
+  const AlignedVector<acc_t> bx = padded_base_x(coords, W);
   at::parallel_for(0, copies, 1, [&](int64_t first, int64_t last) {
     Tile tile;
-    std::vector<acc_t> tile_grads(C * L);  // grad_output of the tile, channel-major
+    AlignedVector<acc_t> tile_grads(C * L);  // grad_output of the tile, channel-major
     for (int64_t r = first; r < last; ++r) {
       acc_t* grads = private_grads == nullptr ? nullptr : private_grads + (shared_buffer ? 0 : r * per_copy);
       for (int64_t row = rows * r / copies; row < rows * (r + 1) / copies; ++row) {

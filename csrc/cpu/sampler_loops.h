@@ -26,6 +26,7 @@
 #include "channels_last_layout.h"
 #include "point_taps.h"
 #include "point_tile.h"
+#include "scratch_memory.h"
 #include "transpose_tiles.h"
 
 namespace attnkernels {
@@ -132,7 +133,7 @@ void sample_forward_range(const SamplerShape& s, const acc_t* source, Source& co
   constexpr bool kTransposeOut = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
   const int64_t point_step = kTransposeOut ? C : 1;
   const int64_t channel_step = kTransposeOut ? 1 : kPointGroup;
-  std::vector<acc_t> staged(C * kPointGroup);
+  AlignedVector<acc_t> staged(C * kPointGroup);
   constexpr bool kTiles = tiles_possible<acc_t, mode, Source>();
   using Tile = std::conditional_t<kTiles, PointTile<float, Dims>, int>;
   Tile tile;
@@ -226,7 +227,7 @@ void sample_backward_range(const SamplerShape& s, const acc_t* source, Source& c
   PointCounter at(begin, P);
   // grad_output of a group of consecutive positions, read as contiguous runs per
   // channel and kept point-major: staged[j * C + c].
-  std::vector<acc_t> staged(C * kPointGroup);
+  AlignedVector<acc_t> staged(C * kPointGroup);
   constexpr bool kTiles = tiles_possible<acc_t, mode, Source>();
   using Tile = std::conditional_t<kTiles, PointTile<float, Dims>, int>;
   Tile tile;

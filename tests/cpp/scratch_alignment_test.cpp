@@ -1,4 +1,4 @@
-// Unit test of the attention kernels' scratch memory (csrc/cpu/attention_tiles.h): every ScratchBuffer and
+// Unit test of the CPU kernels' scratch memory (csrc/cpu/scratch_memory.h): every ScratchBuffer and
 // AlignedVector starts on a 64-byte cache line, whatever its element type and length, on the main thread
 // and on another thread (whose allocations come from another malloc arena), between allocations of odd
 // sizes that leave malloc's own 16-byte-aligned blocks at every offset. Built by tests/test_dot_tiles.py.
@@ -9,7 +9,9 @@
 #include <thread>
 #include <vector>
 
-#include "cpu/attention_tiles.h"
+#include <c10/util/BFloat16.h>
+
+#include "cpu/scratch_memory.h"
 #include "cpu_variant.h"
 
 namespace tiles = attnkernels::cpu::ATTNKERNELS_CPU_ISA;
