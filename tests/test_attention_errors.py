@@ -89,3 +89,47 @@ def test_the_backward_op_rejects_a_tensor_on_another_device(argument):
         torch.ops.attnkernels.attention_backward(*tensors.values(), 0.0, False, 1.0, None, [True, True, True, False])
 
 
+
+
+def _prepared_plain_call_cases():
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    v6 = torch.randn(2, 3, 5, 6)
+    plain = [
+        ((q, k, v, None, 0.0, False, None, False), True),
+        ((q, k, v6, None, 0.25, True, 0.5, False), True),
+        ((q.transpose(1, 2).contiguous().transpose(1, 2), k, v, None, 1.0, False, None, False), True),
+        ((q, k, v, torch.ones(5, 5, dtype=torch.bool), 0.0, False, None, False), False),  # a mask
+        ((q, k[:, :1], v[:, :1], None, 0.0, False, None, True), False),  # grouped heads
+        ((q, k[:1], v[:1], None, 0.0, False, None, False), False),  # batch that broadcasts
+        ((q[0], k[0], v[0], None, 0.0, False, None, False), False),  # 3-D
+        ((q, k, v, None, 0, False, None, False), False),  # int dropout_p, made a float by the full checks
+        ((q, k, v, None, 0.0, False, 2, False), False),  # int scale
+        ((torch.nn.Parameter(q), k, v, None, 0.0, False, None, False), False),  # a subclass
+        ((q, k.double(), v, None, 0.0, False, None, False), False),  # mixed dtypes: the full checks raise
+        ((q, k[..., :4], v, None, 0.0, False, None, False), False),  # head dims differ: they raise
+        ((q, k, v, None, 1.5, False, None, False), False),  # dropout_p out of range: they raise
+        ((q.int(), k.int(), v.int(), None, 0.0, False, None, False), False),  # integer inputs: they raise
+    ]
+    return plain
+
+
+@pytest.mark.parametrize("index", range(len(_prepared_plain_call_cases())))
+def test_plain_call_shortcut_gives_what_the_full_checks_give(index, monkeypatch):
+    """attention's argument preparation takes a shortcut for plain calls (4-D tensors of one batch and head
+    count, no mask, no GQA, float options); it declines everything else, and where it accepts, the full
+    checks return the same arguments."""
+    from attnkernels import attention
+
+    args, accepted = _prepared_plain_call_cases()[index]
+    shortcut = attention._prepared_plain_call(*args)
+    assert (shortcut is not None) == accepted
+    monkeypatch.setattr(attention, "_prepared_plain_call", lambda *a: None)
+    try:
+        full = attention._prepare("scaled_dot_product_attention", *args)
+    except (RuntimeError, TypeError, ValueError):
+        assert not accepted
+        return
+    if accepted:
+        assert len(full) == len(shortcut)
+        for a, b in zip(full, shortcut, strict=True):
+            assert a is b or a == b
