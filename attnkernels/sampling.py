@@ -179,7 +179,7 @@ def _check_fits_in_memory(op: str, name: str, shape: Sequence[int], like: torch.
             return
     elements = math.prod(shape)
     needed = elements * like.element_size()
-    available = _device_memory(like.device)
+    available = _CPU_MEMORY if like.is_cpu else _device_memory(like.device)
     if elements >= 2**63 or (available is not None and needed > available):
         raise RuntimeError(f"attnkernels.{op}: `{name}` asks for an output of sizes {list(shape)} "
                            f"({needed / 2**30:.1f} GiB), more than the {like.device} memory"
