@@ -26,6 +26,13 @@ def test_dot_tiles_cpp_unit_test(tmp_path, variant):
 
 
 @needs_gxx
+def test_float16_outputs_narrow_to_the_bits_of_the_scalar_conversion(tmp_path):
+    """narrow_scaled (tests/cpp/narrow_test.cpp): attention's float16 outputs and key/value gradients convert
+    eight at a time (vcvtps2ph), bit for bit as c10's scalar conversion, subnormals, ties and NaN included."""
+    build_and_run("narrow_test.cpp", tmp_path, VARIANT_FLAGS["avx2"], standard="c++20")
+
+
+@needs_gxx
 def test_scratch_buffers_start_on_a_cache_line(tmp_path):
     """The CPU kernels' scratch memory on every thread (tests/cpp/scratch_alignment_test.cpp): buffers at
     malloc's 16-byte alignment made the thread whose rows straddled cache lines ~15 % slower per attention task."""

@@ -345,8 +345,8 @@ struct DotBackwardTiles {
   // Out: T, or the input dtype of the widening tiles below.
   template <typename Out>
   void store_key_grads(Out* grad_k, Out* grad_v, int64_t cols) const {
-    std::transform(dk.begin(), dk.begin() + cols * E, grad_k, [](float x) { return static_cast<Out>(x); });
-    std::transform(dv.begin(), dv.begin() + cols * Ev, grad_v, [](float x) { return static_cast<Out>(x); });
+    narrow_scaled(dk.data(), 1.0f, cols * E, grad_k);  // x * 1 is x: a plain conversion
+    narrow_scaled(dv.data(), 1.0f, cols * Ev, grad_v);
   }
 };
 
@@ -727,10 +727,8 @@ struct DirectBackwardTiles {
   template <typename Out>
   void store_key_grads(Out* grad_k, Out* grad_v, int64_t cols) const {
     for (int64_t j = 0; j < cols; ++j) {
-      std::transform(dk.begin() + j * q_ld, dk.begin() + j * q_ld + E, grad_k + j * E,
-                     [](float x) { return static_cast<Out>(x); });
-      std::transform(dv.begin() + j * do_ld, dv.begin() + j * do_ld + Ev, grad_v + j * Ev,
-                     [](float x) { return static_cast<Out>(x); });
+      narrow_scaled(dk.data() + j * q_ld, 1.0f, E, grad_k + j * E);  // x * 1 is x: a plain conversion
+      narrow_scaled(dv.data() + j * do_ld, 1.0f, Ev, grad_v + j * Ev);
     }
   }
 };
@@ -1006,7 +1004,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const acc_t inverse = attended ? acc_t(1) / sum : acc_t(0);
       scalar_t* out_row = out_data + (bh * L + task_row0 + r) * Ev;
       const acc_t* acc_row = accum.data() + r * Ev;
-      for (int64_t e = 0; e < Ev; ++e) out_row[e] = static_cast<scalar_t>(acc_row[e] * inverse);
+      narrow_scaled(acc_row, inverse, Ev, out_row);
       lse_data[bh * L + task_row0 + r] = attended ? row_max[r] * units.to_natural + std::log(sum) : neg_inf;
     }
   });

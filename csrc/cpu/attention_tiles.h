@@ -197,6 +197,25 @@ void widen(const scalar_t* src, int64_t n, acc_t* dst) {
   for (; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
 }
 
+// dst[i] = src[i] * scale in scalar_t for i < n. float32 to float16 eight at a time where the variant
+// has AVX2 (F16C's vcvtps2ph, round to nearest even: the instruction c10's scalar conversion compiles
+// to there, so the same bits), which took ~9 % of a float16 attention forward one element at a time.
+template <typename scalar_t, typename acc_t>
+void narrow_scaled(const acc_t* src, acc_t scale, int64_t n, scalar_t* dst) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, c10::Half>) {
+    const __m256 scale8 = _mm256_set1_ps(scale);
+    for (; i + 8 <= n; i += 8) {
+      const __m128i half8 = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(src + i), scale8),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), half8);
+    }
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i] * scale);
+}
+
 // sum_i a[i] * b[i] in acc_t, vectorised: the additions run in a few interleaved sums (a sum
 // taken in order would be one dependent add after another, about 4 cycles per element).
 template <typename scalar_t, typename acc_t>
